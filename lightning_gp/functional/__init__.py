@@ -1,0 +1,47 @@
+"""Pure-torch math of lightning-gp: penalties, perturbations and norms. No Lightning import here.
+
+Everything the callbacks, the GAN mixin and the monitors compute is defined once in this package; they
+are thin adapters over it, so every function here can be used in a plain PyTorch loop as well.
+"""
+
+from lightning_gp.functional.adversarial import fgsm, pgd
+from lightning_gp.functional.gan import (
+    difference_penalty,
+    interpolate,
+    r1_penalty,
+    r2_penalty,
+    wgan_gradient_penalty,
+    wgan_gradient_penalty_fd,
+)
+from lightning_gp.functional.gradients import input_gradient, per_sample_norm, per_sample_squared_norm
+from lightning_gp.functional.penalties import (
+    PenaltyGradient,
+    data_gradient_penalty,
+    data_gradient_penalty_fd,
+    gradient_norm_penalty,
+    parameter_gradient_penalty,
+    parameter_gradient_penalty_fd,
+)
+from lightning_gp.functional.spectral import spectral_norm, spectral_norm_penalty
+
+__all__ = [
+    "PenaltyGradient",
+    "data_gradient_penalty",
+    "data_gradient_penalty_fd",
+    "difference_penalty",
+    "fgsm",
+    "gradient_norm_penalty",
+    "input_gradient",
+    "interpolate",
+    "parameter_gradient_penalty",
+    "parameter_gradient_penalty_fd",
+    "per_sample_norm",
+    "per_sample_squared_norm",
+    "pgd",
+    "r1_penalty",
+    "r2_penalty",
+    "spectral_norm",
+    "spectral_norm_penalty",
+    "wgan_gradient_penalty",
+    "wgan_gradient_penalty_fd",
+]

@@ -1,0 +1,182 @@
+"""FGSM and PGD adversarial inputs, in the l2 form of the source documents and the l∞ form of torchattacks.
+
+One l2 FGSM step Δx = ε·gᵢ/‖gᵢ‖ raises the loss by ε‖gᵢ‖ to first order, so training on it is, to first
+order, training with the penalty ε‖∇ₓℓ‖ (``data_gradient_penalty(..., power=1)``); the tests check
+this link numerically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lightning_gp.functional._checks import (
+    check_choice,
+    check_floating_input,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
+from lightning_gp.functional.gradients import per_sample_norm
+
+NORMS = ("l2", "linf")
+
+
+def _expand(per_sample: Tensor, like: Tensor) -> Tensor:
+    return per_sample.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _check_clamp(clamp: tuple[float, float] | None) -> tuple[float, float] | None:
+    if clamp is None:
+        return None
+    try:
+        lo, hi = clamp
+    except (TypeError, ValueError):
+        raise ValueError(f"`clamp` must be a pair (lo, hi) or None, got {clamp!r}.") from None
+    if not lo < hi:
+        raise ValueError(f"`clamp` must satisfy lo < hi, got {clamp!r}.")
+    return float(lo), float(hi)
+
+
+def _loss_gradient(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """∇ₓ of the summed loss; never touches parameter ``.grad`` (only ``x`` is asked for)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(x)
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            raise ValueError("`loss_fn(inputs)` must return a tensor computed from `inputs` (it has no graph).")
+        (grad,) = torch.autograd.grad(loss.sum(), x, allow_unused=True)
+    if grad is None:
+        raise ValueError("`loss_fn(inputs)` does not depend on `inputs`: autograd found no path between them.")
+    return grad
+
+
+def _ascent_step(grad: Tensor, norm: str) -> Tensor:
+    """Unit-size steepest-ascent direction per sample: g/‖g‖ (l2) or sign(g) (l∞); 0 where g = 0."""
+    if norm == "linf":
+        return grad.sign()
+    n = per_sample_norm(grad)
+    return grad / _expand(torch.where(n > 0, n, torch.ones_like(n)), grad)
+
+
+def _project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
+    if norm == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    n = per_sample_norm(delta)
+    factor = torch.where(n > epsilon, epsilon / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
+    return delta * _expand(factor, delta)
+
+
+def _random_start(x: Tensor, epsilon: float, norm: str) -> Tensor:
+    if norm == "linf":
+        return torch.empty_like(x).uniform_(-epsilon, epsilon)
+    # Uniform in the l2 ball: a Gaussian direction and radius ε·U^(1/d).
+    direction = torch.randn_like(x)
+    direction = direction / _expand(per_sample_norm(direction).clamp_min(1e-12), x)
+    d = x[0].numel()
+    radius = epsilon * torch.rand(x.shape[0], device=x.device, dtype=x.dtype).pow(1.0 / d)
+    return direction * _expand(radius, x)
+
+
+def _check_common(inputs: Tensor, epsilon: float, norm: str, clamp):
+    check_floating_input(inputs, "inputs", requires_grad=False)
+    epsilon = check_non_negative(epsilon, "epsilon")
+    check_choice(norm, "norm", NORMS)
+    return epsilon, _check_clamp(clamp)
+
+
+def pgd(
+    loss_fn: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    *,
+    epsilon: float,
+    norm: str = "l2",
+    steps: int,
+    step_size: float,
+    random_start: bool = True,
+    clamp: tuple[float, float] | None = None,
+) -> Tensor:
+    """Projected gradient ascent on ``loss_fn`` within the ε-ball around ``inputs``. Returns detached inputs.
+
+    Each step moves by ``step_size`` along g/‖g‖ (l2) or sign(g) (l∞), then projects back onto the
+    ε-ball and into ``clamp``. Only ∇ₓ is computed: parameter ``.grad`` is left as it was.
+
+    Args:
+        loss_fn: maps inputs to per-sample losses, or their sum or mean (only the direction matters).
+        inputs: the clean batch.
+        epsilon: radius of the perturbation ball, >= 0.
+        norm: "l2" or "linf".
+        steps: number of ascent steps, >= 1.
+        step_size: length of each step, > 0.
+        random_start: start from a uniform point in the ball instead of ``inputs``.
+        clamp: ``(lo, hi)`` valid range of the inputs, e.g. ``(0, 1)`` for images.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+        >>> loss_fn = lambda inp: torch.nn.functional.cross_entropy(model(inp), y, reduction="none")
+        >>> x_adv = pgd(loss_fn, x, epsilon=0.1, norm="linf", steps=10, step_size=0.025, clamp=(0, 1))
+        >>> bool(((x_adv - x).abs() <= 0.1 + 1e-6).all())
+        True
+    """
+    epsilon, clamp = _check_common(inputs, epsilon, norm, clamp)
+    steps = check_positive_int(steps, "steps")
+    step_size = check_positive(step_size, "step_size")
+    x0 = inputs.detach()
+    delta = _random_start(x0, epsilon, norm) if random_start else torch.zeros_like(x0)
+    if clamp is not None:
+        delta = (x0 + delta).clamp(*clamp) - x0
+    for _ in range(steps):
+        grad = _loss_gradient(loss_fn, x0 + delta)
+        delta = _project(delta + step_size * _ascent_step(grad, norm), epsilon, norm)
+        if clamp is not None:
+            delta = (x0 + delta).clamp(*clamp) - x0
+    return (x0 + delta).detach()
+
+
+def fgsm(
+    loss_fn: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    *,
+    epsilon: float,
+    norm: str = "l2",
+    random_start: bool = False,
+    step_size: float | None = None,
+    clamp: tuple[float, float] | None = None,
+) -> Tensor:
+    """Fast gradient (sign) method: one ascent step of size ε. Returns detached inputs.
+
+    ``norm="l2"``: Δ = ε·gᵢ/‖gᵢ‖ per sample (the source documents' form). ``norm="linf"``:
+    Δ = ε·sign(g), identical to ``torchattacks.FGSM`` when ``clamp=(0, 1)``. With ``random_start``
+    (Wong et al., "Fast is better than free") the step starts from a uniform point in the ball and has
+    length ``step_size`` (default 1.25·ε), then is projected back onto the ε-ball.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+        >>> loss_fn = lambda inp: torch.nn.functional.cross_entropy(model(inp), y, reduction="none")
+        >>> x_adv = fgsm(loss_fn, x, epsilon=0.5)
+        >>> torch.allclose((x_adv - x).norm(dim=1), torch.full((8,), 0.5))
+        True
+    """
+    epsilon, clamp = _check_common(inputs, epsilon, norm, clamp)
+    if step_size is None:
+        step_size = 1.25 * epsilon if random_start else epsilon
+    else:
+        step_size = check_non_negative(step_size, "step_size")
+    if epsilon == 0 or step_size == 0:
+        return inputs.detach().clone()
+    return pgd(
+        loss_fn,
+        inputs,
+        epsilon=epsilon,
+        norm=norm,
+        steps=1,
+        step_size=step_size,
+        random_start=random_start,
+        clamp=clamp,
+    )

@@ -1,0 +1,176 @@
+"""Critic regularizers for Wasserstein GANs: WGAN-GP and its variants.
+
+All take the critic as a callable and return a scalar mean over samples; the weight (λ) is the
+caller's. Real and fake samples are detached here: a critic penalty never sends gradient into the
+generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lightning_gp.functional._checks import check_batched, check_floating_input, check_same_shape
+from lightning_gp.functional.gradients import per_sample_norm
+from lightning_gp.functional.penalties import (
+    PenaltyGradient,
+    Params,
+    data_gradient_penalty,
+    data_gradient_penalty_fd,
+)
+
+Critic = Callable[[Tensor], Tensor]
+
+
+def _check_pair(real: Tensor, fake: Tensor) -> None:
+    check_floating_input(real, "real", requires_grad=False)
+    check_floating_input(fake, "fake", requires_grad=False)
+    check_same_shape(real, fake, "real", "fake")
+
+
+def _check_alpha(alpha: Tensor, batch: int) -> Tensor:
+    check_batched(alpha, "alpha")
+    if alpha.numel() != batch:
+        raise ValueError(
+            f"`alpha` must hold one value per sample ({batch}), got shape {tuple(alpha.shape)}. "
+            "WGAN-GP draws one α per sample, not one per batch or per element."
+        )
+    return alpha.reshape(batch)
+
+
+def interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None) -> Tensor:
+    """x̂ = α·real + (1 − α)·fake with one α ~ U[0, 1] per sample, broadcast over all other dims.
+
+    Args:
+        real, fake: batches of the same shape.
+        alpha: optional per-sample weights, shape (B,) or any shape with B elements.
+
+    Example::
+
+        >>> real, fake = torch.ones(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
+        >>> x_hat = interpolate(real, fake)
+        >>> bool((x_hat.flatten(1).std(dim=1) == 0).all())  # one α per sample
+        True
+    """
+    _check_pair(real, fake)
+    batch = real.shape[0]
+    if alpha is None:
+        alpha = torch.rand(batch, device=real.device, dtype=real.dtype)
+    alpha = _check_alpha(alpha, batch).to(real.dtype).reshape(batch, *([1] * (real.ndim - 1)))
+    return alpha * real + (1 - alpha) * fake
+
+
+def wgan_gradient_penalty(
+    critic: Critic,
+    real: Tensor,
+    fake: Tensor,
+    *,
+    alpha: Tensor | None = None,
+    center: float = 1.0,
+    one_sided: bool = False,
+) -> Tensor:
+    """E[(‖∇D(x̂)‖ − center)²] on per-sample interpolates (Gulrajani et al. 2017), differentiable.
+
+    ``one_sided=True`` penalises only ‖∇D‖ > center, i.e. E[max(0, ‖∇D(x̂)‖ − center)²].
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1)
+        >>> gp = wgan_gradient_penalty(critic, torch.randn(8, 2), torch.randn(8, 2))
+        >>> torch.allclose(gp, (critic.weight.norm() - 1) ** 2)
+        True
+    """
+    x_hat = interpolate(real.detach(), fake.detach(), alpha).requires_grad_(True)
+    return data_gradient_penalty(critic(x_hat), x_hat, power=2, center=center, one_sided=one_sided)
+
+
+def wgan_gradient_penalty_fd(
+    critic: Critic,
+    real: Tensor,
+    fake: Tensor,
+    params: Params,
+    *,
+    alpha: Tensor | None = None,
+    center: float = 1.0,
+    one_sided: bool = False,
+    step: float = 1e-2,
+) -> PenaltyGradient:
+    """:func:`wgan_gradient_penalty` and ≈ its parameter gradient by finite differences.
+
+    For critics that cannot be double-differentiated (``torch.compile``, fused attention). See
+    :func:`~lightning_gp.functional.data_gradient_penalty_fd` for the step size and its error.
+
+    Example::
+
+        >>> critic = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> res = wgan_gradient_penalty_fd(critic, torch.randn(8, 2), torch.randn(8, 2), critic)
+        >>> res.penalty.shape
+        torch.Size([])
+    """
+    x_hat = interpolate(real.detach(), fake.detach(), alpha)
+    return data_gradient_penalty_fd(
+        critic, x_hat, params, power=2, center=center, one_sided=one_sided, step=step
+    )
+
+
+def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
+    """R1: E[‖∇D(x)‖²] on real samples (Mescheder et al. 2018; StyleGAN2 uses γ/2 · R1).
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1)
+        >>> torch.allclose(r1_penalty(critic, torch.randn(8, 2)), critic.weight.square().sum())
+        True
+    """
+    check_floating_input(real, "real", requires_grad=False)
+    x = real.detach().requires_grad_(True)
+    return data_gradient_penalty(critic(x), x, power=2, center=0.0)
+
+
+def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
+    """R2: E[‖∇D(x̃)‖²] on generated samples. See :func:`r1_penalty`."""
+    check_floating_input(fake, "fake", requires_grad=False)
+    x = fake.detach().requires_grad_(True)
+    return data_gradient_penalty(critic(x), x, power=2, center=0.0)
+
+
+def difference_penalty(
+    critic: Critic,
+    real: Tensor,
+    fake: Tensor,
+    *,
+    alpha: tuple[Tensor, Tensor] | None = None,
+    center: float = 1.0,
+) -> Tensor:
+    """Derivative-free Lipschitz penalty E[(|D(x₁) − D(x₂)| / ‖x₁ − x₂‖ − center)²].
+
+    x₁ and x₂ are two interpolates of the same (real, fake) pair with independent per-sample α, so
+    the quotient is the critic's slope along that segment, a difference quotient standing in for
+    ‖∇D‖ (no gradient of a gradient at all). Pairs closer than 1e-12 are left out of the mean.
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1, bias=False)
+        >>> real, fake = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+        >>> with torch.no_grad():
+        ...     _ = critic.weight.copy_(torch.tensor([[3.0, 0.0]]))
+        >>> round(float(difference_penalty(critic, real, fake)), 4)  # slope 3: (3 - 1)² = 4
+        4.0
+    """
+    _check_pair(real, fake)
+    batch = real.shape[0]
+    a1, a2 = alpha if alpha is not None else (None, None)
+    real, fake = real.detach(), fake.detach()
+    x1, x2 = interpolate(real, fake, a1), interpolate(real, fake, a2)
+    scores = critic(torch.cat([x1, x2]))
+    scores = scores.reshape(2 * batch, -1)
+    if scores.shape[1] != 1:
+        raise ValueError(f"`critic` must return one score per sample, got shape {tuple(scores.shape)}.")
+    d1, d2 = scores[:batch, 0], scores[batch:, 0]
+    dist = per_sample_norm(x1 - x2)
+    valid = dist > 1e-12
+    slope = (d1 - d2).abs() / torch.where(valid, dist, torch.ones_like(dist))
+    terms = (slope - center).square()
+    return terms[valid].mean() if bool(valid.any()) else terms.sum() * 0

@@ -1,0 +1,73 @@
+"""Per-sample input gradients and norms: the building blocks of every penalty."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_gp.functional._checks import check_batched, check_floating_input, check_tensor
+
+
+def input_gradient(output: Tensor, inputs: Tensor, *, create_graph: bool = False) -> Tensor:
+    """Gradient of ``output.sum()`` with respect to ``inputs``.
+
+    Summing (not averaging) makes the result *per sample* when ``output`` holds one value per sample
+    and samples do not interact: row ``i`` is ∇ₓ outputᵢ, whatever the batch size.
+
+    Args:
+        output: any tensor computed from ``inputs`` (typically per-sample losses or critic scores).
+        inputs: floating-point tensor with ``requires_grad=True`` and a leading batch dimension.
+        create_graph: keep the graph of the gradient so it can itself be differentiated (double backprop).
+
+    Example::
+
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> g = input_gradient((x**2).sum(dim=1), x)
+        >>> torch.allclose(g, 2 * x)
+        True
+    """
+    check_tensor(output, "output")
+    check_floating_input(inputs, "inputs", requires_grad=True)
+    if not output.requires_grad:
+        raise ValueError(
+            "`output` does not depend on `inputs` (it has no autograd graph). Compute it from `inputs` "
+            "after `inputs.requires_grad_()`, and not under `torch.no_grad()`."
+        )
+    (grad,) = torch.autograd.grad(output.sum(), inputs, create_graph=create_graph, allow_unused=True)
+    if grad is None:
+        raise ValueError(
+            "`output` does not depend on `inputs`: autograd found no path between them. Make sure the "
+            "model is applied to this very tensor, not to a copy or a detached view."
+        )
+    return grad
+
+
+def per_sample_squared_norm(t: Tensor) -> Tensor:
+    """Σ of squares over every non-batch dimension, shape (B,). Smooth everywhere."""
+    check_batched(t, "t")
+    return t.reshape(t.shape[0], -1).square().sum(dim=1)
+
+
+def safe_sqrt(s: Tensor) -> Tensor:
+    """√s with gradient 0 (not ∞, not NaN) at s = 0, also under double backprop.
+
+    The double ``where`` keeps the unused branch finite: ``sqrt`` is never evaluated at 0, so no
+    ``inf · 0`` reaches the backward pass.
+    """
+    positive = s > 0
+    return torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
+
+
+def per_sample_norm(t: Tensor) -> Tensor:
+    """l2 norm over every non-batch dimension, shape (B,), with a finite gradient at ``t = 0``.
+
+    ‖t‖ has no derivative at 0; autograd's ``norm`` returns NaN there, which is how a single dead-ReLU
+    sample turns a whole batch's gradient into NaN. Here the derivative at 0 is taken as 0 (a valid
+    subgradient), so training carries on.
+
+    Example::
+
+        >>> per_sample_norm(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        tensor([5., 0.])
+    """
+    return safe_sqrt(per_sample_squared_norm(t))
