@@ -15,8 +15,8 @@ from torch import Tensor
 from lightning_gp.functional._checks import check_batched, check_floating_input, check_same_shape
 from lightning_gp.functional.gradients import per_sample_norm
 from lightning_gp.functional.penalties import (
-    PenaltyGradient,
     Params,
+    PenaltyGradient,
     data_gradient_penalty,
     data_gradient_penalty_fd,
 )
