@@ -46,7 +46,9 @@ def check_floating_input(value: object, name: str, *, requires_grad: bool) -> Te
 
 def check_per_sample(output: Tensor, batch_size: int, name: str = "output") -> Tensor:
     """Accept per-sample values of shape (B,) or (B, 1) and return them as (B,)."""
-    check_batched(output, name)
+    # Not check_batched: a 0-d output is almost always a loss already reduced over the batch, and the
+    # message below (reduce with reduction='none') is the fix, not `unsqueeze(0)`.
+    check_tensor(output, name)
     if output.ndim == 2 and output.shape[1] == 1:
         output = output[:, 0]
     if output.ndim != 1 or output.shape[0] != batch_size:

@@ -126,15 +126,17 @@ def pgd(
     steps = check_positive_int(steps, "steps")
     step_size = check_positive(step_size, "step_size")
     x0 = inputs.detach()
-    delta = _random_start(x0, epsilon, norm) if random_start else torch.zeros_like(x0)
+    x_adv = x0 + _random_start(x0, epsilon, norm) if random_start else x0.clone()
     if clamp is not None:
-        delta = (x0 + delta).clamp(*clamp) - x0
+        x_adv = x_adv.clamp(*clamp)
+    # Iterate on x_adv itself, in torchattacks' order of operations (step, project x_adv − x0, clamp
+    # x0 + δ): carrying δ instead rounds differently and drifts from torchattacks.PGD by an ulp.
     for _ in range(steps):
-        grad = _loss_gradient(loss_fn, x0 + delta)
-        delta = _project(delta + step_size * _ascent_step(grad, norm), epsilon, norm)
+        grad = _loss_gradient(loss_fn, x_adv)
+        x_adv = x0 + _project(x_adv + step_size * _ascent_step(grad, norm) - x0, epsilon, norm)
         if clamp is not None:
-            delta = (x0 + delta).clamp(*clamp) - x0
-    return (x0 + delta).detach()
+            x_adv = x_adv.clamp(*clamp)
+    return x_adv.detach()
 
 
 def fgsm(

@@ -195,10 +195,7 @@ def data_gradient_penalty_fd(
         raise ValueError("`fn(inputs)` does not depend on `inputs`: autograd found no path between them.")
     base = grads_or_zeros(first[1:], params, what="`fn(inputs)`", wrt="params")
 
-    with torch.enable_grad():
-        g = (first[0] * batch).detach().requires_grad_(True)
-        phi = gradient_norm_penalty(g, power=power, center=center, one_sided=one_sided)
-        (direction,) = torch.autograd.grad(phi.sum(), g)
+    phi, direction = finite_difference_direction(first[0] * batch, power=power, center=center, one_sided=one_sided)
 
     h = finite_difference_input_step(x.detach(), direction, step)
     if h == 0:  # every φ'(‖gᵢ‖) is zero: the penalty is flat here
@@ -213,6 +210,17 @@ def data_gradient_penalty_fd(
     return PenaltyGradient(penalty=phi.detach().mean(), grads=grads, output=out.detach(), output_grads=tuple(base))
 
 
+def finite_difference_direction(
+    grad: Tensor, *, power: float = 2, center: float = 0.0, one_sided: bool = False
+) -> tuple[Tensor, Tensor]:
+    """φ(‖gradᵢ‖) per sample (detached) and the direction dᵢ = ∂φ/∂gradᵢ, held fixed in the difference."""
+    with torch.enable_grad():
+        g = grad.detach().requires_grad_(True)
+        phi = gradient_norm_penalty(g, power=power, center=center, one_sided=one_sided)
+        (direction,) = torch.autograd.grad(phi.sum(), g)
+    return phi.detach(), direction
+
+
 def finite_difference_input_step(inputs: Tensor, direction: Tensor, step: float) -> float:
     """The h of x + h·d: the sample moved furthest moves by ``step`` × the RMS per-sample norm of x.
 
@@ -220,11 +228,33 @@ def finite_difference_input_step(inputs: Tensor, direction: Tensor, step: float)
     to the inputs' scale keeps the same ``step`` meaningful for pixels in [0, 1] and for standardized
     features alike; all-zero inputs fall back to an absolute step.
     """
-    largest = float(per_sample_squared_norm(direction).max().sqrt())
+    return finite_difference_input_step_from_norms(
+        per_sample_squared_norm(inputs).mean(), per_sample_squared_norm(direction).max(), step
+    )
+
+
+def finite_difference_input_step_from_norms(
+    mean_squared_input_norm: Tensor, max_squared_direction_norm: Tensor, step: float
+) -> float:
+    """:func:`finite_difference_input_step` from the two batch statistics it needs.
+
+    The callbacks use this under DDP: they all-reduce the mean of ‖xᵢ‖² and the max of ‖dᵢ‖² first, so
+    every rank takes the same h as one process on the combined batch.
+    """
+    largest = float(max_squared_direction_norm.sqrt())
     if largest == 0:
         return 0.0
-    scale = float(per_sample_squared_norm(inputs).mean().sqrt())
+    scale = float(mean_squared_input_norm.sqrt())
     return step * (scale if scale > 0 else 1.0) / largest
+
+
+def finite_difference_parameter_step(params: list[Tensor], grad_norm: Tensor, step: float) -> float:
+    """The h of θ + h·g: θ moves by ``step`` × ‖θ‖ (SAM's radius, relative to the model's scale).
+
+    ``grad_norm`` is ‖g‖ > 0; an all-zero θ falls back to an absolute step.
+    """
+    theta_norm = torch.sqrt(sum(p.detach().square().sum() for p in params))
+    return float(step * (theta_norm if theta_norm > 0 else 1.0) / grad_norm)
 
 
 def parameter_gradient_penalty_fd(
@@ -262,8 +292,7 @@ def parameter_gradient_penalty_fd(
     g_norm = g_sq.sqrt()
     if g_norm == 0:
         return PenaltyGradient(g_sq.detach(), tuple(torch.zeros_like(p) for p in params), loss.detach(), tuple(g))
-    theta_norm = torch.sqrt(sum(p.detach().square().sum() for p in params))
-    h = float(step * (theta_norm if theta_norm > 0 else 1.0) / g_norm)
+    h = finite_difference_parameter_step(params, g_norm, step)
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():

@@ -1,0 +1,23 @@
+"""Run every benchmark and print their tables: ``python -m benchmarks [--quick]``.
+
+Each module is also runnable on its own (``python -m benchmarks.bench_functional``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+MODULES = ["bench_functional", "bench_callbacks", "bench_wgan", "bench_grad_norms"]
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    for name in MODULES:
+        print(f"\n## benchmarks.{name}\n", flush=True)
+        module = importlib.import_module(f"benchmarks.{name}")
+        module.main(args)
+
+
+if __name__ == "__main__":
+    main()
