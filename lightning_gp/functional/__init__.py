@@ -13,7 +13,15 @@ from lightning_gp.functional.gan import (
     wgan_gradient_penalty,
     wgan_gradient_penalty_fd,
 )
+from lightning_gp.functional.grad_norms import (
+    GradNormRecorder,
+    PerSampleGradNorms,
+    linear_squared_norms,
+    per_sample_grad_norms,
+    per_sample_grad_norms_by_layer,
+)
 from lightning_gp.functional.gradients import input_gradient, per_sample_norm, per_sample_squared_norm
+from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
 from lightning_gp.functional.penalties import (
     PenaltyGradient,
     data_gradient_penalty,
@@ -25,7 +33,11 @@ from lightning_gp.functional.penalties import (
 from lightning_gp.functional.spectral import spectral_norm, spectral_norm_penalty
 
 __all__ = [
+    "GradNormRecorder",
+    "MLPInequality",
     "PenaltyGradient",
+    "PerSampleGradNorms",
+    "chain_layers",
     "data_gradient_penalty",
     "data_gradient_penalty_fd",
     "difference_penalty",
@@ -33,8 +45,12 @@ __all__ = [
     "gradient_norm_penalty",
     "input_gradient",
     "interpolate",
+    "linear_squared_norms",
+    "mlp_inequality",
     "parameter_gradient_penalty",
     "parameter_gradient_penalty_fd",
+    "per_sample_grad_norms",
+    "per_sample_grad_norms_by_layer",
     "per_sample_norm",
     "per_sample_squared_norm",
     "pgd",

@@ -1,0 +1,405 @@
+"""Exact per-sample gradient norms ‖∇ₓfᵢ‖ and ‖∇θfᵢ‖ from one forward and one backward pass.
+
+The per-sample gradient of a Linear layer is an outer product, ∇_W fᵢ = gᵢ hᵢᵀ (g: gradient of fᵢ at the
+layer's output, h: the layer's input), so its norm is ‖gᵢ‖·‖hᵢ‖ and never has to be materialised (the
+"ghost norm" of BackPACK's ``BatchL2Grad`` and Opacus' ghost clipping). With a sequence dimension the
+gradient is a sum of outer products, ‖Σₜ gₜhₜᵀ‖² = Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ); a convolution is a Linear layer
+on its unfolded input. Any other layer with parameters (LayerNorm, Embedding, attention, ...) gets its
+exact per-sample gradient from ``torch.func`` (vmap of grad over that layer alone, fed with the layer's
+recorded inputs and output gradients), which costs one small per-sample backward of that layer only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lightning_gp.functional._checks import check_batched, check_per_sample
+
+
+class PerSampleGradNorms(NamedTuple):
+    """Result of :func:`per_sample_grad_norms_by_layer`.
+
+    Attributes:
+        input_norms: ‖∇ₓfᵢ‖, shape (B,); NaN when ``inputs`` are not floating point (token ids).
+        param_norms: ‖∇θfᵢ‖ over all parameters with ``requires_grad=True``, shape (B,).
+        layer_squared_norms: per-sample squared norm of each module's own trainable parameters, keyed by
+            the module's name in ``model.named_modules()`` (``"_root"`` for the model itself), each (B,).
+            Their sum over keys is ``param_norms ** 2``.
+        values: the per-sample values fᵢ returned by ``loss_fn``, detached, shape (B,).
+    """
+
+    input_norms: Tensor
+    param_norms: Tensor
+    layer_squared_norms: dict[str, Tensor]
+    values: Tensor
+
+
+class _Use:
+    """One call of a module during the forward: its inputs, and (filled during backward) output grads."""
+
+    def __init__(self, args: tuple, kwargs: dict, output: object) -> None:
+        self.args, self.kwargs = args, kwargs
+        flat, self.out_spec = tree_flatten(output)
+        self.out_index = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
+        self.outputs = [flat[i] for i in self.out_index]
+        self.grads: dict[int, Tensor] = {}
+        self.versions = [t._version for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+
+    def store(self, i: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self.grads[i] = grad.detach()
+
+        return hook
+
+
+def _name(name: str) -> str:
+    return name or "_root"
+
+
+def _sum_outer_sq(h: Tensor, g: Tensor) -> Tensor:
+    """‖Σₜ gₜ hₜᵀ‖²_F per row of h (N, T, a) and g (N, T, b), the cheaper of Gram and explicit form."""
+    if h.shape[1] == 1:
+        return h[:, 0].square().sum(-1) * g[:, 0].square().sum(-1)
+    t, a, b = h.shape[1], h.shape[2], g.shape[2]
+    if t * t * (a + b) <= 2 * t * a * b:
+        # Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ): the Gram form, never builds the (a × b) gradient.
+        return (torch.bmm(h, h.mT) * torch.bmm(g, g.mT)).sum((1, 2))
+    return torch.bmm(g.mT, h).square().sum((1, 2))
+
+
+def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: bool = True) -> Tensor:
+    """Per-sample ‖∇_W fᵢ‖² + ‖∇_b fᵢ‖² of a Linear layer from its input ``h`` and output gradient ``g``.
+
+    Args:
+        h: layer input of shape (B, d_in) or (B, T..., d_in) (all middle dimensions are a sequence).
+        g: gradient of Σᵢ fᵢ with respect to the layer output, (B, d_out) or (B, T..., d_out).
+        weight: include the weight's term (False when the weight is frozen).
+        bias: include the bias' term (False when there is no bias or it is frozen).
+
+    Example::
+
+        >>> h, g = torch.randn(3, 4), torch.randn(3, 2)
+        >>> explicit = torch.einsum("bo,bi->boi", g, h).square().sum((1, 2)) + g.square().sum(1)
+        >>> torch.allclose(linear_squared_norms(h, g), explicit)
+        True
+    """
+    b = h.shape[0]
+    h3, g3 = h.reshape(b, -1, h.shape[-1]), g.reshape(b, -1, g.shape[-1])
+    out = torch.zeros(b, dtype=g.dtype, device=g.device)
+    if weight:
+        out = out + _sum_outer_sq(h3, g3)
+    if bias:
+        out = out + g3.sum(1).square().sum(-1)
+    return out
+
+
+def _conv_as_linear(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Unfold a convolution's input so that the conv is a Linear layer over positions: (B·G, L, ·) pairs."""
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    else:
+        x = F.pad(x, module._reversed_padding_repeated_twice)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if isinstance(module, nn.Conv1d):  # a 1-d conv is a 2-d conv of height 1
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C_in·k, L), C_in slowest
+    b, groups, length = x.shape[0], module.groups, cols.shape[-1]
+    h = cols.reshape(b, groups, -1, length).permute(0, 1, 3, 2).reshape(b * groups, length, -1)
+    g = g.reshape(b, groups, -1, length).permute(0, 1, 3, 2).reshape(b * groups, length, -1)
+    return h, g
+
+
+def _batch_dim(module: nn.Module) -> int:
+    # Attention and recurrent layers default to (T, B, ...) unless batch_first=True.
+    return 1 if getattr(module, "batch_first", True) is False else 0
+
+
+def _ghost(name: str, module: nn.Module, uses: list[_Use], batch: int) -> Tensor:
+    """Squared per-sample norm of a Linear/Conv layer's trainable parameters from its recorded uses."""
+    w, bias = module.weight.requires_grad, module.bias is not None and module.bias.requires_grad
+    hs, gs = [], []
+    for use in uses:
+        if 0 not in use.grads:  # output did not reach f: zero gradient from this use
+            continue
+        h, g = use.args[0].detach(), use.grads[0]
+        if h.shape[0] != batch or g.shape[0] != batch:
+            raise ValueError(
+                f"Layer '{name}' ({type(module).__name__}) got an input of shape {tuple(h.shape)}, whose "
+                f"first dimension is not the batch ({batch}). Per-sample norms need batch-first layers."
+            )
+        if isinstance(module, nn.Linear):
+            hs.append(h.reshape(batch, -1, h.shape[-1]))
+            gs.append(g.reshape(batch, -1, g.shape[-1]))
+        else:
+            hh, gg = _conv_as_linear(module, h, g)
+            hs.append(hh)
+            gs.append(gg)
+    if not hs:
+        return torch.zeros(batch, dtype=module.weight.dtype, device=module.weight.device)
+    # Several calls of one layer add their gradients: concatenating along the sequence is exactly that.
+    h, g = torch.cat(hs, 1), torch.cat(gs, 1)
+    out = torch.zeros(h.shape[0], dtype=g.dtype, device=g.device)
+    if w:
+        out = out + _sum_outer_sq(h, g)
+    if bias:
+        out = out + g.sum(1).square().sum(-1)
+    return out.reshape(batch, -1).sum(1)
+
+
+def _sample_inner_product(module: nn.Module, flat: list, spec: object, pos: list[int], dims: tuple, bd: int):
+    """⟨module(one sample's inputs), that sample's output gradient⟩ as a function of the parameters."""
+
+    def inner(p: dict[str, Tensor], grads_i: dict[int, Tensor], *ts: Tensor) -> Tensor:
+        values = list(flat)
+        for j, t, d in zip(pos, ts, dims, strict=True):
+            values[j] = t.unsqueeze(bd) if d is not None else t
+        args, kwargs = tree_unflatten(values, spec)
+        out = tree_flatten(torch.func.functional_call(module, p, args, kwargs))[0]
+        return sum((out[i] * gi.unsqueeze(bd)).sum() for i, gi in grads_i.items())
+
+    return inner
+
+
+def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: list[_Use], batch: int) -> Tensor:
+    """Exact per-sample gradient of any layer by torch.func: vmap over samples of grad of ⟨layer(inp), g⟩."""
+    bd = _batch_dim(module)
+    total: dict[str, Tensor] | None = None
+    params = {k: p.detach() for k, p in params.items()}
+    for use in uses:
+        flat, spec = tree_flatten((use.args, use.kwargs))
+        pos = [i for i, v in enumerate(flat) if isinstance(v, Tensor)]
+        tensors = [flat[i].detach() for i in pos]
+        dims = tuple(bd if t.ndim > bd and t.shape[bd] == batch else None for t in tensors)
+        grads = dict(use.grads)
+        if not grads:
+            continue
+        for g in grads.values():
+            if g.ndim <= bd or g.shape[bd] != batch:
+                raise ValueError(
+                    f"Layer '{name}' ({type(module).__name__}) returned an output of shape {tuple(g.shape)} "
+                    f"without the batch ({batch}) in dimension {bd}; per-sample norms need batched layers."
+                )
+        inner = _sample_inner_product(module, flat, spec, pos, dims, bd)
+        try:
+            per_sample = torch.func.vmap(torch.func.grad(inner), in_dims=(None, bd, *dims))(params, grads, *tensors)
+        except RuntimeError as err:
+            if "randomness" in str(err):
+                raise RuntimeError(
+                    f"Layer '{name}' ({type(module).__name__}) draws random numbers (dropout in training "
+                    f"mode), so its per-sample gradient cannot be replayed. Call `model.eval()` first."
+                ) from err
+            raise
+        total = per_sample if total is None else {k: total[k] + per_sample[k] for k in total}
+    if total is None:
+        first = next(iter(params.values()))
+        return torch.zeros(batch, dtype=first.dtype, device=first.device)
+    return sum(v.reshape(batch, -1).square().sum(1) for v in total.values())
+
+
+def _check_versions(uses: dict[str, list[_Use]]) -> None:
+    for name, us in uses.items():
+        for use in us:
+            now = [t._version for t in tree_flatten((use.args, use.kwargs))[0] if isinstance(t, Tensor)]
+            if now != use.versions:
+                raise RuntimeError(
+                    f"An input of module '{_name(name)}' was modified in place after the module ran, so its "
+                    f"recorded activations are stale. Avoid in-place ops on layer inputs (e.g. `x += ...`)."
+                )
+
+
+def _own_params(module: nn.Module) -> dict[str, Tensor]:
+    return {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
+    """Assign every trainable parameter to a unit (a module that ran) and compute each unit's norms."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for name, mod in modules.items():
+        own = _own_params(mod)
+        if not own:
+            continue
+        unit = name
+        while not uses[unit] and unit:  # never called itself: its parameters were used by an enclosing module
+            unit = unit.rpartition(".")[0]
+        prefix = "" if unit == name else (name[len(unit) + 1 :] if unit else name) + "."
+        groups.setdefault(unit, {}).update({prefix + k: p for k, p in own.items()})
+    out = {}
+    for unit, params in groups.items():
+        mod = modules[unit]
+        ghost = isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) and set(params) <= {"weight", "bias"}
+        if ghost:
+            out[_name(unit)] = _ghost(_name(unit), mod, uses[unit], batch)
+        else:
+            out[_name(unit)] = _fallback(_name(unit), mod, params, uses[unit], batch)
+    return out
+
+
+class GradNormRecorder:
+    """Records what the ghost norms need during an *ordinary* forward and backward of ``model``.
+
+    While started, forward hooks keep each module's inputs and tensor hooks catch the gradients at its
+    outputs, whatever runs the backward (``loss.backward()``, Lightning's automatic optimization,
+    ``torch.autograd.grad``); nothing else changes, no ``.grad`` is touched. Afterwards
+    :meth:`layer_squared_norms` returns each layer's per-sample squared gradient norm *of the quantity
+    that was differentiated*: for a loss ``mean(ℓᵢ)`` that is ‖∇θℓᵢ‖²/B², so multiply by B² (the
+    reduction is the caller's knowledge). This is how a monitor can piggyback on the training step's own
+    backward instead of paying a second one. :func:`per_sample_grad_norms_by_layer` is built on it.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x = torch.randn(5, 3)
+        >>> with GradNormRecorder(model) as rec:
+        ...     model(x).sum().backward()  # a plain backward of Σᵢ fᵢ
+        >>> sq = rec.layer_squared_norms(5)
+        >>> ref = per_sample_grad_norms_by_layer(model, x, lambda out: out.sum(1)).layer_squared_norms
+        >>> all(torch.allclose(sq[k], ref[k]) for k in ref)
+        True
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.uses: dict[str, list[_Use]] = {name: [] for name in self.modules}
+        self._handles: list = []
+
+    def start(self) -> GradNormRecorder:
+        for name, mod in self.modules.items():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+                raise ValueError(
+                    f"Module '{_name(name)}' ({type(mod).__name__}) is in training mode and mixes the samples "
+                    f"of a batch, so per-sample gradients are not defined. Call `model.eval()` first."
+                )
+        self.stop()
+        self.uses = {name: [] for name in self.modules}
+        try:
+            for name, mod in self.modules.items():
+                self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Remove every hook (module and tensor hooks); the records stay readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> GradNormRecorder:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _hook(self, name: str):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if not torch.is_grad_enabled():
+                return  # a no-grad forward (validation, a metric) has no backward to record
+            use = _Use(args, kwargs, output)
+            for i, out in zip(use.out_index, use.outputs, strict=True):
+                self._handles.append(out.register_hook(use.store(i)))
+            self.uses[name].append(use)
+
+        return hook
+
+    def outputs(self) -> list[Tensor]:
+        """Every recorded module output that requires grad, once each."""
+        seen: set[int] = set()
+        return [o for us in self.uses.values() for u in us for o in u.outputs if not (id(o) in seen or seen.add(id(o)))]
+
+    def layer_squared_norms(self, batch: int) -> dict[str, Tensor]:
+        """Per-sample squared norms of each layer's trainable parameters' gradient, keyed by module name."""
+        _check_versions(self.uses)
+        return _layer_norms(self.modules, self.uses, batch)
+
+
+def per_sample_grad_norms_by_layer(
+    model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]
+) -> PerSampleGradNorms:
+    """Per-sample ‖∇ₓfᵢ‖, ‖∇θfᵢ‖ and each layer's share, exactly, from one forward and one backward.
+
+    fᵢ = ``loss_fn(model(inputs))[i]``. Linear and Conv1d/Conv2d layers use the ghost norm (no
+    per-sample gradient is built); every other module that owns trainable parameters, and any
+    parameter used outside its own module's forward (e.g. ``nn.MultiheadAttention.out_proj``), is
+    handled exactly by ``torch.func`` over the nearest enclosing module that ran. Samples must not
+    interact (no BatchNorm in training mode) and layers must keep the batch in dimension 0 (or 1 for
+    modules with ``batch_first=False``).
+
+    Nothing is left behind: no ``.grad`` is written, ``requires_grad`` is unchanged, hooks are removed
+    even when ``loss_fn`` raises. The model runs in its current mode (train/eval).
+
+    Args:
+        model: any ``nn.Module`` called as ``model(inputs)``.
+        inputs: batch of shape (B, ...); need not require grad (a detached copy is differentiated).
+        loss_fn: maps the model's output to per-sample values fᵢ of shape (B,) (or (B, 1)).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> r = per_sample_grad_norms_by_layer(model, torch.randn(5, 3), lambda out: out[:, 0])
+        >>> sorted(r.layer_squared_norms), r.param_norms.shape
+        (['0', '2'], torch.Size([5]))
+    """
+    check_batched(inputs, "inputs")
+    batch = inputs.shape[0]
+    floating = inputs.is_floating_point()
+    x = inputs.detach().requires_grad_(True) if floating else inputs
+    recorder = GradNormRecorder(model)
+    with recorder:
+        with torch.enable_grad():
+            values = check_per_sample(loss_fn(model(x)), batch, "loss_fn(outputs)")
+        if not values.requires_grad:
+            raise ValueError(
+                "`loss_fn(outputs)` does not depend on the model's parameters or inputs (no autograd graph); "
+                "do not call this under `torch.no_grad()`."
+            )
+        # Asking for the layer outputs makes the backward reach every layer; the gradients themselves
+        # come from the recorder's tensor hooks, which stay right when a later op (ReLU(inplace=True))
+        # overwrites an output in place.
+        targets = [x] if floating else []
+        grads = torch.autograd.grad(values.sum(), targets + recorder.outputs(), allow_unused=True)
+    input_norms = (
+        grads[0].reshape(batch, -1).norm(dim=1)
+        if floating and grads[0] is not None
+        else torch.full((batch,), math.nan if not floating else 0.0, device=inputs.device)
+    )
+    layer = recorder.layer_squared_norms(batch)
+    zero = torch.zeros(batch, dtype=values.dtype, device=values.device)
+    param_sq = sum(layer.values(), zero)
+    return PerSampleGradNorms(input_norms, param_sq.sqrt(), layer, values.detach())
+
+
+def per_sample_grad_norms(
+    model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Per-sample ‖∇ₓfᵢ‖ and ‖∇θfᵢ‖, each of shape (B,), exactly and without per-sample gradients.
+
+    A shortcut for :func:`per_sample_grad_norms_by_layer` (see there for what is supported); use that one
+    for each layer's share.
+
+    Args:
+        model: any ``nn.Module`` called as ``model(inputs)``.
+        inputs: batch of shape (B, ...); need not require grad.
+        loss_fn: maps the model's output to per-sample values fᵢ of shape (B,).
+
+    Example::
+
+        >>> model = nn.Linear(3, 1)
+        >>> x = torch.randn(4, 3)
+        >>> input_norms, param_norms = per_sample_grad_norms(model, x, lambda out: out[:, 0])
+        >>> torch.allclose(input_norms, model.weight.norm().expand(4))  # ∇ₓ(wᵀx + b) = w
+        True
+        >>> torch.allclose(param_norms, (x.square().sum(1) + 1).sqrt())  # ∇_(w,b) = (x, 1)
+        True
+    """
+    r = per_sample_grad_norms_by_layer(model, inputs, loss_fn)
+    return r.input_norms, r.param_norms
