@@ -4,8 +4,25 @@ Layers: :mod:`lightning_gp.functional` (pure torch math) → metrics → callbac
 monitors (thin Lightning adapters over the math).
 """
 
-from lightning_gp import functional
+from lightning_gp import functional, manual
+from lightning_gp.callbacks import (
+    AdversarialTraining,
+    DataGradientPenalty,
+    ParameterGradientPenalty,
+    SpectralNormPenalty,
+)
+from lightning_gp.manual import PenaltyMixin, penalized_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "__version__"]
+__all__ = [
+    "AdversarialTraining",
+    "DataGradientPenalty",
+    "ParameterGradientPenalty",
+    "PenaltyMixin",
+    "SpectralNormPenalty",
+    "__version__",
+    "functional",
+    "manual",
+    "penalized_loss",
+]

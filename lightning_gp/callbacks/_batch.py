@@ -1,0 +1,157 @@
+"""Finding the input tensor in a batch (``input_key``) and putting a replacement back.
+
+A batch is a tensor, a tuple/list/namedtuple, a mapping or a dataclass, possibly nested. The input is
+located by a *path* of indices/keys, so the callbacks can rebuild the batch with another tensor at that
+place (a leaf that requires grad, an adversarial example) without mutating the user's batch in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+InputKey = int | str | Callable[[Any], Tensor] | None
+
+#: Dict keys tried, in order, when ``input_key`` is None and the batch is a mapping.
+DEFAULT_KEYS = ("x", "input", "inputs")
+
+
+def describe(batch: Any, depth: int = 0) -> str:
+    """A short structural description of a batch, for error messages: ``(Tensor[8, 4], Tensor[8])``."""
+    if isinstance(batch, Tensor):
+        return f"Tensor{list(batch.shape)}" + ("" if batch.is_floating_point() else f"({batch.dtype})")
+    if depth > 3:
+        return "..."
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v, depth + 1)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        inner = ", ".join(describe(v, depth + 1) for v in batch)
+        return f"[{inner}]" if isinstance(batch, list) else f"({inner})"
+    if dataclasses.is_dataclass(batch):
+        fields = ", ".join(f"{f.name}={describe(getattr(batch, f.name), depth + 1)}" for f in dataclasses.fields(batch))
+        return f"{type(batch).__name__}({fields})"
+    return type(batch).__name__
+
+
+def _children(node: Any):
+    if isinstance(node, Mapping):
+        return list(node.items())
+    if isinstance(node, (tuple, list)):
+        return list(enumerate(node))
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    return []
+
+
+def _find(node: Any, target: Tensor, path: tuple) -> tuple | None:
+    if node is target:
+        return path
+    for key, child in _children(node):
+        found = _find(child, target, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _get(node: Any, key: Any) -> Any:
+    if dataclasses.is_dataclass(node) and not isinstance(node, (Mapping, tuple, list)):
+        return getattr(node, key)
+    return node[key]
+
+
+def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, tuple]:
+    """Return the input tensor and its path in ``batch``.
+
+    Defaults (``input_key=None``): a tensor batch is the input; a tuple/list's first element; a mapping's
+    first key among ``DEFAULT_KEYS``. An ``int``/``str`` indexes the batch; a callable maps the batch to a
+    tensor that must be *part of* the batch (it is found by identity, so it can be replaced).
+    """
+    where = f"`{owner}(input_key={input_key!r})`"
+    structure = describe(batch)
+    try:
+        if input_key is None:
+            if isinstance(batch, Tensor):
+                return batch, ()
+            if isinstance(batch, (tuple, list)) and len(batch) > 0:
+                path: tuple = (0,)
+            elif isinstance(batch, Mapping):
+                key = next((k for k in DEFAULT_KEYS if k in batch), None)
+                if key is None:
+                    raise ValueError(
+                        f"{where} cannot tell which entry of the batch is the input: the batch is a mapping "
+                        f"with keys {list(batch)} and none of {list(DEFAULT_KEYS)}. Batch: {structure}. "
+                        f"Pass `input_key=<key>`."
+                    )
+                path = (key,)
+            else:
+                raise ValueError(
+                    f"{where} cannot tell which part of the batch is the input. Batch: {structure}. "
+                    f"Pass `input_key` (an index, a dict key, or a callable returning the input tensor)."
+                )
+        elif callable(input_key):
+            value = input_key(batch)
+            if not isinstance(value, Tensor):
+                raise ValueError(
+                    f"{where} returned {type(value).__name__}, not a tensor. Batch: {structure}."
+                )
+            found = _find(batch, value, ())
+            if found is None:
+                raise ValueError(
+                    f"{where} returned a tensor that is not an element of the batch (a new tensor computed "
+                    f"from it?), so it cannot be replaced by the perturbed input. Return the batch's own "
+                    f"tensor, e.g. `lambda b: b['image']`. Batch: {structure}."
+                )
+            path = found
+        else:
+            path = (input_key,)
+        node = batch
+        for key in path:
+            node = _get(node, key)
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
+        raise ValueError(f"{where} cannot be resolved in the batch: {err!r}. Batch: {structure}.") from None
+    if not isinstance(node, Tensor):
+        raise ValueError(f"{where} selects a {type(node).__name__}, not a tensor. Batch: {structure}.")
+    return node, path
+
+
+def replace_input(batch: Any, path: tuple, value: Tensor) -> Any:
+    """A copy of ``batch`` (containers only; tensors are shared) with ``value`` at ``path``."""
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
+    child = replace_input(_get(batch, key), rest, value)
+    if isinstance(batch, Mapping):
+        out = dict(batch) if type(batch) is dict else type(batch)(batch)
+        out[key] = child
+        return out
+    if isinstance(batch, list):
+        out = list(batch)
+        out[key] = child
+        return out
+    if isinstance(batch, tuple):
+        items = list(batch)
+        items[key] = child
+        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
+    return dataclasses.replace(batch, **{key: child})
+
+
+def slice_batch(batch: Any, size: int, index: slice) -> Any:
+    """``batch`` with every tensor whose first dimension is ``size`` sliced by ``index`` (others kept)."""
+    if isinstance(batch, Tensor):
+        return batch[index] if batch.ndim > 0 and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):
+        items = {k: slice_batch(v, size, index) for k, v in batch.items()}
+        return items if type(batch) is dict else type(batch)(items)
+    if isinstance(batch, (tuple, list)):
+        items = [slice_batch(v, size, index) for v in batch]
+        if isinstance(batch, list):
+            return items
+        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(
+            batch, **{f.name: slice_batch(getattr(batch, f.name), size, index) for f in dataclasses.fields(batch)}
+        )
+    return batch

@@ -1,0 +1,234 @@
+"""DataGradientPenalty: weight · mean φ(‖∇ₓℓᵢ‖) added to the training loss of an unchanged module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gp.callbacks._base import (
+    PenaltyCallback,
+    Step,
+    StepContext,
+    distributed_world,
+    rng_state,
+    set_rng_state,
+)
+from lightning_gp.callbacks._batch import InputKey, replace_input, resolve_input, slice_batch
+from lightning_gp.functional import gradient_norm_penalty
+from lightning_gp.functional._checks import check_choice, check_non_negative, check_positive
+from lightning_gp.functional.gradients import per_sample_squared_norm
+from lightning_gp.functional.penalties import (
+    _check_penalty_shape,
+    finite_difference_direction,
+    finite_difference_input_step_from_norms,
+)
+
+METHODS = ("double_backward", "finite_difference")
+REDUCTIONS = ("mean", "sum")
+
+
+def input_leaf(ctx: StepContext, batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, tuple]:
+    """The batch's input, checked to be floating point, and its path (see :mod:`._batch`)."""
+    x, path = resolve_input(batch, input_key, owner)
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{owner}: the input selected by `input_key={input_key!r}` has dtype {x.dtype}; it must be floating "
+            f"point to be differentiated. Integer inputs (token ids) have no input gradient: select a floating "
+            f"tensor (e.g. embeddings computed outside the model) or use ParameterGradientPenalty instead."
+        )
+    if x.ndim == 0:
+        raise ValueError(f"{owner}: the input selected by `input_key={input_key!r}` has no batch dimension.")
+    return x, path
+
+
+class DataGradientPenalty(PenaltyCallback):
+    r"""Adds ``weight · mean_i φ(‖∇ₓℓᵢ‖)`` to the loss, φ(n) = (n − center)^power (or max(0, ·) one-sided).
+
+    ``power=1`` is ε‖∇ₓℓ‖ (first-order FGSM adversarial training), ``power=2`` the classic double
+    backpropagation. The module stays unchanged: ``training_step`` returns its loss (a tensor or a dict with
+    "loss"), the callback makes the input a leaf that requires grad, reads ∇ₓ of the returned loss, and
+    returns loss + penalty to Lightning (see :mod:`lightning_gp.callbacks._base` for how, also under DDP).
+
+    **Per-sample gradients from a batch loss.** ``training_step`` returns one scalar, so the callback must
+    know how it was reduced: with ``loss_reduction="mean"`` (the default, and PyTorch's loss default)
+    L = (1/B)·Σℓᵢ and ∇ₓℓᵢ is row i of B·∇ₓL; with ``"sum"`` it is row i of ∇ₓL. This is exact when samples
+    do not interact (no BatchNorm in train mode). A scalar alone cannot reveal its reduction, so the
+    option is explicit rather than guessed: a wrong choice would scale the per-sample gradients by B (the
+    penalty by B² for power 2). B is the size of the input's first dimension. As a guard, the first
+    penalized step also evaluates the loss on the two halves of the batch (no grad, an extra pass):
+    if L equals L₁ + L₂ (a sum) while ``"mean"`` was declared, or (L₁ + L₂)/2 while ``"sum"`` was, it
+    raises; when neither matches (BatchNorm, dropout, a loss that couples samples) it stays silent.
+    ``check_reduction=False`` skips this.
+
+    **Methods.** ``"double_backward"``: exact, differentiates ∇ₓL with ``create_graph=True``.
+    ``"finite_difference"``: no double backward (works with ``torch.compile`` and fused attention): with
+    dᵢ = ∂φ/∂gᵢ held fixed and x' = x + h·d, the objective becomes
+    ``L + w·P + (w/h)·[(L(x') − L(x)) − detached]``, whose θ-gradient is ∇L + w·(∇L(x') − ∇L(x))/h ≈
+    ∇L + w·∇P, and whose *value* stays L + w·P. One extra forward (replaying the same dropout masks), one
+    ordinary backward. h follows :func:`lightning_gp.functional.data_gradient_penalty_fd` (relative
+    ``step``); under DDP its batch statistics are all-reduced, so the result equals one process's.
+
+    Args:
+        weight: λ ≥ 0.
+        power: p ≥ 1 of φ.
+        center: c ≥ 0 of φ (1 for the WGAN-GP form).
+        one_sided: penalise only norms above ``center``.
+        input_key: which part of the batch is the input: an index, a dict key, or a callable returning the
+            batch's input tensor. Default: the batch itself if a tensor, element 0 of a tuple/list, key
+            "x", "input" or "inputs" of a dict.
+        every_n_steps: lazy regularization: the penalty on every k-th optimizer step with weight × k.
+        method: ``"double_backward"`` or ``"finite_difference"``.
+        loss_reduction: how ``training_step`` reduced per-sample losses, ``"mean"`` or ``"sum"``.
+        step: relative input displacement of the finite difference.
+        check_finite: raise on a NaN/Inf penalty (one host sync per step on GPU).
+        check_reduction: check ``loss_reduction`` once, on the first penalized step (see above).
+
+    Logs ``penalty/data_gradient`` (mean φ, before the weight) on the steps that carry the penalty.
+
+    Usage: ``pl.Trainer(callbacks=[DataGradientPenalty(0.1)])``; the module is not changed.
+
+    Example (the same term, outside a Trainer, via :func:`lightning_gp.manual.penalized_loss`)::
+
+        >>> from lightning_gp.manual import penalized_loss
+        >>> net = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> mse = lambda b: torch.nn.functional.mse_loss(net(b[0]), b[1])
+        >>> total = penalized_loss(net, mse, (x, y), [DataGradientPenalty(0.1, power=1)])
+        >>> per_sample = (2 * (net(x) - y).abs() * net.weight.norm()).mean()  # ‖∇ₓℓᵢ‖ = 2|fᵢ − yᵢ|·‖w‖
+        >>> torch.allclose(total, mse((x, y)) + 0.1 * per_sample)
+        True
+    """
+
+    order = 1
+    log_name = "penalty/data_gradient"
+
+    def __init__(
+        self,
+        weight: float,
+        *,
+        power: float = 2,
+        center: float = 0.0,
+        one_sided: bool = False,
+        input_key: InputKey = None,
+        every_n_steps: int = 1,
+        method: str = "double_backward",
+        loss_reduction: str = "mean",
+        step: float = 1e-2,
+        check_finite: bool = True,
+        check_reduction: bool = True,
+    ) -> None:
+        super().__init__(weight, every_n_steps, check_finite)
+        self.check_reduction = check_reduction
+        self._reduction_checked = False
+        _check_penalty_shape(power, center)
+        self.power, self.center, self.one_sided = power, check_non_negative(center, "center"), one_sided
+        self.input_key = input_key
+        self.method = check_choice(method, "method", METHODS)
+        self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
+        self.step = check_positive(step, "step")
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(weight=self.weight, power=self.power, center=self.center,
+                                        method=self.method, input_key=repr(self.input_key))
+
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+        weight = self.active_weight(ctx)
+        if weight == 0:
+            return inner(batch)
+        owner = type(self).__name__
+        x, path = input_leaf(ctx, batch, self.input_key, owner)
+        leaf = x.detach().requires_grad_(True)
+        device = x.device
+        before = rng_state(device) if self.method == "finite_difference" else None
+        step = inner(replace_input(batch, path, leaf))
+        loss = step.loss
+        n = leaf.shape[0]
+        if self.check_reduction and not self._reduction_checked:
+            self._reduction_checked = True
+            self._check_reduction(ctx, batch, x, loss)
+        # Per-sample sum S = Σᵢ ℓᵢ: B·L for a mean-reduced loss, L itself for a summed one.
+        per_sample_scale = float(n) if self.loss_reduction == "mean" else 1.0
+        grad = self._input_grad(loss, leaf, create_graph=self.method == "double_backward")
+        grad = grad * per_sample_scale
+        if self.method == "double_backward":
+            penalty = gradient_norm_penalty(grad, power=self.power, center=self.center,
+                                            one_sided=self.one_sided).mean()
+            objective = step.objective + weight * penalty
+        else:
+            penalty, term = self._finite_difference(ctx, batch, path, x, grad, loss, before, per_sample_scale)
+            objective = step.objective + weight * penalty + weight * term
+        self.check_and_log(ctx, self.log_name, penalty, batch_size=n)
+        self.applied += 1
+        return Step(loss=loss, objective=objective, output=step.output)
+
+    def _check_reduction(self, ctx: StepContext, batch: Any, x: Tensor, loss: Tensor) -> None:
+        n = x.shape[0]
+        if n < 2:
+            return
+        state = rng_state(x.device)
+        try:
+            with torch.no_grad():
+                halves = [ctx.extra_loss(slice_batch(batch, n, part)) for part in (slice(0, n // 2), slice(n // 2, n))]
+        except (RuntimeError, ValueError, IndexError, TypeError):  # a step that cannot run on half a batch
+            return
+        finally:
+            set_rng_state(state, x.device)
+        full, total = float(loss.detach()), float(halves[0] + halves[1])
+        tol = 1e-4 * max(abs(full), abs(total), 1e-12)
+        as_sum, as_mean = abs(full - total) <= tol, abs(full - total / 2) <= tol
+        actual = "sum" if as_sum and not as_mean else "mean" if as_mean and not as_sum else None
+        declared = self.loss_reduction
+        if actual is not None and actual != declared:
+            raise ValueError(
+                f"{type(self).__name__}(loss_reduction={declared!r}): `training_step` returned a loss that behaves "
+                f"like a {actual} over the batch (loss of the whole batch {full:.6g}, of its two halves "
+                f"{float(halves[0]):.6g} and {float(halves[1]):.6g}). Per-sample gradients would be off by a factor "
+                f"of B = {n}. Pass `loss_reduction={actual!r}` (or `check_reduction=False` if this is intended)."
+            )
+
+    def _input_grad(self, loss: Tensor, leaf: Tensor, *, create_graph: bool) -> Tensor:
+        grad = None
+        if loss.requires_grad:
+            (grad,) = torch.autograd.grad(loss, leaf, create_graph=create_graph, retain_graph=True,
+                                          allow_unused=True)
+        if grad is None:
+            raise ValueError(
+                f"{type(self).__name__}: the loss returned by `training_step` does not depend on the input "
+                f"selected by `input_key={self.input_key!r}` (no autograd path). Make sure the model is applied "
+                f"to this batch element, not to a detached copy or another entry of the batch."
+            )
+        return grad
+
+    def _finite_difference(self, ctx, batch, path, x, grad, loss, before, per_sample_scale):
+        """Returns (penalty value, surrogate term whose value is 0 and whose θ-gradient ≈ ∇θ penalty)."""
+        phi, direction = finite_difference_direction(grad, power=self.power, center=self.center,
+                                                      one_sided=self.one_sided)
+        n = x.shape[0]
+        stats = torch.stack([per_sample_squared_norm(x.detach()).sum(), per_sample_squared_norm(direction).max()])
+        count = float(n)
+        world = distributed_world()
+        if world > 1:
+            # Same h on every rank as one process on the combined batch: mean of ‖xᵢ‖² and max of ‖dᵢ‖².
+            total = torch.stack([stats[0], torch.tensor(count, dtype=stats.dtype, device=stats.device)])
+            torch.distributed.all_reduce(total)
+            largest = stats[1].clone()
+            torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+            stats = torch.stack([total[0], largest])
+            count = float(total[1])
+        h = finite_difference_input_step_from_norms(stats[0] / count, stats[1], self.step)
+        penalty = phi.mean()
+        if h == 0:  # φ is flat at every sample: nothing to difference
+            return penalty, loss.new_zeros(())
+        after = rng_state(x.device)
+        set_rng_state(before, x.device)  # the same dropout masks as the primary pass
+        try:
+            loss2 = ctx.extra_loss(replace_input(batch, path, x.detach() + h * direction.to(x.dtype)))
+        finally:
+            set_rng_state(after, x.device)
+        # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L.
+        diff = (loss2 - loss) * (per_sample_scale / (h * n))
+        return penalty, diff - diff.detach()

@@ -1,0 +1,146 @@
+"""ParameterGradientPenalty: weight · ‖∇θL‖² (implicit gradient regularization, made explicit)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gp.callbacks._base import (
+    PenaltyCallback,
+    Step,
+    StepContext,
+    distributed_world,
+    rng_state,
+    set_rng_state,
+)
+from lightning_gp.functional._checks import check_choice, check_positive, grads_or_zeros
+from lightning_gp.functional.penalties import finite_difference_parameter_step
+
+METHODS = ("double_backward", "finite_difference")
+SCOPES = ("local", "global")
+
+
+def _differentiable_mean_over_ranks(t: Tensor, world: int) -> Tensor:
+    # torch.distributed.nn's all_reduce has a backward (an all_reduce of the incoming gradients); the
+    # deprecation it warns about points to a functional API without autograd support.
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return all_reduce(t) / world
+
+
+class ParameterGradientPenalty(PenaltyCallback):
+    r"""Adds ``weight · ‖∇θL‖²`` to the loss; with ``weight = γ/4`` for learning rate γ it cancels the leading
+    discretisation error of gradient descent (implicit gradient regularization). Its gradient is 2w·H·∇θL.
+
+    **Methods.** ``"double_backward"``: ∇θL with ``create_graph=True`` inside the training step (no DDP
+    hook fires: only the final backward of loss + penalty reaches ``.grad``). ``"finite_difference"``
+    (GNP / SAM's two passes): with g = ∇θL detached and h from
+    :func:`lightning_gp.functional.parameter_gradient_penalty_fd`'s rule (relative ``step``), a second
+    forward at θ + h·g (through ``torch.func.functional_call``; the module's own parameters are never
+    modified, so the first pass's graph stays valid) gives the objective
+    ``L + w‖g‖² + (2w/h)·[(L(θ+hg) − L(θ)) − detached]``, whose gradient is ∇L + 2w(∇L(θ+hg) − ∇L)/h.
+
+    **DDP scopes.** ``scope="local"`` (default, what SAM does): each rank penalises the gradient of its own
+    batch, so DDP's average is ∇L̄ + 2w·mean_r(H_r g_r), which differs from one process on the combined
+    batch (‖mean g_r‖² ≠ mean ‖g_r‖²). ``scope="global"``: the gradient is averaged over ranks *inside the
+    graph* (a differentiable all_reduce), so the result is ∇L̄ + 2w·H̄ḡ, the one-process result; it costs
+    one extra all-reduce of the gradient per step (and one more in the backward for double backward).
+    Both scopes are identical on one process.
+
+    Args:
+        weight: w ≥ 0.
+        every_n_steps: lazy regularization: every k-th optimizer step with weight × k.
+        method: ``"double_backward"`` or ``"finite_difference"``.
+        scope: ``"local"`` or ``"global"`` (see above).
+        step: relative parameter displacement of the finite difference.
+        check_finite: raise on a NaN/Inf penalty.
+
+    Logs ``penalty/parameter_gradient`` (‖∇θL‖², before the weight).
+
+    Usage: ``pl.Trainer(callbacks=[ParameterGradientPenalty(lr / 4)])``.
+
+    Example::
+
+        >>> from lightning_gp.manual import penalized_loss
+        >>> w = torch.nn.Linear(2, 1, bias=False)
+        >>> loss_fn = lambda b: (w(b) ** 2).mean()
+        >>> x = torch.randn(4, 2)
+        >>> total = penalized_loss(w, loss_fn, x, [ParameterGradientPenalty(0.5)])
+        >>> (g,) = torch.autograd.grad(loss_fn(x), [w.weight])
+        >>> torch.allclose(total, loss_fn(x) + 0.5 * g.square().sum())
+        True
+    """
+
+    order = 2
+    log_name = "penalty/parameter_gradient"
+
+    def __init__(
+        self,
+        weight: float,
+        *,
+        every_n_steps: int = 1,
+        method: str = "double_backward",
+        scope: str = "local",
+        step: float = 1e-3,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(weight, every_n_steps, check_finite)
+        self.method = check_choice(method, "method", METHODS)
+        self.scope = check_choice(scope, "scope", SCOPES)
+        self.step = check_positive(step, "step")
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(weight=self.weight, method=self.method, scope=self.scope)
+
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+        weight = self.active_weight(ctx)
+        if weight == 0:
+            return inner(batch)
+        named = [(n, p) for n, p in ctx.module.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        device = params[0].device
+        before = rng_state(device) if self.method == "finite_difference" else None
+        step = inner(batch)
+        loss = step.loss
+        if not loss.requires_grad:
+            raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
+        double = self.method == "double_backward"
+        grads = torch.autograd.grad(loss, params, create_graph=double, retain_graph=True, allow_unused=True)
+        grads = grads_or_zeros(grads, params, what="the loss returned by `training_step`", wrt="parameters")
+        world = distributed_world()
+        if self.scope == "global" and world > 1:
+            if double:
+                grads = [_differentiable_mean_over_ranks(g, world) for g in grads]
+            else:  # no graph needed: one flat all-reduce
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                torch.distributed.all_reduce(flat)
+                flat /= world
+                grads = list(torch.split(flat, [g.numel() for g in grads]))
+                grads = [f.view_as(p) for f, p in zip(grads, params, strict=True)]
+        penalty = sum(g.square().sum() for g in grads)
+        if double:
+            objective = step.objective + weight * penalty
+        else:
+            objective = step.objective + weight * penalty.detach()
+            g_norm = penalty.detach().sqrt()
+            if g_norm > 0:
+                h = finite_difference_parameter_step(params, g_norm, self.step)
+                perturbed = {n: p + h * g.detach() for (n, p), g in zip(named, grads, strict=True)}
+                after = rng_state(device)
+                set_rng_state(before, device)  # the same dropout masks as the primary pass
+                try:
+                    loss2 = ctx.extra_loss(batch, params=perturbed)
+                finally:
+                    set_rng_state(after, device)
+                diff = (loss2 - loss) * (2.0 / h)
+                objective = objective + weight * (diff - diff.detach())
+        self.check_and_log(ctx, self.log_name, penalty)
+        self.applied += 1
+        return Step(loss=loss, objective=objective, output=step.output)
