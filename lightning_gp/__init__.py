@@ -11,6 +11,7 @@ from lightning_gp.callbacks import (
     ParameterGradientPenalty,
     SpectralNormPenalty,
 )
+from lightning_gp.gan import WGANGPMixin
 from lightning_gp.manual import PenaltyMixin, penalized_loss
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "ParameterGradientPenalty",
     "PenaltyMixin",
     "SpectralNormPenalty",
+    "WGANGPMixin",
     "__version__",
     "functional",
     "manual",

@@ -1,0 +1,230 @@
+"""Critic regularizers of the WGAN-GP mixin: a thin dispatch onto :mod:`lightning_gp.functional.gan`.
+
+Every penalty's formula lives in the functional layer; this module only picks the function, wires in the
+finite-difference variant and reads ‖∇D‖ at the penalty's points for logging. The constraints that are
+not a loss term (weight clipping, spectral normalization) and the BatchNorm check live here too.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
+
+from lightning_gp.functional.gan import (
+    difference_penalty,
+    r1_penalty,
+    r2_penalty,
+    wgan_gradient_penalty,
+    wgan_gradient_penalty_fd,
+)
+from lightning_gp.functional.gradients import per_sample_norm
+from lightning_gp.functional.penalties import data_gradient_penalty_fd
+
+#: Every value ``regularizer=`` accepts.
+REGULARIZERS = (
+    "gp",
+    "gp_one_sided",
+    "r1",
+    "r2",
+    "difference",
+    "weight_clipping",
+    "spectral_normalization",
+    "none",
+)
+#: The regularizers that add a penalty term (weighted by ``gp_weight``) to the critic loss.
+PENALTIES = ("gp", "gp_one_sided", "r1", "r2", "difference")
+#: The regularizers whose penalty is a gradient norm, so ``method`` applies to them.
+GRADIENT_PENALTIES = ("gp", "gp_one_sided", "r1", "r2")
+METHODS = ("double_backward", "finite_difference")
+#: Layers that couple the samples of a batch (their output for one sample depends on the others).
+_BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm,)
+#: Layers whose ``weight`` spectral normalization applies to.
+_SPECTRAL_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class PenaltyTerm(NamedTuple):
+    """One evaluation of a critic penalty.
+
+    Attributes:
+        value: the penalty's value (detached), what is logged as ``wgan/penalty``.
+        loss: a scalar whose gradient w.r.t. the critic's parameters is ∇θ penalty: the penalty itself
+            (double backward, difference), or the linear surrogate Σ⟨θ, ĝ⟩ with ĝ the finite-difference
+            gradient. Adding it to the loss sends ĝ through the ordinary backward pass, so DDP all-reduces
+            it like any other gradient (writing ĝ into ``.grad`` by hand would bypass DDP's hooks).
+        grad_norm: mean ‖∇ₓD‖ at the points the penalty uses (None for the derivative-free penalty).
+    """
+
+    value: Tensor
+    loss: Tensor
+    grad_norm: Tensor | None
+
+
+class _InputGradientTap:
+    """Wraps the critic and records ∇ₓD at the first input that requires grad.
+
+    The functional penalties compute ∇ₓD(x̂) internally; tensor hooks see that gradient as
+    ``autograd.grad`` produces it, so the norm is logged at no extra cost and without re-deriving the
+    penalty. Whether the functional layer differentiates Σᵢ Dᵢ, the mean, or a scaled mean, the hook on
+    the critic's output sees the seed sᵢ that backward starts from, and row i of the input gradient is
+    sᵢ·∇ₓDᵢ (samples do not interact), so ∇ₓDᵢ is recovered exactly. The hooks sit outside the critic, so
+    this also works for a ``torch.compile``d one.
+    """
+
+    def __init__(self, critic: nn.Module) -> None:
+        self.critic = critic
+        self.grad: Tensor | None = None
+        self.seed: Tensor | None = None
+        self._armed = True
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not (self._armed and x.requires_grad):
+            return self.critic(x)
+        self._armed = False
+        x.register_hook(self._store_grad)
+        out = self.critic(x)
+        if out.requires_grad:
+            out.register_hook(self._store_seed)
+        return out
+
+    # Only the first backward pass counts: later ones (the loss's own backward) carry other gradients.
+    def _store_grad(self, grad: Tensor) -> None:
+        if self.grad is None:
+            self.grad = grad.detach()
+
+    def _store_seed(self, seed: Tensor) -> None:
+        if self.seed is None:
+            self.seed = seed.detach()
+
+    def mean_norm(self) -> Tensor | None:
+        if self.grad is None or self.seed is None:
+            return None
+        norms = per_sample_norm(self.grad.float())
+        seed = self.seed.float().reshape(norms.shape[0], -1).sum(dim=1).abs()
+        norms = torch.where(seed > 0, norms / torch.where(seed > 0, seed, torch.ones_like(seed)), norms)
+        return norms.mean()
+
+
+def _norm(tap: _InputGradientTap | None) -> Tensor | None:
+    return None if tap is None else tap.mean_norm()
+
+
+def _surrogate(params: list[Tensor], grads: tuple[Tensor, ...]) -> Tensor:
+    return sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads, strict=True))
+
+
+def critic_penalty(
+    name: str,
+    critic: nn.Module,
+    real: Tensor,
+    fake: Tensor,
+    *,
+    method: str = "double_backward",
+    alpha: Tensor | None = None,
+    alpha2: Tensor | None = None,
+    track_grad_norm: bool = True,
+) -> PenaltyTerm:
+    """Evaluate the penalty ``name`` (one of :data:`PENALTIES`) of ``critic`` on a real and a fake batch.
+
+    Args:
+        name: "gp", "gp_one_sided", "r1", "r2" or "difference".
+        critic: the critic module (its parameters are what the penalty's gradient is taken for).
+        real, fake: batches of the same shape; they are detached by the functional layer.
+        method: "double_backward" (exact) or "finite_difference" (no gradient of a gradient: works
+            inside ``torch.compile``); ignored by "difference", which needs no input gradient at all.
+        alpha, alpha2: per-sample interpolation weights (``alpha2`` only for "difference").
+        track_grad_norm: record mean ‖∇ₓD‖ at the penalty's points (two tensor hooks); off, ``grad_norm``
+            is None.
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1)
+        >>> term = critic_penalty("gp", critic, torch.randn(8, 2), torch.randn(8, 2))
+        >>> torch.allclose(term.grad_norm, critic.weight.norm())
+        True
+    """
+    tap = _InputGradientTap(critic) if track_grad_norm else None
+    fn = tap if tap is not None else critic
+    if name == "difference":
+        pair = None if alpha is None else (alpha, alpha2 if alpha2 is not None else torch.rand_like(alpha))
+        penalty = difference_penalty(critic, real, fake, alpha=pair)
+        return PenaltyTerm(penalty.detach(), penalty, None)
+    if name not in GRADIENT_PENALTIES:
+        raise ValueError(f"`regularizer` {name!r} adds no penalty term; penalties are {list(PENALTIES)}.")
+    one_sided = name == "gp_one_sided"
+    if method == "double_backward":
+        if name == "r1":
+            penalty = r1_penalty(fn, real)
+        elif name == "r2":
+            penalty = r2_penalty(fn, fake)
+        else:
+            penalty = wgan_gradient_penalty(fn, real, fake, alpha=alpha, one_sided=one_sided)
+        return PenaltyTerm(penalty.detach(), penalty, _norm(tap))
+    if method != "finite_difference":
+        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
+    params = [p for p in critic.parameters() if p.requires_grad]
+    if name in ("r1", "r2"):
+        points = real if name == "r1" else fake
+        res = data_gradient_penalty_fd(fn, points.detach(), params, power=2, center=0.0)
+    else:
+        res = wgan_gradient_penalty_fd(fn, real, fake, params, alpha=alpha, one_sided=one_sided)
+    return PenaltyTerm(res.penalty, _surrogate(params, res.grads), _norm(tap))
+
+
+def check_no_batch_norm(critic: nn.Module) -> None:
+    """Raise if ``critic`` contains a layer that couples the samples of a batch.
+
+    Example::
+
+        >>> check_no_batch_norm(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4)))
+        Traceback (most recent call last):
+        ...
+        ValueError: The critic's layer '1' is BatchNorm1d, ...
+    """
+    for layer_name, module in critic.named_modules():
+        if isinstance(module, _BATCH_COUPLED):
+            raise ValueError(
+                f"The critic's layer {layer_name or '<root>'!r} is {type(module).__name__}, which normalizes "
+                "each sample with statistics of the whole batch. The gradient penalty is defined per sample "
+                "(‖∇D(x̂ᵢ)‖ must depend on x̂ᵢ alone), and BatchNorm makes it depend on the other samples "
+                "(Gulrajani et al. 2017, §4). Replace it by nn.LayerNorm or nn.InstanceNorm "
+                "(e.g. nn.GroupNorm(1, C) as a LayerNorm for conv features), or drop it."
+            )
+
+
+def apply_spectral_normalization(critic: nn.Module) -> list[str]:
+    """Register PyTorch's spectral-norm parametrization on every Linear/Conv ``weight`` of ``critic``.
+
+    Layers already parametrized are left alone, so calling it twice is harmless. Returns the names of
+    the layers it registered on (in place; the parameters stay the same objects, now under
+    ``parametrizations.weight.original``, so build the optimizers afterwards).
+
+    Example::
+
+        >>> critic = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> apply_spectral_normalization(critic)
+        ['0', '2']
+    """
+    names = []
+    for layer_name, module in critic.named_modules():
+        if isinstance(module, _SPECTRAL_LAYERS) and getattr(module, "weight", None) is not None:
+            if parametrize.is_parametrized(module, "weight"):
+                continue
+            spectral_norm(module)
+            names.append(layer_name)
+    if not names and not any(parametrize.is_parametrized(m) for m in critic.modules()):
+        raise ValueError(
+            "regularizer='spectral_normalization' found no nn.Linear or nn.Conv layer with a weight in the "
+            "critic to normalize. Build the critic from those layers, or pick another regularizer."
+        )
+    return names
+
+
+@torch.no_grad()
+def clip_weights_(critic: nn.Module, clip_value: float) -> None:
+    """Clamp every parameter of ``critic`` into [−clip_value, clip_value] in place (the original WGAN)."""
+    for p in critic.parameters():
+        p.clamp_(-clip_value, clip_value)
