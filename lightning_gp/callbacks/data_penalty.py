@@ -166,29 +166,44 @@ class DataGradientPenalty(PenaltyCallback):
         return Step(loss=loss, objective=objective, output=step.output)
 
     def _check_reduction(self, ctx: StepContext, batch: Any, x: Tensor, loss: Tensor) -> None:
+        actual, detail = self._observed_reduction(ctx, batch, x, loss)
+        if distributed_world() > 1:
+            # Every rank takes rank 0's verdict: ranks see different data, and one rank raising while the
+            # others go on into the gradient all-reduce would hang the job instead of failing it.
+            code = torch.tensor([(None, "sum", "mean").index(actual)], device=x.device)
+            torch.distributed.broadcast(code, src=0)
+            actual = (None, "sum", "mean")[int(code)]
+        declared = self.loss_reduction
+        if actual is not None and actual != declared:
+            raise ValueError(
+                f"{type(self).__name__}(loss_reduction={declared!r}): `training_step` returned a loss that behaves "
+                f"like a {actual} over the batch{detail}. Per-sample gradients would be off by a factor of the "
+                f"batch size. Pass `loss_reduction={actual!r}` (or `check_reduction=False` if this is intended)."
+            )
+
+    @staticmethod
+    def _observed_reduction(ctx: StepContext, batch: Any, x: Tensor, loss: Tensor) -> tuple[str | None, str]:
+        """"sum" or "mean" when the loss of the two half-batches clearly says so, else None."""
         n = x.shape[0]
         if n < 2:
-            return
+            return None, ""
         state = rng_state(x.device)
         try:
             with torch.no_grad():
                 halves = [ctx.extra_loss(slice_batch(batch, n, part)) for part in (slice(0, n // 2), slice(n // 2, n))]
         except (RuntimeError, ValueError, IndexError, TypeError):  # a step that cannot run on half a batch
-            return
+            return None, ""
         finally:
             set_rng_state(state, x.device)
         full, total = float(loss.detach()), float(halves[0] + halves[1])
         tol = 1e-4 * max(abs(full), abs(total), 1e-12)
         as_sum, as_mean = abs(full - total) <= tol, abs(full - total / 2) <= tol
         actual = "sum" if as_sum and not as_mean else "mean" if as_mean and not as_sum else None
-        declared = self.loss_reduction
-        if actual is not None and actual != declared:
-            raise ValueError(
-                f"{type(self).__name__}(loss_reduction={declared!r}): `training_step` returned a loss that behaves "
-                f"like a {actual} over the batch (loss of the whole batch {full:.6g}, of its two halves "
-                f"{float(halves[0]):.6g} and {float(halves[1]):.6g}). Per-sample gradients would be off by a factor "
-                f"of B = {n}. Pass `loss_reduction={actual!r}` (or `check_reduction=False` if this is intended)."
-            )
+        detail = (
+            f" (loss of the whole batch of {n}: {full:.6g}; of its two halves: {float(halves[0]):.6g} and "
+            f"{float(halves[1]):.6g})"
+        )
+        return actual, detail
 
     def _input_grad(self, loss: Tensor, leaf: Tensor, *, create_graph: bool) -> Tensor:
         grad = None
