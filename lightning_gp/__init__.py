@@ -13,14 +13,20 @@ from lightning_gp.callbacks import (
 )
 from lightning_gp.gan import WGANGPMixin
 from lightning_gp.manual import PenaltyMixin, penalized_loss
+from lightning_gp.metrics import PerSampleMeanMax
+from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdversarialTraining",
     "DataGradientPenalty",
+    "GradientNormMonitor",
+    "MLPInequalityMonitor",
     "ParameterGradientPenalty",
     "PenaltyMixin",
+    "PerSampleMeanMax",
+    "SpectralNormMonitor",
     "SpectralNormPenalty",
     "WGANGPMixin",
     "__version__",

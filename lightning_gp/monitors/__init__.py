@@ -1,0 +1,12 @@
+"""Lightning callbacks that watch the geometry of training: ‖∇ₓf‖, ‖∇θf‖, the MLP inequality, σ(W).
+
+Each is a thin adapter over :mod:`lightning_gp.functional`; reductions across DDP ranks use
+:class:`lightning_gp.metrics.PerSampleMeanMax`; scalars reach every Lightning logger and W&B also gets
+histograms, tables and charts (:mod:`lightning_gp.loggers`).
+"""
+
+from lightning_gp.monitors.gradient_norm import GradientNormMonitor
+from lightning_gp.monitors.mlp_inequality import MLPInequalityMonitor
+from lightning_gp.monitors.spectral_norm import SpectralNormMonitor
+
+__all__ = ["GradientNormMonitor", "MLPInequalityMonitor", "SpectralNormMonitor"]

@@ -1,0 +1,96 @@
+"""What the monitors share: when to run, how to measure without touching training, and logging.
+
+A monitor must never change training. Its extra forward/backward passes therefore run
+
+- in eval mode (no dropout draw, no BatchNorm running-statistics update, and BatchNorm then acts per
+  sample, so per-sample values really are per sample), each sub-module's own mode restored afterwards;
+- under ``torch.random.fork_rng``, so any random op in the model leaves the training RNG stream as it was;
+- with ``torch.autograd.grad`` only (in the functional layer), so no ``.grad`` is written and DDP's
+  gradient hooks never fire;
+
+and ``requires_grad`` flags are restored even when the model raises half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_gp.functional._checks import check_positive_int
+from lightning_gp.loggers import log_scalars
+
+#: Interval used when ``every_n_steps=None`` and the trainer logs nothing (``log_every_n_steps=0``).
+FALLBACK_INTERVAL = 50
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's logger connector uses: optimizer steps taken so far (counted once per batch
+    even with several optimizers), the x-axis of ``self.log`` values in every logger."""
+    # Lightning's own LearningRateMonitor reads this same counter.
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+@contextlib.contextmanager
+def isolated(module: torch.nn.Module) -> Iterator[None]:
+    """Run a measurement on ``module`` without leaving a trace on training (see the module docstring)."""
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    devices = [d for d in {p.device for p in module.parameters()} if d.type == "cuda"]
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            module.eval()
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+class Monitor(Callback):
+    """Base of the monitors: runs :meth:`measure` on every ``every_n_steps``-th optimizer step.
+
+    The steps are those whose 1-based number is a multiple of ``every_n_steps`` — the steps Lightning
+    itself logs when ``every_n_steps == log_every_n_steps`` — counted once per batch however many optimizers
+    the module has. ``every_n_steps=None`` follows the trainer's ``log_every_n_steps``.
+    """
+
+    def __init__(self, every_n_steps: int | None) -> None:
+        if every_n_steps is not None:
+            check_positive_int(every_n_steps, "every_n_steps")
+        self.every_n_steps = every_n_steps
+        self._interval = every_n_steps or FALLBACK_INTERVAL
+        self._last_step = -1
+        #: The scalars of the latest measurement, on every rank (loggers only write from rank 0), and its step.
+        self.last_logged: dict[str, float] = {}
+        self.last_logged_step: int | None = None
+
+    @property
+    def interval(self) -> int:
+        """The resolved ``every_n_steps``."""
+        return self._interval
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._last_step = -1
+        if self.every_n_steps is None:
+            self._interval = trainer.log_every_n_steps or FALLBACK_INTERVAL
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        """True once per due step (the first micro-batch of it, with gradient accumulation)."""
+        step = logger_step(trainer)
+        if (step + 1) % self._interval or step == self._last_step:
+            return False
+        self._last_step = step
+        return True
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
+        self.last_logged = {k: float(v) for k, v in metrics.items()}
+        self.last_logged_step = step
+        log_scalars(trainer, self.last_logged, step)

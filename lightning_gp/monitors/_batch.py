@@ -1,0 +1,70 @@
+"""The targets of a batch for the monitors' default per-sample loss, and taking a batch's first samples.
+
+The input is found by :func:`lightning_gp.callbacks._batch.resolve_input`, shared with the penalty
+callbacks so ``input_key`` means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gp.callbacks._batch import InputKey, describe, resolve_input
+
+#: Dict keys tried, in order, for the targets of the default loss.
+TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+
+def select_input(batch: Any, input_key: InputKey, owner: str) -> Tensor:
+    """The model input in ``batch``: :func:`~lightning_gp.callbacks._batch.resolve_input`'s rules for
+    ``None``, an index or a key; a callable may also *compute* the input (a monitor replaces nothing)."""
+    if callable(input_key):
+        out = input_key(batch)
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"`{owner}(input_key=...)` returned {type(out).__name__}, not a tensor. Batch: {describe(batch)}."
+            )
+        return out
+    return resolve_input(batch, input_key, owner)[0]
+
+
+def select_target(batch: Any) -> Tensor:
+    """The targets for the default loss: a tuple/list batch's second element, or a dict's ``"y"``-like key."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for name in TARGET_KEYS:
+            if isinstance(batch.get(name), Tensor):
+                return batch[name]
+    raise ValueError(
+        f"The default per-sample loss (cross-entropy on an (x, y) batch) finds no targets in the batch "
+        f"{describe(batch)}. Pass `loss_fn=lambda outputs, batch: <per-sample losses, shape (B,)>`."
+    )
+
+
+def take_first(batch: Any, n: int, size: int) -> Any:
+    """``batch`` with every tensor whose first dimension is ``size`` cut to its first ``n`` rows."""
+    if n >= size:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch[:n] if batch.ndim and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: take_first(v, n, size) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(take_first(v, n, size) for v in batch))
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        return type(batch)(take_first(v, n, size) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(
+            batch, **{f.name: take_first(getattr(batch, f.name), n, size) for f in dataclasses.fields(batch)}
+        )
+    return batch
+
+
+def default_loss(outputs: Tensor, batch: Any) -> Tensor:
+    """Per-sample cross-entropy of ``outputs`` (logits) against the batch's targets."""
+    return torch.nn.functional.cross_entropy(outputs, select_target(batch), reduction="none")

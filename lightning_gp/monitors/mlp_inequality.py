@@ -1,0 +1,161 @@
+"""MLPInequalityMonitor: both sides of the MLP inequality over training, and their ratio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_gp.callbacks._batch import InputKey
+from lightning_gp.functional._checks import check_per_sample, check_positive_int
+from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
+from lightning_gp.loggers import define_summaries, log_inequality
+from lightning_gp.metrics import PerSampleMeanMax
+from lightning_gp.monitors._base import Monitor, isolated, logger_step
+from lightning_gp.monitors._batch import default_loss, select_input, take_first
+from lightning_gp.monitors.gradient_norm import PerSampleLoss
+
+PREFIX = "mlp_inequality"
+
+
+class MLPInequalityMonitor(Monitor):
+    r"""Logs the MLP inequality ‖∇ₓf‖²·Σₜ(1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖∇ₓh⁽ᵗ⁾‖₂²) ≤ ‖∇θf‖² per sample.
+
+    With f the per-sample loss, the left side (lhs) measures sensitivity to the input, scaled layer by
+    layer, the right side (rhs) the squared per-sample parameter-gradient norm; the ratio lhs/rhs lies in
+    [0, 1] for a chain of Linear layers and elementwise activations (Dherin et al., "The Geometric Occam's
+    Razor Implicit in Deep Learning"). Values come from :func:`lightning_gp.functional.mlp_inequality`.
+
+    Logged, on every ``every_n_steps``-th optimizer step (default: the trainer's ``log_every_n_steps``),
+    over the first ``max_samples`` samples of each rank's batch, reduced across DDP ranks:
+
+    - ``mlp_inequality/ratio_mean``, ``mlp_inequality/ratio_max`` (W&B summary: max over the run),
+      ``mlp_inequality/lhs_mean``, ``mlp_inequality/rhs_mean``;
+    - per Linear layer t, the means of its terms ``mlp_inequality/lhs_term/<layer>`` =
+      ‖∇ₓf‖²(1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖∇ₓh⁽ᵗ⁾‖₂²) and ``mlp_inequality/rhs_term/<layer>`` = ‖∇_{W⁽ᵗ⁾,b⁽ᵗ⁾}f‖²
+      (each lhs term is at most its rhs term: the inequality holds layer by layer);
+    - on W&B (rank 0's samples): a table ``mlp_inequality/samples``, the scatter ``mlp_inequality/lhs_vs_rhs``
+      with points along lhs = rhs, and the image ``mlp_inequality/lhs_vs_rhs_image`` with that line drawn.
+
+    **Which network.** The inequality is about a sequential chain, so the monitor evaluates an
+    ``nn.Sequential`` of the LightningModule, named by ``submodule`` (e.g. ``"net"``); by default the only
+    ``nn.Sequential`` among the module's direct children. It is called on the batch's input (``input_key``)
+    and must be what ``forward`` computes. The per-sample loss ``loss_fn(outputs, batch)`` defaults to
+    cross-entropy on ``(x, y)`` batches. It runs in eval mode and leaves no trace on training.
+
+    Args:
+        every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.
+        max_samples: samples per rank and measurement (the Jacobian norms cost about one forward pass per
+            input feature and sample).
+        input_key: the input in the batch: an index, a dict key, or a callable batch → input tensor.
+        loss_fn: ``(outputs, batch) -> per-sample losses (B,)``; default per-sample cross-entropy.
+        submodule: dotted name of the chain in the LightningModule; default its only ``nn.Sequential`` child.
+        tables: also log the W&B table, scatter chart and image.
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> monitor = MLPInequalityMonitor(every_n_steps=100)  # then: Trainer(callbacks=[monitor])
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> values, _ = monitor.measure(net, x, (x, y), prefix="")
+        >>> 0 <= float(values["mlp_inequality/ratio_mean"]) <= float(values["mlp_inequality/ratio_max"]) <= 1
+        True
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        max_samples: int = 64,
+        input_key: InputKey = None,
+        loss_fn: PerSampleLoss | None = None,
+        submodule: str | None = None,
+        tables: bool = True,
+    ) -> None:
+        super().__init__(every_n_steps)
+        self.max_samples = check_positive_int(max_samples, "max_samples")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable (outputs, batch) -> (B,), got {type(loss_fn).__name__}.")
+        if submodule is not None and not isinstance(submodule, str):
+            raise TypeError(f"`submodule` must be a dotted module name (str), got {type(submodule).__name__}.")
+        self.input_key = input_key
+        self.loss_fn = loss_fn or default_loss
+        self.submodule = submodule
+        self.tables = bool(tables)
+        self._metric: PerSampleMeanMax | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            chain_layers(self._chain(pl_module)[1])  # not a chain: fail now, not after an epoch
+
+    def _chain(self, pl_module: nn.Module) -> tuple[str, nn.Module]:
+        if self.submodule is not None:
+            try:
+                return self.submodule, pl_module.get_submodule(self.submodule)
+            except AttributeError as err:
+                raise ValueError(
+                    f"`MLPInequalityMonitor(submodule={self.submodule!r})`: {type(pl_module).__name__} has no "
+                    f"such submodule ({err})."
+                ) from None
+        found = [(n, m) for n, m in pl_module.named_children() if isinstance(m, nn.Sequential)]
+        if len(found) != 1:
+            raise ValueError(
+                f"MLPInequalityMonitor needs the nn.Sequential chain to evaluate; {type(pl_module).__name__} has "
+                f"{len(found)} nn.Sequential children {[n for n, _ in found]}. Pass `submodule=\"<name>\"`."
+            )
+        return found[0]
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        define_summaries(trainer, {f"{PREFIX}/ratio_max": "max", f"{PREFIX}/ratio_mean": "max"})
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._due(trainer):
+            return
+        step = logger_step(trainer)
+        name, chain = self._chain(pl_module)
+        inputs = select_input(batch, self.input_key, type(self).__name__)
+        values, result = self.measure(chain, inputs, batch, prefix=f"{name}.")
+        self._log(trainer, values, step)
+        if self.tables:
+            log_inequality(trainer, PREFIX, result.lhs, result.rhs, result.ratio, step)
+
+    def measure(self, chain: nn.Module, inputs: Tensor, batch: Any, *, prefix: str) -> tuple[dict, MLPInequality]:
+        """The reduced values on this rank's first ``max_samples`` samples, and this rank's raw result.
+
+        Must be called on every rank at once under DDP (the reduction is a collective).
+        """
+        size = inputs.shape[0]
+        batch, inputs = take_first(batch, self.max_samples, size), inputs[: self.max_samples]
+
+        def per_sample_loss(outputs: Tensor) -> Tensor:
+            return check_per_sample(self.loss_fn(outputs, batch), inputs.shape[0], "loss_fn(outputs, batch)")
+
+        with isolated(chain):
+            r = mlp_inequality(chain, inputs, per_sample_loss)
+        columns = torch.cat([torch.stack([r.ratio, r.lhs, r.rhs], 1), r.lhs_terms, r.rhs_terms], 1).detach()
+        if self._metric is None or self._metric.num_values != columns.shape[1]:
+            self._metric = PerSampleMeanMax(columns.shape[1])
+        metric = self._metric.to(columns.device)
+        metric.update(columns)
+        mean, maximum = metric.compute()
+        metric.reset()
+        out = {
+            f"{PREFIX}/ratio_mean": mean[0],
+            f"{PREFIX}/ratio_max": maximum[0],
+            f"{PREFIX}/lhs_mean": mean[1],
+            f"{PREFIX}/rhs_mean": mean[2],
+        }
+        layers = len(r.layer_names)
+        for t, layer in enumerate(r.layer_names):
+            out[f"{PREFIX}/lhs_term/{prefix}{layer}"] = mean[3 + t]
+            out[f"{PREFIX}/rhs_term/{prefix}{layer}"] = mean[3 + layers + t]
+        return out, r

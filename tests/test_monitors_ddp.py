@@ -1,0 +1,47 @@
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
+from tests.ddp import run_ddp_script
+from tests.test_monitors_support import Classifier, loader, read_csv, trainer
+from tests.test_wandb_reader import read_run
+
+PREFIXES = ("grad_norm/", "mlp_inequality/", "lipschitz/")
+
+
+def _by_step(rows):
+    out = {}
+    for row in rows:
+        out.update({(int(row["step"]), k): v for k, v in row.items() if k.startswith(PREFIXES)})
+    return out
+
+
+@pytest.mark.ddp
+def test_two_ranks_log_what_one_process_logs_on_the_combined_batch(tmp_path):
+    ddp = run_ddp_script("monitors_ddp.py", tmp_path / "ddp.pt")
+    assert ddp["world_size"] == 2
+    ddp_logged = _by_step(read_csv(f"{ddp['root']}/lightning_logs/version_0/metrics.csv"))
+
+    model = Classifier()
+    model.load_state_dict(ddp["initial"])
+    monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=8),
+                SpectralNormMonitor(every_n_steps=2)]
+    trainer(tmp_path / "one", callbacks=monitors, logger=CSVLogger(tmp_path / "one"), max_steps=4).fit(
+        model, loader(n=32, batch_size=8)
+    )
+    one_logged = _by_step(read_csv(tmp_path / "one/lightning_logs/version_0/metrics.csv"))
+
+    assert len(one_logged) == 2 * 22 and ddp_logged.keys() == one_logged.keys()
+    assert ddp_logged == pytest.approx(one_logged, rel=1e-5)
+    # every rank holds the reduced values, not only rank 0 (whose loggers write)
+    last = {k: v for (s, k), v in one_logged.items() if s == 3 and k.startswith("grad_norm/")}
+    assert ddp["last_logged"][0] == pytest.approx(last, rel=1e-5)
+
+    # W&B: one run (rank 0), histograms and tables once per measurement, of rank 0's 4 samples
+    run = read_run(ddp["root"])
+    hists = run.values("grad_norm/input")
+    assert [s for s, _ in hists] == [1, 3] and all(sum(h["values"]) == 4 for _, h in hists)
+    assert [s for s, _ in run.values("mlp_inequality/samples")] == [1, 3]
+    wandb_logged = {(r["trainer/global_step"], k): v for r in run.history for k, v in r.items()
+                    if k.startswith(PREFIXES) and isinstance(v, float)}
+    assert wandb_logged == pytest.approx(ddp_logged, rel=1e-6)

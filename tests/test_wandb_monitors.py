@@ -1,0 +1,74 @@
+"""The monitors on a real offline W&B run beside a CSVLogger, read back from the run's .wandb file."""
+
+import json
+
+import pytest
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
+from tests.test_monitors_support import Classifier, loader, read_csv, trainer
+from tests.test_wandb_reader import read_run
+
+SCALARS = {
+    "grad_norm/input_mean", "grad_norm/input_max", "grad_norm/param_per_sample_mean",
+    "grad_norm/param_per_sample_max", "grad_norm/param_batch", "grad_norm/layer/net.0", "grad_norm/layer/net.2",
+    "grad_norm/layer/net.4", "mlp_inequality/ratio_mean", "mlp_inequality/ratio_max", "mlp_inequality/lhs_mean",
+    "mlp_inequality/rhs_mean", "lipschitz/upper_bound",
+    *(f"mlp_inequality/{side}_term/net.{i}" for side in ("lhs", "rhs") for i in (0, 2, 4)),
+    *(f"lipschitz/sigma/net.{i}" for i in (0, 2, 4)),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("wandb")
+    wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors")
+    csv_logger = CSVLogger(tmp_path)
+    monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=4),
+                SpectralNormMonitor(every_n_steps=2)]
+    trainer(tmp_path, callbacks=monitors, logger=[wandb_logger, csv_logger], max_steps=4).fit(Classifier(), loader())
+    wandb_logger.experiment.finish()
+    return read_run(tmp_path), read_csv(tmp_path / "lightning_logs/version_0/metrics.csv")
+
+
+def test_scalars_reach_wandb_and_csv_with_the_same_values_at_the_same_steps(logged):
+    run, csv_rows = logged
+    csv = {}
+    for row in csv_rows:
+        csv.update({(int(row["step"]), k): v for k, v in row.items() if k in SCALARS})
+    assert {k for _, k in csv} == SCALARS
+    assert {s for s, _ in csv} == {1, 3}  # optimizer steps 2 and 4, at Lightning's 0-based step
+    wandb = {(row["trainer/global_step"], k): v for row in run.history for k, v in row.items() if k in SCALARS}
+    assert wandb == pytest.approx(csv, rel=1e-6)
+
+
+def test_wandb_summaries_keep_the_max_of_the_ratio_over_the_run(logged):
+    run, _ = logged
+    assert run.metrics["mlp_inequality/ratio_max"].summary.max
+    assert run.metrics["mlp_inequality/ratio_max"].step_metric == "trainer/global_step"
+    assert run.metrics["lipschitz/upper_bound"].summary.max
+    ratios = [v for _, v in run.values("mlp_inequality/ratio_max")]
+    assert len(ratios) == 2 and 0 < max(ratios) <= 1
+    assert run.summary["mlp_inequality/ratio_max"] == {"max": pytest.approx(max(ratios))}
+
+
+def test_wandb_gets_histograms_table_scatter_and_image(logged):
+    run, _ = logged
+    for key in ("grad_norm/input", "grad_norm/param_per_sample"):
+        hists = run.values(key)
+        assert [step for step, _ in hists] == [1, 3]
+        assert all(h["_type"] == "histogram" and sum(h["values"]) == 8 for _, h in hists)  # batch of 8
+
+    [(step, table)] = run.values("mlp_inequality/samples")[-1:]
+    assert step == 3 and table["_type"] == "table-file"
+    content = json.loads((run.dir / "files" / table["path"]).read_text())
+    assert content["columns"] == ["step", "sample", "lhs", "rhs", "ratio"]
+    assert len(content["data"]) == 4  # max_samples
+    for _, _, lhs, rhs, ratio in content["data"]:
+        assert lhs <= rhs * (1 + 1e-5) and ratio == pytest.approx(lhs / rhs)
+
+    charts = [row for row in run.history if any(k.startswith("mlp_inequality/lhs_vs_rhs_table") for k in row)]
+    assert len(charts) == 2
+    image = run.values("mlp_inequality/lhs_vs_rhs_image")[-1][1]
+    assert image["_type"] == "image-file" and image["format"] == "png"
+    assert (run.dir / "files" / image["path"]).read_bytes()[:4] == b"\x89PNG"
