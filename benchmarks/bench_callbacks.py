@@ -1,0 +1,295 @@
+"""Step time of a Lightning training step with each callback, against a hand-written loop doing the same math.
+
+Setting (the issue's): MLP 64→512→512→10, batch 256, SGD, one fixed batch, weight 0.1.
+
+- *Lightning* side: a ``Trainer(max_steps=...)`` fits an ordinary LightningModule with the callback; a
+  timing callback records each step from ``on_train_batch_start`` to ``on_train_batch_end`` (the
+  training step, the callback's extra passes, backward, optimizer step, zero_grad and the callback's
+  ``self.log``), so Trainer start-up and data loading are excluded.
+- *Hand-written* side: the same math in a plain PyTorch loop calling :mod:`lightning_gp.functional`
+  directly, timed per step the same way.
+
+All variants, both sides, run round-robin in chunks (a fresh Trainer per chunk; the first steps of each
+chunk are warm-up and dropped) so drifts in machine load hit all alike; each time is the median of all
+kept steps. Three ratios are reported per callback:
+
+- ``L ÷ hand``: Lightning step with the callback ÷ hand-written step (includes Lightning's own per-step
+  overhead, which is the same with or without a callback);
+- ``L ÷ L plain`` and ``hand ÷ hand plain``: each side against its own plain step;
+- ``overhead``: (L ÷ L plain) ÷ (hand ÷ hand plain), what the callback adds beyond the math, with
+  Lightning's fixed per-step cost cancelled: the honest measure of the adapter, target ≤ 1.05.
+
+A diagnostic Lightning row, "plain + one self.log per step", shows what one ``self.log`` call costs (each
+callback logs one or two values per step); it is Lightning's cost, not the penalty's.
+
+Run::
+
+    python -m benchmarks.bench_callbacks            # CPU, and CUDA when present
+    python -m benchmarks.bench_callbacks --quick    # fewer rounds (noisier)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from benchmarks.harness import Row, devices, format_table
+from lightning_gp.callbacks import (
+    AdversarialTraining,
+    DataGradientPenalty,
+    ParameterGradientPenalty,
+    SpectralNormPenalty,
+)
+from lightning_gp.functional import (
+    data_gradient_penalty,
+    data_gradient_penalty_fd,
+    fgsm,
+    parameter_gradient_penalty,
+    parameter_gradient_penalty_fd,
+    spectral_norm_penalty,
+)
+
+WEIGHT = 0.1
+EPSILON = 0.1
+TARGET = 1.05
+BATCH = 256
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+#: name → factory of the callback (None: plain Lightning step).
+CALLBACKS: dict[str, Callable[[], Callback] | None] = {
+    "plain": None,
+    "data penalty, double backward": lambda: DataGradientPenalty(WEIGHT),
+    "data penalty, finite difference": lambda: DataGradientPenalty(WEIGHT, method="finite_difference"),
+    "parameter penalty, double backward": lambda: ParameterGradientPenalty(WEIGHT),
+    "parameter penalty, finite difference": lambda: ParameterGradientPenalty(WEIGHT, method="finite_difference"),
+    "spectral norm penalty": lambda: SpectralNormPenalty(WEIGHT),
+    "FGSM adversarial (l2)": lambda: AdversarialTraining(EPSILON),
+}
+
+
+def hand_written_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """One training step per variant, the way one would write it without Lightning."""
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3)
+    spectral_state: dict[str, torch.Tensor] = {}
+
+    def per_sample(inp):
+        return F.cross_entropy(model(inp), y, reduction="none")
+
+    def loss_fn():
+        return F.cross_entropy(model(x), y)
+
+    def update():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def set_grads(base, extra):
+        for p, g0, g1 in zip(params, base, extra, strict=True):
+            p.grad = torch.add(g0, g1, alpha=WEIGHT)
+
+    def plain():
+        loss_fn().backward()
+        update()
+
+    def data_db():
+        xr = x.detach().requires_grad_(True)
+        losses = per_sample(xr)
+        (losses.mean() + WEIGHT * data_gradient_penalty(losses, xr)).backward()
+        update()
+
+    def data_fd():
+        res = data_gradient_penalty_fd(per_sample, x, params)
+        set_grads(res.output_grads, res.grads)
+        update()
+
+    def param_db():
+        loss = loss_fn()
+        (loss + WEIGHT * parameter_gradient_penalty(loss, params)).backward()
+        update()
+
+    def param_fd():
+        res = parameter_gradient_penalty_fd(loss_fn, params)
+        set_grads(res.output_grads, res.grads)
+        update()
+
+    def spectral():
+        # Warm-started power iteration (one step per training step), as the callback does.
+        (loss_fn() + WEIGHT * spectral_norm_penalty(model, n_iter=1 if spectral_state else None,
+                                                    vectors=spectral_state)).backward()
+        update()
+
+    def adversarial():
+        x_adv = fgsm(per_sample, x, epsilon=EPSILON, norm="l2")
+        F.cross_entropy(model(x_adv), y).backward()
+        update()
+
+    return dict(zip(CALLBACKS, (plain, data_db, data_fd, param_db, param_fd, spectral, adversarial), strict=True))
+
+
+class BenchModule(L.LightningModule):
+    """An ordinary classifier; the callbacks change its loss from outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class LoggingBenchModule(BenchModule):
+    """The plain step plus one ``self.log`` per step, as each callback does: shows what a log call costs."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss.detach(), on_step=True, on_epoch=False, sync_dist=True, batch_size=BATCH)
+        return loss
+
+
+#: Lightning-only rows that explain the overhead (no hand-written counterpart).
+DIAGNOSTICS = {"plain + one self.log per step": LoggingBenchModule}
+
+
+class StepTimer(Callback):
+    """Wall time of each training step, ``on_train_batch_start`` → ``on_train_batch_end`` (synchronized)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+class RepeatedBatch:
+    """An iterable serving one batch ``n`` times (a list would be read by Lightning as several loaders)."""
+
+    def __init__(self, batch: tuple, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def lightning_chunk(name: str, device: torch.device, batch: tuple, steps: int) -> list[float]:
+    """Per-step times of one short fit with the callback (or diagnostic) ``name``: fresh Trainer and model."""
+    torch.manual_seed(0)
+    timer = StepTimer(device)
+    factory = CALLBACKS.get(name)
+    callbacks = [timer] + ([factory()] if factory is not None else [])
+    module = DIAGNOSTICS.get(name, BenchModule)()
+    trainer = L.Trainer(
+        accelerator=device.type, devices=1, max_steps=steps, callbacks=callbacks, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    # One batch, already on the device, served `steps` times: no data loading in the timed region.
+    trainer.fit(module, train_dataloaders=RepeatedBatch(batch, steps))
+    return timer.times
+
+
+def hand_chunk(fn: Callable[[], None], device: torch.device, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(device: torch.device, rounds: int, steps: int, warmup: int) -> tuple[dict, dict]:
+    """Median per-step seconds, ``(lightning, hand)``, each ``{name: seconds}``."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 64, generator=gen).to(device)
+    y = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
+    torch.manual_seed(0)
+    model = mlp().to(device)
+    hand = hand_written_steps(model, x, y)
+    lit_times: dict[str, list[float]] = {n: [] for n in [*CALLBACKS, *DIAGNOSTICS]}
+    hand_times: dict[str, list[float]] = {n: [] for n in CALLBACKS}
+    for _ in range(rounds):
+        for name in lit_times:
+            lit_times[name] += lightning_chunk(name, device, (x, y), warmup + steps)[warmup:]
+            if name in hand:
+                hand_times[name] += hand_chunk(hand[name], device, warmup + steps)[warmup:]
+    med = lambda d: {n: statistics.median(t) for n, t in d.items()}  # noqa: E731
+    return med(lit_times), med(hand_times)
+
+
+def comparison_table(title: str, lit: dict, hand: dict) -> str:
+    lines = [
+        f"### {title}", "",
+        "| callback | hand ms | Lightning ms | L ÷ hand | hand ÷ hand plain | L ÷ L plain | overhead | target | met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for name in CALLBACKS:
+        h_rel, l_rel = hand[name] / hand["plain"], lit[name] / lit["plain"]
+        overhead = l_rel / h_rel
+        target, met = ("", "") if name == "plain" else (f"≤ {TARGET:.2f}×", "yes" if overhead <= TARGET else "**no**")
+        lines.append(
+            f"| {name} | {hand[name] * 1e3:.2f} | {lit[name] * 1e3:.2f} | {lit[name] / hand[name]:.2f} "
+            f"| {h_rel:.2f} | {l_rel:.2f} | {overhead:.2f} | {target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (noisier)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds, steps, warmup = (2, 8, 3) if args.quick else (6, 25, 5)
+    warnings.filterwarnings("ignore", module="lightning")  # "no val loop", "few workers", ...
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # "GPU available: ..." per Trainer
+    tables = []
+    for device in devices():
+        lit, hand = measure(device, rounds, steps, warmup)
+        title = (f"{device.type.upper()} ({torch.get_num_threads()} threads): MLP 64→512→512→10, batch 256, "
+                 f"median of {rounds * steps} steps per cell")
+        detail = format_table(f"{device.type.upper()}: Lightning steps ÷ plain Lightning step",
+                              [Row(n, t, lit["plain"]) for n, t in lit.items()])
+        tables.append(comparison_table(title, lit, hand) + "\n\n" + detail)
+    out = "\n\n".join(tables)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
