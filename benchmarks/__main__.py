@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["bench_functional", "bench_callbacks", "bench_wgan", "bench_grad_norms"]
+MODULES = ["bench_functional", "bench_callbacks", "bench_wgan", "bench_grad_norms", "bench_monitors"]
 
 
 def main() -> None:

@@ -15,3 +15,6 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+# Standalone scripts launched by tests/ddp.py (Lightning's DDP launcher re-executes them); not test modules.
+collect_ignore_glob = ["ddp_scripts/*"]

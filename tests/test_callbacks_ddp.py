@@ -79,7 +79,9 @@ def fit(name: str, *, batch_size: int, **trainer_kwargs) -> tuple[pl.Trainer, Ne
     model = Net()
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", precision="64-true", callbacks=CONFIGS[name](),
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+                         enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=1,  # the callbacks log on the logger's steps: here every step
+                         **trainer_kwargs)
     # Lightning's DistributedSampler always shuffles training data; ours does not: rank r gets samples
     # r, r+2, ... so the union of the ranks' t-th batches is the one-process t-th batch of size 2·b (the
     # order inside a batch does not change a mean).

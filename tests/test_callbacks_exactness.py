@@ -105,6 +105,16 @@ def param_fd_grads(net, x, y, w, step=1e-3):
     return [a + 2 * w * (b - a) / h for a, b in zip(g, g2, strict=True)]
 
 
+def combined_fd_grads(net, x, y):
+    params = list(net.parameters())
+    base = torch.autograd.grad(ce(net, x, y), params)
+    data, param = data_fd_grads(net, x, y, 0.5), param_fd_grads(net, x, y, 0.2)
+    spectral = torch.autograd.grad(0.05 * SPECTRAL.penalty(net), params, allow_unused=True)
+    adversarial = torch.autograd.grad(0.5 * ce(net, fgsm_l2(net, x, y, 0.3), y) - 0.5 * ce(net, x, y), params)
+    return [d + p - b + (0 if s is None else s) + a
+            for d, p, b, s, a in zip(data, param, base, spectral, adversarial, strict=True)]
+
+
 class PowerIteration:
     def __init__(self):
         self.u = {}
@@ -189,6 +199,13 @@ CASES = {
         lambda: [SpectralNormPenalty(0.05), ParameterGradientPenalty(0.2), DataGradientPenalty(0.5)],
         lambda n, x, y, t: data_penalty_obj(n, x, y, 0.5) + param_penalty_obj(n, x, y, 0.2) - ce(n, x, y)
         + 0.05 * SPECTRAL.penalty(n)),
+    "combined_finite_differences": (
+        # both finite differences share one backward of the loss (it is linearised once), then adversarial
+        # training (a < 1) subtracts the linearised clean loss: the sum of the separate hand-written gradients
+        lambda: [SpectralNormPenalty(0.05), ParameterGradientPenalty(0.2, method="finite_difference"),
+                 DataGradientPenalty(0.5, method="finite_difference"),
+                 AdversarialTraining(0.3, adversarial_weight=0.5)],
+        lambda n, x, y, t: combined_fd_grads(n, x, y)),
     "combined_adversarial_data": (
         lambda: [DataGradientPenalty(0.5), AdversarialTraining(0.3)],
         lambda n, x, y, t: data_penalty_obj(n, fgsm_l2(n, x, y, 0.3), y, 0.5)),

@@ -21,7 +21,10 @@ from lightning_gp.manual import PenaltyMixin
 from tests.test_callbacks_exactness import BATCH, LR, STEPS, dataset, hand_run, make_net
 from tests.test_callbacks_exactness import data_penalty_obj as hand_data_penalty
 
-QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+# The callbacks log on the steps the loggers write (every `log_every_n_steps`): 1 here, so that
+# `trainer.callback_metrics` holds the last step's values.
+QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+             log_every_n_steps=1)
 
 
 class Module(pl.LightningModule):
@@ -245,3 +248,35 @@ def test_penalty_is_per_sample_whatever_the_reduction(method):
         make_net()(dataset()[:BATCH][0]), dataset()[:BATCH][1])
     torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=0)
     torch.testing.assert_close(values[0], expected.detach(), rtol=1e-10, atol=0)
+
+
+def test_callbacks_log_exactly_on_the_steps_the_logger_writes(tmp_path):
+    """`self.log` costs ~2 ms, so the callbacks log only on the logger's steps (every `log_every_n_steps`):
+    each row the logger writes carries the penalties, and values of the other steps are never logged."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, *args):
+            value = trainer.callback_metrics.get("penalty/data_gradient")
+            self.values.append(None if value is None else float(value))
+
+    logger, seen = CSVLogger(tmp_path, name="run", version=0), Seen()
+    penalties = [DataGradientPenalty(0.5), ParameterGradientPenalty(0.1, method="finite_difference"),
+                 AdversarialTraining(0.1, adversarial_weight=0.5)]
+    fit(Module(make_net()), [*penalties, seen], steps=6, logger=logger, log_every_n_steps=3)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = ("penalty/data_gradient", "penalty/parameter_gradient", "adversarial/loss", "adversarial/clean_loss")
+    assert [int(r["step"]) for r in rows] == [2, 5]  # Lightning writes steps 3 and 6 (0-based 2 and 5)
+    for row in rows:
+        assert all(row[k] != "" for k in keys), row
+    assert penalties[0].applied == 6  # computed (and checked for NaN) on every step ...
+    v = seen.values  # ... logged on steps 3 and 6 only
+    assert v[0] is None and v[1] is None
+    assert v[2] == v[3] == v[4] == pytest.approx(float(rows[0]["penalty/data_gradient"]), rel=1e-6)
+    assert v[5] != v[4] and v[5] == pytest.approx(float(rows[1]["penalty/data_gradient"]), rel=1e-6)

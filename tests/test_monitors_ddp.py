@@ -25,17 +25,21 @@ def test_two_ranks_log_what_one_process_logs_on_the_combined_batch(tmp_path):
     model = Classifier()
     model.load_state_dict(ddp["initial"])
     monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=8),
-                SpectralNormMonitor(every_n_steps=2)]
+                SpectralNormMonitor(every_n_steps=2),
+                GradientNormMonitor(every_n_steps=3, histograms=False, mode="fused")]
     trainer(tmp_path / "one", callbacks=monitors, logger=CSVLogger(tmp_path / "one"), max_steps=4).fit(
         model, loader(n=32, batch_size=8)
     )
     one_logged = _by_step(read_csv(tmp_path / "one/lightning_logs/version_0/metrics.csv"))
 
-    assert len(one_logged) == 2 * 22 and ddp_logged.keys() == one_logged.keys()
+    # 22 keys at steps 1 and 3, the fused monitor's 8 grad_norm keys at step 2
+    assert len(one_logged) == 2 * 22 + 8 and ddp_logged.keys() == one_logged.keys()
     assert ddp_logged == pytest.approx(one_logged, rel=1e-5)
     # every rank holds the reduced values, not only rank 0 (whose loggers write)
     last = {k: v for (s, k), v in one_logged.items() if s == 3 and k.startswith("grad_norm/")}
     assert ddp["last_logged"][0] == pytest.approx(last, rel=1e-5)
+    fused = {k: v for (s, k), v in one_logged.items() if s == 2}
+    assert len(fused) == 8 and ddp["last_logged"][3] == pytest.approx(fused, rel=1e-5)
 
     # W&B: one run (rank 0), histograms and tables once per measurement, of rank 0's 4 samples
     run = read_run(ddp["root"])

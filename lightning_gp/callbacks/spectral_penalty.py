@@ -25,9 +25,11 @@ class SpectralNormPenalty(PenaltyCallback):
     Args:
         weight: ≥ 0.
         n_iter: power iterations per step, ≥ 1.
-        check_finite: raise on a NaN/Inf penalty.
+        check_finite: raise on a NaN/Inf penalty (checked on every step).
 
-    Logs ``penalty/spectral_norm`` (Σσ², before the weight).
+    Logs ``penalty/spectral_norm`` (Σσ², before the weight) on the steps the Trainer writes to its loggers (every
+    ``log_every_n_steps``, as Lightning's own step metrics; a ``self.log`` call costs 1–2 ms), averaged
+    over DDP ranks.
 
     Usage: ``pl.Trainer(callbacks=[SpectralNormPenalty(1e-3)])``.
 
@@ -73,4 +75,4 @@ class SpectralNormPenalty(PenaltyCallback):
         penalty = spectral_norm_penalty(ctx.module, n_iter=n_iter, vectors=self.vectors)
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1
-        return Step(loss=step.loss, objective=step.objective + self.weight * penalty, output=step.output)
+        return step.add(self.weight * penalty)

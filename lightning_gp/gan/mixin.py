@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gp._logging import should_log
 from lightning_gp.functional._checks import (
     check_choice,
     check_non_negative,
@@ -318,11 +319,7 @@ class WGANGPMixin:
     def _wgan_should_log(self) -> bool:
         # `self.log` costs about as much as a small critic step, so log only on the batches whose metrics
         # the Trainer writes to its loggers (every `log_every_n_steps`), as Lightning itself would.
-        trainer = getattr(self, "_trainer", None)
-        if trainer is None:
-            return False
-        connector = getattr(trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True)) or bool(trainer.fast_dev_run)
+        return should_log(getattr(self, "_trainer", None))
 
     def _log(self, name: str, value: Tensor) -> None:
         self.log(f"wgan/{name}", value.detach().float(), on_step=True, on_epoch=False, prog_bar=False)

@@ -3,6 +3,8 @@
 Each rank trains on 4 samples per step, rank r on samples r, r+2, ... in order (its own loader, not
 Lightning's shuffling DistributedSampler), so the two ranks together see the same 8 samples per step as
 one process with batch size 8 and no shuffling.
+A fourth monitor, GradientNormMonitor(mode="fused"), logs at step 2 only (each rank reads its own 4 samples'
+norms off its own backward; the per-sample factor is the local batch size).
 Rank 0 saves the initial weights and where the loggers wrote; tests/test_monitors_ddp.py compares the
 logged values with a one-process run on the combined batches.
 """
@@ -35,7 +37,9 @@ pl.seed_everything(0)
 model = Classifier()
 initial = {k: v.clone() for k, v in model.state_dict().items()}
 monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=4),
-            SpectralNormMonitor(every_n_steps=2)]
+            SpectralNormMonitor(every_n_steps=2),
+            # fused mode at other steps (every 3rd: logger step 2), so its keys do not collide in the logs
+            GradientNormMonitor(every_n_steps=3, histograms=False, mode="fused")]
 wandb_logger = WandbLogger(offline=True, save_dir=str(root), project="monitors-ddp")
 trainer = pl.Trainer(
     strategy="ddp", accelerator="cpu", devices=2, max_steps=4, log_every_n_steps=1, default_root_dir=root,

@@ -1,0 +1,151 @@
+"""Cost of the monitors inside a Lightning Trainer, against a plain training step.
+
+MLP 64→512→512→10, batch 256, SGD (the issue's reference setting). Each configuration is a real
+``Trainer.fit``; a timing callback takes the wall time of every step from the first callback's
+``on_train_batch_start`` to the last callback's ``on_train_batch_end`` (so the monitors' own hooks, the
+forward, backward and optimizer step are inside, data loading is not). The first ``warmup`` steps of
+each fit are dropped. The configurations run round-robin, one fit each per round, so that drifts in
+machine load hit all alike; a row is the median over the pooled steps of all rounds. Monitors that
+measure every step are compared by that median; at the default interval (``log_every_n_steps=50``) a
+monitor costs nothing on 49 steps of 50, so those rows give the *mean* step time (the amortised cost),
+next to the plain step's mean. No logger is attached: the rows time the measurement, not a logger's I/O.
+
+Target (issue 5): ``GradientNormMonitor(every_n_steps=1)`` ≤ 1.15× a plain step; that is the fused mode
+(``mode="fused"``); the default ``mode="recompute"`` pays a second forward/backward and is reported too.
+``MLPInequalityMonitor`` is reported as its cost per call (its every-step time minus the plain step).
+
+Run::
+
+    python -m benchmarks.bench_monitors              # CPU, torch's default thread count
+    python -m benchmarks.bench_monitors --quick      # fewer steps and rounds (noisier)
+    python -m benchmarks.bench_monitors --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.harness import Row, format_table
+from lightning_gp.monitors.gradient_norm import GradientNormMonitor
+from lightning_gp.monitors.mlp_inequality import MLPInequalityMonitor
+from lightning_gp.monitors.spectral_norm import SpectralNormMonitor
+
+#: The clock of the timing callback (``--clock``): wall time, or CPU time of the process (all its threads).
+CLOCK = [time.perf_counter]
+TARGET = 1.15  # GradientNormMonitor at every step vs a plain step
+BATCH = 256
+
+
+class MLP(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class _Start(pl.Callback):
+    def __init__(self, times: list[float]) -> None:
+        self.times = times
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.times.append(CLOCK[0]())
+
+
+class _End(pl.Callback):
+    def __init__(self, times: list[float], starts: list[float]) -> None:
+        self.times, self.starts = times, starts
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(CLOCK[0]() - self.starts[-1])
+
+
+def step_times(monitors: list[pl.Callback], steps: int, warmup: int) -> list[float]:
+    """Wall time of each training step of one fit, the first ``warmup`` dropped."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(BATCH * 8, 64), torch.randint(0, 10, (BATCH * 8,)))
+    starts: list[float] = []
+    times: list[float] = []
+    trainer = pl.Trainer(
+        max_steps=warmup + steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=50,
+        # the timers enclose every other callback's hooks
+        callbacks=[_Start(starts), *monitors, _End(times, starts)],
+    )
+    trainer.fit(MLP(), DataLoader(data, batch_size=BATCH, shuffle=True, drop_last=True))
+    return times[warmup:]
+
+
+CONFIGS: dict[str, tuple[Callable[[], list[pl.Callback]], float | None, str]] = {
+    # name: (monitors, target, statistic)
+    "plain step": (lambda: [], None, "median"),
+    "GradientNormMonitor(every_n_steps=1, mode='fused')": (
+        lambda: [GradientNormMonitor(every_n_steps=1, mode="fused")], TARGET, "median"),
+    "GradientNormMonitor(every_n_steps=1), recompute": (
+        lambda: [GradientNormMonitor(every_n_steps=1)], None, "median"),
+    "MLPInequalityMonitor(every_n_steps=1, max_samples=64)": (
+        lambda: [MLPInequalityMonitor(every_n_steps=1)], None, "median"),
+    "SpectralNormMonitor(every_n_steps=1)": (lambda: [SpectralNormMonitor(every_n_steps=1)], None, "median"),
+    "plain step (mean)": (lambda: [], None, "mean"),
+    "GradientNormMonitor(mode='fused'), default interval (mean)": (
+        lambda: [GradientNormMonitor(mode="fused")], None, "mean"),
+    "GradientNormMonitor(), default interval (mean)": (lambda: [GradientNormMonitor()], None, "mean"),
+    "MLPInequalityMonitor(), default interval (mean)": (lambda: [MLPInequalityMonitor()], None, "mean"),
+}
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (noisier)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: perf_counter (default); cpu: process CPU time, steadier on a loaded machine")
+    args = parser.parse_args(argv)
+    CLOCK[0] = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds, steps, warmup = (2, 50, 5) if args.quick else (3, 100, 10)
+
+    pooled: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    mean_configs = {name for name, (_, _, stat) in CONFIGS.items() if stat == "mean"}
+    for _ in range(rounds):
+        for name, (monitors, _, _) in CONFIGS.items():
+            if name == "plain step (mean)":
+                continue  # the same fits as "plain step"
+            pooled[name] += step_times(monitors(), steps, warmup)
+    pooled["plain step (mean)"] = pooled["plain step"]
+    stats = {n: (statistics.fmean(t) if n in mean_configs else statistics.median(t)) for n, t in pooled.items()}
+
+    rows = []
+    for name, (_, target, stat) in CONFIGS.items():
+        base = stats["plain step (mean)" if stat == "mean" else "plain step"]
+        rows.append(Row(name, stats[name], base, target))
+    per_call = stats["MLPInequalityMonitor(every_n_steps=1, max_samples=64)"] - stats["plain step"]
+    title = (f"CPU ({torch.get_num_threads()} threads, {args.clock} clock): monitors in a Trainer, "
+             f"MLP 64→512→512→10, batch {BATCH} ({rounds} rounds × {steps} steps per row)")
+    out = (format_table(title, rows)
+           + f"\n\nMLPInequalityMonitor (max_samples=64) cost per call: {per_call * 1e3:.2f} ms "
+           + f"({per_call / stats['plain step']:.2f}× a plain step)")
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

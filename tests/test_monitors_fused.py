@@ -1,0 +1,229 @@
+"""GradientNormMonitor(mode="fused"): the per-sample norms read off the training step's own backward."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_gp.callbacks.data_penalty import DataGradientPenalty
+from lightning_gp.monitors.gradient_norm import GradientNormMonitor
+from lightning_gp.monitors.mlp_inequality import MLPInequalityMonitor
+from tests.test_monitors_support import Classifier, loader, reference_norms, trainer
+
+SCALARS = ("input_mean", "input_max", "param_per_sample_mean", "param_per_sample_max",
+           "layer/net.0", "layer/net.2", "layer/net.4")
+
+
+class Batches(pl.Callback):
+    """Copies the module at the first micro-batch of optimizer step ``step`` and every batch of that step."""
+
+    def __init__(self, step):
+        self.step, self.model, self.batches = step, None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            if self.model is None:
+                self.model = copy.deepcopy(pl_module)
+            self.batches.append(batch)
+
+
+def _fused(**kwargs):
+    return GradientNormMonitor(every_n_steps=2, histograms=False, mode="fused", **kwargs)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fused_values_equal_recompute_and_torch_func(tmp_path, accumulate):
+    # The recompute monitor and an MLPInequalityMonitor run forward passes in on_train_batch_start *after*
+    # the fused monitor's hook: the fused recording must cover the training step's forward only.
+    fused, recompute, snap = _fused(), GradientNormMonitor(every_n_steps=2, histograms=False), Batches(3)
+    extra = MLPInequalityMonitor(every_n_steps=2, max_samples=4)
+    trainer(tmp_path, callbacks=[fused, recompute, extra, snap], max_steps=4,
+            accumulate_grad_batches=accumulate).fit(Classifier(), loader())
+    assert fused.last_logged_step == recompute.last_logged_step == 3
+    x = torch.cat([b[0] for b in snap.batches])
+    y = torch.cat([b[1] for b in snap.batches])
+    assert len(x) == 8 * accumulate  # every micro-batch of the due step is measured
+    ref = reference_norms(snap.model, x, y)  # torch.func vmap(grad), on all samples of the step
+    got = {k: fused.last_logged[f"grad_norm/{k}"] for k in SCALARS}
+    expected = {
+        "input_mean": ref["input"].mean(), "input_max": ref["input"].max(),
+        "param_per_sample_mean": ref["param"].mean(), "param_per_sample_max": ref["param"].max(),
+        **{f"layer/{n}": ref[f"layer/{n}"].mean() for n in ("net.0", "net.2", "net.4")},
+    }
+    assert got == pytest.approx({k: float(v) for k, v in expected.items()}, rel=1e-5)
+    assert fused.last_logged["grad_norm/param_batch"] == recompute.last_logged["grad_norm/param_batch"]
+    if accumulate == 1:  # the same samples as the default mode, which measures the first micro-batch
+        assert fused.last_logged == pytest.approx(recompute.last_logged, rel=1e-5)
+
+
+class SumLoss(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y, reduction="sum")
+
+
+def test_summed_loss():
+    def run(module, **kwargs):
+        torch.manual_seed(0)
+        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused", **kwargs)
+        trainer(None, callbacks=[monitor], max_steps=1).fit(module, loader())
+        return monitor.last_logged
+
+    torch.manual_seed(0)
+    base = Classifier()
+    mean = run(copy.deepcopy(base))
+    summed = SumLoss()
+    summed.load_state_dict(base.state_dict())
+    got = run(summed, loss_reduction="sum")
+    del mean["grad_norm/param_batch"], got["grad_norm/param_batch"]  # 8× larger for the summed loss
+    assert got == pytest.approx(mean, rel=1e-5)
+
+
+def _fit(tmp_path, callbacks, model, max_steps=4, **kwargs):
+    torch.manual_seed(0)
+    trainer(tmp_path, callbacks=callbacks, max_steps=max_steps, **kwargs).fit(model, loader())
+    return model
+
+
+def test_fused_monitor_never_changes_training(tmp_path):
+    torch.manual_seed(0)
+    base = Classifier(dropout=0.3)  # the fused monitor measures the training forward, dropout drawn once
+    plain = _fit(tmp_path / "a", [], copy.deepcopy(base), accumulate_grad_batches=2)
+    monitor = GradientNormMonitor(every_n_steps=1, mode="fused")
+    monitored = _fit(tmp_path / "b", [monitor], copy.deepcopy(base), accumulate_grad_batches=2)
+    assert monitor.last_logged_step == 3 and monitor.last_logged["grad_norm/input_mean"] > 0
+    for (name, a), b in zip(plain.state_dict().items(), monitored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(plain.parameters(), monitored.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+class Inputs(pl.Callback):
+    def __init__(self):
+        self.inputs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.inputs.append(batch[0])
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("raise_at_call", [1, 2])
+def test_nothing_is_left_behind_when_a_step_raises(tmp_path, raise_at_call):
+    model, inputs = Classifier(raise_at_call=raise_at_call), Inputs()
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path, [inputs, GradientNormMonitor(every_n_steps=1, mode="fused")], model)
+    assert len(inputs.inputs) == raise_at_call
+    assert _hooks(model) == 0 and "training_step" not in model.__dict__
+    assert all(not x.requires_grad and x.grad is None for x in inputs.inputs)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_nothing_is_left_behind_after_fit(tmp_path):
+    model, inputs = Classifier(), Inputs()
+    _fit(tmp_path, [inputs, GradientNormMonitor(every_n_steps=1, mode="fused")], model, max_steps=2)
+    assert _hooks(model) == 0 and "training_step" not in model.__dict__
+    assert all(not x.requires_grad and x.grad is None for x in inputs.inputs)
+
+
+def test_16_mixed_values_are_unscaled():
+    def run(**kwargs):
+        torch.manual_seed(0)
+        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
+        trainer(None, callbacks=[monitor], max_steps=1, **kwargs).fit(Classifier(), loader())
+        return monitor.last_logged
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    amp = run(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    full = run()
+    assert scaler.get_scale() == 2.0**12  # the step was taken (no inf/NaN skipped it)
+    assert amp == pytest.approx(full, rel=2e-2, abs=1e-4)  # not 4096 times larger
+
+
+class Manual(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"`mode` must be one of \('recompute', 'fused'\), got 'ghost'"):
+        GradientNormMonitor(mode="ghost")
+    with pytest.raises(ValueError, match=r"`loss_reduction` must be one of \('mean', 'sum'\), got 'none'"):
+        GradientNormMonitor(mode="fused", loss_reduction="none")
+    with pytest.raises(ValueError, match="`loss_fn` is not used with mode='fused'"):
+        GradientNormMonitor(mode="fused", loss_fn=lambda out, batch: out.sum(1))
+    with pytest.raises(ValueError, match=r"Module 'net.2' \(BatchNorm1d\) is in training mode.*mode='recompute'"):
+        _fit(tmp_path, [_fused()], Classifier(batchnorm=True), max_steps=2)
+    with pytest.raises(RuntimeError, match=r"DataGradientPenalty add\(s\) a penalty.*mode='recompute'"):
+        _fit(tmp_path, [_fused(), DataGradientPenalty(0.1)], Classifier(), max_steps=1)
+    with pytest.raises(RuntimeError, match=r"`Manual` uses manual optimization\. Use mode='recompute'"):
+        _fit(tmp_path, [_fused()], Manual(), max_steps=1)
+    # an input that input_key computes is not the tensor the model is fed
+    with pytest.raises(RuntimeError, match=r"does not depend on the batch input .* stayed None"):
+        _fit(tmp_path, [_fused(input_key=lambda b: b[0].clone())], Classifier(), max_steps=2)
+    with pytest.raises(RuntimeError, match=r"must be a batch tensor that does not require grad.*is_leaf=False"):
+        _fit(tmp_path, [_fused(input_key=lambda b: b[0] * torch.ones(1, requires_grad=True))], Classifier(),
+             max_steps=2)
+
+
+class LayerNormNet(Classifier):
+    """A LayerNorm: no ghost norm, replayed by torch.func from the recorded inputs and output gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(),
+                                       torch.nn.Linear(8, 3))
+
+
+class Spare(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.spare = torch.nn.Linear(2, 2)  # never called: per-sample norm 0
+
+
+class SharedWeight(Classifier):
+    """The first layer's parameters are used without calling the layer."""
+
+    def forward(self, x):
+        first = self.net[0]
+        return self.net[2:](torch.tanh(F.linear(x, first.weight, first.bias)))
+
+
+def test_layers_without_ghost_norm():
+    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    trainer(None, callbacks=[fused, snap], max_steps=1).fit(LayerNormNet(), loader())
+    (x, y), = snap.batches
+    ref = reference_norms(snap.model, x, y)
+    for layer in ("net.0", "net.1", "net.3"):
+        assert fused.last_logged[f"grad_norm/layer/{layer}"] == pytest.approx(float(ref[f"layer/{layer}"].mean()),
+                                                                             rel=1e-5)
+    assert fused.last_logged["grad_norm/param_per_sample_max"] == pytest.approx(float(ref["param"].max()), rel=1e-5)
+
+
+def test_unused_layer_has_norm_zero():
+    fused = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
+    recompute = GradientNormMonitor(every_n_steps=1, histograms=False)
+    trainer(None, callbacks=[fused, recompute], max_steps=1).fit(Spare(), loader())
+    assert fused.last_logged.pop("grad_norm/layer/spare") == 0
+    # the default mode replays the unused layer's parameters through the module's forward: they sit in "_root"
+    assert recompute.last_logged.pop("grad_norm/layer/_root") == 0
+    assert fused.last_logged == pytest.approx(recompute.last_logged, rel=1e-5)
+
+
+def test_parameters_used_outside_their_layer_raise():
+    with pytest.raises(RuntimeError, match=r"parameters of layer 'net.0' \(Linear\) got a gradient although"):
+        trainer(None, callbacks=[_fused()], max_steps=2).fit(SharedWeight(), loader())
