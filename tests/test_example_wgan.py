@@ -176,3 +176,32 @@ def test_digits_example_runs_end_to_end(tmp_path, monkeypatch):
     )
     grids = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert grids == ["samples_epoch000.png", "samples_epoch001.png"]
+
+
+def test_regularizer_sweep_runs_and_reports_the_last_quarter(tmp_path):
+    from examples import wgan_gp_toy_sweep
+
+    tiny = ["--model.width=16", "--model.batch_size=32", "--model.max_generator_steps=8", "--model.eval_every=2",
+            "--model.n_critic=2"]
+    text = wgan_gp_toy_sweep.main(regularizers=["gp", "weight_clipping"], jobs=2, out_dir=str(tmp_path), extra=tiny)
+    lines = text.splitlines()
+    assert lines[0].startswith("25gaussians, 8 generator steps")
+    assert [line.split("|")[1].strip() for line in lines[4:]] == ["`gp`", "`weight_clipping`"]
+    assert (tmp_path / "25gaussians.md").read_text().strip() == text
+    for reg in ("gp", "weight_clipping"):
+        assert (tmp_path / f"25gaussians-{reg}-seed0" / "samples.png").stat().st_size > 0
+
+
+def test_sweep_summary_takes_the_worst_mode_count_of_the_last_quarter(tmp_path):
+    from examples.wgan_gp_toy_sweep import summarize
+
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(
+        "generator_step,modes_captured,high_quality,w1,w1_floor\n"
+        "100,10,0.1,2.0,0.4\n700,25,0.80,0.5,0.4\n800,21,0.70,0.5,0.4\n900,25,0.90,0.4,0.4\n"
+    )
+    row = summarize(csv_path, regularizer="gp")
+    # The last quarter is steps ≥ 675: 700, 800, 900.
+    assert (row["modes"], row["tail_min_modes"], row["steps"]) == (25, 21, 900)
+    assert row["high_quality"] == pytest.approx(90.0)
+    assert row["tail_high_quality"] == pytest.approx(80.0)
