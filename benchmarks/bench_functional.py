@@ -48,9 +48,12 @@ OPTIMIZERS = {"sgd": lambda params: torch.optim.SGD(params, lr=1e-3),
               "adam": lambda params: torch.optim.Adam(params, lr=1e-3)}
 
 
-def build_steps(device: torch.device, batch: int = 256, optimizer: str = "sgd") -> dict[str, callable]:
+def build_steps(
+    device: torch.device, batch: int = 256, optimizer: str = "sgd", model: nn.Module | None = None
+) -> dict[str, callable]:
+    """The timed steps, by row name; ``model`` (default: a fresh seeded MLP) is the one they train."""
     torch.manual_seed(0)
-    model = mlp().to(device)
+    model = mlp().to(device) if model is None else model
     params = list(model.parameters())
     opt = OPTIMIZERS[optimizer](params)
     x = torch.randn(batch, 64, device=device)

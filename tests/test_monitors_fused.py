@@ -227,3 +227,46 @@ def test_unused_layer_has_norm_zero():
 def test_parameters_used_outside_their_layer_raise():
     with pytest.raises(RuntimeError, match=r"parameters of layer 'net.0' \(Linear\) got a gradient although"):
         trainer(None, callbacks=[_fused()], max_steps=2).fit(SharedWeight(), loader())
+
+
+class SharedAndSequence(Classifier):
+    """One Linear applied twice (shared weights) and one applied to a sequence of 3 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = torch.nn.Linear(4, 3 * 4)  # (B, 4) → (B, 3, 4): a sequence for `seq`
+        self.seq = torch.nn.Linear(4, 4)
+        self.shared = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = torch.tanh(self.seq(torch.tanh(self.expand(x[:, :4])).reshape(-1, 3, 4))).mean(1)
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(s)))))
+
+
+def test_fused_handles_shared_linear_layers_and_sequences():
+    torch.manual_seed(0)
+    module, snap = SharedAndSequence(), Batches(1)
+    fused = GradientNormMonitor(every_n_steps=2, histograms=False, mode="fused")
+    trainer(None, callbacks=[fused, snap], max_steps=2).fit(module, loader())
+    (x, y), = snap.batches
+    ref = reference_norms(snap.model, x, y)  # torch.func vmap(grad): exact per-sample gradients
+    for layer in ("expand", "seq", "shared", "head"):
+        assert fused.last_logged[f"grad_norm/layer/{layer}"] == pytest.approx(float(ref[f"layer/{layer}"].mean()),
+                                                                              rel=1e-5)
+    assert fused.last_logged["grad_norm/param_per_sample_max"] == pytest.approx(float(ref["param"].max()), rel=1e-5)
+
+
+class PositionsFirst(Classifier):
+    """A layer applied to (positions, batch, features): the batch is not the first dimension."""
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))  # (B, 8)
+        seq = self.net[2](h[None].expand(2, -1, -1))  # (2, B, 8)
+        return self.net[4](torch.relu(seq.mean(0)))
+
+
+def test_fused_rejects_a_layer_without_the_batch_first():
+    fused = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
+    with pytest.raises(RuntimeError, match=r"layer 'net.2' ran on an input of shape \(2, 8, 8\)"):
+        trainer(None, callbacks=[fused], max_steps=1).fit(PositionsFirst(), loader())

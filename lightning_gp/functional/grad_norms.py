@@ -105,6 +105,11 @@ def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: boo
     """
     b = h.shape[0]
     h3, g3 = h.reshape(b, -1, h.shape[-1]), g.reshape(b, -1, g.shape[-1])
+    if h3.shape[1] == 1 and weight:
+        # No sequence: ‖gᵢhᵢᵀ‖²_F = ‖gᵢ‖²‖hᵢ‖² and the bias term is ‖gᵢ‖² itself, so ‖gᵢ‖² is computed once
+        # (the fused monitor runs this on every layer of every monitored training step).
+        g_sq, h_sq = _row_sq(g3[:, 0]), _row_sq(h3[:, 0])
+        return g_sq * (h_sq + 1) if bias else g_sq * h_sq
     out = torch.zeros(b, dtype=g.dtype, device=g.device)
     if weight:
         out = out + _sum_outer_sq(h3, g3)

@@ -102,8 +102,11 @@ class FusedRecording:
             )
         self.recorder = GradNormRecorder(module)
         self.restricted = _restrict_to_ghost_layers(self.recorder)
+        linear = self.restricted and all(type(m) is nn.Linear for m in self.recorder.modules.values())
+        # All parameterised layers are nn.Linear (an MLP): the light hooks of LinearTap, else the recorder's.
+        self.tap = LinearTap(self.recorder.modules) if linear else None
         try:
-            self.recorder.start()
+            (self.tap or self.recorder).start()
         except ValueError as err:
             raise ValueError(
                 f"{owner}(mode='fused') measures the training forward itself, where per-sample gradients must "
@@ -116,13 +119,16 @@ class FusedRecording:
 
     def close(self) -> None:
         self.recorder.stop()
+        if self.tap is not None:
+            self.tap.stop()
         if self._restore_grad:
             self.inputs.grad = None
             self.inputs.requires_grad_(False)
             self._restore_grad = False
 
-    def finish(self, factor: float, owner: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-sample ``(‖∇ₓℓᵢ‖, {layer: ‖∇_{θ_layer} ℓᵢ‖²})`` of the micro-batch, then :meth:`close`."""
+    def finish(self, factor: float, owner: str) -> tuple[Tensor, list[str], Tensor]:
+        """Per-sample ``(‖∇ₓℓᵢ‖ (B,), layer names, ‖∇_{θ_layer} ℓᵢ‖² (B, L))`` of the micro-batch, then
+        :meth:`close`. The layers come as one matrix: the monitor reduces all columns at once."""
         try:
             batch = self.inputs.shape[0]
             if self.floating:
@@ -133,32 +139,154 @@ class FusedRecording:
                         f"`training_step` feeds the model, or use mode='recompute'."
                     )
                 input_norms = torch.linalg.vector_norm(self.inputs.grad.reshape(batch, -1), dim=1, dtype=torch.float32)
-                input_norms = input_norms * factor
+                input_norms = input_norms.mul_(factor)
             else:  # token ids: no input gradient, as in mode="recompute"
                 input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
-            self.recorder.stop()
-            unused = self._unused_layers(owner) if self.restricted else {}
-            layers = _layer_squared_norms(self.recorder, batch, factor)
-            layers.update({name: torch.zeros_like(input_norms) for name in unused})
-            return input_norms, layers
+            if self.tap is not None:
+                self.tap.stop()
+                names, squared = self.tap.squared_norms(batch, owner)
+                unused = check_unused(self.tap.layers, self.tap.unused(), owner)
+            else:
+                self.recorder.stop()
+                unused = self._unused_layers(owner) if self.restricted else []
+                layers = _layer_squared_norms(self.recorder, batch, 1.0)
+                names = list(layers)
+                squared = torch.stack(list(layers.values()), dim=1) if layers else input_norms.new_zeros(batch, 0)
+            squared = squared.to(_wide(squared.dtype)).mul_(factor**2)
+            if unused:  # layers that never ran: zero per-sample norms, under their own names
+                names = [*names, *unused]
+                squared = torch.cat([squared, squared.new_zeros(batch, len(unused))], dim=1)
+            return input_norms, names, squared
         finally:
             self.close()
-
 
     def _unused_layers(self, owner: str) -> list[str]:
         """Drop the restricted recorder's layers that never ran (their per-sample norms are 0) and return
         their names; a layer whose parameters got a gradient without its forward running raises."""
         unused = [name for name, uses in self.recorder.uses.items() if not uses]
+        modules = {name: self.recorder.modules.pop(name) for name in unused}
         for name in unused:
-            module = self.recorder.modules.pop(name)
             del self.recorder.uses[name]
-            if any(p.grad is not None for p in module.parameters(recurse=False)):
-                raise RuntimeError(
-                    f"{owner}(mode='fused'): the parameters of layer '{name}' ({type(module).__name__}) got a "
-                    f"gradient although the layer's forward never ran (they are used directly by another "
-                    f"module), so their per-sample norms were not recorded. Use mode='recompute'."
-                )
-        return [name or "_root" for name in unused]
+        return check_unused(modules, unused, owner)
+
+
+def check_unused(modules: dict[str, nn.Module], unused: list[str], owner: str) -> list[str]:
+    """The display names of the layers that never ran; raises if one of them got a gradient all the same."""
+    for name in unused:
+        module = modules[name]
+        if any(p.grad is not None for p in module.parameters(recurse=False)):
+            raise RuntimeError(
+                f"{owner}(mode='fused'): the parameters of layer '{name}' ({type(module).__name__}) got a "
+                f"gradient although the layer's forward never ran (they are used directly by another "
+                f"module), so their per-sample norms were not recorded. Use mode='recompute'."
+            )
+    return [name or "_root" for name in unused]
+
+
+class LinearTap:
+    """The fused recording of a model whose parameterised layers are all ``nn.Linear``: the light path.
+
+    A forward hook per layer keeps the layer's input h and puts a tensor hook on its output for the output
+    gradient g; nothing else is recorded (no per-module bookkeeping, no pytree walks: this runs on every
+    monitored training step). A layer called several times (weights shared across calls or positions) has
+    per-sample gradient Σ_calls gᵢhᵢᵀ: its calls are stacked along the sequence dimension, where
+    :func:`~lightning_gp.functional.grad_norms.linear_squared_norms` already sums over positions.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.layers = layers
+        #: name → one [input, its version at call time, output gradient or None] per call
+        self.calls: dict[str, list[list]] = {name: [] for name in layers}
+        self._handles: list = []
+
+    def start(self) -> LinearTap:
+        self.stop()
+        self.calls = {name: [] for name in self.layers}
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(self.calls[name]), with_kwargs=True))
+        return self
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, calls: list[list]) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return  # a no-grad forward has no backward to record
+            h = args[0] if args else kwargs["input"]
+            record = [h, h._version, None]
+            calls.append(record)
+            self._handles.append(output.register_hook(functools.partial(_keep_grad, record)))
+
+        return hook
+
+    def unused(self) -> list[str]:
+        return [name for name, calls in self.calls.items() if not calls]
+
+    def squared_norms(self, batch: int, owner: str) -> tuple[list[str], Tensor]:
+        """Layer names and ‖∇_{θ_layer}‖² per row of the differentiated quantity, (B, L), for the layers that ran.
+
+        The common case, every layer called once on a (B, d) input with weight and bias trainable, takes two
+        row norms per layer and a handful of (B, L) operations for all layers together: the monitor runs
+        this on every monitored step, where each extra small kernel costs more than its arithmetic.
+        """
+        names, plain_g, plain_h, general = [], [], [], []
+        for name, calls in self.calls.items():
+            if not calls:
+                continue
+            layer = self.layers[name]
+            reached = []
+            for h, version, g in calls:
+                if h._version != version:
+                    raise RuntimeError(
+                        f"{owner}(mode='fused'): the input of layer '{name or '_root'}' was modified in place after "
+                        f"the layer ran, so its recorded activations are stale. Avoid in-place ops on layer inputs "
+                        f"(e.g. `x += ...`), or use mode='recompute'."
+                    )
+                if h.shape[0] != batch:
+                    raise RuntimeError(
+                        f"{owner}(mode='fused'): layer '{name or '_root'}' ran on an input of shape "
+                        f"{tuple(h.shape)} whose first dimension is not the batch of {batch}: per-sample norms "
+                        f"need the batch first. Use mode='recompute'."
+                    )
+                if g is not None:  # a call whose output did not reach the loss contributes nothing
+                    reached.append((h.detach(), g))
+            names.append(name or "_root")
+            weight = layer.weight.requires_grad
+            bias = layer.bias is not None and layer.bias.requires_grad
+            if len(reached) == 1 and reached[0][0].ndim == 2 and weight and bias:
+                plain_g.append(reached[0][1])
+                plain_h.append(reached[0][0])
+                general.append(None)
+                continue
+            if not reached:
+                general.append(torch.zeros(batch, device=calls[0][0].device))
+                continue
+            h3 = torch.cat([_float(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
+            g3 = torch.cat([_float(g).reshape(batch, -1, g.shape[-1]) for _, g in reached], dim=1)
+            general.append(linear_squared_norms(h3, g3, weight=weight, bias=bias).float())
+        if plain_g:
+            # ‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = ‖gᵢ‖²(‖hᵢ‖² + 1) for every plain layer at once; norms in float32 (fp16 squares
+            # of scaled gradients overflow).
+            g_norm = torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=_wide(g.dtype)) for g in plain_g], dim=1)
+            h_norm = torch.stack([torch.linalg.vector_norm(h, dim=1, dtype=_wide(h.dtype)) for h in plain_h], dim=1)
+            plain = g_norm.square_().mul_(h_norm.square_().add_(1.0))
+            if all(c is None for c in general):
+                return names, plain
+            columns, k = [], 0
+            for c in general:
+                columns.append(plain[:, k] if c is None else c)
+                k += c is None
+            return names, torch.stack(columns, dim=1)
+        if not general:
+            return names, torch.zeros(batch, 0)
+        return names, torch.stack(general, dim=1)
+
+
+def _keep_grad(record: list, grad: Tensor) -> None:
+    record[2] = grad.detach() if record[2] is None else record[2] + grad.detach()
 
 
 #: Layers whose per-sample norms need only their own inputs and output gradients (the ghost norm).
@@ -223,6 +351,11 @@ def _plain_linear_units(recorder: GradNormRecorder, batch: int) -> dict[str, tup
             return None  # the general path raises its clear error (batch not first, input modified in place)
         out[name] = (module, h, g)
     return out
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision records (their squares overflow), the record's own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _float(value: object) -> object:

@@ -151,7 +151,7 @@ class GradientNormMonitor(Monitor):
         self._recording: FusedRecording | None = None
         self._armed = False  # the next training_step is a micro-batch of a due step
         self._module: pl.LightningModule | None = None
-        self._columns: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []
+        self._columns: list[tuple[Tensor, list[str]]] = []  # per micro-batch: (B, 2 + L) norms, layer names
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -222,11 +222,14 @@ class GradientNormMonitor(Monitor):
         recording, self._recording = self._recording, None
         batch = recording.inputs.shape[0]
         factor = per_sample_factor(batch, trainer.accumulate_grad_batches, grad_scale(trainer), self.loss_reduction)
-        input_norms, layer_sq = recording.finish(factor, type(self).__name__)
-        zero = torch.zeros(batch, device=input_norms.device)
-        param_norms = sum(layer_sq.values(), zero).sqrt()
-        layers = {k: v.sqrt() for k, v in layer_sq.items()} if self.per_layer else {}
-        self._columns.append((input_norms, param_norms, layers))
+        input_norms, names, layer_sq = recording.finish(factor, type(self).__name__)
+        # One (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, per-layer norms]: reduced in one metric update.
+        param_norms = layer_sq.sum(dim=1, keepdim=True).to(input_norms.dtype)
+        parts = [input_norms[:, None], param_norms, layer_sq.to(input_norms.dtype)] if self.per_layer else \
+            [input_norms[:, None], param_norms]
+        columns = torch.cat(parts, dim=1)
+        columns[:, 1:].sqrt_()
+        self._columns.append((columns, names if self.per_layer else []))
 
     def _close(self) -> None:
         self._armed = False
@@ -276,9 +279,8 @@ class GradientNormMonitor(Monitor):
         pending, self._pending = self._pending, None
         if self.mode == "fused" and self._columns:
             columns, self._columns = self._columns, []
-            layers = {k: torch.cat([c[2][k] for c in columns]) for k in columns[0][2]}
-            values, hist = self._reduce(torch.cat([c[0] for c in columns]), torch.cat([c[1] for c in columns]),
-                                        layers)
+            matrix = columns[0][0] if len(columns) == 1 else torch.cat([c[0] for c in columns])
+            values, hist = self._reduce_columns(matrix, columns[0][1])
             pending = {**values, **pending}
             if self.histograms:
                 log_histograms(trainer, hist, self._pending_step)
@@ -299,19 +301,24 @@ class GradientNormMonitor(Monitor):
 
     def _reduce(self, input_norms: Tensor, param_norms: Tensor, layers: dict[str, Tensor]) -> tuple[dict, dict]:
         """Mean and max over the samples of all ranks (a collective under DDP), and rank 0's histograms."""
-        columns = [input_norms, param_norms, *layers.values()]
-        metric = self._get_metric(len(columns), input_norms.device)
-        metric.update(torch.stack([c.detach() for c in columns], dim=1))
+        columns = torch.stack([c.detach() for c in (input_norms, param_norms, *layers.values())], dim=1)
+        return self._reduce_columns(columns, list(layers))
+
+    def _reduce_columns(self, columns: Tensor, layer_names: list[str]) -> tuple[dict, dict]:
+        """:meth:`_reduce` of a (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, one column per layer of ``layer_names``]."""
+        metric = self._get_metric(columns.shape[1], columns.device)
+        metric.update(columns)
         mean, maximum = metric.compute()
         metric.reset()
+        mean, maximum = torch.stack([mean, maximum]).tolist()  # one host transfer for all the scalars
         out = {
             f"{PREFIX}/input_mean": mean[0],
             f"{PREFIX}/input_max": maximum[0],
             f"{PREFIX}/param_per_sample_mean": mean[1],
             f"{PREFIX}/param_per_sample_max": maximum[1],
         }
-        out.update({f"{PREFIX}/layer/{name}": mean[2 + i] for i, name in enumerate(layers)})
-        hist = {f"{PREFIX}/input": input_norms.detach(), f"{PREFIX}/param_per_sample": param_norms.detach()}
+        out.update({f"{PREFIX}/layer/{name}": mean[2 + i] for i, name in enumerate(layer_names)})
+        hist = {f"{PREFIX}/input": columns[:, 0], f"{PREFIX}/param_per_sample": columns[:, 1]}
         return out, hist
 
     def _get_metric(self, num_values: int, device: torch.device) -> PerSampleMeanMax:
