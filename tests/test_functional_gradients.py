@@ -115,3 +115,14 @@ def test_per_sample_norm_double_backward_through_dead_relu_sample_is_finite():
     assert all(torch.isfinite(g).all() for g in grads)
     # The live samples' norms still have a nonzero parameter gradient: the zero sample did not mask it.
     assert grads[0].abs().sum() > 0
+
+
+def test_squared_norm_sum_equals_the_norm_of_the_concatenation_and_keeps_the_graph():
+    from lightning_gp.functional.gradients import squared_norm_sum
+
+    tensors = [torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64), torch.randn(2, 2, 2)]
+    flat = torch.cat([t.reshape(-1).double() for t in tensors])
+    assert torch.allclose(squared_norm_sum(tensors).double(), torch.linalg.vector_norm(flat) ** 2)
+    w = torch.randn(4, requires_grad=True)
+    (grad,) = torch.autograd.grad(squared_norm_sum([w, 2 * w]), w)  # differentiable: d(5‖w‖²)/dw = 10w
+    assert torch.allclose(grad, 10 * w.detach())

@@ -18,6 +18,7 @@ from lightning_gp.callbacks._base import (
     set_rng_state,
 )
 from lightning_gp.functional._checks import check_choice, check_positive, grads_or_zeros
+from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import finite_difference_parameter_step
 
 METHODS = ("double_backward", "finite_difference")
@@ -135,7 +136,7 @@ class ParameterGradientPenalty(PenaltyCallback):
                 flat /= world
                 grads = list(torch.split(flat, [g.numel() for g in grads]))
                 grads = [f.view_as(p) for f, p in zip(grads, params, strict=True)]
-        penalty = sum(g.square().sum() for g in grads)
+        penalty = squared_norm_sum(grads)
         if double:
             step = step.add(weight * penalty)
         else:

@@ -71,3 +71,22 @@ def per_sample_norm(t: Tensor) -> Tensor:
         tensor([5., 0.])
     """
     return safe_sqrt(per_sample_squared_norm(t))
+
+
+def squared_norm_sum(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Σₖ ‖tₖ‖² over a list of tensors (e.g. the gradient of every parameter): ‖∇θL‖².
+
+    Differentiable when a tensor carries a graph (double backprop); otherwise one fused norm over all the
+    tensors (:func:`torch.nn.utils.get_total_norm`, a ``foreach`` kernel) instead of a square, a sum and an
+    add per tensor: this runs on every step of the parameter penalty.
+
+    Example::
+
+        >>> squared_norm_sum([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
+        tensor(25.)
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return sum(t.square().sum() for t in tensors)
+    if not tensors:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(tensors).square()

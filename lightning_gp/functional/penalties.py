@@ -34,7 +34,7 @@ from lightning_gp.functional._checks import (
     check_scalar,
     grads_or_zeros,
 )
-from lightning_gp.functional.gradients import input_gradient, per_sample_squared_norm, safe_sqrt
+from lightning_gp.functional.gradients import input_gradient, per_sample_squared_norm, safe_sqrt, squared_norm_sum
 
 Params = nn.Module | Iterable[Tensor] | Tensor
 
@@ -143,7 +143,7 @@ def parameter_gradient_penalty(loss: Tensor, params: Params) -> Tensor:
         raise ValueError("`loss` does not depend on `params` (it has no autograd graph).")
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     grads = grads_or_zeros(grads, params, what="`loss`", wrt="params")
-    return sum(g.square().sum() for g in grads)
+    return squared_norm_sum(grads)
 
 
 def data_gradient_penalty_fd(
@@ -253,7 +253,7 @@ def finite_difference_parameter_step(params: list[Tensor], grad_norm: Tensor, st
 
     ``grad_norm`` is ‖g‖ > 0; an all-zero θ falls back to an absolute step.
     """
-    theta_norm = torch.sqrt(sum(p.detach().square().sum() for p in params))
+    theta_norm = squared_norm_sum([p.detach() for p in params]).sqrt()
     return float(step * (theta_norm if theta_norm > 0 else 1.0) / grad_norm)
 
 
@@ -288,7 +288,7 @@ def parameter_gradient_penalty_fd(
     g = grads_or_zeros(
         torch.autograd.grad(loss, params, allow_unused=True), params, what="`loss_fn()`", wrt="params"
     )
-    g_sq = sum(t.square().sum() for t in g)
+    g_sq = squared_norm_sum(g)
     g_norm = g_sq.sqrt()
     if g_norm == 0:
         return PenaltyGradient(g_sq.detach(), tuple(torch.zeros_like(p) for p in params), loss.detach(), tuple(g))
