@@ -8,14 +8,18 @@ from __future__ import annotations
 import importlib
 import sys
 
+import torch
+
 MODULES = ["bench_functional", "bench_callbacks", "bench_wgan", "bench_grad_norms", "bench_monitors"]
 
 
 def main() -> None:
     args = sys.argv[1:]
+    threads = torch.get_num_threads()
     for name in MODULES:
         print(f"\n## benchmarks.{name}\n", flush=True)
         module = importlib.import_module(f"benchmarks.{name}")
+        torch.set_num_threads(threads)  # a module that sets its own count (bench_wgan: 1) must not leak it
         module.main(args)
 
 

@@ -145,12 +145,15 @@ def summarize(
     by = {(r["variant"], r["seed"]): r for r in results}
     stats: dict[str, dict] = {}
     lines = [
-        f"Digits MLP, test set of 450; PGD-{steps} l∞ ε = {epsilon}. Mean ± sd over seeds {seeds} "
-        f"(Δ: paired by seed).",
+        f"Digits MLP, test set of 450; PGD-{steps} l∞ ε = {epsilon}. "
+        + (f"Mean ± sd over seeds {seeds} (Δ: paired by seed)." if len(seeds) > 1 else f"Seed {seeds[0]}."),
         "",
         f"| training | clean acc % | PGD-{steps} acc % | Δ clean vs plain | Δ PGD-{steps} vs plain | fit s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    sd = len(seeds) > 1  # one seed has no spread to show
+    fmt = lambda p: f"{p[0]:.1f} ± {p[1]:.1f}" if sd else f"{p[0]:.1f}"  # noqa: E731
+    signed = lambda p: (f"{p[0]:+.1f} ± {p[1]:.1f}" if sd else f"{p[0]:+.1f}") if p else ""  # noqa: E731
     for v in variants:
         clean = [100 * by[(v, s)]["clean"] for s in seeds]
         robust = [100 * by[(v, s)]["robust"] for s in seeds]
@@ -162,8 +165,6 @@ def summarize(
             row["d_clean"] = spread([a - b for a, b in zip(clean, base_clean, strict=True)])
             row["d_robust"] = spread([a - b for a, b in zip(robust, base_robust, strict=True)])
         stats[v] = row
-        fmt = lambda p: f"{p[0]:.1f} ± {p[1]:.1f}"  # noqa: E731
-        signed = lambda p: f"{p[0]:+.1f} ± {p[1]:.1f}" if p else ""  # noqa: E731
         lines.append(
             f"| {LABELS[v]} | {fmt(row['clean'])} | {fmt(row['robust'])} | {signed(row.get('d_clean'))} "
             f"| {signed(row.get('d_robust'))} | {row['seconds']:.1f} |"

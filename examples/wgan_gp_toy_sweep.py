@@ -71,8 +71,9 @@ def summarize(metrics_csv: Path, **fields) -> dict:
 def table(results: list[dict], dataset: str, num_modes: int | None) -> str:
     first = results[0]
     lines = [
-        f"{dataset}, {first['steps']} generator steps, same seed(s), budget and settings for every row; "
-        f"W1 floor (a perfect generator, 500 samples) {first['w1_floor']:.3f}.",
+        f"{dataset}, {first['steps']} generator steps, same seed(s), budget and settings for every row. W1 of "
+        f"500 generated against 500 real points; two real samples score {first['w1_floor']:.3f} (a perfect "
+        f"generator's value: below it the estimate cannot tell the difference).",
         "",
     ]
     if num_modes is None:
