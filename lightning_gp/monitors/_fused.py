@@ -13,10 +13,10 @@ The recorded output gradients and inputs are brought to float32 before the norms
 they are float16 and scaled by up to 2¹⁶, and their squared sums would overflow.
 
 Cost. When every layer owning trainable parameters is a Linear/Conv layer (MLPs, CNNs), only those
-layers are hooked (:func:`_restrict_to_ghost_layers`), and plain Linear layers called once take the
-direct ghost-norm formula :func:`~lightning_gp.functional.grad_norms.linear_squared_norms`; otherwise the
-recorder hooks every module and computes as :func:`~lightning_gp.functional.per_sample_grad_norms_by_layer`
-does. ``training_step`` is wrapped (:func:`install_tap`) so that the hooks are on exactly while the training
+layers are hooked (:func:`_restrict_to_ghost_layers`); when all of them are ``nn.Linear`` (an MLP) the light
+:class:`LinearTap` records them and the norms of all layers are formed together; otherwise the recorder
+hooks every module and computes as :func:`~lightning_gp.functional.per_sample_grad_norms_by_layer` does.
+``training_step`` is wrapped (:func:`install_tap`) so that the hooks are on exactly while the training
 step's forward runs, not during other callbacks' passes in ``on_train_batch_start``.
 """
 
@@ -149,7 +149,7 @@ class FusedRecording:
             else:
                 self.recorder.stop()
                 unused = self._unused_layers(owner) if self.restricted else []
-                layers = _layer_squared_norms(self.recorder, batch, 1.0)
+                layers = _layer_squared_norms(self.recorder, batch)
                 names = list(layers)
                 squared = torch.stack(list(layers.values()), dim=1) if layers else input_norms.new_zeros(batch, 0)
             squared = squared.to(_wide(squared.dtype)).mul_(factor**2)
@@ -262,11 +262,12 @@ class LinearTap:
                 general.append(None)
                 continue
             if not reached:
-                general.append(torch.zeros(batch, device=calls[0][0].device))
+                h0 = calls[0][0]
+                general.append(torch.zeros(batch, dtype=_wide(h0.dtype), device=h0.device))
                 continue
             h3 = torch.cat([_float(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
             g3 = torch.cat([_float(g).reshape(batch, -1, g.shape[-1]) for _, g in reached], dim=1)
-            general.append(linear_squared_norms(h3, g3, weight=weight, bias=bias).float())
+            general.append(linear_squared_norms(h3, g3, weight=weight, bias=bias))
         if plain_g:
             # ‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = ‖gᵢ‖²(‖hᵢ‖² + 1) for every plain layer at once; norms in float32 (fp16 squares
             # of scaled gradients overflow).
@@ -309,48 +310,20 @@ def _restrict_to_ghost_layers(recorder: GradNormRecorder) -> bool:
     return True
 
 
-def _layer_squared_norms(recorder: GradNormRecorder, batch: int, factor: float) -> dict[str, Tensor]:
-    """The recorder's per-layer squared norms of the per-sample gradients (the recorded ones times ``factor``).
+def _layer_squared_norms(recorder: GradNormRecorder, batch: int) -> dict[str, Tensor]:
+    """The general recorder's per-layer squared norms of the recorded per-sample gradients (CNNs, and models
+    with layers other than Linear/Conv; all-Linear models take :class:`LinearTap`).
 
     Float16/bfloat16 records are brought to float32 first (scaled float16 gradients would overflow when
-    squared); the factor is applied to the (B,) results, not to every recorded gradient.
+    squared).
     """
-    fast = _plain_linear_units(recorder, batch)
-    if fast is not None:  # the common case (an MLP): one call per Linear layer, no regrouping needed
-        out = {}
-        for name, (module, h, g) in fast.items():
-            weight, bias = module.weight.requires_grad, module.bias is not None and module.bias.requires_grad
-            out[name or "_root"] = linear_squared_norms(_float(h.detach()), _float(g), weight=weight, bias=bias)
-    else:
-        _check_versions(recorder.uses)  # before any input is replaced by a float32 copy below
-        for uses in recorder.uses.values():
-            for use in uses:
-                use.grads = {i: _float(g) for i, g in use.grads.items()}
-                use.args, use.kwargs = tree_map(_float, (use.args, use.kwargs))
-                use.versions = [t._version for t in tree_flatten((use.args, use.kwargs))[0] if isinstance(t, Tensor)]
-        out = recorder.layer_squared_norms(batch)
-    return {k: v * factor**2 for k, v in out.items()}
-
-
-def _plain_linear_units(recorder: GradNormRecorder, batch: int) -> dict[str, tuple[nn.Linear, Tensor, Tensor]] | None:
-    """``{name: (layer, input, output gradient)}`` when every module owning trainable parameters is an
-    ``nn.Linear`` called once, batch first, on a plain tensor; else None (the recorder's general path)."""
-    out = {}
-    for name, module in recorder.modules.items():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
-        uses = recorder.uses[name]
-        if (type(module) is not nn.Linear or len(uses) != 1 or uses[0].kwargs or len(uses[0].args) != 1
-                or not isinstance(uses[0].args[0], Tensor)):
-            return None
-        use = uses[0]
-        if 0 not in use.grads:
-            return None  # output did not reach the loss: let the general path give its zeros
-        h, g = use.args[0], use.grads[0]
-        if h.shape[0] != batch or g.shape[0] != batch or [h._version] != use.versions:
-            return None  # the general path raises its clear error (batch not first, input modified in place)
-        out[name] = (module, h, g)
-    return out
+    _check_versions(recorder.uses)  # before any input is replaced by a float32 copy below
+    for uses in recorder.uses.values():
+        for use in uses:
+            use.grads = {i: _float(g) for i, g in use.grads.items()}
+            use.args, use.kwargs = tree_map(_float, (use.args, use.kwargs))
+            use.versions = [t._version for t in tree_flatten((use.args, use.kwargs))[0] if isinstance(t, Tensor)]
+    return recorder.layer_squared_norms(batch)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
