@@ -59,8 +59,8 @@ class GradientNormMonitor(Monitor):
     in ``on_after_backward`` it turns ``x.grad`` and the recorded layer inputs/output gradients into
     per-sample ghost norms (:mod:`lightning_gp.monitors._fused`), then removes every hook and restores the
     input (also when the step raises). Training is unchanged bit for bit. The extra cost is the hooks, the
-    input gradient and a few (B,)-sized reductions, not a second forward/backward: about 1.3× a plain step
-    on the reference MLP (64→512→512→10, batch 256, CPU) against about 2.2× for the default mode
+    input gradient and a few (B,)-sized reductions, not a second forward/backward: about 1.2× a plain step
+    on the reference MLP (64→512→512→10, batch 256, CPU) against about 2× for the default mode
     (``benchmarks/bench_monitors.py``). What differs from the default:
 
     - the loss is the *training* loss: ``training_step`` must return the batch mean of per-sample losses
