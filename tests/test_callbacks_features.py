@@ -280,3 +280,21 @@ def test_callbacks_log_exactly_on_the_steps_the_logger_writes(tmp_path):
     assert v[0] is None and v[1] is None
     assert v[2] == v[3] == v[4] == pytest.approx(float(rows[0]["penalty/data_gradient"]), rel=1e-6)
     assert v[5] != v[4] and v[5] == pytest.approx(float(rows[1]["penalty/data_gradient"]), rel=1e-6)
+
+
+def test_state_keys_tell_configurations_apart_and_are_computed_once():
+    from lightning_gp.callbacks import (
+        AdversarialTraining,
+        DataGradientPenalty,
+        ParameterGradientPenalty,
+        SpectralNormPenalty,
+    )
+
+    callbacks = [DataGradientPenalty(0.1), DataGradientPenalty(0.2), DataGradientPenalty(0.1, power=1),
+                 ParameterGradientPenalty(0.1), ParameterGradientPenalty(0.1, scope="global"),
+                 SpectralNormPenalty(0.1), AdversarialTraining(0.1), AdversarialTraining(0.1, steps=5)]
+    keys = [cb.state_key for cb in callbacks]
+    assert len(set(keys)) == len(keys)  # two configurations in one Trainer restore their own state
+    assert keys[0] == "DataGradientPenalty{'weight': 0.1, 'power': 2, 'center': 0.0, 'method': 'double_backward', " \
+                      "'input_key': 'None'}"
+    assert callbacks[0].state_key is keys[0]  # cached: Lightning reads it on every hook call

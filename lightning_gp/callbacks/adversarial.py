@@ -88,9 +88,8 @@ class AdversarialTraining(PenaltyCallback):
         self.adversarial_weight = a
         self.input_key = input_key
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(epsilon=self.epsilon, norm=self.norm, steps=self.steps)
+    def state_key_fields(self) -> dict[str, Any]:
+        return dict(epsilon=self.epsilon, norm=self.norm, steps=self.steps)
 
     def attack(self, ctx: StepContext, batch: Any, x: Tensor, path: tuple) -> tuple[Tensor, Tensor | None]:
         """The adversarial input, and the clean loss if the attack happened to compute it."""

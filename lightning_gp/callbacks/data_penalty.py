@@ -135,10 +135,9 @@ class DataGradientPenalty(PenaltyCallback):
         self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
         self.step = check_positive(step, "step")
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(weight=self.weight, power=self.power, center=self.center,
-                                        method=self.method, input_key=repr(self.input_key))
+    def state_key_fields(self) -> dict[str, Any]:
+        return dict(weight=self.weight, power=self.power, center=self.center, method=self.method,
+                    input_key=repr(self.input_key))
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)

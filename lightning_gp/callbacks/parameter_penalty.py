@@ -101,9 +101,8 @@ class ParameterGradientPenalty(PenaltyCallback):
         self.scope = check_choice(scope, "scope", SCOPES)
         self.step = check_positive(step, "step")
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(weight=self.weight, method=self.method, scope=self.scope)
+    def state_key_fields(self) -> dict[str, Any]:
+        return dict(weight=self.weight, method=self.method, scope=self.scope)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)

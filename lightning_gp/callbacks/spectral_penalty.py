@@ -55,9 +55,8 @@ class SpectralNormPenalty(PenaltyCallback):
         self.n_iter = check_positive_int(n_iter, "n_iter")
         self.vectors: dict[str, torch.Tensor] = {}
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(weight=self.weight, n_iter=self.n_iter)
+    def state_key_fields(self) -> dict[str, Any]:
+        return dict(weight=self.weight, n_iter=self.n_iter)
 
     @override
     def state_dict(self) -> dict[str, Any]:
