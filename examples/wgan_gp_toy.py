@@ -2,7 +2,7 @@
 
 Run (LightningCLI; W&B offline by default, ``WANDB_MODE=online`` to sync)::
 
-    python -m examples.wgan_gp_toy fit --model.dataset=25gaussians
+    python -m examples.wgan_gp_toy fit --model.dataset=25gaussians     # ~4.5 min on one core: 25/25 modes, ~91 % HQ
     python -m examples.wgan_gp_toy fit --model.dataset=8gaussians --model.regularizer=r1
     python -m examples.wgan_gp_toy fit --print_config      # every option
 
