@@ -270,3 +270,16 @@ def test_fused_rejects_a_layer_without_the_batch_first():
     fused = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
     with pytest.raises(RuntimeError, match=r"layer 'net.2' ran on an input of shape \(2, 8, 8\)"):
         trainer(None, callbacks=[fused], max_steps=1).fit(PositionsFirst(), loader())
+
+
+def test_fused_keeps_float64_precision():
+    torch.manual_seed(0)
+    module, snap = Classifier(), Batches(1)
+    fused = GradientNormMonitor(every_n_steps=2, histograms=False, mode="fused")
+    trainer(None, callbacks=[fused, snap], max_steps=2, precision="64-true").fit(module, loader())
+    (x, y), = snap.batches
+    assert x.dtype == torch.float64
+    ref = reference_norms(snap.model, x, y)
+    # The values are reduced in the metric's float32 state; before that, nothing is rounded to float32.
+    assert fused.last_logged["grad_norm/layer/net.2"] == pytest.approx(float(ref["layer/net.2"].mean()), rel=1e-6)
+    assert fused.last_logged["grad_norm/input_max"] == pytest.approx(float(ref["input"].max()), rel=1e-6)

@@ -138,7 +138,8 @@ class FusedRecording:
                         f"selects (its `.grad` stayed None after backward). Pass the `input_key` of the tensor "
                         f"`training_step` feeds the model, or use mode='recompute'."
                     )
-                input_norms = torch.linalg.vector_norm(self.inputs.grad.reshape(batch, -1), dim=1, dtype=torch.float32)
+                grad = self.inputs.grad.reshape(batch, -1)
+                input_norms = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))  # fp16: in float32
                 input_norms = input_norms.mul_(factor)
             else:  # token ids: no input gradient, as in mode="recompute"
                 input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
