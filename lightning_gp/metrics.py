@@ -69,10 +69,12 @@ class PerSampleMeanMax(Metric):
                 f"got {tuple(values.shape)}."
             )
         values = values.detach().to(self.total.dtype)
-        self.total += values.sum(dim=0)
-        self.count += values.shape[0]
+        # In place: the states are this metric's own tensors (reset() gives fresh copies of the defaults), and
+        # an assignment would go through nn.Module.__setattr__, which costs more than the sums on small batches.
+        self.total.add_(values.sum(dim=0))
+        self.count.add_(values.shape[0])
         if values.shape[0]:
-            self.max = torch.maximum(self.max, values.amax(dim=0))
+            torch.maximum(self.max, values.amax(dim=0), out=self.max)
 
     def compute(self) -> tuple[Tensor, Tensor]:
         """``(mean, max)``, each of shape ``(num_values,)``; NaN and -inf before any sample arrived."""

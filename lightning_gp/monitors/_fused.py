@@ -100,11 +100,11 @@ class FusedRecording:
                 f"{inputs.requires_grad}, is_leaf={inputs.is_leaf} (computed by `input_key`, or prepared in a "
                 f"hook?). Pass an `input_key` that returns the batch tensor itself, or use mode='recompute'."
             )
-        self.recorder = GradNormRecorder(module)
-        self.restricted = _restrict_to_ghost_layers(self.recorder)
-        linear = self.restricted and all(type(m) is nn.Linear for m in self.recorder.modules.values())
         # All parameterised layers are nn.Linear (an MLP): the light hooks of LinearTap, else the recorder's.
-        self.tap = LinearTap(self.recorder.modules) if linear else None
+        layers = linear_layers(module)
+        self.tap = LinearTap(layers) if layers is not None else None
+        self.recorder = GradNormRecorder(module) if layers is None else None
+        self.restricted = layers is not None or _restrict_to_ghost_layers(self.recorder)
         try:
             (self.tap or self.recorder).start()
         except ValueError as err:
@@ -118,7 +118,8 @@ class FusedRecording:
             self._restore_grad = True
 
     def close(self) -> None:
-        self.recorder.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
         if self.tap is not None:
             self.tap.stop()
         if self._restore_grad:
@@ -126,9 +127,13 @@ class FusedRecording:
             self.inputs.requires_grad_(False)
             self._restore_grad = False
 
-    def finish(self, factor: float, owner: str) -> tuple[Tensor, list[str], Tensor]:
-        """Per-sample ``(‖∇ₓℓᵢ‖ (B,), layer names, ‖∇_{θ_layer} ℓᵢ‖² (B, L))`` of the micro-batch, then
-        :meth:`close`. The layers come as one matrix: the monitor reduces all columns at once."""
+    def finish(self, factor: float, owner: str, per_layer: bool = True) -> tuple[Tensor, list[str]]:
+        """The micro-batch's per-sample norms as one (B, 2 + L) matrix, then :meth:`close`.
+
+        Columns: ‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖ and, with ``per_layer``, ‖∇_{θ_layer} ℓᵢ‖ for each of the returned layer
+        names. ``factor`` turns the recorded gradients into per-sample ones (:func:`per_sample_factor`); it is
+        applied once, to the finished norms. The monitor reduces all columns in one metric update.
+        """
         try:
             batch = self.inputs.shape[0]
             if self.floating:
@@ -140,7 +145,6 @@ class FusedRecording:
                     )
                 grad = self.inputs.grad.reshape(batch, -1)
                 input_norms = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))  # fp16: in float32
-                input_norms = input_norms.mul_(factor)
             else:  # token ids: no input gradient, as in mode="recompute"
                 input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
             if self.tap is not None:
@@ -153,11 +157,14 @@ class FusedRecording:
                 layers = _layer_squared_norms(self.recorder, batch)
                 names = list(layers)
                 squared = torch.stack(list(layers.values()), dim=1) if layers else input_norms.new_zeros(batch, 0)
-            squared = squared.to(_wide(squared.dtype)).mul_(factor**2)
             if unused:  # layers that never ran: zero per-sample norms, under their own names
                 names = [*names, *unused]
                 squared = torch.cat([squared, squared.new_zeros(batch, len(unused))], dim=1)
-            return input_norms, names, squared
+            squared = squared.to(input_norms.dtype)
+            parts = [input_norms[:, None], squared.sum(dim=1, keepdim=True)] + ([squared] if per_layer else [])
+            columns = torch.cat(parts, dim=1)
+            columns[:, 1:].sqrt_()
+            return columns.mul_(factor), (names if per_layer else [])
         finally:
             self.close()
 
@@ -289,6 +296,23 @@ class LinearTap:
 
 def _keep_grad(record: list, grad: Tensor) -> None:
     record[2] = grad.detach() if record[2] is None else record[2] + grad.detach()
+
+
+def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
+    """``{name: layer}`` of the modules owning trainable parameters when all are plain ``nn.Linear`` (an MLP);
+    None otherwise, and when a BatchNorm is in training mode (the general recorder then raises its error).
+
+    One pass over the modules, on every monitored step (cheaper than building the general recorder).
+    """
+    layers = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            return None
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            if type(m) is not nn.Linear:
+                return None
+            layers[name] = m
+    return layers or None
 
 
 #: Layers whose per-sample norms need only their own inputs and output gradients (the ghost norm).

@@ -222,14 +222,8 @@ class GradientNormMonitor(Monitor):
         recording, self._recording = self._recording, None
         batch = recording.inputs.shape[0]
         factor = per_sample_factor(batch, trainer.accumulate_grad_batches, grad_scale(trainer), self.loss_reduction)
-        input_norms, names, layer_sq = recording.finish(factor, type(self).__name__)
         # One (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, per-layer norms]: reduced in one metric update.
-        param_norms = layer_sq.sum(dim=1, keepdim=True).to(input_norms.dtype)
-        parts = [input_norms[:, None], param_norms, layer_sq.to(input_norms.dtype)] if self.per_layer else \
-            [input_norms[:, None], param_norms]
-        columns = torch.cat(parts, dim=1)
-        columns[:, 1:].sqrt_()
-        self._columns.append((columns, names if self.per_layer else []))
+        self._columns.append(recording.finish(factor, type(self).__name__, self.per_layer))
 
     def _close(self) -> None:
         self._armed = False
