@@ -290,7 +290,7 @@ class LinearTap:
                 k += c is None
             return names, torch.stack(columns, dim=1)
         if not general:
-            return names, torch.zeros(batch, 0)
+            return names, torch.zeros(batch, 0, device=next(iter(self.layers.values())).weight.device)  # none ran
         return names, torch.stack(general, dim=1)
 
 
