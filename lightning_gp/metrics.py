@@ -4,7 +4,7 @@ torchmetrics already ships :class:`~torchmetrics.MeanMetric` (a weighted mean he
 and :class:`~torchmetrics.MaxMetric`. The monitors log the mean *and* the max of several per-sample
 quantities at once (input-gradient norm, parameter-gradient norm, one per layer, ...), so this module
 holds the one thing missing: :class:`PerSampleMeanMax`, the same two reductions over a vector of
-quantities in a single metric, so a monitor syncs three tensors per logging step instead of 2·K metrics.
+quantities in a single metric, so a monitor syncs one state per logging step instead of 2·K metrics.
 """
 
 from __future__ import annotations
@@ -12,15 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
 
 class PerSampleMeanMax(Metric):
     """Mean and max over samples of ``num_values`` per-sample quantities, exact under DDP.
 
-    States: ``total`` (sum of values, reduced by sum), ``count`` (number of samples, reduced by sum) and
-    ``max`` (reduced by max). Summing values and counts separately, as :class:`torchmetrics.MeanMetric`
-    does, makes the DDP mean weighted by each rank's sample count: two ranks with batches of 3 and 5
-    samples report the mean over the 8 samples, which averaging the two rank means would not.
+    The state is the per-sample values themselves (``values``, a list state reduced by concatenation), so
+    under DDP :meth:`compute` reduces the samples of all ranks together: two ranks with batches of 3 and 5
+    samples report the mean over the 8 samples (weighted by each rank's sample count, which averaging the
+    two rank means would not be) and their max. Holding the samples rather than running sums is what makes
+    the monitors cheap: they reduce one step's samples and reset, and then an update is a list append and a
+    reset a list clear (no tensor operations), where running sums cost a dozen small kernels per step. The
+    memory is that of the samples since the last :meth:`reset`. Values keep their dtype (float64 stays
+    float64).
 
     Args:
         num_values: how many quantities each sample carries (columns of the ``(B, num_values)`` update).
@@ -40,25 +45,52 @@ class PerSampleMeanMax(Metric):
     higher_is_better = None
     is_differentiable = False
 
-    total: Tensor
-    count: Tensor
-    max: Tensor
+    values: list[Tensor] | Tensor
 
     def __init__(self, num_values: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
         if isinstance(num_values, bool) or not isinstance(num_values, int) or num_values < 1:
             raise ValueError(f"`num_values` must be an integer >= 1, got {num_values!r}.")
         self.num_values = num_values
-        dtype = torch.get_default_dtype()
-        self.add_state("total", torch.zeros(num_values, dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("max", torch.full((num_values,), -torch.inf, dtype=dtype), dist_reduce_fx="max")
+        self.add_state("values", [], dist_reduce_fx="cat")
 
     def update(self, values: Tensor) -> None:
         """Add a batch of per-sample values, shape ``(B,)`` when ``num_values == 1``, else ``(B, num_values)``.
 
-        A batch of zero samples is allowed (a rank with an empty share) and changes nothing.
+        A batch of zero samples is allowed (a rank with an empty share) and changes nothing. Under DDP every
+        rank must have updated (possibly with zero samples) before :meth:`compute`.
         """
+        self.values.append(self._checked(values))
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """``(mean, max)``, each of shape ``(num_values,)``; NaN and -inf before any sample arrived."""
+        values = self.values
+        if isinstance(values, list):  # not synced (one process), or synced as a list
+            values = values[0] if len(values) == 1 else dim_zero_cat(values) if values else None
+        return self._mean_max(values)
+
+    def reduce(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`update` with one batch, :meth:`compute` and :meth:`reset` in one call: ``(mean, max)``.
+
+        What a monitor does once per logging step. Under DDP (and when the metric holds earlier updates) it
+        is exactly those three calls, the compute syncing across ranks; in a single process, where there is
+        nothing to sync, the same reduction is taken directly, without torchmetrics' per-call bookkeeping
+        (about as much time as the reduction itself on a small batch).
+
+        Example::
+
+            >>> mean, maximum = PerSampleMeanMax(num_values=2).reduce(torch.tensor([[1.0, 10.0], [3.0, 20.0]]))
+            >>> mean.tolist(), maximum.tolist()
+            ([2.0, 15.0], [3.0, 20.0])
+        """
+        if self.update_count or (self.sync_on_compute and self.distributed_available_fn()):
+            self.update(values)
+            mean, maximum = self.compute()
+            self.reset()
+            return mean, maximum
+        return self._mean_max(self._checked(values))
+
+    def _checked(self, values: Tensor) -> Tensor:
         if not isinstance(values, Tensor):
             raise TypeError(f"`values` must be a torch.Tensor, got {type(values).__name__}.")
         if values.ndim == 1 and self.num_values == 1:
@@ -68,14 +100,14 @@ class PerSampleMeanMax(Metric):
                 f"`values` must have shape (B, {self.num_values}) (or (B,) for num_values=1), "
                 f"got {tuple(values.shape)}."
             )
-        values = values.detach().to(self.total.dtype)
-        # In place: the states are this metric's own tensors (reset() gives fresh copies of the defaults), and
-        # an assignment would go through nn.Module.__setattr__, which costs more than the sums on small batches.
-        self.total.add_(values.sum(dim=0))
-        self.count.add_(values.shape[0])
-        if values.shape[0]:
-            torch.maximum(self.max, values.amax(dim=0), out=self.max)
+        if not values.is_floating_point():
+            values = values.to(torch.get_default_dtype())
+        return values.detach() if values.requires_grad else values
 
-    def compute(self) -> tuple[Tensor, Tensor]:
-        """``(mean, max)``, each of shape ``(num_values,)``; NaN and -inf before any sample arrived."""
-        return self.total / self.count, self.max.clone()
+    def _mean_max(self, values: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Mean and max over the rows of ``values``, each (K,); NaN and -inf for no rows."""
+        if values is None or values.numel() == 0:
+            dtype = values.dtype if values is not None and values.is_floating_point() else torch.get_default_dtype()
+            return (torch.full((self.num_values,), torch.nan, dtype=dtype, device=self.device),
+                    torch.full((self.num_values,), -torch.inf, dtype=dtype, device=self.device))
+        return values.mean(dim=0), values.amax(dim=0)

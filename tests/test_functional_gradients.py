@@ -126,3 +126,18 @@ def test_squared_norm_sum_equals_the_norm_of_the_concatenation_and_keeps_the_gra
     w = torch.randn(4, requires_grad=True)
     (grad,) = torch.autograd.grad(squared_norm_sum([w, 2 * w]), w)  # differentiable: d(5‖w‖²)/dw = 10w
     assert torch.allclose(grad, 10 * w.detach())
+
+
+def test_tensor_norms_and_total_norm_match_linalg_and_get_total_norm():
+    from lightning_gp.functional.gradients import tensor_norms, total_norm
+
+    tensors = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2), torch.zeros(4)]
+    expected = torch.stack([torch.linalg.vector_norm(t) for t in tensors])
+    torch.testing.assert_close(tensor_norms(tensors), expected)
+    torch.testing.assert_close(total_norm(tensors), torch.nn.utils.get_total_norm(tensors))
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.testing.assert_close(total_norm(tuple(tensors)), torch.linalg.vector_norm(flat))
+    mixed = [torch.randn(3, dtype=torch.float64), torch.randn(4)]  # dtypes promote, as in get_total_norm
+    assert tensor_norms(mixed).dtype == torch.float64
+    torch.testing.assert_close(total_norm(mixed), torch.nn.utils.get_total_norm(mixed).double())
+    assert tensor_norms([]).shape == (0,) and float(total_norm([])) == 0.0

@@ -280,6 +280,89 @@ def test_fused_keeps_float64_precision():
     (x, y), = snap.batches
     assert x.dtype == torch.float64
     ref = reference_norms(snap.model, x, y)
-    # The values are reduced in the metric's float32 state; before that, nothing is rounded to float32.
-    assert fused.last_logged["grad_norm/layer/net.2"] == pytest.approx(float(ref["layer/net.2"].mean()), rel=1e-6)
-    assert fused.last_logged["grad_norm/input_max"] == pytest.approx(float(ref["input"].max()), rel=1e-6)
+    # Nothing is rounded to float32 on the way, the metric's reduction included.
+    assert fused.last_logged["grad_norm/layer/net.2"] == pytest.approx(float(ref["layer/net.2"].mean()), rel=1e-12)
+    assert fused.last_logged["grad_norm/input_max"] == pytest.approx(float(ref["input"].max()), rel=1e-12)
+
+
+def _expected(ref):
+    return {
+        "input_mean": ref["input"].mean(), "input_max": ref["input"].max(),
+        "param_per_sample_mean": ref["param"].mean(), "param_per_sample_max": ref["param"].max(),
+        **{f"layer/{n}": ref[f"layer/{n}"].mean() for n in ("net.0", "net.2", "net.4")},
+    }
+
+
+def test_micro_batches_of_different_sizes():
+    # 12 samples in batches of 8: the one optimizer step accumulates micro-batches of 8 and 4 samples, whose
+    # recorded gradients carry different factors (1/(B·k) with B = 8 and 4)
+    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    trainer(None, callbacks=[fused, snap], max_steps=1, accumulate_grad_batches=2).fit(Classifier(), loader(n=12))
+    x, y = torch.cat([b[0] for b in snap.batches]), torch.cat([b[1] for b in snap.batches])
+    assert len(x) == 12
+    ref = reference_norms(snap.model, x, y)
+    got = {k: fused.last_logged[f"grad_norm/{k}"] for k in SCALARS}
+    assert got == pytest.approx({k: float(v) for k, v in _expected(ref).items()}, rel=1e-5)
+
+
+class Frozen(Classifier):
+    """The first layer's bias and the last layer's weight do not train."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].bias.requires_grad_(False)
+        self.net[4].weight.requires_grad_(False)
+
+
+def test_frozen_weight_or_bias():
+    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    trainer(None, callbacks=[fused, snap], max_steps=1).fit(Frozen(), loader())
+    (x, y), = snap.batches
+    ref = reference_norms(snap.model, x, y)  # all parameters: the frozen ones' norms are taken out below
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in snap.model.named_parameters()}
+    g = vmap(grad(lambda p, xi, yi: F.cross_entropy(functional_call(snap.model, p, (xi[None],)), yi[None])),
+             in_dims=(None, 0, 0))(params, x, y)
+    norm = lambda *keys: torch.cat([g[k].reshape(len(x), -1) for k in keys], 1).norm(dim=1)  # noqa: E731
+    expected = {"layer/net.0": norm("net.0.weight"), "layer/net.2": norm("net.2.weight", "net.2.bias"),
+                "layer/net.4": norm("net.4.bias"),
+                "param_per_sample_max": norm("net.0.weight", "net.2.weight", "net.2.bias", "net.4.bias")}
+    for key, value in expected.items():
+        reduce = torch.max if key.endswith("max") else torch.mean
+        assert fused.last_logged[f"grad_norm/{key}"] == pytest.approx(float(reduce(value)), rel=1e-5), key
+    assert fused.last_logged["grad_norm/input_max"] == pytest.approx(float(ref["input"].max()), rel=1e-5)
+
+
+class HookCount(pl.Callback):
+    """The number of hooks on the module's layers while each training step's backward starts."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.counts.append(_hooks(pl_module))
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_layer_hooks_are_on_only_over_consecutive_monitored_steps(every):
+    model, count = Classifier(), HookCount()
+    _fit(None, [GradientNormMonitor(every_n_steps=every, mode="fused"), count], model, max_steps=5)
+    on = [3 if (step + 1) % every == 0 else 0 for step in range(5)]  # one forward hook per Linear layer
+    assert count.counts == on
+    assert _hooks(model) == 0
+
+
+class DifferentiatesTwice(Classifier):
+    """A training step that differentiates through the model itself before Lightning's backward."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        (g,) = torch.autograd.grad(loss, self.net[0].weight, create_graph=True)
+        return loss + g.square().sum()
+
+
+def test_a_second_gradient_through_the_layers_raises():
+    with pytest.raises(RuntimeError, match=r"received a second gradient: `training_step` differentiates"):
+        _fit(None, [_fused()], DifferentiatesTwice(), max_steps=2)

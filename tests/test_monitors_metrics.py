@@ -36,3 +36,21 @@ def test_errors():
         PerSampleMeanMax(num_values=2).update(torch.ones(3))
     with pytest.raises(TypeError, match=r"`values` must be a torch\.Tensor, got list"):
         PerSampleMeanMax().update([1.0])
+
+
+def test_reduce_is_update_compute_reset_in_one_call():
+    values, earlier = torch.randn(6, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    metric = PerSampleMeanMax(num_values=3)
+    mean, maximum = metric.reduce(values)
+    torch.testing.assert_close(mean, values.mean(0))
+    torch.testing.assert_close(maximum, values.amax(0))
+    assert mean.dtype == torch.float64  # values keep their dtype
+    assert metric.update_count == 0 and metric.values == []  # left empty
+    metric.update(earlier)  # an earlier update is part of the reduction, then gone
+    mean, maximum = metric.reduce(values)
+    torch.testing.assert_close(mean, torch.cat([earlier, values]).mean(0))
+    assert metric.update_count == 0 and metric.values == []
+    mean, maximum = metric.reduce(values[:0])  # no samples
+    assert torch.isnan(mean).all() and torch.isneginf(maximum).all()
+    with pytest.raises(ValueError, match=r"`values` must have shape \(B, 3\)"):
+        metric.reduce(torch.ones(4))

@@ -70,7 +70,6 @@ def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, 
     tensor that must be *part of* the batch (it is found by identity, so it can be replaced).
     """
     where = f"`{owner}(input_key={input_key!r})`"
-    structure = describe(batch)
     try:
         if input_key is None:
             if isinstance(batch, Tensor):
@@ -82,27 +81,27 @@ def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, 
                 if key is None:
                     raise ValueError(
                         f"{where} cannot tell which entry of the batch is the input: the batch is a mapping "
-                        f"with keys {list(batch)} and none of {list(DEFAULT_KEYS)}. Batch: {structure}. "
+                        f"with keys {list(batch)} and none of {list(DEFAULT_KEYS)}. Batch: {describe(batch)}. "
                         f"Pass `input_key=<key>`."
                     )
                 path = (key,)
             else:
                 raise ValueError(
-                    f"{where} cannot tell which part of the batch is the input. Batch: {structure}. "
+                    f"{where} cannot tell which part of the batch is the input. Batch: {describe(batch)}. "
                     f"Pass `input_key` (an index, a dict key, or a callable returning the input tensor)."
                 )
         elif callable(input_key):
             value = input_key(batch)
             if not isinstance(value, Tensor):
                 raise ValueError(
-                    f"{where} returned {type(value).__name__}, not a tensor. Batch: {structure}."
+                    f"{where} returned {type(value).__name__}, not a tensor. Batch: {describe(batch)}."
                 )
             found = _find(batch, value, ())
             if found is None:
                 raise ValueError(
                     f"{where} returned a tensor that is not an element of the batch (a new tensor computed "
                     f"from it?), so it cannot be replaced by the perturbed input. Return the batch's own "
-                    f"tensor, e.g. `lambda b: b['image']`. Batch: {structure}."
+                    f"tensor, e.g. `lambda b: b['image']`. Batch: {describe(batch)}."
                 )
             path = found
         else:
@@ -111,9 +110,9 @@ def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, 
         for key in path:
             node = _get(node, key)
     except (KeyError, IndexError, TypeError, AttributeError) as err:
-        raise ValueError(f"{where} cannot be resolved in the batch: {err!r}. Batch: {structure}.") from None
+        raise ValueError(f"{where} cannot be resolved in the batch: {err!r}. Batch: {describe(batch)}.") from None
     if not isinstance(node, Tensor):
-        raise ValueError(f"{where} selects a {type(node).__name__}, not a tensor. Batch: {structure}.")
+        raise ValueError(f"{where} selects a {type(node).__name__}, not a tensor. Batch: {describe(batch)}.")
     return node, path
 
 

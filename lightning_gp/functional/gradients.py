@@ -73,12 +73,49 @@ def per_sample_norm(t: Tensor) -> Tensor:
     return safe_sqrt(per_sample_squared_norm(t))
 
 
+def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """The l2 norm of each tensor, shape (K,), in one ``foreach`` kernel; for tensors without a graph (gradients).
+
+    :func:`total_norm` is the norm of this vector. The monitors keep it and take that last norm on the host,
+    with the other logged values (one host transfer a step, no extra kernel).
+
+    Example::
+
+        >>> tensor_norms([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
+        tensor([3., 4.])
+    """
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(0)
+    try:  # one foreach kernel, as in torch.nn.utils.get_total_norm, without its grouping by device and dtype
+        return torch.stack(torch._foreach_norm(tensors))  # mixed dtypes promote, as there
+    except (RuntimeError, NotImplementedError):  # tensors on several devices, or a device without foreach ops
+        return torch.stack([torch.linalg.vector_norm(t).to(tensors[0].device) for t in tensors])
+
+
+def total_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """‖(t₁, …, tₖ)‖: the l2 norm of all the tensors together (e.g. ‖∇θL‖ of a step), not differentiable.
+
+    The value of :func:`torch.nn.utils.get_total_norm` (the norm of :func:`tensor_norms`), without its
+    grouping of the tensors by device and dtype: the monitors and the parameter penalty run this on every
+    step, where that bookkeeping costs as much as the norms.
+
+    Example::
+
+        >>> total_norm([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
+        tensor(5.)
+    """
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(tensor_norms(tensors))
+
+
 def squared_norm_sum(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Σₖ ‖tₖ‖² over a list of tensors (e.g. the gradient of every parameter): ‖∇θL‖².
 
     Differentiable when a tensor carries a graph (double backprop); otherwise one fused norm over all the
-    tensors (:func:`torch.nn.utils.get_total_norm`, a ``foreach`` kernel) instead of a square, a sum and an
-    add per tensor: this runs on every step of the parameter penalty.
+    tensors (:func:`total_norm`, a ``foreach`` kernel) instead of a square, a sum and an add per tensor:
+    this runs on every step of the parameter penalty.
 
     Example::
 
@@ -87,6 +124,4 @@ def squared_norm_sum(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return sum(t.square().sum() for t in tensors)
-    if not tensors:
-        return torch.zeros(())
-    return torch.nn.utils.get_total_norm(tensors).square()
+    return total_norm(tensors).square()

@@ -6,8 +6,9 @@ that was differentiated*. In a Lightning step that quantity is ``loss · s / k``
 ``training_step`` returned (the batch mean ``(1/B) Σᵢ ℓᵢ`` when ``loss_reduction="mean"``), ``k`` the
 ``accumulate_grad_batches`` Lightning divides by, ``s`` the GradScaler's scale under ``"16-mixed"``. So
 every recorded gradient is the per-sample one times ``s / (B·k)`` (``s / k`` for a summed loss), and
-:func:`per_sample_factor` undoes exactly that before the norms are formed. Samples must not interact
-(no train-mode BatchNorm) for the recorded gradient of row i to be ∇ℓᵢ alone.
+:func:`per_sample_factor` undoes exactly that: the norms scale with it, so the monitor applies it to the
+reduced mean and max (to each row only when the micro-batches of a step differ in size). Samples must not
+interact (no train-mode BatchNorm) for the recorded gradient of row i to be ∇ℓᵢ alone.
 
 The recorded output gradients and inputs are brought to float32 before the norms: under ``16-mixed``
 they are float16 and scaled by up to 2¹⁶, and their squared sums would overflow.
@@ -16,8 +17,11 @@ Cost. When every layer owning trainable parameters is a Linear/Conv layer (MLPs,
 layers are hooked (:func:`_restrict_to_ghost_layers`); when all of them are ``nn.Linear`` (an MLP) the light
 :class:`LinearTap` records them and the norms of all layers are formed together; otherwise the recorder
 hooks every module and computes as :func:`~lightning_gp.functional.per_sample_grad_norms_by_layer` does.
-``training_step`` is wrapped (:func:`install_tap`) so that the hooks are on exactly while the training
-step's forward runs, not during other callbacks' passes in ``on_train_batch_start``.
+``training_step`` is wrapped (:func:`install_tap`) so that the hooks record exactly the training step's
+forward, not other callbacks' passes in ``on_train_batch_start``. What remains per monitored step is a few
+dozen small operations, and on a CPU each costs more in dispatch than in arithmetic, so the light path is
+written to launch few: row norms taken in the backward hooks while the tensors are in cache, all layers
+combined in three operations, one metric reduction and one host transfer a step.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class FusedRecording:
     ``on_exception``.
     """
 
-    def __init__(self, module: torch.nn.Module, inputs: Tensor, owner: str) -> None:
+    def __init__(self, module: torch.nn.Module, inputs: Tensor, owner: str, tap: LinearTap | None = None) -> None:
         self.inputs = inputs
         self.floating = inputs.is_floating_point()
         if self.floating and (not inputs.is_leaf or inputs.requires_grad):
@@ -101,8 +105,12 @@ class FusedRecording:
                 f"hook?). Pass an `input_key` that returns the batch tensor itself, or use mode='recompute'."
             )
         # All parameterised layers are nn.Linear (an MLP): the light hooks of LinearTap, else the recorder's.
+        # ``tap``, the previous step's, is reused while the layers are the same ones (its hooks are still on).
         layers = linear_layers(module)
-        self.tap = LinearTap(layers) if layers is not None else None
+        if tap is not None and tap.layers != layers:
+            tap.remove()
+            tap = None
+        self.tap = (tap or LinearTap(layers, owner)) if layers is not None else None
         self.recorder = GradNormRecorder(module) if layers is None else None
         self.restricted = layers is not None or _restrict_to_ghost_layers(self.recorder)
         try:
@@ -118,21 +126,23 @@ class FusedRecording:
             self._restore_grad = True
 
     def close(self) -> None:
+        """End the recording; a :class:`LinearTap` keeps its (inactive) forward hooks for the next step."""
         if self.recorder is not None:
             self.recorder.stop()
         if self.tap is not None:
             self.tap.stop()
+            self.tap.clear()
         if self._restore_grad:
             self.inputs.grad = None
             self.inputs.requires_grad_(False)
             self._restore_grad = False
 
-    def finish(self, factor: float, owner: str, per_layer: bool = True) -> tuple[Tensor, list[str]]:
-        """The micro-batch's per-sample norms as one (B, 2 + L) matrix, then :meth:`close`.
+    def finish(self, owner: str, per_layer: bool = True) -> tuple[Tensor, list[str]]:
+        """The micro-batch's norms of the recorded gradients as one (B, 2 + L) matrix, then :meth:`close`.
 
-        Columns: ‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖ and, with ``per_layer``, ‖∇_{θ_layer} ℓᵢ‖ for each of the returned layer
-        names. ``factor`` turns the recorded gradients into per-sample ones (:func:`per_sample_factor`); it is
-        applied once, to the finished norms. The monitor reduces all columns in one metric update.
+        Columns: ‖∇ₓ‖, ‖∇θ‖ and, with ``per_layer``, ‖∇_{θ_layer}‖ for each of the returned layer names, of the
+        differentiated quantity: the monitor multiplies them by :func:`per_sample_factor` to get the
+        per-sample norms (on the reduced values where it can, one kernel less per step).
         """
         try:
             batch = self.inputs.shape[0]
@@ -149,22 +159,23 @@ class FusedRecording:
                 input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
             if self.tap is not None:
                 self.tap.stop()
-                names, squared = self.tap.squared_norms(batch, owner)
+                names, layers = self.tap.layer_norms(input_norms, batch, owner)
                 unused = check_unused(self.tap.layers, self.tap.unused(), owner)
             else:
                 self.recorder.stop()
                 unused = self._unused_layers(owner) if self.restricted else []
-                layers = _layer_squared_norms(self.recorder, batch)
-                names = list(layers)
-                squared = torch.stack(list(layers.values()), dim=1) if layers else input_norms.new_zeros(batch, 0)
+                squared = _layer_squared_norms(self.recorder, batch)
+                names = list(squared)
+                layers = torch.stack(list(squared.values()), dim=1).sqrt() if squared else None
             if unused:  # layers that never ran: zero per-sample norms, under their own names
                 names = [*names, *unused]
-                squared = torch.cat([squared, squared.new_zeros(batch, len(unused))], dim=1)
-            squared = squared.to(input_norms.dtype)
-            parts = [input_norms[:, None], squared.sum(dim=1, keepdim=True)] + ([squared] if per_layer else [])
-            columns = torch.cat(parts, dim=1)
-            columns[:, 1:].sqrt_()
-            return columns.mul_(factor), (names if per_layer else [])
+                zeros = input_norms.new_zeros(batch, len(unused))
+                layers = zeros if layers is None else torch.cat([layers, zeros.to(layers.dtype)], dim=1)
+            if layers is None:
+                layers = input_norms.new_zeros(batch, 0)
+            total = torch.linalg.vector_norm(layers, dim=1)  # ‖∇θ‖² = Σ over layers of ‖∇_{θ_layer}‖²
+            parts = [input_norms[:, None], total[:, None]] + ([layers] if per_layer else [])
+            return torch.cat(parts, dim=1), (names if per_layer else [])
         finally:
             self.close()
 
@@ -199,116 +210,171 @@ class LinearTap:
     monitored training step). A layer called several times (weights shared across calls or positions) has
     per-sample gradient Σ_calls gᵢhᵢᵀ: its calls are stacked along the sequence dimension, where
     :func:`~lightning_gp.functional.grad_norms.linear_squared_norms` already sums over positions.
+
+    Lifetime. :meth:`start` begins a step's recording, :meth:`stop` ends it (the tensor hooks are removed and
+    the records dropped). The forward hooks are installed by the first :meth:`start` and stay on, recording
+    nothing, until :meth:`remove`: the monitor keeps one tap over consecutive monitored steps (registering
+    and removing the hooks costs about 1% of a small MLP's step) and removes it at the first step it does
+    not monitor, at teardown and when a step raises. A hook ignores calls of any module other than its
+    layer (a deep copy of the model carries the hooks along).
     """
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module], owner: str = "GradientNormMonitor") -> None:
         self.layers = layers
-        #: name → one [input, its version at call time, output gradient or None] per call
+        self.owner = owner
+        #: name → one [input, its version at call time, output gradient, ‖hᵢ‖, ‖gᵢ‖] per call
         self.calls: dict[str, list[list]] = {name: [] for name in layers}
-        self._handles: list = []
+        self.recording = False
+        self._forward_handles: list = []
+        self._grad_handles: list = []
 
     def start(self) -> LinearTap:
         self.stop()
-        self.calls = {name: [] for name in self.layers}
-        for name, layer in self.layers.items():
-            self._handles.append(layer.register_forward_hook(self._hook(self.calls[name]), with_kwargs=True))
+        self.clear()
+        self.recording = True
+        if not self._forward_handles:
+            for name, layer in self.layers.items():
+                hook = self._hook(layer, self.calls[name])
+                self._forward_handles.append(layer.register_forward_hook(hook, with_kwargs=True))
         return self
 
     def stop(self) -> None:
-        for handle in self._handles:
+        """End the step's recording: no more records, the tensor hooks removed, the records dropped (they hold
+        activations). The forward hooks stay, inactive, until :meth:`remove`."""
+        self.recording = False
+        for handle in self._grad_handles:
             handle.remove()
-        self._handles.clear()
+        self._grad_handles.clear()
 
-    def _hook(self, calls: list[list]) -> Callable:
+    def clear(self) -> None:
+        for calls in self.calls.values():
+            calls.clear()
+
+    def remove(self) -> None:
+        """Stop, drop the records and remove the forward hooks."""
+        self.stop()
+        self.clear()
+        for handle in self._forward_handles:
+            handle.remove()
+        self._forward_handles.clear()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._forward_handles)
+
+    def _hook(self, layer: nn.Module, calls: list[list]) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            if not torch.is_grad_enabled() or not output.requires_grad:
-                return  # a no-grad forward has no backward to record
+            if not self.recording or module is not layer or not torch.is_grad_enabled() or not output.requires_grad:
+                return  # between monitored steps, a copy of the layer, or a no-grad forward (no backward)
             h = args[0] if args else kwargs["input"]
-            record = [h, h._version, None]
+            record = [h, h._version, None, None, None]  # input, its version, g, and ‖hᵢ‖, ‖gᵢ‖ (see below)
             calls.append(record)
-            self._handles.append(output.register_hook(functools.partial(_keep_grad, record)))
+            on_grad = functools.partial(_on_output_grad, self.owner, calls, record)
+            self._grad_handles.append(output.register_hook(on_grad))
 
         return hook
 
     def unused(self) -> list[str]:
         return [name for name, calls in self.calls.items() if not calls]
 
-    def squared_norms(self, batch: int, owner: str) -> tuple[list[str], Tensor]:
-        """Layer names and ‖∇_{θ_layer}‖² per row of the differentiated quantity, (B, L), for the layers that ran.
+    def layer_norms(self, input_norms: Tensor, batch: int, owner: str) -> tuple[list[str], Tensor | None]:
+        """Names and ‖∇_{θ_layer}‖ per row of the differentiated quantity, (B, L), of the layers that ran.
 
-        The common case, every layer called once on a (B, d) input with weight and bias trainable, takes two
-        row norms per layer and a handful of (B, L) operations for all layers together: the monitor runs
-        this on every monitored step, where each extra small kernel costs more than its arithmetic.
+        The common case, every layer called once on a (B, d) input with weight and bias trainable, is the
+        row norms the tensor hooks kept and three small operations for all layers together
+        (‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = ‖gᵢ‖²(1 + ‖hᵢ‖²), so the layer's norm is ‖gᵢ‖·hypot(‖hᵢ‖, 1)): the monitor runs
+        this on every monitored step, where each extra small kernel costs more than its arithmetic. Norms
+        are taken in float32 for half-precision records (fp16 squares of scaled gradients overflow).
         """
-        names, plain_g, plain_h, general = [], [], [], []
+        names, g_norms, h_norms, general = [], [], [], []
         for name, calls in self.calls.items():
             if not calls:
                 continue
-            layer = self.layers[name]
+            label = name or "_root"
             reached = []
-            for h, version, g in calls:
+            for h, version, g, h_norm, g_norm in calls:
                 if h._version != version:
                     raise RuntimeError(
-                        f"{owner}(mode='fused'): the input of layer '{name or '_root'}' was modified in place after "
-                        f"the layer ran, so its recorded activations are stale. Avoid in-place ops on layer inputs "
+                        f"{owner}(mode='fused'): the input of layer '{label}' was modified in place after the "
+                        f"layer ran, so its recorded activations are stale. Avoid in-place ops on layer inputs "
                         f"(e.g. `x += ...`), or use mode='recompute'."
                     )
                 if h.shape[0] != batch:
                     raise RuntimeError(
-                        f"{owner}(mode='fused'): layer '{name or '_root'}' ran on an input of shape "
-                        f"{tuple(h.shape)} whose first dimension is not the batch of {batch}: per-sample norms "
-                        f"need the batch first. Use mode='recompute'."
+                        f"{owner}(mode='fused'): layer '{label}' ran on an input of shape {tuple(h.shape)} whose "
+                        f"first dimension is not the batch of {batch}: per-sample norms need the batch first. "
+                        f"Use mode='recompute'."
                     )
-                if g is not None:  # a call whose output did not reach the loss contributes nothing
+                if g_norm is not None:  # a single call on a (B, d) input: its row norms are all we kept
+                    reached.append((h_norm, g_norm))
+                elif g is not None:  # a call whose output did not reach the loss contributes nothing
                     reached.append((h.detach(), g))
-            names.append(name or "_root")
-            weight = layer.weight.requires_grad
-            bias = layer.bias is not None and layer.bias.requires_grad
-            if len(reached) == 1 and reached[0][0].ndim == 2 and weight and bias:
-                plain_g.append(reached[0][1])
-                plain_h.append(reached[0][0])
-                general.append(None)
-                continue
-            if not reached:
+            names.append(label)
+            params = self.layers[name]._parameters
+            weight = params["weight"].requires_grad
+            bias = params["bias"] is not None and params["bias"].requires_grad
+            if len(calls) == 1 and calls[0][4] is not None:  # one call on a (B, d) input: from its row norms
+                h_norm, g_norm = reached[0]
+                if weight and bias:  # the common case, batched below
+                    h_norms.append(h_norm)
+                    g_norms.append(g_norm)
+                    general.append(None)
+                else:  # one of them frozen: ‖gᵢhᵢᵀ‖ = ‖gᵢ‖‖hᵢ‖ (the weight) or ‖gᵢ‖ (the bias)
+                    general.append(g_norm * h_norm if weight else g_norm)
+            elif not reached:
                 h0 = calls[0][0]
                 general.append(torch.zeros(batch, dtype=_wide(h0.dtype), device=h0.device))
-                continue
-            h3 = torch.cat([_float(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
-            g3 = torch.cat([_float(g).reshape(batch, -1, g.shape[-1]) for _, g in reached], dim=1)
-            general.append(linear_squared_norms(h3, g3, weight=weight, bias=bias))
-        if plain_g:
-            # ‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = ‖gᵢ‖²(‖hᵢ‖² + 1) for every plain layer at once; norms in float32 (fp16 squares
-            # of scaled gradients overflow).
-            g_norm = torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=_wide(g.dtype)) for g in plain_g], dim=1)
-            h_norm = torch.stack([torch.linalg.vector_norm(h, dim=1, dtype=_wide(h.dtype)) for h in plain_h], dim=1)
-            plain = g_norm.square_().mul_(h_norm.square_().add_(1.0))
-            if all(c is None for c in general):
-                return names, plain
-            columns, k = [], 0
-            for c in general:
-                columns.append(plain[:, k] if c is None else c)
-                k += c is None
-            return names, torch.stack(columns, dim=1)
-        if not general:
-            return names, torch.zeros(batch, 0, device=next(iter(self.layers.values())).weight.device)  # none ran
-        return names, torch.stack(general, dim=1)
+            else:
+                h3 = torch.cat([_float(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
+                g3 = torch.cat([_float(g).reshape(batch, -1, g.shape[-1]) for _, g in reached], dim=1)
+                general.append(linear_squared_norms(h3, g3, weight=weight, bias=bias).sqrt())
+        plain = len(g_norms)
+        if plain:
+            norms = torch.stack([*g_norms, *h_norms], dim=1)  # (B, 2L): [‖g₁‖..‖g_L‖, ‖h₁‖..‖h_L‖]
+            one = torch.ones((), dtype=norms.dtype, device=norms.device)
+            per_plain = norms[:, :plain] * torch.hypot(norms[:, plain:], one)
+            if plain == len(general):
+                return names, per_plain
+            k = iter(per_plain.unbind(dim=1))
+            general = [next(k) if c is None else c for c in general]
+        return names, (torch.stack(general, dim=1) if general else None)
 
 
-def _keep_grad(record: list, grad: Tensor) -> None:
-    record[2] = grad.detach() if record[2] is None else record[2] + grad.detach()
+def _on_output_grad(owner: str, calls: list[list], record: list, grad: Tensor) -> None:
+    """Tensor hook on a layer's output: keep its gradient g; for a layer called once on a (B, d) input keep
+    only the row norms of g and of the layer's input h instead.
+
+    The norms are taken here because both are in cache now: g was just computed, and h is read right after
+    by the layer's own backward (gᵀh); after the backward neither is. g itself can then be freed as in a
+    plain backward.
+    """
+    if record[2] is not None or record[4] is not None:
+        raise RuntimeError(
+            f"{owner}(mode='fused') records the gradient of one backward per training step, but a layer's output "
+            f"received a second gradient: `training_step` differentiates through the model itself "
+            f"(`torch.autograd.grad`, a second `backward`). Use mode='recompute'."
+        )
+    h = record[0]
+    if len(calls) == 1 and h.ndim == 2:
+        record[3] = torch.linalg.vector_norm(h.detach(), dim=1, dtype=_wide(h.dtype))
+        record[4] = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))
+    else:
+        record[2] = grad.detach()
 
 
 def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
     """``{name: layer}`` of the modules owning trainable parameters when all are plain ``nn.Linear`` (an MLP);
     None otherwise, and when a BatchNorm is in training mode (the general recorder then raises its error).
 
-    One pass over the modules, on every monitored step (cheaper than building the general recorder).
+    One pass over the modules, on every monitored step (cheaper than building the general recorder). A
+    module's own parameters are read from ``_parameters``, as ``parameters(recurse=False)`` does, without
+    its generator machinery (a third of this function's time on a small MLP).
     """
     layers = {}
     for name, m in module.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             return None
-        if any(p.requires_grad for p in m.parameters(recurse=False)):
+        if any(p is not None and p.requires_grad for p in m._parameters.values()):
             if type(m) is not nn.Linear:
                 return None
             layers[name] = m

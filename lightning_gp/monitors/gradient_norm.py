@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,11 +15,19 @@ from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._batch import InputKey
 from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
-from lightning_gp.loggers import define_summaries, log_histograms
+from lightning_gp.functional.gradients import tensor_norms
+from lightning_gp.loggers import define_summaries, log_histograms, wandb_runs
 from lightning_gp.metrics import PerSampleMeanMax
 from lightning_gp.monitors._base import Monitor, isolated, logger_step
 from lightning_gp.monitors._batch import default_loss, select_input
-from lightning_gp.monitors._fused import FusedRecording, grad_scale, install_tap, per_sample_factor, uninstall_tap
+from lightning_gp.monitors._fused import (
+    FusedRecording,
+    LinearTap,
+    grad_scale,
+    install_tap,
+    per_sample_factor,
+    uninstall_tap,
+)
 
 #: ``loss_fn(outputs, batch)`` → per-sample losses, shape (B,).
 PerSampleLoss = Callable[[Tensor, Any], Tensor]
@@ -57,8 +66,10 @@ class GradientNormMonitor(Monitor):
     wrapped from ``setup`` to ``teardown``) it makes the batch's input a grad leaf and starts a
     :class:`~lightning_gp.functional.grad_norms.GradNormRecorder` (forward hooks on the module's layers);
     in ``on_after_backward`` it turns ``x.grad`` and the recorded layer inputs/output gradients into
-    per-sample ghost norms (:mod:`lightning_gp.monitors._fused`), then removes every hook and restores the
-    input (also when the step raises). Training is unchanged bit for bit. The extra cost is the hooks, the
+    per-sample ghost norms (:mod:`lightning_gp.monitors._fused`), then removes the gradient hooks and restores
+    the input. The layers' forward hooks stay on (recording nothing) while the next step is monitored too,
+    and are removed at the first step that is not, at teardown and when a step raises; nothing is left after
+    ``fit``. Training is unchanged bit for bit. The extra cost is the hooks, the
     input gradient and a few (B,)-sized reductions, not a second forward/backward: about 1.2× a plain step
     on the reference MLP (64→512→512→10, batch 256, CPU) against about 2× for the default mode
     (``benchmarks/bench_monitors.py``). What differs from the default:
@@ -149,9 +160,11 @@ class GradientNormMonitor(Monitor):
         self._global_step_at_start = -1
         # fused mode: the open recording of the current micro-batch, and the per-sample columns collected
         self._recording: FusedRecording | None = None
+        self._linear_tap: LinearTap | None = None  # kept over consecutive monitored steps (see LinearTap)
         self._armed = False  # the next training_step is a micro-batch of a due step
         self._module: pl.LightningModule | None = None
-        self._columns: list[tuple[Tensor, list[str]]] = []  # per micro-batch: (B, 2 + L) norms, layer names
+        #: per micro-batch: (B, 2 + L) norms of the recorded gradients, layer names, per-sample factor
+        self._columns: list[tuple[Tensor, list[str], float]] = []
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -205,6 +218,8 @@ class GradientNormMonitor(Monitor):
             self._pending, self._columns = {}, []
         # every micro-batch of a due step is recorded: all samples behind that optimizer step
         self._armed = self._pending is not None and logger_step(trainer) == self._pending_step
+        if not self._armed:
+            self._remove_tap()  # the hooks stay on only over consecutive monitored steps
 
     def _tap(self, batch: Any) -> None:
         """Start of ``training_step``: start recording if this micro-batch is due (see :func:`install_tap`)."""
@@ -213,7 +228,8 @@ class GradientNormMonitor(Monitor):
         self._armed = False
         self._close()
         inputs = select_input(batch, self.input_key, type(self).__name__)
-        self._recording = FusedRecording(self._module, inputs, type(self).__name__)
+        self._recording = FusedRecording(self._module, inputs, type(self).__name__, self._linear_tap)
+        self._linear_tap = self._recording.tap
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,8 +238,8 @@ class GradientNormMonitor(Monitor):
         recording, self._recording = self._recording, None
         batch = recording.inputs.shape[0]
         factor = per_sample_factor(batch, trainer.accumulate_grad_batches, grad_scale(trainer), self.loss_reduction)
-        # One (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, per-layer norms]: reduced in one metric update.
-        self._columns.append(recording.finish(factor, type(self).__name__, self.per_layer))
+        # One (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, per-layer norms] / factor: reduced in one metric update.
+        self._columns.append((*recording.finish(type(self).__name__, self.per_layer), factor))
 
     def _close(self) -> None:
         self._armed = False
@@ -231,15 +247,22 @@ class GradientNormMonitor(Monitor):
             recording, self._recording = self._recording, None
             recording.close()
 
+    def _remove_tap(self) -> None:
+        if self._linear_tap is not None:
+            tap, self._linear_tap = self._linear_tap, None
+            tap.remove()
+
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close()
+        self._remove_tap()
         self._pending, self._columns = None, []
         uninstall_tap(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
+        self._remove_tap()
         uninstall_tap(pl_module)
         self._module = None
 
@@ -253,12 +276,13 @@ class GradientNormMonitor(Monitor):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        norm = torch.nn.utils.get_total_norm(grads)  # one foreach kernel, not a norm per parameter
         key = f"{PREFIX}/param_batch"
         if len(trainer.optimizers) > 1:
             index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
             key = f"{key}/{index}"
-        self._pending[key] = norm
+        # ‖∇θL‖ is the norm of the per-parameter norms (one foreach kernel); that last norm is taken on the
+        # host in _flush, with the other values (one transfer a step)
+        self._pending[key] = tensor_norms(grads)
 
     @override
     def on_train_batch_end(
@@ -271,13 +295,28 @@ class GradientNormMonitor(Monitor):
 
     def _flush(self, trainer: pl.Trainer) -> None:
         pending, self._pending = self._pending, None
+        # pending: {param_batch key: per-parameter gradient norms (P,)}, and the reduced per-sample values of
+        # mode="recompute" (floats)
+        keys = [k for k, v in pending.items() if isinstance(v, Tensor)]
+        norms = [pending.pop(k) for k in keys]
         if self.mode == "fused" and self._columns:
             columns, self._columns = self._columns, []
-            matrix = columns[0][0] if len(columns) == 1 else torch.cat([c[0] for c in columns])
-            values, hist = self._reduce_columns(matrix, columns[0][1])
+            factors = {factor for _, _, factor in columns}
+            if len(factors) == 1:  # mean and max commute with the factor: it is applied to the reduced values
+                (factor,) = factors
+                matrix = columns[0][0] if len(columns) == 1 else torch.cat([c[0] for c in columns])
+            else:  # micro-batches of different sizes (the last of an epoch): each row gets its own factor
+                factor, matrix = 1.0, torch.cat([m * f for m, _, f in columns])
+            values, flat = self._reduce_columns(matrix, columns[0][1], norms, factor)
             pending = {**values, **pending}
-            if self.histograms:
-                log_histograms(trainer, hist, self._pending_step)
+            if self.histograms and wandb_runs(trainer):
+                log_histograms(trainer, _histograms(matrix * factor), self._pending_step)
+        else:
+            flat = torch.cat(norms).tolist() if norms else []
+        start = 0
+        for key, n in zip(keys, norms, strict=True):
+            pending[key] = math.hypot(*flat[start : start + n.shape[0]])  # ‖∇θL‖ from per-parameter norms
+            start += n.shape[0]
         self._log(trainer, pending, self._pending_step)
 
     def measure(self, pl_module: torch.nn.Module, inputs: Tensor, batch: Any) -> tuple[dict, dict]:
@@ -296,15 +335,20 @@ class GradientNormMonitor(Monitor):
     def _reduce(self, input_norms: Tensor, param_norms: Tensor, layers: dict[str, Tensor]) -> tuple[dict, dict]:
         """Mean and max over the samples of all ranks (a collective under DDP), and rank 0's histograms."""
         columns = torch.stack([c.detach() for c in (input_norms, param_norms, *layers.values())], dim=1)
-        return self._reduce_columns(columns, list(layers))
+        return self._reduce_columns(columns, list(layers))[0], _histograms(columns)
 
-    def _reduce_columns(self, columns: Tensor, layer_names: list[str]) -> tuple[dict, dict]:
-        """:meth:`_reduce` of a (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, one column per layer of ``layer_names``]."""
-        metric = self._get_metric(columns.shape[1], columns.device)
-        metric.update(columns)
-        mean, maximum = metric.compute()
-        metric.reset()
-        mean, maximum = torch.stack([mean, maximum]).tolist()  # one host transfer for all the scalars
+    def _reduce_columns(
+        self, columns: Tensor, layer_names: list[str], extra: list[Tensor] = (), factor: float = 1.0
+    ) -> tuple[dict[str, float], list[float]]:
+        """:meth:`_reduce` of a (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, one column per layer of ``layer_names``]
+        times ``factor`` (> 0: mean and max scale with it).
+
+        Also brings the 1-d tensors ``extra`` to the host in the same transfer, returned concatenated.
+        """
+        mean, maximum = self._get_metric(columns.shape[1], columns.device).reduce(columns)
+        k = mean.shape[0]
+        flat = torch.cat([mean, maximum, *extra]).tolist()  # one host transfer for all the scalars
+        mean, maximum = [v * factor for v in flat[:k]], [v * factor for v in flat[k : 2 * k]]
         out = {
             f"{PREFIX}/input_mean": mean[0],
             f"{PREFIX}/input_max": maximum[0],
@@ -312,8 +356,7 @@ class GradientNormMonitor(Monitor):
             f"{PREFIX}/param_per_sample_max": maximum[1],
         }
         out.update({f"{PREFIX}/layer/{name}": mean[2 + i] for i, name in enumerate(layer_names)})
-        hist = {f"{PREFIX}/input": columns[:, 0], f"{PREFIX}/param_per_sample": columns[:, 1]}
-        return out, hist
+        return out, flat[2 * k :]
 
     def _get_metric(self, num_values: int, device: torch.device) -> PerSampleMeanMax:
         if self._metric is None or self._metric.num_values != num_values:
@@ -321,3 +364,8 @@ class GradientNormMonitor(Monitor):
         if self._metric.device != device:  # Metric.to walks every state: only when it has to move
             self._metric = self._metric.to(device)
         return self._metric
+
+
+def _histograms(columns: Tensor) -> dict[str, Tensor]:
+    """The per-sample values W&B histograms show: ‖∇ₓℓᵢ‖ and ‖∇θℓᵢ‖ (columns 0 and 1)."""
+    return {f"{PREFIX}/input": columns[:, 0], f"{PREFIX}/param_per_sample": columns[:, 1]}
