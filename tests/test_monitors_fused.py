@@ -366,3 +366,18 @@ class DifferentiatesTwice(Classifier):
 def test_a_second_gradient_through_the_layers_raises():
     with pytest.raises(RuntimeError, match=r"received a second gradient: `training_step` differentiates"):
         _fit(None, [_fused()], DifferentiatesTwice(), max_steps=2)
+
+
+class InPlaceAfterLayer(Classifier):
+    """The input of the second layer is modified in place after that layer ran."""
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))
+        out = self.net[2](h)
+        h.mul_(2.0)
+        return self.net[4](torch.relu(out))
+
+
+def test_an_input_modified_in_place_after_its_layer_raises():
+    with pytest.raises(RuntimeError, match=r"input of layer 'net.2' was modified in place after the layer ran"):
+        _fit(None, [GradientNormMonitor(every_n_steps=1, mode="fused")], InPlaceAfterLayer(), max_steps=1)

@@ -114,7 +114,7 @@ class FusedRecording:
         self.recorder = GradNormRecorder(module) if layers is None else None
         self.restricted = layers is not None or _restrict_to_ghost_layers(self.recorder)
         try:
-            (self.tap or self.recorder).start()
+            self.tap.start(inputs.shape[0]) if self.tap is not None else self.recorder.start()
         except ValueError as err:
             raise ValueError(
                 f"{owner}(mode='fused') measures the training forward itself, where per-sample gradients must "
@@ -159,7 +159,7 @@ class FusedRecording:
                 input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
             if self.tap is not None:
                 self.tap.stop()
-                names, layers = self.tap.layer_norms(input_norms, batch, owner)
+                names, layers = self.tap.layer_norms()
                 unused = check_unused(self.tap.layers, self.tap.unused(), owner)
             else:
                 self.recorder.stop()
@@ -225,16 +225,19 @@ class LinearTap:
         #: name → one [input, its version at call time, output gradient, ‖hᵢ‖, ‖gᵢ‖] per call
         self.calls: dict[str, list[list]] = {name: [] for name in layers}
         self.recording = False
+        self.batch = 0
         self._forward_handles: list = []
         self._grad_handles: list = []
 
-    def start(self) -> LinearTap:
+    def start(self, batch: int) -> LinearTap:
+        """Record the coming forward/backward of a batch of ``batch`` samples."""
         self.stop()
         self.clear()
+        self.batch = batch
         self.recording = True
         if not self._forward_handles:
             for name, layer in self.layers.items():
-                hook = self._hook(layer, self.calls[name])
+                hook = self._hook(name or "_root", layer, self.calls[name])
                 self._forward_handles.append(layer.register_forward_hook(hook, with_kwargs=True))
         return self
 
@@ -262,66 +265,93 @@ class LinearTap:
     def installed(self) -> bool:
         return bool(self._forward_handles)
 
-    def _hook(self, layer: nn.Module, calls: list[list]) -> Callable:
+    def _hook(self, label: str, layer: nn.Module, calls: list[list]) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             if not self.recording or module is not layer or not torch.is_grad_enabled() or not output.requires_grad:
                 return  # between monitored steps, a copy of the layer, or a no-grad forward (no backward)
             h = args[0] if args else kwargs["input"]
             record = [h, h._version, None, None, None]  # input, its version, g, and ‖hᵢ‖, ‖gᵢ‖ (see below)
             calls.append(record)
-            on_grad = functools.partial(_on_output_grad, self.owner, calls, record)
-            self._grad_handles.append(output.register_hook(on_grad))
+            self._grad_handles.append(output.register_hook(functools.partial(self._on_grad, label, calls, record)))
 
         return hook
+
+    def _on_grad(self, label: str, calls: list[list], record: list, grad: Tensor) -> None:
+        """Tensor hook on a layer's output: keep its gradient g; for a layer called once on a (B, d) input keep
+        only the row norms of g and of the layer's input h, and drop h.
+
+        The norms are taken here because both are in cache now: g was just computed, and h is read right after
+        by the layer's own backward (gᵀh); after the backward neither is. g and h are then freed as in a plain
+        backward, not held until the monitor's hook.
+        """
+        if record[2] is not None or record[4] is not None:
+            raise RuntimeError(
+                f"{self.owner}(mode='fused') records the gradient of one backward per training step, but the "
+                f"output of layer '{label}' received a second gradient: `training_step` differentiates through "
+                f"the model itself (`torch.autograd.grad`, a second `backward`). Use mode='recompute'."
+            )
+        h = record[0]
+        if len(calls) == 1 and h.ndim == 2:
+            self._check(label, h, record[1])
+            # the backward runs without grad mode (unless create_graph): no graph to detach from
+            record[3] = torch.linalg.vector_norm(h if not torch.is_grad_enabled() else h.detach(), dim=1,
+                                                 dtype=_wide(h.dtype))
+            record[4] = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))
+            record[0] = None
+        else:
+            record[2] = grad.detach()
+
+    def _check(self, label: str, h: Tensor, version: int) -> None:
+        if h._version != version:
+            raise RuntimeError(
+                f"{self.owner}(mode='fused'): the input of layer '{label}' was modified in place after the layer "
+                f"ran, so its recorded activations are stale. Avoid in-place ops on layer inputs (e.g. `x += ...`), "
+                f"or use mode='recompute'."
+            )
+        if h.shape[0] != self.batch:
+            raise RuntimeError(
+                f"{self.owner}(mode='fused'): layer '{label}' ran on an input of shape {tuple(h.shape)} whose "
+                f"first dimension is not the batch of {self.batch}: per-sample norms need the batch first. "
+                f"Use mode='recompute'."
+            )
 
     def unused(self) -> list[str]:
         return [name for name, calls in self.calls.items() if not calls]
 
-    def layer_norms(self, input_norms: Tensor, batch: int, owner: str) -> tuple[list[str], Tensor | None]:
+    def layer_norms(self) -> tuple[list[str], Tensor | None]:
         """Names and ‖∇_{θ_layer}‖ per row of the differentiated quantity, (B, L), of the layers that ran.
 
         The common case, every layer called once on a (B, d) input with weight and bias trainable, is the
-        row norms the tensor hooks kept and three small operations for all layers together
-        (‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = ‖gᵢ‖²(1 + ‖hᵢ‖²), so the layer's norm is ‖gᵢ‖·hypot(‖hᵢ‖, 1)): the monitor runs
-        this on every monitored step, where each extra small kernel costs more than its arithmetic. Norms
-        are taken in float32 for half-precision records (fp16 squares of scaled gradients overflow).
+        row norms the tensor hooks kept and two small operations for all layers together:
+        ‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = (‖gᵢ‖‖hᵢ‖)² + ‖gᵢ‖², a ``hypot``. The monitor runs this on every monitored step, where
+        each extra small kernel costs more than its arithmetic. Norms are taken in float32 for
+        half-precision records (fp16 squares of scaled gradients overflow).
         """
+        batch = self.batch
         names, g_norms, h_norms, general = [], [], [], []
         for name, calls in self.calls.items():
             if not calls:
                 continue
             label = name or "_root"
-            reached = []
-            for h, version, g, h_norm, g_norm in calls:
-                if h._version != version:
-                    raise RuntimeError(
-                        f"{owner}(mode='fused'): the input of layer '{label}' was modified in place after the "
-                        f"layer ran, so its recorded activations are stale. Avoid in-place ops on layer inputs "
-                        f"(e.g. `x += ...`), or use mode='recompute'."
-                    )
-                if h.shape[0] != batch:
-                    raise RuntimeError(
-                        f"{owner}(mode='fused'): layer '{label}' ran on an input of shape {tuple(h.shape)} whose "
-                        f"first dimension is not the batch of {batch}: per-sample norms need the batch first. "
-                        f"Use mode='recompute'."
-                    )
-                if g_norm is not None:  # a single call on a (B, d) input: its row norms are all we kept
-                    reached.append((h_norm, g_norm))
-                elif g is not None:  # a call whose output did not reach the loss contributes nothing
-                    reached.append((h.detach(), g))
             names.append(label)
             params = self.layers[name]._parameters
             weight = params["weight"].requires_grad
             bias = params["bias"] is not None and params["bias"].requires_grad
-            if len(calls) == 1 and calls[0][4] is not None:  # one call on a (B, d) input: from its row norms
-                h_norm, g_norm = reached[0]
+            if len(calls) == 1 and calls[0][4] is not None:  # one call on a (B, d) input: its row norms, checked
+                _, _, _, h_norm, g_norm = calls[0]
                 if weight and bias:  # the common case, batched below
                     h_norms.append(h_norm)
                     g_norms.append(g_norm)
                     general.append(None)
                 else:  # one of them frozen: ‖gᵢhᵢᵀ‖ = ‖gᵢ‖‖hᵢ‖ (the weight) or ‖gᵢ‖ (the bias)
                     general.append(g_norm * h_norm if weight else g_norm)
-            elif not reached:
+                continue
+            reached = []
+            for h, version, g, _, _ in calls:
+                self._check(label, h, version)
+                if g is not None:  # a call whose output did not reach the loss contributes nothing
+                    reached.append((h.detach(), g))
+            if not reached:
                 h0 = calls[0][0]
                 general.append(torch.zeros(batch, dtype=_wide(h0.dtype), device=h0.device))
             else:
@@ -330,36 +360,13 @@ class LinearTap:
                 general.append(linear_squared_norms(h3, g3, weight=weight, bias=bias).sqrt())
         plain = len(g_norms)
         if plain:
-            norms = torch.stack([*g_norms, *h_norms], dim=1)  # (B, 2L): [‖g₁‖..‖g_L‖, ‖h₁‖..‖h_L‖]
-            one = torch.ones((), dtype=norms.dtype, device=norms.device)
-            per_plain = norms[:, :plain] * torch.hypot(norms[:, plain:], one)
+            g = torch.stack(g_norms, dim=1)
+            per_plain = torch.hypot(g * torch.stack(h_norms, dim=1), g)  # ‖gᵢ‖·√(‖hᵢ‖² + 1)
             if plain == len(general):
                 return names, per_plain
             k = iter(per_plain.unbind(dim=1))
             general = [next(k) if c is None else c for c in general]
         return names, (torch.stack(general, dim=1) if general else None)
-
-
-def _on_output_grad(owner: str, calls: list[list], record: list, grad: Tensor) -> None:
-    """Tensor hook on a layer's output: keep its gradient g; for a layer called once on a (B, d) input keep
-    only the row norms of g and of the layer's input h instead.
-
-    The norms are taken here because both are in cache now: g was just computed, and h is read right after
-    by the layer's own backward (gᵀh); after the backward neither is. g itself can then be freed as in a
-    plain backward.
-    """
-    if record[2] is not None or record[4] is not None:
-        raise RuntimeError(
-            f"{owner}(mode='fused') records the gradient of one backward per training step, but a layer's output "
-            f"received a second gradient: `training_step` differentiates through the model itself "
-            f"(`torch.autograd.grad`, a second `backward`). Use mode='recompute'."
-        )
-    h = record[0]
-    if len(calls) == 1 and h.ndim == 2:
-        record[3] = torch.linalg.vector_norm(h.detach(), dim=1, dtype=_wide(h.dtype))
-        record[4] = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))
-    else:
-        record[2] = grad.detach()
 
 
 def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
