@@ -381,7 +381,8 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
     for name, m in module.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             return None
-        if any(p is not None and p.requires_grad for p in m._parameters.values()):
+        params = m._parameters
+        if params and any(p is not None and p.requires_grad for p in params.values()):
             if type(m) is not nn.Linear:
                 return None
             layers[name] = m
