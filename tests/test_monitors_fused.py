@@ -110,8 +110,9 @@ class Inputs(pl.Callback):
 
 
 def _hooks(model):
+    """Hooks on the model's modules, and instance ``forward`` s (how the fused monitor taps Linear layers)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(m._backward_pre_hooks) for m in model.modules())
+               + len(m._backward_pre_hooks) + ("forward" in m.__dict__) for m in model.modules())
 
 
 @pytest.mark.parametrize("raise_at_call", [1, 2])
@@ -335,7 +336,7 @@ def test_frozen_weight_or_bias():
 
 
 class HookCount(pl.Callback):
-    """The number of hooks on the module's layers while each training step's backward starts."""
+    """The number of hooks and tapped layers on the module while each training step's backward starts."""
 
     def __init__(self):
         self.counts = []
@@ -348,7 +349,7 @@ class HookCount(pl.Callback):
 def test_layer_hooks_are_on_only_over_consecutive_monitored_steps(every):
     model, count = Classifier(), HookCount()
     _fit(None, [GradientNormMonitor(every_n_steps=every, mode="fused"), count], model, max_steps=5)
-    on = [3 if (step + 1) % every == 0 else 0 for step in range(5)]  # one forward hook per Linear layer
+    on = [3 if (step + 1) % every == 0 else 0 for step in range(5)]  # the three Linear layers tapped
     assert count.counts == on
     assert _hooks(model) == 0
 
@@ -381,3 +382,28 @@ class InPlaceAfterLayer(Classifier):
 def test_an_input_modified_in_place_after_its_layer_raises():
     with pytest.raises(RuntimeError, match=r"input of layer 'net.2' was modified in place after the layer ran"):
         _fit(None, [GradientNormMonitor(every_n_steps=1, mode="fused")], InPlaceAfterLayer(), max_steps=1)
+
+
+class CopiesItself(Classifier):
+    """A training step that also runs a deep copy of the model (as an EMA or SWA copy would be made)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.copies = [copy.deepcopy(self.net)]  # made while the layers are tapped (a list: not a submodule)
+        # the copy's term reaches neither x nor the model's parameters: if the copy's calls were recorded as
+        # the original layers', their gradients would show in the layers' per-sample norms
+        return F.cross_entropy(self(x), y) + self.copies[0](x.detach()).square().mean()
+
+
+def test_a_deep_copy_of_a_tapped_layer_is_not_recorded_and_computes_as_linear():
+    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    module = CopiesItself()
+    trainer(None, callbacks=[fused, snap], max_steps=1).fit(module, loader())
+    (x, y), = snap.batches
+    ref = reference_norms(snap.model, x, y)
+    got = {k: fused.last_logged[f"grad_norm/{k}"] for k in SCALARS}  # the copy's calls would add to these
+    assert got == pytest.approx({k: float(v) for k, v in _expected(ref).items()}, rel=1e-5)
+    plain = torch.nn.Sequential(*[type(m)(*m.weight.shape[::-1]) if isinstance(m, torch.nn.Linear) else m
+                                  for m in module.copies[0]])
+    plain.load_state_dict(module.copies[0].state_dict())
+    torch.testing.assert_close(module.copies[0](x), plain(x))  # the copy's forward is nn.Linear's

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -205,18 +206,24 @@ def check_unused(modules: dict[str, nn.Module], unused: list[str], owner: str) -
 class LinearTap:
     """The fused recording of a model whose parameterised layers are all ``nn.Linear``: the light path.
 
-    A forward hook per layer keeps the layer's input h and puts a tensor hook on its output for the output
+    Each layer's ``forward`` keeps the layer's input h and puts a tensor hook on its output for the output
     gradient g; nothing else is recorded (no per-module bookkeeping, no pytree walks: this runs on every
     monitored training step). A layer called several times (weights shared across calls or positions) has
     per-sample gradient Σ_calls gᵢhᵢᵀ: its calls are stacked along the sequence dimension, where
     :func:`~lightning_gp.functional.grad_norms.linear_squared_norms` already sums over positions.
 
+    How the layers are tapped. Not with forward hooks: a module with any hook takes ``nn.Module``'s slow call
+    path, about 5 µs a call on a CPU, as much as the recording itself. Instead each layer gets an instance
+    ``forward``, :func:`_tapped_forward` bound to the layer, which runs ``nn.Linear.forward`` and records
+    when its tap is recording. The method is bound to the layer, so a deep copy of the model rebinds it to
+    the copy, whose calls are not recorded (the copy is not registered) and compute as ``nn.Linear`` does.
+    A layer that already has an instance ``forward`` of its own is not tapped this way (see
+    :func:`linear_layers`).
+
     Lifetime. :meth:`start` begins a step's recording, :meth:`stop` ends it (the tensor hooks are removed and
-    the records dropped). The forward hooks are installed by the first :meth:`start` and stay on, recording
-    nothing, until :meth:`remove`: the monitor keeps one tap over consecutive monitored steps (registering
-    and removing the hooks costs about 1% of a small MLP's step) and removes it at the first step it does
-    not monitor, at teardown and when a step raises. A hook ignores calls of any module other than its
-    layer (a deep copy of the model carries the hooks along).
+    the records dropped). The layers are tapped by the first :meth:`start` and stay so, recording nothing,
+    until :meth:`remove`: the monitor keeps one tap over consecutive monitored steps and removes it at the
+    first step it does not monitor, at teardown and when a step raises.
     """
 
     def __init__(self, layers: dict[str, nn.Module], owner: str = "GradientNormMonitor") -> None:
@@ -226,7 +233,7 @@ class LinearTap:
         self.calls: dict[str, list[list]] = {name: [] for name in layers}
         self.recording = False
         self.batch = 0
-        self._forward_handles: list = []
+        self._tapped = False
         self._grad_handles: list = []
 
     def start(self, batch: int) -> LinearTap:
@@ -235,46 +242,47 @@ class LinearTap:
         self.clear()
         self.batch = batch
         self.recording = True
-        if not self._forward_handles:
+        if not self._tapped:
             for name, layer in self.layers.items():
-                hook = self._hook(name or "_root", layer, self.calls[name])
-                self._forward_handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+                _TAPPED[id(layer)] = (self, layer, name or "_root", self.calls[name])
+                layer.forward = types.MethodType(_tapped_forward, layer)
+            self._tapped = True
         return self
 
     def stop(self) -> None:
-        """End the step's recording: no more records, the tensor hooks removed, the records dropped (they hold
-        activations). The forward hooks stay, inactive, until :meth:`remove`."""
+        """End the step's recording: no more records, the tensor hooks removed. The layers stay tapped,
+        recording nothing, until :meth:`remove`."""
         self.recording = False
         for handle in self._grad_handles:
             handle.remove()
         self._grad_handles.clear()
 
     def clear(self) -> None:
+        """Drop the records (they hold activations)."""
         for calls in self.calls.values():
             calls.clear()
 
     def remove(self) -> None:
-        """Stop, drop the records and remove the forward hooks."""
+        """Stop, drop the records and untap the layers."""
         self.stop()
         self.clear()
-        for handle in self._forward_handles:
-            handle.remove()
-        self._forward_handles.clear()
+        if self._tapped:
+            for layer in self.layers.values():
+                _TAPPED.pop(id(layer), None)
+                if _is_tapped(layer):
+                    del layer.__dict__["forward"]
+            self._tapped = False
 
     @property
     def installed(self) -> bool:
-        return bool(self._forward_handles)
+        return self._tapped
 
-    def _hook(self, label: str, layer: nn.Module, calls: list[list]) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            if not self.recording or module is not layer or not torch.is_grad_enabled() or not output.requires_grad:
-                return  # between monitored steps, a copy of the layer, or a no-grad forward (no backward)
-            h = args[0] if args else kwargs["input"]
-            record = [h, h._version, None, None, None]  # input, its version, g, and ‖hᵢ‖, ‖gᵢ‖ (see below)
-            calls.append(record)
-            self._grad_handles.append(output.register_hook(functools.partial(self._on_grad, label, calls, record)))
-
-        return hook
+    def _record(self, label: str, calls: list[list], h: Tensor, output: Tensor) -> None:
+        if not self.recording or not torch.is_grad_enabled() or not output.requires_grad:
+            return  # between monitored steps, or a no-grad forward (no backward to record)
+        record = [h, h._version, None, None, None]  # input, its version, g, and ‖hᵢ‖, ‖gᵢ‖ (see _on_grad)
+        calls.append(record)
+        self._grad_handles.append(output.register_hook(functools.partial(self._on_grad, label, calls, record)))
 
     def _on_grad(self, label: str, calls: list[list], record: list, grad: Tensor) -> None:
         """Tensor hook on a layer's output: keep its gradient g; for a layer called once on a (B, d) input keep
@@ -369,6 +377,24 @@ class LinearTap:
         return names, (torch.stack(general, dim=1) if general else None)
 
 
+#: id(layer) → (its tap, the layer, its name, its call records), for the layers a :class:`LinearTap` tapped.
+_TAPPED: dict[int, tuple[LinearTap, nn.Module, str, list[list]]] = {}
+
+
+def _tapped_forward(self: nn.Linear, input: Tensor) -> Tensor:
+    """``nn.Linear.forward`` that also records the call for the layer's :class:`LinearTap` (bound to the layer
+    as an instance ``forward``; a deep copy of the layer is bound to the copy, which is not registered)."""
+    output = nn.Linear.forward(self, input)
+    entry = _TAPPED.get(id(self))
+    if entry is not None and entry[1] is self:
+        entry[0]._record(entry[2], entry[3], input, output)
+    return output
+
+
+def _is_tapped(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _tapped_forward
+
+
 def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
     """``{name: layer}`` of the modules owning trainable parameters when all are plain ``nn.Linear`` (an MLP);
     None otherwise, and when a BatchNorm is in training mode (the general recorder then raises its error).
@@ -383,8 +409,8 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
             return None
         params = m._parameters
         if params and any(p is not None and p.requires_grad for p in params.values()):
-            if type(m) is not nn.Linear:
-                return None
+            if type(m) is not nn.Linear or ("forward" in m.__dict__ and not _is_tapped(m)):
+                return None  # not a plain Linear, or one with a forward of its own: the general recorder
             layers[name] = m
     return layers or None
 
