@@ -154,7 +154,8 @@ class FusedRecording:
                         f"selects (its `.grad` stayed None after backward). Pass the `input_key` of the tensor "
                         f"`training_step` feeds the model, or use mode='recompute'."
                     )
-                grad = self.inputs.grad.reshape(batch, -1)
+                grad = self.inputs.grad
+                grad = grad if grad.ndim == 2 else grad.reshape(batch, -1)
                 input_norms = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))  # fp16: in float32
             else:  # token ids: no input gradient, as in mode="recompute"
                 input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
@@ -175,8 +176,9 @@ class FusedRecording:
             if layers is None:
                 layers = input_norms.new_zeros(batch, 0)
             total = torch.linalg.vector_norm(layers, dim=1)  # ‖∇θ‖² = Σ over layers of ‖∇_{θ_layer}‖²
-            parts = [input_norms[:, None], total[:, None]] + ([layers] if per_layer else [])
-            return torch.cat(parts, dim=1), (names if per_layer else [])
+            if not per_layer:
+                return torch.stack([input_norms, total], dim=1), []
+            return torch.column_stack([input_norms, total, layers]), names
         finally:
             self.close()
 
