@@ -70,7 +70,7 @@ class GradientNormMonitor(Monitor):
     the input. The layers' forward hooks stay on (recording nothing) while the next step is monitored too,
     and are removed at the first step that is not, at teardown and when a step raises; nothing is left after
     ``fit``. Training is unchanged bit for bit. The extra cost is the hooks, the
-    input gradient and a few (B,)-sized reductions, not a second forward/backward: about 1.2× a plain step
+    input gradient and a few (B,)-sized reductions, not a second forward/backward: about 1.15× a plain step
     on the reference MLP (64→512→512→10, batch 256, CPU) against about 2× for the default mode
     (``benchmarks/bench_monitors.py``). What differs from the default:
 
@@ -121,7 +121,7 @@ class GradientNormMonitor(Monitor):
         >>> sorted(values)  # doctest: +NORMALIZE_WHITESPACE
         ['grad_norm/input_max', 'grad_norm/input_mean', 'grad_norm/layer/0', 'grad_norm/layer/2',
          'grad_norm/param_per_sample_max', 'grad_norm/param_per_sample_mean']
-        >>> fused = GradientNormMonitor(every_n_steps=1, mode="fused")  # about 1.2× a step: Trainer(callbacks=[fused])
+        >>> fused = GradientNormMonitor(every_n_steps=1, mode="fused")  # ≈1.15× a step: Trainer(callbacks=[fused])
     """
 
     def __init__(
