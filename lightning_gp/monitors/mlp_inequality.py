@@ -144,10 +144,8 @@ class MLPInequalityMonitor(Monitor):
         columns = torch.cat([torch.stack([r.ratio, r.lhs, r.rhs], 1), r.lhs_terms, r.rhs_terms], 1).detach()
         if self._metric is None or self._metric.num_values != columns.shape[1]:
             self._metric = PerSampleMeanMax(columns.shape[1])
-        metric = self._metric.to(columns.device)
-        metric.update(columns)
-        mean, maximum = metric.compute()
-        metric.reset()
+        self._metric = self._metric.to(columns.device)
+        mean, maximum = self._metric.reduce(columns)
         out = {
             f"{PREFIX}/ratio_mean": mean[0],
             f"{PREFIX}/ratio_max": maximum[0],
