@@ -63,15 +63,16 @@ class GradientNormMonitor(Monitor):
 
     **Fused mode** (``mode="fused"``): instead of a second forward/backward, the monitor reads the per-sample
     norms off the training step's own: at the start of ``training_step`` on a due step (the method is
-    wrapped from ``setup`` to ``teardown``) it makes the batch's input a grad leaf and starts a
-    :class:`~lightning_gp.functional.grad_norms.GradNormRecorder` (forward hooks on the module's layers);
-    in ``on_after_backward`` it turns ``x.grad`` and the recorded layer inputs/output gradients into
+    wrapped from ``setup`` to ``teardown``) it makes the batch's input a grad leaf and starts recording the
+    layers' inputs and output gradients; in ``on_after_backward`` it turns ``x.grad`` and those records into
     per-sample ghost norms (:mod:`lightning_gp.monitors._fused`), then removes the gradient hooks and restores
-    the input. The layers' forward hooks stay on (recording nothing) while the next step is monitored too,
-    and are removed at the first step that is not, at teardown and when a step raises; nothing is left after
-    ``fit``. Training is unchanged bit for bit. The extra cost is the hooks, the
-    input gradient and a few (B,)-sized reductions, not a second forward/backward: about 1.15× a plain step
-    on the reference MLP (64→512→512→10, batch 256, CPU) against about 2× for the default mode
+    the input. A model whose parameterised layers are all ``nn.Linear`` is recorded by a light tap, an
+    instance ``forward`` on each layer, which stays on (recording nothing) while the next step is monitored
+    too and is removed at the first step that is not, at teardown and when a step raises; other models by a
+    :class:`~lightning_gp.functional.grad_norms.GradNormRecorder`, whose forward hooks are removed after each
+    step. Nothing is left after ``fit``, and training is unchanged bit for bit. The extra cost is the
+    recording, the input gradient and a few (B,)-sized reductions, not a second forward/backward: about 1.15× a
+    plain step on the reference MLP (64→512→512→10, batch 256, CPU) against about 2× for the default mode
     (``benchmarks/bench_monitors.py``). What differs from the default:
 
     - the loss is the *training* loss: ``training_step`` must return the batch mean of per-sample losses
