@@ -407,3 +407,15 @@ def test_a_deep_copy_of_a_tapped_layer_is_not_recorded_and_computes_as_linear():
                                   for m in module.copies[0]])
     plain.load_state_dict(module.copies[0].state_dict())
     torch.testing.assert_close(module.copies[0](x), plain(x))  # the copy's forward is nn.Linear's
+
+
+def test_fused_without_per_layer_norms():
+    def run(**kwargs):
+        torch.manual_seed(0)
+        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused", **kwargs)
+        trainer(None, callbacks=[monitor], max_steps=1).fit(Classifier(), loader())
+        return monitor.last_logged
+
+    full, short = run(), run(per_layer=False)
+    assert not any(k.startswith("grad_norm/layer/") for k in short)
+    assert short == pytest.approx({k: v for k, v in full.items() if not k.startswith("grad_norm/layer/")}, rel=1e-6)

@@ -72,3 +72,16 @@ def test_wandb_gets_histograms_table_scatter_and_image(logged):
     image = run.values("mlp_inequality/lhs_vs_rhs_image")[-1][1]
     assert image["_type"] == "image-file" and image["format"] == "png"
     assert (run.dir / "files" / image["path"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fused_monitor_histograms_are_the_per_sample_norms(tmp_path):
+    wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="fused")
+    fused = GradientNormMonitor(every_n_steps=2, mode="fused")
+    trainer(tmp_path, callbacks=[fused], logger=[wandb_logger], max_steps=2).fit(Classifier(), loader())
+    wandb_logger.experiment.finish()
+    run = read_run(tmp_path)
+    for key, top in (("grad_norm/input", "input_max"), ("grad_norm/param_per_sample", "param_per_sample_max")):
+        [(step, hist)] = run.values(key)
+        assert step == 1 and hist["_type"] == "histogram" and sum(hist["values"]) == 8
+        # the recorded norms scaled by the per-sample factor, as the logged maximum is
+        assert max(hist["bins"]) == pytest.approx(fused.last_logged[f"grad_norm/{top}"], rel=1e-5)
