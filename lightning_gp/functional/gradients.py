@@ -96,17 +96,15 @@ def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 def total_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """‖(t₁, …, tₖ)‖: the l2 norm of all the tensors together (e.g. ‖∇θL‖ of a step), not differentiable.
 
-    The value of :func:`torch.nn.utils.get_total_norm` (the norm of :func:`tensor_norms`), without its
-    grouping of the tensors by device and dtype: the monitors and the parameter penalty run this on every
-    step, where that bookkeeping costs as much as the norms.
+    The value of :func:`torch.nn.utils.get_total_norm` (the norm of :func:`tensor_norms`, 0 for no tensors),
+    without its grouping of the tensors by device and dtype: the parameter penalty runs this on every step,
+    where that bookkeeping costs as much as the norms.
 
     Example::
 
         >>> total_norm([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
         tensor(5.)
     """
-    if not tensors:
-        return torch.zeros(())
     return torch.linalg.vector_norm(tensor_norms(tensors))
 
 

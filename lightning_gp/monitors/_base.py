@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.loggers import log_scalars
+from lightning_gp.metrics import PerSampleMeanMax
 
 #: Interval used when ``every_n_steps=None`` and the trainer logs nothing (``log_every_n_steps=0``).
 FALLBACK_INTERVAL = 50
@@ -70,6 +71,7 @@ class Monitor(Callback):
         #: The scalars of the latest measurement, on every rank (loggers only write from rank 0), and its step.
         self.last_logged: dict[str, float] = {}
         self.last_logged_step: int | None = None
+        self._metric: PerSampleMeanMax | None = None
 
     @property
     def interval(self) -> int:
@@ -89,6 +91,15 @@ class Monitor(Callback):
             return False
         self._last_step = step
         return True
+
+    def _reduce_per_sample(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and max over the samples of all ranks of a (B, K) matrix of per-sample values (a collective
+        under DDP), through the monitor's :class:`~lightning_gp.metrics.PerSampleMeanMax`."""
+        if self._metric is None or self._metric.num_values != columns.shape[1]:
+            self._metric = PerSampleMeanMax(columns.shape[1])
+        if self._metric.device != columns.device:  # Metric.to walks every state: only when it has to move
+            self._metric = self._metric.to(columns.device)
+        return self._metric.reduce(columns)
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
         self.last_logged = {k: float(v) for k, v in metrics.items()}

@@ -275,10 +275,6 @@ class LinearTap:
                     del layer.__dict__["forward"]
             self._tapped = False
 
-    @property
-    def installed(self) -> bool:
-        return self._tapped
-
     def _record(self, label: str, calls: list[list], h: Tensor, output: Tensor) -> None:
         if not self.recording or not torch.is_grad_enabled() or not output.requires_grad:
             return  # between monitored steps, or a no-grad forward (no backward to record)

@@ -17,7 +17,6 @@ from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
 from lightning_gp.functional.gradients import tensor_norms
 from lightning_gp.loggers import define_summaries, log_histograms, wandb_runs
-from lightning_gp.metrics import PerSampleMeanMax
 from lightning_gp.monitors._base import Monitor, isolated, logger_step
 from lightning_gp.monitors._batch import default_loss, select_input
 from lightning_gp.monitors._fused import (
@@ -154,7 +153,6 @@ class GradientNormMonitor(Monitor):
         self.histograms = bool(histograms)
         self.loss_fn = loss_fn or default_loss
         self.per_layer = bool(per_layer)
-        self._metric: PerSampleMeanMax | None = None
         self._layer_names: list[str] | None = None
         self._pending: dict[str, Tensor] | None = None
         self._pending_step = -1
@@ -346,7 +344,7 @@ class GradientNormMonitor(Monitor):
 
         Also brings the 1-d tensors ``extra`` to the host in the same transfer, returned concatenated.
         """
-        mean, maximum = self._get_metric(columns.shape[1], columns.device).reduce(columns)
+        mean, maximum = self._reduce_per_sample(columns)
         k = mean.shape[0]
         flat = torch.cat([mean, maximum, *extra]).tolist()  # one host transfer for all the scalars
         mean, maximum = [v * factor for v in flat[:k]], [v * factor for v in flat[k : 2 * k]]
@@ -358,13 +356,6 @@ class GradientNormMonitor(Monitor):
         }
         out.update({f"{PREFIX}/layer/{name}": mean[2 + i] for i, name in enumerate(layer_names)})
         return out, flat[2 * k :]
-
-    def _get_metric(self, num_values: int, device: torch.device) -> PerSampleMeanMax:
-        if self._metric is None or self._metric.num_values != num_values:
-            self._metric = PerSampleMeanMax(num_values)
-        if self._metric.device != device:  # Metric.to walks every state: only when it has to move
-            self._metric = self._metric.to(device)
-        return self._metric
 
 
 def _histograms(columns: Tensor) -> dict[str, Tensor]:

@@ -13,7 +13,6 @@ from lightning_gp.callbacks._batch import InputKey
 from lightning_gp.functional._checks import check_per_sample, check_positive_int
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
 from lightning_gp.loggers import define_summaries, log_inequality
-from lightning_gp.metrics import PerSampleMeanMax
 from lightning_gp.monitors._base import Monitor, isolated, logger_step
 from lightning_gp.monitors._batch import default_loss, select_input, take_first
 from lightning_gp.monitors.gradient_norm import PerSampleLoss
@@ -85,7 +84,6 @@ class MLPInequalityMonitor(Monitor):
         self.loss_fn = loss_fn or default_loss
         self.submodule = submodule
         self.tables = bool(tables)
-        self._metric: PerSampleMeanMax | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -142,10 +140,7 @@ class MLPInequalityMonitor(Monitor):
         with isolated(chain):
             r = mlp_inequality(chain, inputs, per_sample_loss)
         columns = torch.cat([torch.stack([r.ratio, r.lhs, r.rhs], 1), r.lhs_terms, r.rhs_terms], 1).detach()
-        if self._metric is None or self._metric.num_values != columns.shape[1]:
-            self._metric = PerSampleMeanMax(columns.shape[1])
-        self._metric = self._metric.to(columns.device)
-        mean, maximum = self._metric.reduce(columns)
+        mean, maximum = self._reduce_per_sample(columns)
         out = {
             f"{PREFIX}/ratio_mean": mean[0],
             f"{PREFIX}/ratio_max": maximum[0],
