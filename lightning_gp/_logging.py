@@ -1,19 +1,23 @@
-"""When to call ``self.log``: only on the steps whose values the Trainer will write to its loggers.
+"""When to log, and the trainer of a module: the package's only reads of Lightning internals.
 
-``LightningModule.log`` costs about 1–2 ms per call in Lightning 2.6 (the result collection copies the
-call's metadata), as much as a small model's training step. Lightning itself writes step metrics to the
-loggers only every ``log_every_n_steps`` (and on every step of a ``fast_dev_run``), so a value logged on
-another step is overwritten before anyone reads it. :func:`should_log` is Lightning's own condition
-(``trainer._logger_connector.should_update_logs``, used by ``update_train_step_metrics``), so the steps
-that log line up with the steps the loggers write. Shared by the penalty callbacks and the WGAN mixin.
+Lightning has no public API for two facts the package needs, so they are read here and nowhere else, and
+``tests/test_lightning_internals.py`` fails loudly if a Lightning release moves them:
+
+- ``trainer._logger_connector.should_update_logs``: whether this step's ``on_step`` metrics will be written
+  to the loggers (every ``log_every_n_steps``). A ``self.log`` call costs 1–2 ms in Lightning 2.6, as much as
+  a small model's step, and a value logged on another step is overwritten unread.
+- ``trainer.fit_loop.epoch_loop._batches_that_stepped``: the step Lightning's loggers write at (optimizer
+  steps, counted once per batch however many optimizers). Lightning's own ``LearningRateMonitor`` reads it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 
-def should_log(trainer: Any) -> bool:
+
+def should_log(trainer: pl.Trainer | None) -> bool:
     """True on the steps whose ``on_step`` metrics the Trainer writes to its loggers; False without a Trainer.
 
     All DDP ranks agree (the condition depends on the step counter only), so ``sync_dist=True`` on the
@@ -21,7 +25,6 @@ def should_log(trainer: Any) -> bool:
 
     Example::
 
-        >>> import lightning.pytorch as pl
         >>> should_log(None)
         False
         >>> should_log(pl.Trainer(log_every_n_steps=1, logger=False, enable_progress_bar=False))
@@ -29,5 +32,19 @@ def should_log(trainer: Any) -> bool:
     """
     if trainer is None:
         return False
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True)) or bool(getattr(trainer, "fast_dev_run", False))
+    return bool(trainer._logger_connector.should_update_logs) or bool(trainer.fast_dev_run)
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step at which the Trainer's loggers write this batch's metrics (optimizer steps so far)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def attached_trainer(module: Any) -> pl.Trainer | None:
+    """``module.trainer`` for a LightningModule attached to a Trainer, else None (public API only)."""
+    if not isinstance(module, pl.LightningModule):
+        return None
+    try:
+        return module.trainer
+    except RuntimeError:  # "... is not attached to a `Trainer`"
+        return None

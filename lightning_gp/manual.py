@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_gp._logging import attached_trainer
 from lightning_gp.callbacks._base import PenaltyCallback, extract_loss, run_chain
 
 
@@ -65,13 +66,14 @@ def penalized_loss(
                 self.manual_backward(loss)
                 opt.step()
     """
+    trainer = attached_trainer(module)
     if global_step is None:
-        trainer = getattr(module, "_trainer", None)
         global_step = trainer.global_step if trainer is not None else 0
     for p in penalties:
         if not isinstance(p, PenaltyCallback):
             raise TypeError(f"`penalties` must hold lightning_gp callbacks, got {type(p).__name__}.")
-    out = run_chain(module, loss_fn, list(penalties), (batch,), {}, global_step)
+    strategy = trainer.strategy if trainer is not None else None
+    out = run_chain(module, loss_fn, list(penalties), (batch,), {}, global_step, strategy)
     return extract_loss(out, "penalized_loss")
 
 

@@ -1,53 +1,31 @@
-"""Shared machinery: how a callback changes the loss of an unchanged LightningModule.
+"""What the penalty callbacks share: the step they change, its extra passes, scheduling, checks and logs.
 
-Lightning has no hook between ``training_step`` and ``backward`` that may change the loss, and a second
-backward per forward breaks DDP's reducer (each parameter's gradient hook must fire once per forward). So
-each callback *wraps* the module's ``training_step`` (an instance attribute, installed in ``setup`` and
-removed in ``teardown``/``on_exception``): the wrapper returns ``loss + penalty``, and Lightning runs its one
-ordinary backward on it. Under DDP, Lightning calls ``training_step`` from inside
-``DistributedDataParallel.forward`` (``strategy._forward_redirection`` looks the method up on the module at
-call time), so the penalty's gradient is all-reduced with the rest, with default DDP settings. Gradients
-taken inside the wrapper (``autograd.grad`` w.r.t. the input or with ``create_graph``) do not run DDP's
-parameter hooks; only the final backward does.
-
-Several callbacks share one wrapper (a :class:`_Chain` on the module) and nest in a fixed order, whatever
-their order in ``Trainer(callbacks=...)``: adversarial training outermost (it decides which batch is
-trained on), then the data penalty, the parameter penalty, the spectral penalty. Each one sees the *raw*
-loss that ``training_step`` returned (penalties are never differentiated through each other) and adds its
-term to the objective. The finite-difference callbacks take ∇L w.r.t. every leaf in one backward and then
-linearise L in the objective (:meth:`Step.loss_grads`), so however many of them are chained, the loss's
-graph is backpropagated once and the final backward adds only the second passes' graphs.
-
-The penalties are computed and checked for NaN/Inf on every step, but logged (``self.log``, 1–2 ms a
-call in Lightning 2.6) only on the steps whose metrics the Trainer writes to its loggers, every
-``log_every_n_steps`` (:func:`lightning_gp._logging.should_log`, Lightning's own condition).
-
-Extra passes (attack steps, the second point of a finite difference) call the user's ``training_step``
-directly (:meth:`StepContext.extra_loss`): the other callbacks are not applied, ``self.log`` calls are
-dropped, and BatchNorm running statistics are restored afterwards, so each training step updates them
-once, in the primary pass.
+The callbacks register with :class:`lightning_gp.interception.StepInterceptor`, the one wrapper of
+``training_step``; it calls :func:`run_chain`, which nests the members in a fixed order (adversarial
+training outermost, then the data, parameter and spectral penalties) and returns the output with
+"loss" = loss + every term. Design notes: ``docs/design/interception.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
+from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_gp._logging import should_log
+from lightning_gp._support import check_strategy, init_repr
 from lightning_gp.functional._checks import check_non_negative, check_positive_int
-
-_CHAIN_ATTR = "_lightning_gp_chain"
+from lightning_gp.interception import StepInterceptor, muted_logging
 
 
 @dataclass
@@ -179,6 +157,11 @@ def extract_loss(output: Any, owners: str) -> Tensor:
     return loss.reshape(())
 
 
+#: The layers that keep running statistics (their Lazy variants subclass these).
+RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                      nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
 @contextlib.contextmanager
 def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
     """Restore the running statistics of every BatchNorm/InstanceNorm layer in training mode on exit.
@@ -190,7 +173,7 @@ def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
     saved = [
         (buf, buf.detach().clone())
         for m in module.modules()
-        if isinstance(m, _NormBase) and m.training and m.track_running_stats
+        if isinstance(m, RUNNING_STAT_NORMS) and m.training and m.track_running_stats
         for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
         if buf is not None
     ]
@@ -199,19 +182,6 @@ def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
     finally:
         for buf, value in saved:
             buf.data.copy_(value)
-
-
-@contextlib.contextmanager
-def muted_logging(module: nn.Module) -> Iterator[None]:
-    """Drop ``self.log``/``self.log_dict`` calls made while the block runs (extra passes must not log twice)."""
-    saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
-    module.log = module.log_dict = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        for name in ("log", "log_dict"):
-            module.__dict__.pop(name, None)
-        module.__dict__.update(saved)
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -237,16 +207,41 @@ class _Call(nn.Module):
 
 
 class StepContext:
-    """One training step as seen by the callbacks: the module, the user's step function and its arguments."""
+    """One training step as seen by the callbacks: the module, the user's step function and its arguments.
+
+    ``strategy`` is the Trainer's (None outside a Trainer): collectives go through it (:meth:`reduce`,
+    :meth:`broadcast`, :meth:`all_gather`), and without it they are the identity.
+    """
 
     def __init__(self, module: nn.Module, step_fn: Callable[..., Any], args: tuple, kwargs: dict,
-                 global_step: int, owners: str) -> None:
+                 global_step: int, owners: str, strategy: Strategy | None = None) -> None:
         self.module = module
         self.step_fn = step_fn
         self.rest_args = args[1:]
         self.kwargs = kwargs
         self.global_step = global_step
         self.owners = owners
+        self.strategy = strategy
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.strategy is None else self.strategy.world_size
+
+    def reduce(self, tensor: Tensor, op: Literal["sum", "max"]) -> Tensor:
+        """``tensor`` summed (or maxed) over the ranks; a new tensor."""
+        if self.world_size == 1:
+            return tensor
+        return self.strategy.reduce(tensor.clone(), reduce_op=op)
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """Rank 0's ``tensor`` on every rank (every rank takes rank 0's decision)."""
+        return tensor if self.world_size == 1 else self.strategy.broadcast(tensor, src=0)
+
+    def mean_over_ranks(self, tensor: Tensor) -> Tensor:
+        """The mean of ``tensor`` over the ranks, differentiable: the backward sends each rank its share."""
+        if self.world_size == 1:
+            return tensor
+        return self.strategy.all_gather(tensor, sync_grads=True).mean(dim=0)
 
     def primary(self, batch: Any) -> Step:
         """The user's step, as Lightning would run it (it logs, it updates BatchNorm statistics)."""
@@ -269,54 +264,8 @@ class StepContext:
         return extract_loss(out, self.owners)
 
 
-class _Chain:
-    """The one wrapper installed on a module's ``training_step``; the callbacks register with it."""
-
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.module = module
-        self.had_instance_attr = "training_step" in module.__dict__
-        self.original = module.training_step
-        self.members: list[PenaltyCallback] = []
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        trainer = self.module._trainer
-        step = trainer.global_step if trainer is not None else 0
-        return run_chain(self.module, self.original, self.members, args, kwargs, step)
-
-    @staticmethod
-    def install(module: pl.LightningModule, member: PenaltyCallback) -> None:
-        chain = module.__dict__.get(_CHAIN_ATTR)
-        if chain is None:
-            chain = _Chain(module)
-            module.__dict__[_CHAIN_ATTR] = chain
-
-            # A real function (Lightning's `is_overridden` reads `__code__`); `wraps` keeps the user's
-            # signature visible to `inspect.signature` (Lightning inspects it, e.g. for `dataloader_iter`).
-            @functools.wraps(chain.original)
-            def training_step(*args: Any, **kwargs: Any) -> Any:
-                return chain(*args, **kwargs)
-
-            module.training_step = training_step
-        if member not in chain.members:
-            chain.members.append(member)
-
-    @staticmethod
-    def uninstall(module: pl.LightningModule, member: PenaltyCallback) -> None:
-        chain = module.__dict__.get(_CHAIN_ATTR)
-        if chain is None:
-            return
-        if member in chain.members:
-            chain.members.remove(member)
-        if not chain.members:
-            del module.__dict__[_CHAIN_ATTR]
-            if chain.had_instance_attr:
-                module.training_step = chain.original
-            else:
-                module.__dict__.pop("training_step", None)
-
-
 def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[PenaltyCallback], args: tuple,
-              kwargs: dict, global_step: int) -> Any:
+              kwargs: dict, global_step: int, strategy: Strategy | None = None) -> Any:
     """Run ``step_fn`` with every member's term added; returns the output with "loss" = the objective."""
     members = sorted(members, key=lambda m: m.order)
     owners = " and ".join(type(m).__name__ for m in members) or "lightning_gp"
@@ -325,7 +274,7 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Pena
     if not args:
         kwargs = dict(kwargs)
         args = (kwargs.pop("batch"),)
-    ctx = StepContext(module, step_fn, args, kwargs, global_step, owners)
+    ctx = StepContext(module, step_fn, args, kwargs, global_step, owners, strategy)
 
     def build(i: int) -> Callable[[Any], Step]:
         if i == len(members):
@@ -336,8 +285,15 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Pena
     return build(0)(args[0]).finalize()
 
 
+def _run_intercepted(interceptor: StepInterceptor, step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """The interceptor's runner for the penalty callbacks."""
+    trainer = interceptor.trainer
+    return run_chain(interceptor.module, step_fn, interceptor.members, args, kwargs, trainer.global_step,
+                     trainer.strategy)
+
+
 class PenaltyCallback(Callback):
-    """Base of the loss-changing callbacks: installs the wrapper, schedules, checks and logs the term."""
+    """Base of the loss-changing callbacks: registers with the interceptor, schedules, checks and logs."""
 
     #: Nesting position in the shared wrapper (smaller = outer).
     order = 10
@@ -349,22 +305,25 @@ class PenaltyCallback(Callback):
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
         self.check_finite = check_finite
         self.applied = 0  # how many steps carried the term (the schedule itself follows trainer.global_step)
+        self._epoch_values: dict[str, list[tuple[Tensor, int]]] = {}
+
+    def __repr__(self) -> str:
+        return init_repr(self)
 
     @property
     @override
     def state_key(self) -> str:
-        """Identifies the callback in checkpoints, from its defining arguments (:meth:`state_key_fields`).
-
-        Computed once: Lightning reads it on every hook call (for the profiler's labels), and formatting the
-        arguments each time is a measurable share of a small model's step.
-        """
+        """Identifies the callback in checkpoints: its class and what it applies to (:meth:`state_key_fields`),
+        never a hyperparameter a user may tune on resume. Computed once (Lightning reads it on every hook)."""
         key = self.__dict__.get("_state_key")
         if key is None:
-            key = self.__dict__["_state_key"] = self._generate_state_key(**self.state_key_fields())
+            fields = self.state_key_fields()
+            key = self._generate_state_key(**fields) if fields else type(self).__qualname__
+            self.__dict__["_state_key"] = key
         return key
 
     def state_key_fields(self) -> dict[str, Any]:
-        """The constructor arguments that tell two instances of the callback apart in a checkpoint."""
+        """What tells two instances of the callback apart in a checkpoint (e.g. the input they perturb)."""
         return {}
 
     # -- wiring ---------------------------------------------------------------------------------------
@@ -372,6 +331,7 @@ class PenaltyCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, type(self).__name__)
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 f"{type(self).__name__} works with automatic optimization. `{type(pl_module).__name__}` uses "
@@ -379,15 +339,21 @@ class PenaltyCallback(Callback):
                 f"`lightning_gp.manual.penalized_loss(self, loss_fn, batch, [{type(self).__name__}(...)])` "
                 f"before `self.manual_backward`."
             )
-        _Chain.install(pl_module, self)
+        StepInterceptor.attach(trainer, pl_module).register(self, _run_intercepted)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _Chain.uninstall(pl_module, self)
+        self._leave(pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        _Chain.uninstall(pl_module, self)
+        self._leave(pl_module)
+
+    def _leave(self, pl_module: pl.LightningModule) -> None:
+        interceptor = StepInterceptor.of(pl_module)
+        if interceptor is not None:
+            interceptor.unregister(self)
+        self._epoch_values = {}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -396,6 +362,20 @@ class PenaltyCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied = state_dict.get("applied", 0)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_values = {}
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put the epoch mean of every value as ``<name>_epoch`` (weighted by samples, over all ranks) into
+        ``callback_metrics``, so ``EarlyStopping``/``ModelCheckpoint`` can monitor it whatever
+        ``log_every_n_steps`` is. Not sent to the loggers, which keep one row per step."""
+        for name, values in self._epoch_values.items():
+            pl.LightningModule.log(pl_module, f"{name}_epoch", epoch_mean(values), on_step=False, on_epoch=True,
+                                   logger=False)
+        self._epoch_values = {}
 
     # -- per step ---------------------------------------------------------------------------------------
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
@@ -413,7 +393,7 @@ class PenaltyCallback(Callback):
         return self.weight * self.every_n_steps
 
     def check_and_log(self, ctx: StepContext, name: str, value: Tensor, batch_size: int | None = None) -> None:
-        """Raise on a non-finite value (every step), log it (on the steps the loggers write, see below)."""
+        """Raise on a non-finite value (every step), then :meth:`record`."""
         value = value.detach()
         # Checked on every step, not only on logging steps, so the error names the step where it happened
         # and no update is taken with a NaN gradient (one host sync per step on GPU; free on CPU).
@@ -422,23 +402,29 @@ class PenaltyCallback(Callback):
                 f"{type(self).__name__}: `{name}` is {float(value)} (non-finite) at global step "
                 f"{ctx.global_step}. Lower the weight or the learning rate, or look for NaN/Inf in the inputs."
             )
-        log_metric(ctx.module, name, value, batch_size)
+        self.record(ctx, name, value, batch_size)
+
+    def record(self, ctx: StepContext, name: str, value: Tensor, batch_size: int | None = None) -> None:
+        """Keep ``value`` for the epoch mean, and log it on the steps the Trainer writes to its loggers.
+
+        Per step only every ``log_every_n_steps`` (:func:`lightning_gp._logging.should_log`): a ``self.log``
+        call costs 1–2 ms in Lightning 2.6, and a value logged on another step is overwritten unread. All
+        ranks take the same decision, so ``sync_dist`` cannot deadlock.
+        """
+        module = ctx.module
+        if not isinstance(module, pl.LightningModule) or ctx.strategy is None:
+            return  # outside a Trainer (manual use): nothing to log to
+        value = value.detach()
+        self._epoch_values.setdefault(name, []).append((value, batch_size or 1))
+        if should_log(module.trainer):
+            pl.LightningModule.log(module, name, value, on_step=True, on_epoch=False, sync_dist=True,
+                                   batch_size=batch_size)
 
 
-def log_metric(module: nn.Module, name: str, value: Tensor, batch_size: int | None = None) -> None:
-    """Log per step, averaged over DDP ranks (each rank's value is a mean over equally many samples).
-
-    Only on the steps whose metrics the Trainer writes to its loggers (every ``log_every_n_steps``, see
-    :func:`lightning_gp._logging.should_log`): a ``self.log`` call costs 1–2 ms in Lightning 2.6, and a value
-    logged on another step would be overwritten unread. All ranks take the same decision (``sync_dist``).
-    """
-    if not isinstance(module, pl.LightningModule) or not should_log(module._trainer):
-        return
-    pl.LightningModule.log(module, name, value, on_step=True, on_epoch=False, sync_dist=True, batch_size=batch_size)
-
-
-def distributed_world() -> int:
-    """The DDP world size, 1 when torch.distributed is not running."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+def epoch_mean(values: list[tuple[Tensor, int]]) -> Tensor:
+    """The sample-weighted mean of ``(value, samples)`` pairs over all ranks (a torchmetrics ``MeanMetric``)."""
+    metric = MeanMetric(sync_on_compute=True).to(values[0][0].device)
+    stacked = torch.stack([v.float() for v, _ in values])
+    weights = torch.tensor([n for _, n in values], dtype=stacked.dtype, device=stacked.device)
+    metric.update(stacked, weights)
+    return metric.compute()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, log_metric
+from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, replace_input
 from lightning_gp.callbacks.data_penalty import input_leaf
 from lightning_gp.functional import fgsm, pgd
@@ -128,8 +128,8 @@ class AdversarialTraining(PenaltyCallback):
             adv_loss = step.loss
             result = step
         n = x.shape[0]
-        log_metric(ctx.module, "adversarial/loss", adv_loss.detach(), n)
+        self.record(ctx, "adversarial/loss", adv_loss, n)
         if clean_loss is not None:
-            log_metric(ctx.module, "adversarial/clean_loss", clean_loss.detach(), n)
+            self.record(ctx, "adversarial/clean_loss", clean_loss, n)
         self.applied += 1
         return result

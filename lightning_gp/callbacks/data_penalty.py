@@ -12,7 +12,6 @@ from lightning_gp.callbacks._base import (
     PenaltyCallback,
     Step,
     StepContext,
-    distributed_world,
     rng_state,
     set_rng_state,
 )
@@ -176,11 +175,10 @@ class DataGradientPenalty(PenaltyCallback):
 
     def _check_reduction(self, ctx: StepContext, batch: Any, x: Tensor, loss: Tensor) -> None:
         actual, detail = self._observed_reduction(ctx, batch, x, loss)
-        if distributed_world() > 1:
+        if ctx.world_size > 1:
             # Every rank takes rank 0's verdict: ranks see different data, and one rank raising while the
             # others go on into the gradient all-reduce would hang the job instead of failing it.
-            code = torch.tensor([(None, "sum", "mean").index(actual)], device=x.device)
-            torch.distributed.broadcast(code, src=0)
+            code = ctx.broadcast(torch.tensor([(None, "sum", "mean").index(actual)], device=x.device))
             actual = (None, "sum", "mean")[int(code)]
         declared = self.loss_reduction
         if actual is not None and actual != declared:
@@ -240,14 +238,11 @@ class DataGradientPenalty(PenaltyCallback):
         n = x.shape[0]
         stats = torch.stack([per_sample_squared_norm(x.detach()).sum(), per_sample_squared_norm(direction).max()])
         count = float(n)
-        world = distributed_world()
-        if world > 1:
+        if ctx.world_size > 1:
             # Same h on every rank as one process on the combined batch: mean of ‖xᵢ‖² and max of ‖dᵢ‖².
-            total = torch.stack([stats[0], torch.tensor(count, dtype=stats.dtype, device=stats.device)])
-            torch.distributed.all_reduce(total)
-            largest = stats[1].clone()
-            torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
-            stats = torch.stack([total[0], largest])
+            total = ctx.reduce(torch.stack([stats[0], torch.tensor(count, dtype=stats.dtype, device=stats.device)]),
+                               "sum")
+            stats = torch.stack([total[0], ctx.reduce(stats[1], "max")])
             count = float(total[1])
         h = finite_difference_input_step_from_norms(stats[0] / count, stats[1], self.step)
         penalty = phi.mean()

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lightning_gp.callbacks._base import (
     PenaltyCallback,
     Step,
     StepContext,
-    distributed_world,
     rng_state,
     set_rng_state,
 )
@@ -23,16 +20,6 @@ from lightning_gp.functional.penalties import finite_difference_parameter_step
 
 METHODS = ("double_backward", "finite_difference")
 SCOPES = ("local", "global")
-
-
-def _differentiable_mean_over_ranks(t: Tensor, world: int) -> Tensor:
-    # torch.distributed.nn's all_reduce has a backward (an all_reduce of the incoming gradients); the
-    # deprecation it warns about points to a functional API without autograd support.
-    from torch.distributed.nn.functional import all_reduce
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return all_reduce(t) / world
 
 
 class ParameterGradientPenalty(PenaltyCallback):
@@ -125,14 +112,12 @@ class ParameterGradientPenalty(PenaltyCallback):
             step = step.loss_grads()
             grads = [step.grad_of(p) for p in params]
         grads = grads_or_zeros(grads, params, what="the loss returned by `training_step`", wrt="parameters")
-        world = distributed_world()
+        world = ctx.world_size
         if self.scope == "global" and world > 1:
-            if double:
-                grads = [_differentiable_mean_over_ranks(g, world) for g in grads]
+            if double:  # a differentiable mean over the ranks (the strategy's all_gather with sync_grads)
+                grads = [ctx.mean_over_ranks(g) for g in grads]
             else:  # no graph needed: one flat all-reduce (of a copy: the linearised loss keeps the local ∇L)
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                torch.distributed.all_reduce(flat)
-                flat /= world
+                flat = ctx.reduce(torch.cat([g.reshape(-1) for g in grads]), "sum") / world
                 grads = list(torch.split(flat, [g.numel() for g in grads]))
                 grads = [f.view_as(p) for f, p in zip(grads, params, strict=True)]
         penalty = squared_norm_sum(grads)

@@ -22,19 +22,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_gp._logging import logger_step
+from lightning_gp._support import check_strategy, init_repr
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.loggers import log_scalars
 from lightning_gp.metrics import PerSampleMeanMax
 
 #: Interval used when ``every_n_steps=None`` and the trainer logs nothing (``log_every_n_steps=0``).
 FALLBACK_INTERVAL = 50
-
-
-def logger_step(trainer: pl.Trainer) -> int:
-    """The step Lightning's logger connector uses: optimizer steps taken so far (counted once per batch
-    even with several optimizers), the x-axis of ``self.log`` values in every logger."""
-    # Lightning's own LearningRateMonitor reads this same counter.
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 @contextlib.contextmanager
@@ -72,6 +67,10 @@ class Monitor(Callback):
         self.last_logged: dict[str, float] = {}
         self.last_logged_step: int | None = None
         self._metric: PerSampleMeanMax | None = None
+        self._epoch: dict[str, list[float]] = {}
+
+    def __repr__(self) -> str:
+        return init_repr(self)
 
     @property
     def interval(self) -> int:
@@ -81,6 +80,9 @@ class Monitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._last_step = -1
+        self._epoch = {}
+        if stage == "fit":
+            check_strategy(trainer, type(self).__name__)
         if self.every_n_steps is None:
             self._interval = trainer.log_every_n_steps or FALLBACK_INTERVAL
 
@@ -102,6 +104,27 @@ class Monitor(Callback):
         return self._metric.reduce(columns)
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
+        """Send the (already rank-reduced) scalars of a measurement to every logger at ``step``.
+
+        Straight to the loggers, as Lightning's ``LearningRateMonitor`` does, not through ``self.log``: a value
+        logged with ``self.log`` on one step is written again at every later logging step of the epoch
+        (Lightning keeps the last step value until the epoch ends), which would misdate the measurements of
+        a monitor that measures less often than the Trainer logs.
+        """
         self.last_logged = {k: float(v) for k, v in metrics.items()}
         self.last_logged_step = step
+        for key, value in self.last_logged.items():
+            self._epoch.setdefault(key, []).append(value)
         log_scalars(trainer, self.last_logged, step)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log each value's epoch aggregate as ``<key>_epoch`` (the max of ``*_max`` keys, else the mean),
+        into ``callback_metrics``, so that ``EarlyStopping``/``ModelCheckpoint`` can monitor it whatever
+        ``log_every_n_steps`` is. Not sent to the loggers, which keep one row per step."""
+        epoch, self._epoch = self._epoch, {}
+        if epoch:
+            values = {f"{k}_epoch": max(v) if k.endswith("_max") else sum(v) / len(v) for k, v in epoch.items()}
+            for key, value in values.items():  # the class's method: a user's override of `log` sees only theirs
+                pl.LightningModule.log(pl_module, key, value, on_step=False, on_epoch=True, logger=False)
+

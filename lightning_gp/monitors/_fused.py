@@ -1,76 +1,26 @@
 """Fused per-sample gradient norms: read them off the training step's own forward and backward.
 
-:class:`~lightning_gp.functional.grad_norms.GradNormRecorder` keeps each layer's inputs and output
-gradients during an ordinary forward/backward; the ghost norms it computes are those *of the quantity
-that was differentiated*. In a Lightning step that quantity is ``loss · s / k``: ``loss`` the value
-``training_step`` returned (the batch mean ``(1/B) Σᵢ ℓᵢ`` when ``loss_reduction="mean"``), ``k`` the
-``accumulate_grad_batches`` Lightning divides by, ``s`` the GradScaler's scale under ``"16-mixed"``. So
-every recorded gradient is the per-sample one times ``s / (B·k)`` (``s / k`` for a summed loss), and
-:func:`per_sample_factor` undoes exactly that: the norms scale with it, so the monitor applies it to the
-reduced mean and max (to each row only when the micro-batches of a step differ in size). Samples must not
-interact (no train-mode BatchNorm) for the recorded gradient of row i to be ∇ℓᵢ alone.
-
-The recorded output gradients and inputs are brought to float32 before the norms: under ``16-mixed``
-they are float16 and scaled by up to 2¹⁶, and their squared sums would overflow.
-
-Cost. When every layer owning trainable parameters is a Linear/Conv layer (MLPs, CNNs), only those
-layers are hooked (:func:`_restrict_to_ghost_layers`); when all of them are ``nn.Linear`` (an MLP) the light
-:class:`LinearTap` records them and the norms of all layers are formed together; otherwise the recorder
-hooks every module and computes as :func:`~lightning_gp.functional.per_sample_grad_norms_by_layer` does.
-``training_step`` is wrapped (:func:`install_tap`) so that the hooks record exactly the training step's
-forward, not other callbacks' passes in ``on_train_batch_start``. What remains per monitored step is a few
-dozen small operations, and on a CPU each costs more in dispatch than in arithmetic, so the light path is
-written to launch few: row norms taken in the backward hooks while the tensors are in cache, all layers
-combined in three operations, one metric reduction and one host transfer a step.
+The recorded gradients are those of ``loss · s / k`` (``k`` the ``accumulate_grad_batches``, ``s`` the
+GradScaler's scale), so each is the per-sample gradient times ``s / (B·k)`` for a mean loss;
+:func:`per_sample_factor` undoes that. All-Linear models take the light :class:`LinearTap`; others the
+general recorder. The recording starts at the top of ``training_step``, called by the
+:class:`~lightning_gp.interception.StepInterceptor`. Design notes: ``docs/design/fused-monitor.md``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import types
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_gp._compat import tensor_version
 from lightning_gp.functional.grad_norms import GradNormRecorder, _check_versions, linear_squared_norms
-
-_TAP_ATTR = "_lightning_gp_fused_tap"
-
-
-def install_tap(module: pl.LightningModule, start: Callable[[Any], None]) -> None:
-    """Call ``start(batch)`` at the top of every ``training_step``, so the recording covers exactly the
-    forward passes of the training step and not those other callbacks run in ``on_train_batch_start``.
-
-    ``training_step`` becomes an instance attribute, as for the penalty callbacks
-    (:mod:`lightning_gp.callbacks._base`): under DDP Lightning looks it up at call time, inside DDP's forward.
-    """
-    uninstall_tap(module)
-    had_instance_attr = "training_step" in module.__dict__
-    original = module.training_step
-
-    @functools.wraps(original)  # Lightning reads the signature and ``__code__`` of training_step
-    def training_step(*args: Any, **kwargs: Any) -> Any:
-        start(args[0] if args else kwargs.get("batch"))
-        return original(*args, **kwargs)
-
-    module.__dict__[_TAP_ATTR] = (had_instance_attr, original)
-    module.training_step = training_step
-
-
-def uninstall_tap(module: pl.LightningModule) -> None:
-    saved = module.__dict__.pop(_TAP_ATTR, None)
-    if saved is None:
-        return
-    had_instance_attr, original = saved
-    if had_instance_attr:
-        module.training_step = original
-    else:
-        module.__dict__.pop("training_step", None)
 
 
 def grad_scale(trainer: pl.Trainer) -> float:
@@ -205,38 +155,45 @@ def check_unused(modules: dict[str, nn.Module], unused: list[str], owner: str) -
     return [name or "_root" for name in unused]
 
 
+@dataclass
+class LayerCall:
+    """One recorded call of a tapped layer: its input h and the output gradient g, or only their row norms.
+
+    For a layer called once on a (B, d) input the backward hook keeps ``h_norm``/``g_norm`` and drops ``h``
+    (:meth:`LinearTap._on_grad`); otherwise it keeps ``grad`` for :func:`linear_squared_norms`.
+    """
+
+    input: Tensor | None
+    version: int
+    grad: Tensor | None = None
+    h_norm: Tensor | None = None
+    g_norm: Tensor | None = None
+
+    @property
+    def received(self) -> bool:
+        return self.grad is not None or self.g_norm is not None
+
+
 class LinearTap:
     """The fused recording of a model whose parameterised layers are all ``nn.Linear``: the light path.
 
-    Each layer's ``forward`` keeps the layer's input h and puts a tensor hook on its output for the output
-    gradient g; nothing else is recorded (no per-module bookkeeping, no pytree walks: this runs on every
-    monitored training step). A layer called several times (weights shared across calls or positions) has
-    per-sample gradient Σ_calls gᵢhᵢᵀ: its calls are stacked along the sequence dimension, where
-    :func:`~lightning_gp.functional.grad_norms.linear_squared_norms` already sums over positions.
-
-    How the layers are tapped. Not with forward hooks: a module with any hook takes ``nn.Module``'s slow call
-    path, about 5 µs a call on a CPU, as much as the recording itself. Instead each layer gets an instance
-    ``forward``, :func:`_tapped_forward` bound to the layer, which runs ``nn.Linear.forward`` and records
-    when its tap is recording. The method is bound to the layer, so a deep copy of the model rebinds it to
-    the copy, whose calls are not recorded (the copy is not registered) and compute as ``nn.Linear`` does.
-    A layer that already has an instance ``forward`` of its own is not tapped this way (see
-    :func:`linear_layers`).
-
-    Lifetime. :meth:`start` begins a step's recording, :meth:`stop` ends it (the tensor hooks are removed and
-    the records dropped). The layers are tapped by the first :meth:`start` and stay so, recording nothing,
-    until :meth:`remove`: the monitor keeps one tap over consecutive monitored steps and removes it at the
-    first step it does not monitor, at teardown and when a step raises.
+    A forward hook on each layer keeps the layer's input h and puts a tensor hook on its output for the
+    output gradient g; nothing else is recorded. A layer called several times has per-sample gradient
+    Σ_calls gᵢhᵢᵀ: its calls are stacked along the sequence dimension, where :func:`linear_squared_norms`
+    sums over positions. The forward hooks are put on by the first :meth:`start` and stay, recording
+    nothing between steps, until :meth:`remove`: the monitor keeps one tap over consecutive monitored
+    steps and removes it at the first step it does not monitor, at teardown and when a step raises.
+    Design notes: ``docs/design/fused-monitor.md``.
     """
 
     def __init__(self, layers: dict[str, nn.Module], owner: str = "GradientNormMonitor") -> None:
         self.layers = layers
         self.owner = owner
-        #: name → one [input, its version at call time, output gradient, ‖hᵢ‖, ‖gᵢ‖] per call
-        self.calls: dict[str, list[list]] = {name: [] for name in layers}
+        self.calls: dict[str, list[LayerCall]] = {name: [] for name in layers}
         self.recording = False
         self.batch = 0
-        self._tapped = False
-        self._grad_handles: list = []
+        self._forward_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def start(self, batch: int) -> LinearTap:
         """Record the coming forward/backward of a batch of ``batch`` samples."""
@@ -244,16 +201,13 @@ class LinearTap:
         self.clear()
         self.batch = batch
         self.recording = True
-        if not self._tapped:
+        if not self._forward_handles:
             for name, layer in self.layers.items():
-                _TAPPED[id(layer)] = (self, layer, name or "_root", self.calls[name])
-                layer.forward = types.MethodType(_tapped_forward, layer)
-            self._tapped = True
+                self._forward_handles.append(layer.register_forward_hook(self._forward_hook(name or "_root", layer)))
         return self
 
     def stop(self) -> None:
-        """End the step's recording: no more records, the tensor hooks removed. The layers stay tapped,
-        recording nothing, until :meth:`remove`."""
+        """End the step's recording: no more records, the tensor hooks removed (the forward hooks stay)."""
         self.recording = False
         for handle in self._grad_handles:
             handle.remove()
@@ -265,50 +219,53 @@ class LinearTap:
             calls.clear()
 
     def remove(self) -> None:
-        """Stop, drop the records and untap the layers."""
+        """Stop, drop the records and remove the forward hooks."""
         self.stop()
         self.clear()
-        if self._tapped:
-            for layer in self.layers.values():
-                _TAPPED.pop(id(layer), None)
-                if _is_tapped(layer):
-                    del layer.__dict__["forward"]
-            self._tapped = False
+        for handle in self._forward_handles:
+            handle.remove()
+        self._forward_handles.clear()
 
-    def _record(self, label: str, calls: list[list], h: Tensor, output: Tensor) -> None:
-        if not self.recording or not torch.is_grad_enabled() or not output.requires_grad:
-            return  # between monitored steps, or a no-grad forward (no backward to record)
-        record = [h, h._version, None, None, None]  # input, its version, g, and ‖hᵢ‖, ‖gᵢ‖ (see _on_grad)
-        calls.append(record)
-        self._grad_handles.append(output.register_hook(functools.partial(self._on_grad, label, calls, record)))
+    def _forward_hook(self, label: str, layer: nn.Module) -> Callable[..., None]:
+        calls = self.calls[next(name for name, m in self.layers.items() if m is layer)]
 
-    def _on_grad(self, label: str, calls: list[list], record: list, grad: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            # `module is layer`: a deep copy of the model copies this hook; its calls are not recorded
+            if module is layer and self.recording and torch.is_grad_enabled() and output.requires_grad:
+                h = args[0]
+                record = LayerCall(input=h, version=tensor_version(h))
+                calls.append(record)
+                handle = output.register_hook(functools.partial(self._on_grad, label, calls, record))
+                self._grad_handles.append(handle)
+
+        return hook
+
+    def _on_grad(self, label: str, calls: list[LayerCall], record: LayerCall, grad: Tensor) -> None:
         """Tensor hook on a layer's output: keep its gradient g; for a layer called once on a (B, d) input keep
         only the row norms of g and of the layer's input h, and drop h.
 
         The norms are taken here because both are in cache now: g was just computed, and h is read right after
-        by the layer's own backward (gᵀh); after the backward neither is. g and h are then freed as in a plain
-        backward, not held until the monitor's hook.
+        by the layer's own backward (gᵀh). g and h are then freed as in a plain backward.
         """
-        if record[2] is not None or record[4] is not None:
+        if record.received:
             raise RuntimeError(
                 f"{self.owner}(mode='fused') records the gradient of one backward per training step, but the "
                 f"output of layer '{label}' received a second gradient: `training_step` differentiates through "
                 f"the model itself (`torch.autograd.grad`, a second `backward`). Use mode='recompute'."
             )
-        h = record[0]
+        h = record.input
         if len(calls) == 1 and h.ndim == 2:
-            self._check(label, h, record[1])
+            self._check(label, h, record.version)
             # the backward runs without grad mode (unless create_graph): no graph to detach from
-            record[3] = torch.linalg.vector_norm(h if not torch.is_grad_enabled() else h.detach(), dim=1,
-                                                 dtype=_wide(h.dtype))
-            record[4] = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))
-            record[0] = None
+            record.h_norm = torch.linalg.vector_norm(h if not torch.is_grad_enabled() else h.detach(), dim=1,
+                                                     dtype=_wide(h.dtype))
+            record.g_norm = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))
+            record.input = None
         else:
-            record[2] = grad.detach()
+            record.grad = grad.detach()
 
     def _check(self, label: str, h: Tensor, version: int) -> None:
-        if h._version != version:
+        if tensor_version(h) != version:
             raise RuntimeError(
                 f"{self.owner}(mode='fused'): the input of layer '{label}' was modified in place after the layer "
                 f"ran, so its recorded activations are stale. Avoid in-place ops on layer inputs (e.g. `x += ...`), "
@@ -329,9 +286,8 @@ class LinearTap:
 
         The common case, every layer called once on a (B, d) input with weight and bias trainable, is the
         row norms the tensor hooks kept and two small operations for all layers together:
-        ‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = (‖gᵢ‖‖hᵢ‖)² + ‖gᵢ‖², a ``hypot``. The monitor runs this on every monitored step, where
-        each extra small kernel costs more than its arithmetic. Norms are taken in float32 for
-        half-precision records (fp16 squares of scaled gradients overflow).
+        ‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = (‖gᵢ‖‖hᵢ‖)² + ‖gᵢ‖², a ``hypot``. Norms are taken in float32 for half-precision
+        records (fp16 squares of scaled gradients overflow).
         """
         batch = self.batch
         names, g_norms, h_norms, general = [], [], [], []
@@ -340,25 +296,25 @@ class LinearTap:
                 continue
             label = name or "_root"
             names.append(label)
-            params = self.layers[name]._parameters
-            weight = params["weight"].requires_grad
-            bias = params["bias"] is not None and params["bias"].requires_grad
-            if len(calls) == 1 and calls[0][4] is not None:  # one call on a (B, d) input: its row norms, checked
-                _, _, _, h_norm, g_norm = calls[0]
+            layer = self.layers[name]
+            weight = layer.weight.requires_grad
+            bias = layer.bias is not None and layer.bias.requires_grad
+            if len(calls) == 1 and calls[0].g_norm is not None:  # one call on a (B, d) input: its row norms
+                call = calls[0]
                 if weight and bias:  # the common case, batched below
-                    h_norms.append(h_norm)
-                    g_norms.append(g_norm)
+                    h_norms.append(call.h_norm)
+                    g_norms.append(call.g_norm)
                     general.append(None)
                 else:  # one of them frozen: ‖gᵢhᵢᵀ‖ = ‖gᵢ‖‖hᵢ‖ (the weight) or ‖gᵢ‖ (the bias)
-                    general.append(g_norm * h_norm if weight else g_norm)
+                    general.append(call.g_norm * call.h_norm if weight else call.g_norm)
                 continue
             reached = []
-            for h, version, g, _, _ in calls:
-                self._check(label, h, version)
-                if g is not None:  # a call whose output did not reach the loss contributes nothing
-                    reached.append((h.detach(), g))
+            for call in calls:
+                self._check(label, call.input, call.version)
+                if call.grad is not None:  # a call whose output did not reach the loss contributes nothing
+                    reached.append((call.input.detach(), call.grad))
             if not reached:
-                h0 = calls[0][0]
+                h0 = calls[0].input
                 general.append(torch.zeros(batch, dtype=_wide(h0.dtype), device=h0.device))
             else:
                 h3 = torch.cat([_float(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
@@ -375,43 +331,22 @@ class LinearTap:
         return names, (torch.stack(general, dim=1) if general else None)
 
 
-#: id(layer) → (its tap, the layer, its name, its call records), for the layers a :class:`LinearTap` tapped.
-_TAPPED: dict[int, tuple[LinearTap, nn.Module, str, list[list]]] = {}
-
-
-def _tapped_forward(self: nn.Linear, input: Tensor) -> Tensor:
-    """``nn.Linear.forward`` that also records the call for the layer's :class:`LinearTap` (bound to the layer
-    as an instance ``forward``; a deep copy of the layer is bound to the copy, which is not registered)."""
-    output = nn.Linear.forward(self, input)
-    entry = _TAPPED.get(id(self))
-    if entry is not None and entry[1] is self:
-        entry[0]._record(entry[2], entry[3], input, output)
-    return output
-
-
-def _is_tapped(module: nn.Module) -> bool:
-    return getattr(module.__dict__.get("forward"), "__func__", None) is _tapped_forward
-
-
 def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
     """``{name: layer}`` of the modules owning trainable parameters when all are plain ``nn.Linear`` (an MLP);
-    None otherwise, and when a BatchNorm is in training mode (the general recorder then raises its error).
-
-    One pass over the modules, on every monitored step (cheaper than building the general recorder). A
-    module's own parameters are read from ``_parameters``, as ``parameters(recurse=False)`` does, without
-    its generator machinery (a third of this function's time on a small MLP).
-    """
+    None otherwise, and when a BatchNorm is in training mode (the general recorder then raises its error)."""
     layers = {}
     for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        if isinstance(m, TRAIN_MODE_BATCHNORMS) and m.training:
             return None
-        params = m._parameters
-        if params and any(p is not None and p.requires_grad for p in params.values()):
-            if type(m) is not nn.Linear or ("forward" in m.__dict__ and not _is_tapped(m)):
-                return None  # not a plain Linear, or one with a forward of its own: the general recorder
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            if type(m) is not nn.Linear:
+                return None  # not a plain Linear: the general recorder
             layers[name] = m
     return layers or None
 
+
+#: BatchNorm layers, which couple the samples in training mode (their Lazy variants subclass these).
+TRAIN_MODE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 #: Layers whose per-sample norms need only their own inputs and output gradients (the ghost norm).
 GHOST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -426,7 +361,7 @@ def _restrict_to_ghost_layers(recorder: GradNormRecorder) -> bool:
     train-mode BatchNorm is present, so that ``start`` still raises its error.
     """
     owners = {n: m for n, m in recorder.modules.items() if any(p.requires_grad for p in m.parameters(recurse=False))}
-    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in recorder.modules.values())
+    batchnorm = any(isinstance(m, TRAIN_MODE_BATCHNORMS) and m.training for m in recorder.modules.values())
     if batchnorm or not all(type(m) in GHOST_LAYERS for m in owners.values()):
         return False
     recorder.modules = owners
@@ -444,9 +379,16 @@ def _layer_squared_norms(recorder: GradNormRecorder, batch: int) -> dict[str, Te
     for uses in recorder.uses.values():
         for use in uses:
             use.grads = {i: _float(g) for i, g in use.grads.items()}
-            use.args, use.kwargs = tree_map(_float, (use.args, use.kwargs))
-            use.versions = [t._version for t in tree_flatten((use.args, use.kwargs))[0] if isinstance(t, Tensor)]
+            use.args, use.kwargs = apply_to_collection((use.args, use.kwargs), Tensor, _float)
+            use.versions = tensor_versions((use.args, use.kwargs))
     return recorder.layer_squared_norms(batch)
+
+
+def tensor_versions(collection: object) -> list[int]:
+    """The version counters of the tensors in ``collection``, in order."""
+    versions: list[int] = []
+    apply_to_collection(collection, Tensor, lambda t: versions.append(tensor_version(t)))
+    return versions
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:

@@ -11,22 +11,17 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gp._logging import logger_step
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._batch import InputKey
 from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
 from lightning_gp.functional.gradients import tensor_norms
+from lightning_gp.interception import StepInterceptor
 from lightning_gp.loggers import define_summaries, log_histograms, wandb_runs
-from lightning_gp.monitors._base import Monitor, isolated, logger_step
+from lightning_gp.monitors._base import Monitor, isolated
 from lightning_gp.monitors._batch import default_loss, select_input
-from lightning_gp.monitors._fused import (
-    FusedRecording,
-    LinearTap,
-    grad_scale,
-    install_tap,
-    per_sample_factor,
-    uninstall_tap,
-)
+from lightning_gp.monitors._fused import FusedRecording, LinearTap, grad_scale, per_sample_factor
 
 #: ``loss_fn(outputs, batch)`` → per-sample losses, shape (B,).
 PerSampleLoss = Callable[[Tensor, Any], Tensor]
@@ -153,7 +148,6 @@ class GradientNormMonitor(Monitor):
         self.histograms = bool(histograms)
         self.loss_fn = loss_fn or default_loss
         self.per_layer = bool(per_layer)
-        self._layer_names: list[str] | None = None
         self._pending: dict[str, Tensor] | None = None
         self._pending_step = -1
         self._global_step_at_start = -1
@@ -184,7 +178,7 @@ class GradientNormMonitor(Monitor):
                 f"gradients are not those of the per-sample losses. Use mode='recompute'."
             )
         self._module = pl_module
-        install_tap(pl_module, self._tap)
+        StepInterceptor.attach(trainer, pl_module).observe(self._tap)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -221,7 +215,7 @@ class GradientNormMonitor(Monitor):
             self._remove_tap()  # the hooks stay on only over consecutive monitored steps
 
     def _tap(self, batch: Any) -> None:
-        """Start of ``training_step``: start recording if this micro-batch is due (see :func:`install_tap`)."""
+        """Start of ``training_step`` (called by the interceptor): record if this micro-batch is due."""
         if not self._armed:
             return
         self._armed = False
@@ -256,14 +250,19 @@ class GradientNormMonitor(Monitor):
         self._close()
         self._remove_tap()
         self._pending, self._columns = None, []
-        uninstall_tap(pl_module)
+        self._unobserve(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
         self._remove_tap()
-        uninstall_tap(pl_module)
+        self._unobserve(pl_module)
         self._module = None
+
+    def _unobserve(self, pl_module: pl.LightningModule) -> None:
+        interceptor = StepInterceptor.of(pl_module)
+        if interceptor is not None:
+            interceptor.unobserve(self._tap)
 
     @override
     def on_before_optimizer_step(

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_gp._logging import logger_step
 from lightning_gp.callbacks._batch import InputKey
 from lightning_gp.functional._checks import check_per_sample, check_positive_int
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
 from lightning_gp.loggers import define_summaries, log_inequality
-from lightning_gp.monitors._base import Monitor, isolated, logger_step
+from lightning_gp.monitors._base import Monitor, isolated
 from lightning_gp.monitors._batch import default_loss, select_input, take_first
 from lightning_gp.monitors.gradient_norm import PerSampleLoss
 
