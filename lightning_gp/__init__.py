@@ -1,6 +1,6 @@
 """lightning-gp: gradient-based regularization for PyTorch Lightning.
 
-Layers: :mod:`lightning_gp.functional` (pure torch math) → metrics → callbacks, the WGAN-GP mixin and
+Layers: `lightning_gp.functional` (pure torch math) → metrics → callbacks, the WGAN-GP mixin and
 monitors (thin Lightning adapters over the math).
 """
 

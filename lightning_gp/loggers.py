@@ -1,10 +1,10 @@
 """Logging adapters of the monitors: scalars to every Lightning logger, rich media to W&B only.
 
 Scalars go through ``Logger.log_metrics`` of each logger in ``trainer.loggers`` (CSV, TensorBoard, W&B,
-...), at Lightning's own step, the way :class:`~lightning.pytorch.callbacks.LearningRateMonitor` logs;
+...), at Lightning's own step, the way `LearningRateMonitor` logs;
 Lightning loggers write from global rank 0 only. What only W&B can show — ``define_metric`` summaries,
 histograms, tables, the lhs-against-rhs scatter and images — is sent only from global rank 0 and only to
-:class:`~lightning.pytorch.loggers.WandbLogger` s; with no W&B logger these functions do nothing, so the
+`WandbLogger` s; with no W&B logger these functions do nothing, so the
 monitors work unchanged with any other logger, or none.
 """
 

@@ -1,9 +1,9 @@
 """torchmetrics metrics that reduce per-sample values across DDP ranks the way one process would.
 
-torchmetrics already ships :class:`~torchmetrics.MeanMetric` (a weighted mean held as two "sum" states)
-and :class:`~torchmetrics.MaxMetric`. The monitors log the mean *and* the max of several per-sample
+torchmetrics already ships `MeanMetric` (a weighted mean held as two "sum" states)
+and `MaxMetric`. The monitors log the mean *and* the max of several per-sample
 quantities at once (input-gradient norm, parameter-gradient norm, one per layer, ...), so this module
-holds the one thing missing: :class:`PerSampleMeanMax`, the same two reductions over a vector of
+holds the one thing missing: `PerSampleMeanMax`, the same two reductions over a vector of
 quantities in a single metric, so a monitor syncs one state per logging step instead of 2·K metrics.
 """
 
@@ -19,19 +19,19 @@ class PerSampleMeanMax(Metric):
     """Mean and max over samples of ``num_values`` per-sample quantities, exact under DDP.
 
     The state is the per-sample values themselves (``values``, a list state reduced by concatenation), so
-    under DDP :meth:`compute` reduces the samples of all ranks together: two ranks with batches of 3 and 5
+    under DDP `compute` reduces the samples of all ranks together: two ranks with batches of 3 and 5
     samples report the mean over the 8 samples (weighted by each rank's sample count, which averaging the
     two rank means would not be) and their max. Holding the samples rather than running sums is what makes
     the monitors cheap: they reduce one step's samples and reset, and then an update is a list append and a
     reset a list clear (no tensor operations), where running sums cost a dozen small kernels per step. The
-    memory is that of the samples since the last :meth:`reset`. Values keep their dtype (float64 stays
+    memory is that of the samples since the last `reset`. Values keep their dtype (float64 stays
     float64).
 
     Args:
         num_values: how many quantities each sample carries (columns of the ``(B, num_values)`` update).
-        kwargs: passed to :class:`torchmetrics.Metric` (``process_group``, ``sync_on_compute``, ...).
+        kwargs: passed to `torchmetrics.Metric` (``process_group``, ``sync_on_compute``, ...).
 
-    Example::
+    Example:
 
         >>> metric = PerSampleMeanMax(num_values=2)
         >>> metric.update(torch.tensor([[1.0, 10.0], [3.0, 20.0]]))
@@ -58,7 +58,7 @@ class PerSampleMeanMax(Metric):
         """Add a batch of per-sample values, shape ``(B,)`` when ``num_values == 1``, else ``(B, num_values)``.
 
         A batch of zero samples is allowed (a rank with an empty share) and changes nothing. Under DDP every
-        rank must have updated (possibly with zero samples) before :meth:`compute`.
+        rank must have updated (possibly with zero samples) before `compute`.
         """
         self.values.append(self._checked(values))
 
@@ -70,14 +70,14 @@ class PerSampleMeanMax(Metric):
         return self._mean_max(values)
 
     def reduce(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`update` with one batch, :meth:`compute` and :meth:`reset` in one call: ``(mean, max)``.
+        """`update` with one batch, `compute` and `reset` in one call: ``(mean, max)``.
 
         What a monitor does once per logging step. Under DDP (and when the metric holds earlier updates) it
         is exactly those three calls, the compute syncing across ranks; in a single process, where there is
         nothing to sync, the same reduction is taken directly, without torchmetrics' per-call bookkeeping
         (about as much time as the reduction itself on a small batch).
 
-        Example::
+        Example:
 
             >>> mean, maximum = PerSampleMeanMax(num_values=2).reduce(torch.tensor([[1.0, 10.0], [3.0, 20.0]]))
             >>> mean.tolist(), maximum.tolist()

@@ -1,8 +1,8 @@
 """Lightning callbacks that add gradient penalties or adversarial examples to an unchanged LightningModule.
 
-Each is a thin adapter over :mod:`lightning_gp.functional`; see :mod:`lightning_gp.callbacks._base` for
-how the loss is changed (a wrapper around ``training_step``, DDP-safe) and how several callbacks compose.
-Modules with manual optimization use :func:`lightning_gp.manual.penalized_loss` instead.
+Each is a thin adapter over `lightning_gp.functional`. How the loss is changed (a wrapper around
+``training_step``, DDP-safe) and how several callbacks compose: ``docs/design/loss-changing-callbacks.md``.
+Modules with manual optimization use `lightning_gp.manual.penalized_loss` instead.
 """
 
 from lightning_gp.callbacks.adversarial import AdversarialTraining

@@ -19,18 +19,11 @@ from lightning_gp.functional.adversarial import NORMS, _check_clamp
 class AdversarialTraining(PenaltyCallback):
     r"""Trains on ``(1 − a)·L(x) + a·L(x_adv)``, x_adv an FGSM (``steps=1``) or PGD attack on the module's loss.
 
-    The attack differentiates the loss ``training_step`` returns w.r.t. the input only (``autograd.grad``:
-    no parameter ``.grad``, no DDP hook), with :func:`lightning_gp.functional.fgsm` /
-    :func:`~lightning_gp.functional.pgd`; only the direction of that gradient matters, so the loss's
-    reduction does not. ``norm="l2"``: steps along gᵢ/‖gᵢ‖ per sample (to first order, training with the
-    penalty ε‖∇ₓℓ‖); ``norm="linf"``: sign steps (torchattacks' FGSM/PGD).
-
-    **Passes.** The attack passes and the second training pass are *extra passes*: they drop ``self.log``
-    calls and leave BatchNorm statistics as they were. The *primary* pass — the one Lightning would run,
-    which logs and updates BatchNorm statistics, and to which the other callbacks' penalties apply — is the
-    clean one when ``adversarial_weight < 1`` and the adversarial one when ``adversarial_weight == 1``. The
-    module stays in train mode throughout: each pass draws fresh dropout masks (as a hand-written loop
-    would).
+    The attack differentiates the returned loss w.r.t. the input only (no parameter ``.grad``, no DDP hook);
+    only the gradient's direction matters, so the loss's reduction does not. ``norm="l2"`` steps along
+    gᵢ/‖gᵢ‖ (to first order, the penalty ε‖∇ₓℓ‖), ``norm="linf"`` by sign (torchattacks' FGSM/PGD). Logs
+    ``adversarial/loss`` and, when a clean loss is computed, ``adversarial/clean_loss``. Which pass is the
+    primary one: ``docs/design/loss-changing-callbacks.md``.
 
     Args:
         epsilon: radius ε ≥ 0 of the perturbation ball.
@@ -41,17 +34,13 @@ class AdversarialTraining(PenaltyCallback):
         random_start: start from a uniform point in the ε-ball.
         clamp: ``(lo, hi)`` valid input range, e.g. ``(0, 1)`` for images.
         adversarial_weight: a ∈ [0, 1].
-        input_key: which part of the batch is the input (see :class:`DataGradientPenalty`).
+        input_key: which part of the batch is the input (see `DataGradientPenalty`).
 
-    Logs ``adversarial/loss`` and ``adversarial/clean_loss`` (the latter when a clean loss is computed:
-    ``adversarial_weight < 1``, or the first attack pass without ``random_start``) on the steps the Trainer
-    writes to its loggers (every ``log_every_n_steps``, as Lightning's own step metrics; a ``self.log``
-    call costs 1–2 ms), averaged over DDP ranks.
+    Raises:
+        ValueError: an invalid argument, or an input the loss does not depend on.
+        TypeError: the selected input is not floating point.
 
-    Usage: ``pl.Trainer(callbacks=[AdversarialTraining(8 / 255, norm="linf", random_start=True, clamp=(0, 1))])``.
-
-    Example::
-
+    Example:
         >>> from lightning_gp.manual import penalized_loss
         >>> net = torch.nn.Linear(3, 1)
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)

@@ -30,7 +30,7 @@ REDUCTIONS = ("mean", "sum")
 
 
 def input_leaf(ctx: StepContext, batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, tuple]:
-    """The batch's input, checked to be floating point, and its path (see :mod:`._batch`)."""
+    """The batch's input, checked to be floating point, and its path (see `_batch`)."""
     x, path = resolve_input(batch, input_key, owner)
     if not x.is_floating_point():
         raise TypeError(
@@ -46,56 +46,29 @@ def input_leaf(ctx: StepContext, batch: Any, input_key: InputKey, owner: str) ->
 class DataGradientPenalty(PenaltyCallback):
     r"""Adds ``weight · mean_i φ(‖∇ₓℓᵢ‖)`` to the loss, φ(n) = (n − center)^power (or max(0, ·) one-sided).
 
-    ``power=1`` is ε‖∇ₓℓ‖ (first-order FGSM adversarial training), ``power=2`` the classic double
-    backpropagation. The module stays unchanged: ``training_step`` returns its loss (a tensor or a dict with
-    "loss"), the callback makes the input a leaf that requires grad, reads ∇ₓ of the returned loss, and
-    returns loss + penalty to Lightning (see :mod:`lightning_gp.callbacks._base` for how, also under DDP).
-
-    **Per-sample gradients from a batch loss.** ``training_step`` returns one scalar, so the callback must
-    know how it was reduced: with ``loss_reduction="mean"`` (the default, and PyTorch's loss default)
-    L = (1/B)·Σℓᵢ and ∇ₓℓᵢ is row i of B·∇ₓL; with ``"sum"`` it is row i of ∇ₓL. This is exact when samples
-    do not interact (no BatchNorm in train mode). A scalar alone cannot reveal its reduction, so the
-    option is explicit rather than guessed: a wrong choice would scale the per-sample gradients by B (the
-    penalty by B² for power 2). B is the size of the input's first dimension. As a guard, the first
-    penalized step also evaluates the loss on the two halves of the batch (no grad, an extra pass):
-    if L equals L₁ + L₂ (a sum) while ``"mean"`` was declared, or (L₁ + L₂)/2 while ``"sum"`` was, it
-    raises; when neither matches (BatchNorm, dropout, a loss that couples samples) it stays silent.
-    ``check_reduction=False`` skips this.
-
-    **Methods.** ``"double_backward"``: exact, differentiates ∇ₓL with ``create_graph=True``.
-    ``"finite_difference"``: no double backward (works with ``torch.compile`` and fused attention): with
-    dᵢ = ∂φ/∂gᵢ held fixed and x' = x + h·d, the objective becomes
-    ``L + w·P + (w/h)·[(L(x') − L(x)) − detached]``, whose θ-gradient is ∇L + w·(∇L(x') − ∇L(x))/h ≈
-    ∇L + w·∇P, and whose *value* stays L + w·P. One extra forward (replaying the same dropout masks), and
-    two backward passes, as a hand-written loop: ∇ₓL and ∇θL come from one backward of L, after which L
-    enters the objective as Σ⟨θ, ∇θL⟩ (detached ∇θL, same value and gradient; see ``Step.loss_grads`` in
-    :mod:`lightning_gp.callbacks._base`), so the final backward runs through the second pass's graph only.
-    h follows :func:`lightning_gp.functional.data_gradient_penalty_fd` (relative
-    ``step``); under DDP its batch statistics are all-reduced, so the result equals one process's.
+    ``power=1`` is ε‖∇ₓℓ‖ (first-order FGSM training), ``power=2`` double backpropagation (Drucker & LeCun).
+    Logs ``penalty/data_gradient`` (mean φ, unweighted). Design: ``docs/design/loss-reduction.md``.
 
     Args:
         weight: λ ≥ 0.
         power: p ≥ 1 of φ.
         center: c ≥ 0 of φ (1 for the WGAN-GP form).
         one_sided: penalise only norms above ``center``.
-        input_key: which part of the batch is the input: an index, a dict key, or a callable returning the
-            batch's input tensor. Default: the batch itself if a tensor, element 0 of a tuple/list, key
-            "x", "input" or "inputs" of a dict.
+        input_key: the input in the batch: an index, a dict key, or a callable returning the batch's tensor;
+            default the batch if a tensor, element 0 of a tuple/list, a dict's "x", "input" or "inputs".
         every_n_steps: lazy regularization: the penalty on every k-th optimizer step with weight × k.
-        method: ``"double_backward"`` or ``"finite_difference"``.
-        loss_reduction: how ``training_step`` reduced per-sample losses, ``"mean"`` or ``"sum"``.
+        method: ``"double_backward"`` (exact) or ``"finite_difference"`` (one extra ordinary pass).
+        loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduced the per-sample losses.
         step: relative input displacement of the finite difference.
         check_finite: raise on a NaN/Inf penalty, checked on every step (one host sync per step on GPU).
-        check_reduction: check ``loss_reduction`` once, on the first penalized step (see above).
+        check_reduction: check ``loss_reduction`` on the two half-batches of the first penalized step.
 
-    Logs ``penalty/data_gradient`` (mean φ, before the weight) on the steps that carry the penalty, and
-    only on the steps the Trainer writes to its loggers (every ``log_every_n_steps``, as Lightning's own
-    step metrics; a ``self.log`` call costs 1–2 ms), averaged over DDP ranks.
+    Raises:
+        ValueError: a bad argument; a loss that acts as the other ``loss_reduction`` or ignores the input.
+        TypeError: the selected input is not floating point.
+        FloatingPointError: a non-finite penalty, with ``check_finite``.
 
-    Usage: ``pl.Trainer(callbacks=[DataGradientPenalty(0.1)])``; the module is not changed.
-
-    Example (the same term, outside a Trainer, via :func:`lightning_gp.manual.penalized_loss`)::
-
+    Example:
         >>> from lightning_gp.manual import penalized_loss
         >>> net = torch.nn.Linear(3, 1)
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)

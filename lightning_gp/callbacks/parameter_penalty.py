@@ -23,43 +23,26 @@ SCOPES = ("local", "global")
 
 
 class ParameterGradientPenalty(PenaltyCallback):
-    r"""Adds ``weight · ‖∇θL‖²`` to the loss; with ``weight = γ/4`` for learning rate γ it cancels the leading
-    discretisation error of gradient descent (implicit gradient regularization). Its gradient is 2w·H·∇θL.
+    r"""Adds ``weight · ‖∇θL‖²`` to the loss; its gradient is 2w·H·∇θL.
 
-    **Methods.** ``"double_backward"``: ∇θL with ``create_graph=True`` inside the training step (no DDP
-    hook fires: only the final backward of loss + penalty reaches ``.grad``). ``"finite_difference"``
-    (GNP / SAM's two passes): with g = ∇θL detached and h from
-    :func:`lightning_gp.functional.parameter_gradient_penalty_fd`'s rule (relative ``step``), a second
-    forward at θ + h·g (through ``torch.func.functional_call``; the module's own parameters are never
-    modified, so the first pass's graph stays valid) gives the objective
-    ``L + w‖g‖² + (2w/h)·[(L(θ+hg) − L(θ)) − detached]``, whose gradient is ∇L + 2w(∇L(θ+hg) − ∇L)/h.
-    The backward that gives g also serves L's own gradient: L enters the objective as Σ⟨θ, g⟩ (detached g,
-    same value and gradient), so the final backward runs through the second pass's graph only — two
-    backward passes per step, as a hand-written loop (under DDP still one backward that DDP reduces).
-
-    **DDP scopes.** ``scope="local"`` (default, what SAM does): each rank penalises the gradient of its own
-    batch, so DDP's average is ∇L̄ + 2w·mean_r(H_r g_r), which differs from one process on the combined
-    batch (‖mean g_r‖² ≠ mean ‖g_r‖²). ``scope="global"``: the gradient is averaged over ranks *inside the
-    graph* (a differentiable all_reduce), so the result is ∇L̄ + 2w·H̄ḡ, the one-process result; it costs
-    one extra all-reduce of the gradient per step (and one more in the backward for double backward).
-    Both scopes are identical on one process.
+    With ``weight = γ/4`` for the SGD learning rate γ it cancels the leading discretisation error of
+    gradient descent (implicit gradient regularization, Barrett & Dherin). Logs ``penalty/parameter_gradient``
+    (‖∇θL‖², before the weight). Design: ``docs/design/finite-differences.md``, ``docs/design/ddp.md``.
 
     Args:
         weight: w ≥ 0.
         every_n_steps: lazy regularization: every k-th optimizer step with weight × k.
-        method: ``"double_backward"`` or ``"finite_difference"``.
-        scope: ``"local"`` or ``"global"`` (see above).
+        method: ``"double_backward"`` or ``"finite_difference"`` (a second pass at θ + h·∇θL, as in SAM).
+        scope: ``"local"`` (each DDP rank penalises its own gradient, as SAM does) or ``"global"`` (the
+            gradient averaged over ranks inside the graph: the one-process result, one more all-reduce).
         step: relative parameter displacement of the finite difference.
         check_finite: raise on a NaN/Inf penalty (checked on every step).
 
-    Logs ``penalty/parameter_gradient`` (‖∇θL‖², before the weight) on the steps the Trainer writes to its
-    loggers (every ``log_every_n_steps``, as Lightning's own step metrics; a ``self.log`` call costs 1–2
-    ms), averaged over DDP ranks.
+    Raises:
+        ValueError: an invalid argument; a loss without an autograd graph or independent of the parameters.
+        FloatingPointError: a non-finite penalty, with ``check_finite``.
 
-    Usage: ``pl.Trainer(callbacks=[ParameterGradientPenalty(lr / 4)])``.
-
-    Example::
-
+    Example:
         >>> from lightning_gp.manual import penalized_loss
         >>> w = torch.nn.Linear(2, 1, bias=False)
         >>> loss_fn = lambda b: (w(b) ** 2).mean()

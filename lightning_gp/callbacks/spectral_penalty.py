@@ -16,25 +16,21 @@ from lightning_gp.functional._checks import check_positive_int
 class SpectralNormPenalty(PenaltyCallback):
     r"""Adds ``weight · Σ_W σ(W)²`` (Yoshida & Miyato 2017) to the loss, σ by power iteration.
 
-    The left singular vectors are kept between steps (``n_iter`` iterations per step from the previous
-    estimate; the first step, with no estimate, runs
-    :data:`lightning_gp.functional.spectral.COLD_START_ITERS`) and saved in the checkpoint, so a resumed
-    run continues exactly. The estimate approaches σ from below. The penalty does not depend on the batch:
-    under DDP every rank computes the same value and gradient.
+    The singular vectors are warm-started from the previous step (``n_iter`` iterations a step; the first
+    runs ``COLD_START_ITERS``) and checkpointed, so a resumed run continues exactly. The estimate
+    approaches σ from below. The penalty does not depend on the batch: under DDP every rank computes the
+    same value. Logs ``penalty/spectral_norm`` (Σσ², before the weight).
 
     Args:
         weight: ≥ 0.
         n_iter: power iterations per step, ≥ 1.
         check_finite: raise on a NaN/Inf penalty (checked on every step).
 
-    Logs ``penalty/spectral_norm`` (Σσ², before the weight) on the steps the Trainer writes to its loggers (every
-    ``log_every_n_steps``, as Lightning's own step metrics; a ``self.log`` call costs 1–2 ms), averaged
-    over DDP ranks.
+    Raises:
+        ValueError: an invalid argument, or a module without Linear, Conv or Bilinear layers.
+        FloatingPointError: a non-finite penalty, with ``check_finite``.
 
-    Usage: ``pl.Trainer(callbacks=[SpectralNormPenalty(1e-3)])``.
-
-    Example::
-
+    Example:
         >>> from lightning_gp.manual import penalized_loss
         >>> net = torch.nn.Linear(2, 2, bias=False)
         >>> with torch.no_grad():

@@ -113,7 +113,7 @@ def pgd(
         random_start: start from a uniform point in the ball instead of ``inputs``.
         clamp: ``(lo, hi)`` valid range of the inputs, e.g. ``(0, 1)`` for images.
 
-    Example::
+    Example:
 
         >>> model = torch.nn.Linear(4, 3)
         >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
@@ -156,7 +156,7 @@ def fgsm(
     (Wong et al., "Fast is better than free") the step starts from a uniform point in the ball and has
     length ``step_size`` (default 1.25·ε), then is projected back onto the ε-ball.
 
-    Example::
+    Example:
 
         >>> model = torch.nn.Linear(4, 3)
         >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))

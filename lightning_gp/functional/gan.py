@@ -44,10 +44,11 @@ def interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None) -> Tens
     """x̂ = α·real + (1 − α)·fake with one α ~ U[0, 1] per sample, broadcast over all other dims.
 
     Args:
-        real, fake: batches of the same shape.
+        real: the real batch.
+        fake: the generated batch, of the same shape.
         alpha: optional per-sample weights, shape (B,) or any shape with B elements.
 
-    Example::
+    Example:
 
         >>> real, fake = torch.ones(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
         >>> x_hat = interpolate(real, fake)
@@ -75,7 +76,7 @@ def wgan_gradient_penalty(
 
     ``one_sided=True`` penalises only ‖∇D‖ > center, i.e. E[max(0, ‖∇D(x̂)‖ − center)²].
 
-    Example::
+    Example:
 
         >>> critic = torch.nn.Linear(2, 1)
         >>> gp = wgan_gradient_penalty(critic, torch.randn(8, 2), torch.randn(8, 2))
@@ -97,12 +98,12 @@ def wgan_gradient_penalty_fd(
     one_sided: bool = False,
     step: float = 1e-2,
 ) -> PenaltyGradient:
-    """:func:`wgan_gradient_penalty` and ≈ its parameter gradient by finite differences.
+    """`wgan_gradient_penalty` and ≈ its parameter gradient by finite differences.
 
     For critics that cannot be double-differentiated (``torch.compile``, fused attention). See
-    :func:`~lightning_gp.functional.data_gradient_penalty_fd` for the step size and its error.
+    `data_gradient_penalty_fd` for the step size and its error.
 
-    Example::
+    Example:
 
         >>> critic = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         >>> res = wgan_gradient_penalty_fd(critic, torch.randn(8, 2), torch.randn(8, 2), critic)
@@ -118,7 +119,7 @@ def wgan_gradient_penalty_fd(
 def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
     """R1: E[‖∇D(x)‖²] on real samples (Mescheder et al. 2018; StyleGAN2 uses γ/2 · R1).
 
-    Example::
+    Example:
 
         >>> critic = torch.nn.Linear(2, 1)
         >>> torch.allclose(r1_penalty(critic, torch.randn(8, 2)), critic.weight.square().sum())
@@ -130,7 +131,7 @@ def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
 
 
 def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
-    """R2: E[‖∇D(x̃)‖²] on generated samples. See :func:`r1_penalty`."""
+    """R2: E[‖∇D(x̃)‖²] on generated samples. See `r1_penalty`."""
     check_floating_input(fake, "fake", requires_grad=False)
     x = fake.detach().requires_grad_(True)
     return data_gradient_penalty(critic(x), x, power=2, center=0.0)
@@ -150,7 +151,7 @@ def difference_penalty(
     the quotient is the critic's slope along that segment, a difference quotient standing in for
     ‖∇D‖ (no gradient of a gradient at all). Pairs closer than 1e-12 are left out of the mean.
 
-    Example::
+    Example:
 
         >>> critic = torch.nn.Linear(2, 1, bias=False)
         >>> real, fake = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]])

@@ -24,7 +24,7 @@ from lightning_gp.functional._checks import check_batched, check_per_sample
 
 
 class PerSampleGradNorms(NamedTuple):
-    """Result of :func:`per_sample_grad_norms_by_layer`.
+    """Result of `per_sample_grad_norms_by_layer`.
 
     Attributes:
         input_norms: ‖∇ₓfᵢ‖, shape (B,); NaN when ``inputs`` are not floating point (token ids).
@@ -96,7 +96,7 @@ def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: boo
         weight: include the weight's term (False when the weight is frozen).
         bias: include the bias' term (False when there is no bias or it is frozen).
 
-    Example::
+    Example:
 
         >>> h, g = torch.randn(3, 4), torch.randn(3, 2)
         >>> explicit = torch.einsum("bo,bi->boi", g, h).square().sum((1, 2)) + g.square().sum(1)
@@ -266,12 +266,12 @@ class GradNormRecorder:
     While started, forward hooks keep each module's inputs and tensor hooks catch the gradients at its
     outputs, whatever runs the backward (``loss.backward()``, Lightning's automatic optimization,
     ``torch.autograd.grad``); nothing else changes, no ``.grad`` is touched. Afterwards
-    :meth:`layer_squared_norms` returns each layer's per-sample squared gradient norm *of the quantity
+    `layer_squared_norms` returns each layer's per-sample squared gradient norm *of the quantity
     that was differentiated*: for a loss ``mean(ℓᵢ)`` that is ‖∇θℓᵢ‖²/B², so multiply by B² (the
     reduction is the caller's knowledge). This is how a monitor can piggyback on the training step's own
-    backward instead of paying a second one. :func:`per_sample_grad_norms_by_layer` is built on it.
+    backward instead of paying a second one. `per_sample_grad_norms_by_layer` is built on it.
 
-    Example::
+    Example:
 
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> x = torch.randn(5, 3)
@@ -290,6 +290,7 @@ class GradNormRecorder:
         self._handles: list = []
 
     def start(self) -> GradNormRecorder:
+        """Clear earlier records and hook every module; returns ``self``. Raises ValueError on train-mode BatchNorm."""
         for name, mod in self.modules.items():
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
                 raise ValueError(
@@ -360,7 +361,7 @@ def per_sample_grad_norms_by_layer(
         inputs: batch of shape (B, ...); need not require grad (a detached copy is differentiated).
         loss_fn: maps the model's output to per-sample values fᵢ of shape (B,) (or (B, 1)).
 
-    Example::
+    Example:
 
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
         >>> r = per_sample_grad_norms_by_layer(model, torch.randn(5, 3), lambda out: out[:, 0])
@@ -401,7 +402,7 @@ def per_sample_grad_norms(
 ) -> tuple[Tensor, Tensor]:
     """Per-sample ‖∇ₓfᵢ‖ and ‖∇θfᵢ‖, each of shape (B,), exactly and without per-sample gradients.
 
-    A shortcut for :func:`per_sample_grad_norms_by_layer` (see there for what is supported); use that one
+    A shortcut for `per_sample_grad_norms_by_layer` (see there for what is supported); use that one
     for each layer's share.
 
     Args:
@@ -409,7 +410,7 @@ def per_sample_grad_norms(
         inputs: batch of shape (B, ...); need not require grad.
         loss_fn: maps the model's output to per-sample values fᵢ of shape (B,).
 
-    Example::
+    Example:
 
         >>> model = nn.Linear(3, 1)
         >>> x = torch.randn(4, 3)

@@ -19,7 +19,7 @@ def input_gradient(output: Tensor, inputs: Tensor, *, create_graph: bool = False
         inputs: floating-point tensor with ``requires_grad=True`` and a leading batch dimension.
         create_graph: keep the graph of the gradient so it can itself be differentiated (double backprop).
 
-    Example::
+    Example:
 
         >>> x = torch.randn(4, 3, requires_grad=True)
         >>> g = input_gradient((x**2).sum(dim=1), x)
@@ -65,7 +65,7 @@ def per_sample_norm(t: Tensor) -> Tensor:
     sample turns a whole batch's gradient into NaN. Here the derivative at 0 is taken as 0 (a valid
     subgradient), so training carries on.
 
-    Example::
+    Example:
 
         >>> per_sample_norm(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
         tensor([5., 0.])
@@ -76,10 +76,10 @@ def per_sample_norm(t: Tensor) -> Tensor:
 def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """The l2 norm of each tensor, shape (K,), in one ``foreach`` kernel; for tensors without a graph (gradients).
 
-    :func:`total_norm` is the norm of this vector. The monitors keep it and take that last norm on the host,
+    `total_norm` is the norm of this vector. The monitors keep it and take that last norm on the host,
     with the other logged values (one host transfer a step, no extra kernel).
 
-    Example::
+    Example:
 
         >>> tensor_norms([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
         tensor([3., 4.])
@@ -96,11 +96,11 @@ def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 def total_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """‖(t₁, …, tₖ)‖: the l2 norm of all the tensors together (e.g. ‖∇θL‖ of a step), not differentiable.
 
-    The value of :func:`torch.nn.utils.get_total_norm` (the norm of :func:`tensor_norms`, 0 for no tensors),
+    The value of `torch.nn.utils.get_total_norm` (the norm of `tensor_norms`, 0 for no tensors),
     without its grouping of the tensors by device and dtype: the parameter penalty runs this on every step,
     where that bookkeeping costs as much as the norms.
 
-    Example::
+    Example:
 
         >>> total_norm([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
         tensor(5.)
@@ -112,10 +112,10 @@ def squared_norm_sum(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Σₖ ‖tₖ‖² over a list of tensors (e.g. the gradient of every parameter): ‖∇θL‖².
 
     Differentiable when a tensor carries a graph (double backprop); otherwise one fused norm over all the
-    tensors (:func:`total_norm`, a ``foreach`` kernel) instead of a square, a sum and an add per tensor:
+    tensors (`total_norm`, a ``foreach`` kernel) instead of a square, a sum and an add per tensor:
     this runs on every step of the parameter penalty.
 
-    Example::
+    Example:
 
         >>> squared_norm_sum([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
         tensor(25.)

@@ -1,26 +1,12 @@
-"""The MLP inequality between input and parameter gradients (seed 001; Dherin et al., "The Geometric
-Occam's Razor Implicit in Deep Learning").
+"""The MLP inequality between input and parameter gradients (Dherin et al., "The Geometric Occam's
+Razor Implicit in Deep Learning").
 
 For a chain h⁽ᵗ⁺¹⁾ = g(W⁽ᵗ⁾h⁽ᵗ⁾ + b⁽ᵗ⁾), h⁽¹⁾ = x, and any scalar f of the output, per sample:
 
     ‖∇ₓf‖² · Σₜ (1 + ‖h⁽ᵗ⁾‖²) / (‖W⁽ᵗ⁾‖₂² ‖∇ₓh⁽ᵗ⁾‖₂²)  ≤  ‖∇θf‖².
 
-It holds layer by layer: ∇ₓf = (∇ₓh⁽ᵗ⁾)ᵀ W⁽ᵗ⁾ᵀ gₜ (gₜ = ∂f/∂z⁽ᵗ⁺¹⁾) gives ‖∇ₓf‖ ≤ ‖∇ₓh⁽ᵗ⁾‖₂‖W⁽ᵗ⁾‖₂‖gₜ‖,
-while ‖∇_W f‖ = ‖gₜ‖‖h⁽ᵗ⁾‖ and ‖∇_b f‖ = ‖gₜ‖. So the "1 +" is the bias' share and the ‖h‖² the weight's:
-a layer without bias (or with a frozen one) drops the 1, a frozen weight drops the ‖h‖², and the right
-side counts exactly those parameters. The first identity needs every path from x to f to pass through
-z⁽ᵗ⁺¹⁾, which is why a residual connection can break the bound.
-
-‖∇ₓh⁽ᵗ⁾‖₂ (spectral norm of the per-sample Jacobian) is exact when the input has at most
-``exact_max_dim`` features: the Jacobians of all layers are propagated forward in one pass and the
-largest eigenvalue of their Gram matrices taken. Otherwise a batched power iteration on JᵀJ runs,
-started at v₀ = ∇ₓf. Power-iteration estimates are lower bounds of the norm that never decrease, and
-the first one is already ≥ ‖∇ₓf‖/(‖W⁽ᵗ⁾‖₂‖gₜ‖). That start therefore keeps every layer's left term
-≤ its right term at *any* iteration count: the error is on the side of a slightly too large ``lhs``
-(``ratio`` slightly above the true ratio), but an unconverged iteration can never fake a ratio above 1.
-``ratio_lower`` uses a certified upper bound of the norm instead (the product of ‖W‖₂ and the largest
-activation slope along the chain), so the true ratio lies in [``ratio_lower``, ``ratio``]; with the exact
-norms both are equal.
+The proof, the bias and frozen-weight cases, and how ‖∇ₓh⁽ᵗ⁾‖₂ is computed (exact Jacobians, or a power
+iteration that cannot fake a ratio above 1): ``docs/functional.md``.
 """
 
 from __future__ import annotations
@@ -46,7 +32,7 @@ PASS_THROUGH = (nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd)
 
 
 class MLPInequality(NamedTuple):
-    """Result of :func:`mlp_inequality`; B = samples, T = Linear layers.
+    """Result of `mlp_inequality`; B = samples, T = Linear layers.
 
     Attributes:
         lhs: ‖∇ₓf‖²·Σₜ termₜ, (B,).
@@ -314,7 +300,7 @@ def mlp_inequality(
         tol: the power iteration stops when no estimate grew by more than ``tol`` (relative) in a step.
         max_iter: the most power iterations.
 
-    Example::
+    Example:
 
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         >>> r = mlp_inequality(model, torch.randn(16, 4), lambda out: out[:, 0])

@@ -1,20 +1,7 @@
 """Data- and parameter-gradient penalties, by double backprop and by finite differences.
 
-Notation (the guide's): per-sample values fᵢ = f(xᵢ; θ), gᵢ = ∇ₓfᵢ, φ(n) = (n − c)ᵖ (or
-max(0, n − c)ᵖ one-sided).
-
-*Double backprop* builds the graph of gᵢ and differentiates φ(‖gᵢ‖) through it. It is exact, but
-``torch.compile`` and the fused attention kernels have no double backward.
-
-*Finite differences* use that every such gradient is a Hessian-vector product. With dᵢ = ∂φ/∂gᵢ
-(held fixed),
-
-    ∇θ Σᵢ φ(‖gᵢ‖) = ∂²(Σᵢ fᵢ)/∂θ∂x · d ≈ [∇θ Σᵢ fᵢ(x + h d) − ∇θ Σᵢ fᵢ(x)] / h,
-
-and for the parameter penalty ∇θ ‖∇θL‖² = 2 H g ≈ 2 [∇θL(θ + h g) − ∇θL(θ)] / h. Each costs one
-extra ordinary forward/backward pass, and the base gradient ∇θ f(x) is the one training needs anyway.
-Forward differences are first-order accurate: the truncation error grows like the step, float32
-round-off like 1/step; the default relative steps balance the two (see the functions' docstrings).
+Per-sample values fᵢ = f(xᵢ; θ), gᵢ = ∇ₓfᵢ, φ(n) = (n − c)ᵖ (or max(0, n − c)ᵖ one-sided). Why the
+finite-difference versions exist, their step sizes and their error: ``docs/design/finite-differences.md``.
 """
 
 from __future__ import annotations
@@ -72,7 +59,7 @@ def gradient_norm_penalty(
 
     Shape (B,). Finite derivatives everywhere, also at ``grad = 0`` (a dead-ReLU sample).
 
-    Example::
+    Example:
 
         >>> gradient_norm_penalty(torch.tensor([[3.0, 4.0]]), center=1.0)
         tensor([16.])
@@ -108,9 +95,11 @@ def data_gradient_penalty(
     Args:
         output: per-sample values, shape (B,) or (B, 1), computed from ``inputs``.
         inputs: the batch, ``requires_grad=True``.
-        power, center, one_sided: the shape of φ (see :func:`gradient_norm_penalty`).
+        power: p ≥ 1 of φ (see `gradient_norm_penalty`).
+        center: c ≥ 0 of φ.
+        one_sided: use max(0, ‖gᵢ‖ − c)ᵖ, penalising only norms above ``center``.
 
-    Example::
+    Example:
 
         >>> model = torch.nn.Linear(3, 1)
         >>> x = torch.randn(8, 3, requires_grad=True)
@@ -131,7 +120,7 @@ def parameter_gradient_penalty(loss: Tensor, params: Params) -> Tensor:
     With ``loss`` the batch loss L and gradient descent at learning rate γ, adding (γ/4)·‖∇θL‖²
     cancels the leading discretisation error of the step (implicit gradient regularization).
 
-    Example::
+    Example:
 
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> parameter_gradient_penalty((w**2).sum(), [w])  # ∇ = 2w, ‖∇‖² = 20
@@ -160,7 +149,7 @@ def data_gradient_penalty_fd(
 
     Two ordinary forward/backward passes: one at ``inputs`` (giving gᵢ and ∇θ fᵢ), one at
     ``inputs + h·d`` with dᵢ = ∂φ/∂gᵢ. Works inside ``torch.compile``d models and through fused
-    ``scaled_dot_product_attention``, where :func:`data_gradient_penalty` raises.
+    ``scaled_dot_product_attention``, where `data_gradient_penalty` raises.
 
     Step size: h is chosen so that the sample moved furthest moves by ``step`` times the RMS
     per-sample norm of ``inputs`` (or by ``step`` itself for all-zero inputs). The error is first
@@ -171,10 +160,12 @@ def data_gradient_penalty_fd(
         fn: maps a batch to per-sample values, shape (B,) or (B, 1). Called twice.
         inputs: the batch (floating point); it is detached, not modified.
         params: the parameters (a module or tensors) to differentiate.
-        power, center, one_sided: φ, as in :func:`data_gradient_penalty`.
+        power: p ≥ 1 of φ, as in `data_gradient_penalty`.
+        center: c ≥ 0 of φ.
+        one_sided: penalise only norms above ``center``.
         step: relative input displacement of the difference quotient.
 
-    Example::
+    Example:
 
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> res = data_gradient_penalty_fd(model, torch.randn(16, 3), model)
@@ -236,7 +227,7 @@ def finite_difference_input_step(inputs: Tensor, direction: Tensor, step: float)
 def finite_difference_input_step_from_norms(
     mean_squared_input_norm: Tensor, max_squared_direction_norm: Tensor, step: float
 ) -> float:
-    """:func:`finite_difference_input_step` from the two batch statistics it needs.
+    """`finite_difference_input_step` from the two batch statistics it needs.
 
     The callbacks use this under DDP: they all-reduce the mean of ‖xᵢ‖² and the max of ‖dᵢ‖² first, so
     every rank takes the same h as one process on the combined batch.
@@ -273,7 +264,7 @@ def parameter_gradient_penalty_fd(
         params: the parameters (a module or tensors).
         step: relative parameter displacement of the difference quotient.
 
-    Example::
+    Example:
 
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> res = parameter_gradient_penalty_fd(lambda: (w**2).sum(), [w])  # H = 2I, ∇‖g‖² = 8w

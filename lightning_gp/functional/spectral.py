@@ -49,7 +49,7 @@ def spectral_norm(weight: Tensor, *, n_iter: int | None = None, u: Tensor | None
         n_iter: power iterations, >= 1; default 1 with a warm-start ``u``, else ``COLD_START_ITERS``.
         u: left singular vector estimate from a previous call, shape (out,).
 
-    Example::
+    Example:
 
         >>> w = torch.diag(torch.tensor([3.0, 1.0]))
         >>> sigma, u = spectral_norm(w)
@@ -82,11 +82,11 @@ def spectral_norm_penalty(
 
     Args:
         module: the model; its sub-modules of the types in ``REGULARIZED_LAYERS`` are regularized.
-        n_iter: power iterations per weight (see :func:`spectral_norm`).
+        n_iter: power iterations per weight (see `spectral_norm`).
         vectors: optional dict ``{"<layer name>": u}`` of warm-start vectors, read and updated in place,
             so one iteration per training step suffices; keep it in your checkpoint.
 
-    Example::
+    Example:
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> state = {}

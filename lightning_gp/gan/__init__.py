@@ -1,6 +1,6 @@
 """WGAN-GP for Lightning: a mixin with the critic/generator loop and every critic regularizer.
 
-The penalties' math lives in :mod:`lightning_gp.functional.gan`; this package is the Lightning adapter.
+The penalties' math lives in `lightning_gp.functional.gan`; this package is the Lightning adapter.
 """
 
 from lightning_gp.gan.mixin import WGANGPMixin

@@ -1,27 +1,7 @@
 """WGAN-GP as a LightningModule mixin: manual optimization, n_critic critic steps per generator step.
 
-Why this works under ``strategy="ddp"`` with the default settings (Lightning's own GAN example does not):
-DDP's reducer, built with ``find_unused_parameters=False``, expects *every* parameter of the wrapped
-LightningModule to receive a gradient in *every* backward pass; it all-reduces a bucket once all its
-parameters are ready. In manual optimization Lightning's ``DDPStrategy.pre_backward`` calls
-``prepare_for_backward`` before each ``manual_backward``. A critic step never reaches the generator's
-parameters (the fake batch is generated without a graph), and ``toggle_optimizer`` makes it worse by
-switching ``requires_grad`` off, so their buckets are never reduced and the next training step's DDP
-forward raises "... has parameters that were not used in producing the loss" (checked: the mixin without
-the term below fails there on 2 CPU ranks). A bucket mixing both networks would leave critic gradients
-un-averaged before that. ``find_unused_parameters=True`` avoids the error at the cost of a graph traversal
-per backward pass.
-
-The mixin instead adds ``0 · Σ θ[0]`` over every parameter that the step's loss does not reach (StyleGAN2-
-ADA's ``0 * output`` trick): every parameter gets a gradient — exactly zero for the idle network — in every
-backward, so all buckets reduce, nothing is toggled, and the loss value is unchanged. The optimizer that
-steps zeroes its own gradients first, so the other network's zeros (or the critic gradients a generator
-step leaves behind) never leak into an update. Only under a multi-process strategy is the term added.
-
-The gradient penalty's ``torch.autograd.grad`` w.r.t. x̂ captures gradients instead of accumulating them,
-so it runs no ``AccumulateGrad`` node and fires none of DDP's hooks; the penalty reaches ``.grad`` only
-through the ordinary backward of the total loss, where DDP averages it with the rest. The finite-difference
-penalty enters through a linear surrogate for the same reason (see :class:`~.regularizers.PenaltyTerm`).
+Why it runs under ``strategy="ddp"`` with default settings (the 0·θ term for idle parameters, the
+penalty reaching ``.grad`` only through the ordinary backward): ``docs/design/wgan-ddp.md``.
 """
 
 from __future__ import annotations
@@ -67,60 +47,35 @@ def _mix_seed(*values: int) -> int:
 class WGANGPMixin:
     """WGAN-GP training loop for a LightningModule: ``class MyGAN(WGANGPMixin, L.LightningModule)``.
 
-    Set ``self.generator`` and ``self.critic`` (any ``nn.Module``) and define ``sample_latent(self, n)``.
-    Each training batch is one critic step on a fresh real batch (the batch itself, ``batch[0]`` for a
-    tuple/list, or what :meth:`real_samples` returns); after every ``n_critic``-th critic step comes one
-    generator step. Critic loss E[D(x̃)] − E[D(x)] + λ·penalty, generator loss −E[D(G(z))].
+    Set ``self.generator`` and ``self.critic``, define ``sample_latent(self, n)``. Each batch is one critic
+    step on `real_samples`, every ``n_critic``-th also a generator step: critic loss E[D(x̃)] − E[D(x)] + λ·R,
+    generator loss −E[D(G(z))]. Steps, randomness and resume: ``docs/gan.md``.
 
     Args:
+        *args: passed on to the next class of the MRO (the LightningModule).
         n_critic: critic steps per generator step (the paper's 5).
-        regularizer: "gp" (λE[(‖∇D(x̂)‖ − 1)²] at x̂ = αx + (1 − α)x̃, one α per sample), "gp_one_sided"
-            (max(0, ‖∇D‖ − 1)²), "r1" / "r2" (E‖∇D‖² on real / fake, zero-centred), "difference"
-            (derivative-free (|D(x̂₁) − D(x̂₂)|/‖x̂₁ − x̂₂‖ − 1)²), "weight_clipping" (every critic parameter
-            clamped to ±clip_value after each step), "spectral_normalization" (PyTorch's spectral-norm
-            parametrization on every Linear/Conv weight of the critic) or "none".
+        regularizer: one of `REGULARIZERS` ("gp", "gp_one_sided", "r1", "r2", "difference", ...).
         gp_weight: λ, the penalty's weight.
         clip_value: c of weight clipping.
-        reg_every: lazy regularization: the penalty is computed on every ``reg_every``-th critic step only,
-            with weight λ·reg_every (StyleGAN2), so its average strength is unchanged.
-        lr, betas: Adam's settings for both networks (the paper's 1e-4, (0, 0.9)). Define your own
-            ``configure_optimizers`` returning ``(generator_opt, critic_opt)`` to replace them.
-        method: "double_backward" (exact) or "finite_difference" (two ordinary passes, no gradient of a
-            gradient: for ``torch.compile``d critics and fused attention) for the gradient penalties.
+        reg_every: lazy regularization: the penalty on every k-th critic step only, with weight λ·k.
+        lr: Adam's learning rate for both networks (the paper's 1e-4); see ``configure_optimizers``.
+        betas: Adam's betas for both networks (the paper's (0, 0.9)).
+        method: "double_backward" or "finite_difference" (no gradient of a gradient) for gradient penalties.
+        **kwargs: passed on to the next class of the MRO; forward yours so ``load_from_checkpoint`` works.
 
-    Steps and ``trainer.global_step``: in Lightning's manual optimization ``global_step`` counts calls to
-    ``optimizer.step()`` of *all* optimizers. A batch is one critic step and, every ``n_critic``-th batch, a
-    generator step too, so after b batches ``global_step = b + ⌊b / n_critic⌋``, and ``max_steps`` counts
-    both (for G generator steps use ``max_steps = G·(n_critic + 1)``). The logger's step axis counts
-    batches. The ``wgan/*`` metrics are logged on the batches the Trainer writes logs (every
-    ``log_every_n_steps``; ``self.log`` costs about as much as a small critic step), so
-    ``trainer.callback_metrics`` holds the values of the latest such batch. :attr:`critic_steps` and
-    :attr:`generator_steps` hold the two counts; they are saved with the model's ``state_dict``, so a run
-    resumed mid-cycle continues the cycle where it stopped.
+    Raises:
+        ValueError: an invalid argument; at setup, a critic with BatchNorm.
 
-    Randomness: z (``sample_latent``) and α (:meth:`sample_alpha`) are drawn with the global RNG
-    temporarily seeded from (seed, rank, critic step), then restored. So a resumed run draws exactly what
-    the uninterrupted run drew, DDP ranks draw different noise although ``seed_everything`` gives them the
-    same seed, and your other randomness (dropout, data order) is not disturbed. The seed is
-    ``torch.initial_seed()`` at the first fit, saved in the checkpoint.
-
-    Overriding: call ``super().__init__(**kwargs)`` and, if you define ``setup``, ``super().setup(stage)``
-    (it checks the networks and applies spectral normalization before the optimizers are built). Forward
-    ``**kwargs`` to the mixin so ``load_from_checkpoint`` can pass the saved hyperparameters back.
-
-    Example::
-
+    Example:
         >>> import lightning as L
         >>> class ToyGAN(WGANGPMixin, L.LightningModule):
         ...     def __init__(self, **kwargs):
         ...         super().__init__(**kwargs)
-        ...         self.generator = torch.nn.Linear(4, 2)
-        ...         self.critic = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        ...         self.generator, self.critic = torch.nn.Linear(4, 2), torch.nn.Linear(2, 1)
         ...     def sample_latent(self, n):
         ...         return torch.randn(n, 4, device=self.device)
-        >>> gan = ToyGAN(n_critic=2)
-        >>> trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> gan, trainer = ToyGAN(n_critic=2), L.Trainer(max_steps=6, logger=False, enable_checkpointing=False,
+        ...                                              enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(gan, torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=8))
         >>> gan.critic_steps, gan.generator_steps, trainer.global_step  # 4 + 2 optimizer steps
         (4, 2, 6)
@@ -201,6 +156,7 @@ class WGANGPMixin:
         return self._wgan_generator_steps
 
     def get_extra_state(self) -> dict[str, Any]:
+        """The step counters and the RNG seed, saved in the module's ``state_dict``."""
         # In the state_dict (not in on_save_checkpoint) so a user's hook override cannot drop it.
         return {
             "critic_steps": self._wgan_critic_steps,
@@ -209,6 +165,7 @@ class WGANGPMixin:
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `get_extra_state` saved (a resumed run continues its n_critic cycle)."""
         self._wgan_critic_steps = int(state.get("critic_steps", 0))
         self._wgan_generator_steps = int(state.get("generator_steps", 0))
         self._wgan_seed = state.get("seed", self._wgan_seed)

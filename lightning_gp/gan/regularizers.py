@@ -1,4 +1,4 @@
-"""Critic regularizers of the WGAN-GP mixin: a thin dispatch onto :mod:`lightning_gp.functional.gan`.
+"""Critic regularizers of the WGAN-GP mixin: a thin dispatch onto `lightning_gp.functional.gan`.
 
 Every penalty's formula lives in the functional layer; this module only picks the function, wires in the
 finite-difference variant and reads ‖∇D‖ at the penalty's points for logging. The constraints that are
@@ -127,19 +127,21 @@ def critic_penalty(
     alpha2: Tensor | None = None,
     track_grad_norm: bool = True,
 ) -> PenaltyTerm:
-    """Evaluate the penalty ``name`` (one of :data:`PENALTIES`) of ``critic`` on a real and a fake batch.
+    """Evaluate the penalty ``name`` (one of `PENALTIES`) of ``critic`` on a real and a fake batch.
 
     Args:
         name: "gp", "gp_one_sided", "r1", "r2" or "difference".
         critic: the critic module (its parameters are what the penalty's gradient is taken for).
-        real, fake: batches of the same shape; they are detached by the functional layer.
+        real: the real batch; detached by the functional layer.
+        fake: the generated batch, of the same shape; detached too.
         method: "double_backward" (exact) or "finite_difference" (no gradient of a gradient: works
             inside ``torch.compile``); ignored by "difference", which needs no input gradient at all.
-        alpha, alpha2: per-sample interpolation weights (``alpha2`` only for "difference").
+        alpha: per-sample interpolation weights of x̂ (default: drawn U[0, 1]).
+        alpha2: the second interpolates' weights, for "difference" only.
         track_grad_norm: record mean ‖∇ₓD‖ at the penalty's points (two tensor hooks); off, ``grad_norm``
             is None.
 
-    Example::
+    Example:
 
         >>> critic = torch.nn.Linear(2, 1)
         >>> term = critic_penalty("gp", critic, torch.randn(8, 2), torch.randn(8, 2))
@@ -177,7 +179,7 @@ def critic_penalty(
 def check_no_batch_norm(critic: nn.Module) -> None:
     """Raise if ``critic`` contains a layer that couples the samples of a batch.
 
-    Example::
+    Example:
 
         >>> check_no_batch_norm(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4)))
         Traceback (most recent call last):
@@ -202,7 +204,7 @@ def apply_spectral_normalization(critic: nn.Module) -> list[str]:
     the layers it registered on (in place; the parameters stay the same objects, now under
     ``parametrizations.weight.original``, so build the optimizers afterwards).
 
-    Example::
+    Example:
 
         >>> critic = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
         >>> apply_spectral_normalization(critic)

@@ -1,8 +1,8 @@
 """Lightning callbacks that watch the geometry of training: ‖∇ₓf‖, ‖∇θf‖, the MLP inequality, σ(W).
 
-Each is a thin adapter over :mod:`lightning_gp.functional`; reductions across DDP ranks use
-:class:`lightning_gp.metrics.PerSampleMeanMax`; scalars reach every Lightning logger and W&B also gets
-histograms, tables and charts (:mod:`lightning_gp.loggers`).
+Each is a thin adapter over `lightning_gp.functional`; reductions across DDP ranks use
+`lightning_gp.metrics.PerSampleMeanMax`; scalars reach every Lightning logger and W&B also gets
+histograms, tables and charts (`lightning_gp.loggers`).
 """
 
 from lightning_gp.monitors.gradient_norm import GradientNormMonitor

@@ -1,6 +1,6 @@
 """The targets of a batch for the monitors' default per-sample loss, and taking a batch's first samples.
 
-The input is found by :func:`lightning_gp.callbacks._batch.resolve_input`, shared with the penalty
+The input is found by `lightning_gp.callbacks._batch.resolve_input`, shared with the penalty
 callbacks so ``input_key`` means the same everywhere.
 """
 
@@ -20,7 +20,7 @@ TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 
 
 def select_input(batch: Any, input_key: InputKey, owner: str) -> Tensor:
-    """The model input in ``batch``: :func:`~lightning_gp.callbacks._batch.resolve_input`'s rules for
+    """The model input in ``batch``: `resolve_input`'s rules for
     ``None``, an index or a key; a callable may also *compute* the input (a monitor replaces nothing)."""
     if callable(input_key):
         out = input_key(batch)

@@ -24,27 +24,12 @@ PREFIX = "mlp_inequality"
 class MLPInequalityMonitor(Monitor):
     r"""Logs the MLP inequality ‖∇ₓf‖²·Σₜ(1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖∇ₓh⁽ᵗ⁾‖₂²) ≤ ‖∇θf‖² per sample.
 
-    With f the per-sample loss, the left side (lhs) measures sensitivity to the input, scaled layer by
-    layer, the right side (rhs) the squared per-sample parameter-gradient norm; the ratio lhs/rhs lies in
-    [0, 1] for a chain of Linear layers and elementwise activations (Dherin et al., "The Geometric Occam's
-    Razor Implicit in Deep Learning"). Values come from :func:`lightning_gp.functional.mlp_inequality`.
-
-    Logged, on every ``every_n_steps``-th optimizer step (default: the trainer's ``log_every_n_steps``),
-    over the first ``max_samples`` samples of each rank's batch, reduced across DDP ranks:
-
-    - ``mlp_inequality/ratio_mean``, ``mlp_inequality/ratio_max`` (W&B summary: max over the run),
-      ``mlp_inequality/lhs_mean``, ``mlp_inequality/rhs_mean``;
-    - per Linear layer t, the means of its terms ``mlp_inequality/lhs_term/<layer>`` =
-      ‖∇ₓf‖²(1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖∇ₓh⁽ᵗ⁾‖₂²) and ``mlp_inequality/rhs_term/<layer>`` = ‖∇_{W⁽ᵗ⁾,b⁽ᵗ⁾}f‖²
-      (each lhs term is at most its rhs term: the inequality holds layer by layer);
-    - on W&B (rank 0's samples): a table ``mlp_inequality/samples``, the scatter ``mlp_inequality/lhs_vs_rhs``
-      with points along lhs = rhs, and the image ``mlp_inequality/lhs_vs_rhs_image`` with that line drawn.
-
-    **Which network.** The inequality is about a sequential chain, so the monitor evaluates an
-    ``nn.Sequential`` of the LightningModule, named by ``submodule`` (e.g. ``"net"``); by default the only
-    ``nn.Sequential`` among the module's direct children. It is called on the batch's input (``input_key``)
-    and must be what ``forward`` computes. The per-sample loss ``loss_fn(outputs, batch)`` defaults to
-    cross-entropy on ``(x, y)`` batches. It runs in eval mode and leaves no trace on training.
+    f is the per-sample loss; the ratio lhs/rhs lies in [0, 1] for a chain of Linear layers and elementwise
+    activations (Dherin et al., "The Geometric Occam's Razor Implicit in Deep Learning"). Logged over the
+    first ``max_samples`` samples of each rank, reduced across ranks: ``mlp_inequality/ratio_mean``,
+    ``ratio_max``, ``lhs_mean``, ``rhs_mean``, per-layer ``lhs_term/<layer>`` and ``rhs_term/<layer>``; on W&B
+    a per-sample table, a scatter of lhs against rhs and its image. It evaluates an ``nn.Sequential`` of the
+    module, in eval mode, and leaves training unchanged. Keys and rules: ``docs/monitors.md``.
 
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.
@@ -55,8 +40,10 @@ class MLPInequalityMonitor(Monitor):
         submodule: dotted name of the chain in the LightningModule; default its only ``nn.Sequential`` child.
         tables: also log the W&B table, scatter chart and image.
 
-    Example::
+    Raises:
+        ValueError: at setup, no single chain to evaluate, or a chain with a layer that is not allowed.
 
+    Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
         >>> monitor = MLPInequalityMonitor(every_n_steps=100)  # then: Trainer(callbacks=[monitor])
         >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))

@@ -29,7 +29,7 @@ class SpectralNormMonitor(Monitor):
     kernel reshaped to (out, in·k), as in spectral normalization, which bounds the conv operator's norm
     only up to a factor √(number of kernel positions); the product is a strict bound for Linear chains.
 
-    σ comes from :func:`lightning_gp.functional.spectral_norm`, warm-started from the previous call's
+    σ comes from `lightning_gp.functional.spectral_norm`, warm-started from the previous call's
     singular vector (kept in the checkpoint). Power iteration approaches σ from below; ``n_iter`` warm
     iterations per call keep the error far below what the weights move between calls.
 
@@ -41,7 +41,7 @@ class SpectralNormMonitor(Monitor):
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.
         n_iter: warm-started power iterations per call (the first call uses a 30-iteration cold start).
 
-    Example::
+    Example:
 
         >>> net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
         >>> with torch.no_grad():
