@@ -1,13 +1,42 @@
-"""The package's only reads of torch internals that have no public equivalent (see tests/test_compat.py)."""
+"""The few torch/Lightning internals lightning-gp relies on, each behind one accessor, each with a test.
+
+Nothing else in the package touches a private attribute or module of torch or Lightning; when one of
+these changes upstream, ``tests/test_compat.py`` fails and names it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import Tensor
+
+# torch has no public pytree module in the versions we support (``torch.utils.pytree`` is not in 2.6,
+# nor in later releases so far); ``torch.utils._pytree`` is what torch.func itself uses.
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["merge_initial_hparams", "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
 
 
 def tensor_version(t: Tensor) -> int:
-    """The in-place modification counter of ``t`` (``Tensor._version``; torch has no public accessor).
+    """The tensor's version counter, bumped by every in-place operation (``Tensor._version``).
 
-    Used to tell that a recorded activation was modified in place after it was recorded.
+    Autograd uses it to detect a saved tensor modified in place; torch has no public equivalent.
     """
     return t._version
+
+
+def merge_initial_hparams(module: Any, values: Mapping[str, Any]) -> None:
+    """Add ``values`` to a LightningModule's ``hparams`` and ``hparams_initial``, keys already there winning.
+
+    ``hparams_initial`` (what the loggers record) is only written by ``save_hyperparameters``, which also
+    overwrites the user's snapshot and their ``logger=`` choice; so the snapshot is extended directly.
+    """
+    for key, value in values.items():
+        module.hparams.setdefault(key, value)
+    initial = getattr(module, "_hparams_initial", None)
+    if initial is None:
+        module._hparams_initial = type(module.hparams)(module.hparams)
+    else:
+        for key, value in values.items():
+            initial.setdefault(key, value)

@@ -24,7 +24,10 @@ from typing_extensions import override
 
 from lightning_gp._logging import should_log
 from lightning_gp._support import check_strategy, init_repr
+from lightning_gp.functional._autograd import autograd_leaves, linearised
 from lightning_gp.functional._checks import check_non_negative, check_positive_int
+from lightning_gp.functional._rng import rng_state as rng_state
+from lightning_gp.functional._rng import set_rng_state as set_rng_state
 from lightning_gp.interception import StepInterceptor, muted_logging
 
 
@@ -90,54 +93,6 @@ class Step:
         return self.objective
 
 
-def autograd_leaves(t: Tensor) -> list[Tensor]:
-    """Every tensor a backward from ``t`` deposits a gradient into (its graph's ``AccumulateGrad`` nodes)."""
-    if t.grad_fn is None:
-        return [t] if t.requires_grad else []
-    leaves, seen, stack = [], set(), [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
-        variable = getattr(fn, "variable", None)
-        if variable is not None:
-            leaves.append(variable)
-        else:
-            stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
-    return leaves
-
-
-class _Linearised(torch.autograd.Function):
-    """The loss's value, with gradient ``g_v`` w.r.t. each leaf v: Σ⟨v, g_v⟩ plus a constant, without its cost.
-
-    Written as a Function rather than ``Σ (v * g).sum()``: no elementwise product in the forward, and the
-    backward hands each leaf ``g_v · upstream`` (one scalar multiply, as a hand-written ``g0 + w·g1``), in g's
-    own precision whatever autocast is active.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, value: Tensor, grads: tuple[Tensor, ...], *leaves: Tensor) -> Tensor:
-        ctx.grads = grads
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:
-        grads = ctx.grads
-        return (None, None, *(g * upstream.to(g.dtype) for g in grads))
-
-
-def linearised(loss: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """A tensor with ``loss``'s value whose gradient w.r.t. each leaf v of ``pairs`` (v, g) is g (detached).
-
-    Its backward reaches the leaves directly, not through the loss's graph.
-    """
-    if not pairs:
-        return loss.detach()
-    leaves = tuple(v for v, _ in pairs)
-    return _Linearised.apply(loss.detach(), tuple(g.detach() for _, g in pairs), *leaves)
-
-
 def extract_loss(output: Any, owners: str) -> Tensor:
     """The scalar loss in a ``training_step`` output (a tensor or a mapping with "loss"), or a clear error."""
     loss = output.get("loss") if isinstance(output, Mapping) else output
@@ -184,14 +139,6 @@ def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
             buf.data.copy_(value)
 
 
-def rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 class _Call(nn.Module):

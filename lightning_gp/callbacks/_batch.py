@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 InputKey = int | str | Callable[[Any], Tensor] | None
@@ -139,18 +140,8 @@ def replace_input(batch: Any, path: tuple, value: Tensor) -> Any:
 
 def slice_batch(batch: Any, size: int, index: slice) -> Any:
     """``batch`` with every tensor whose first dimension is ``size`` sliced by ``index`` (others kept)."""
-    if isinstance(batch, Tensor):
-        return batch[index] if batch.ndim > 0 and batch.shape[0] == size else batch
-    if isinstance(batch, Mapping):
-        items = {k: slice_batch(v, size, index) for k, v in batch.items()}
-        return items if type(batch) is dict else type(batch)(items)
-    if isinstance(batch, (tuple, list)):
-        items = [slice_batch(v, size, index) for v in batch]
-        if isinstance(batch, list):
-            return items
-        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(
-            batch, **{f.name: slice_batch(getattr(batch, f.name), size, index) for f in dataclasses.fields(batch)}
-        )
-    return batch
+
+    def cut(t: Tensor) -> Tensor:
+        return t[index] if t.ndim > 0 and t.shape[0] == size else t
+
+    return apply_to_collection(batch, Tensor, cut)

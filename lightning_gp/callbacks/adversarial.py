@@ -12,8 +12,8 @@ from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, replace_input
 from lightning_gp.callbacks.data_penalty import input_leaf
 from lightning_gp.functional import fgsm, pgd
-from lightning_gp.functional._checks import check_choice, check_non_negative, check_positive_int
-from lightning_gp.functional.adversarial import NORMS, _check_clamp
+from lightning_gp.functional._checks import check_choice, check_clamp, check_non_negative, check_positive_int
+from lightning_gp.functional.adversarial import NORMS, Norm
 
 
 class AdversarialTraining(PenaltyCallback):
@@ -56,7 +56,7 @@ class AdversarialTraining(PenaltyCallback):
         self,
         epsilon: float,
         *,
-        norm: str = "l2",
+        norm: Norm = "l2",
         steps: int = 1,
         step_size: float | None = None,
         random_start: bool = False,
@@ -70,7 +70,7 @@ class AdversarialTraining(PenaltyCallback):
         self.steps = check_positive_int(steps, "steps")
         self.step_size = None if step_size is None else check_non_negative(step_size, "step_size")
         self.random_start = random_start
-        self.clamp = _check_clamp(clamp)
+        self.clamp = check_clamp(clamp)
         a = check_non_negative(adversarial_weight, "adversarial_weight")
         if a > 1:
             raise ValueError(f"`adversarial_weight` must be in [0, 1], got {adversarial_weight!r}.")
@@ -78,7 +78,7 @@ class AdversarialTraining(PenaltyCallback):
         self.input_key = input_key
 
     def state_key_fields(self) -> dict[str, Any]:
-        return dict(epsilon=self.epsilon, norm=self.norm, steps=self.steps)
+        return {} if self.input_key is None else dict(input_key=repr(self.input_key))
 
     def attack(self, ctx: StepContext, batch: Any, x: Tensor, path: tuple) -> tuple[Tensor, Tensor | None]:
         """The adversarial input, and the clean loss if the attack happened to compute it."""

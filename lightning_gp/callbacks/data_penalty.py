@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from lightning_gp.callbacks._base import (
-    PenaltyCallback,
-    Step,
-    StepContext,
-    rng_state,
-    set_rng_state,
-)
+from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, replace_input, resolve_input, slice_batch
 from lightning_gp.functional import gradient_norm_penalty
-from lightning_gp.functional._checks import check_choice, check_non_negative, check_positive
+from lightning_gp.functional._autograd import finite_difference_term
+from lightning_gp.functional._checks import check_choice, check_non_negative, check_penalty_shape, check_positive
+from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import (
-    _check_penalty_shape,
+    METHODS,
+    Method,
     finite_difference_direction,
     finite_difference_input_step_from_norms,
 )
 
-METHODS = ("double_backward", "finite_difference")
-REDUCTIONS = ("mean", "sum")
+#: How ``training_step`` reduced the per-sample losses to its scalar loss.
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 def input_leaf(ctx: StepContext, batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, tuple]:
@@ -91,8 +89,8 @@ class DataGradientPenalty(PenaltyCallback):
         one_sided: bool = False,
         input_key: InputKey = None,
         every_n_steps: int = 1,
-        method: str = "double_backward",
-        loss_reduction: str = "mean",
+        method: Method = "double_backward",
+        loss_reduction: Reduction = "mean",
         step: float = 1e-2,
         check_finite: bool = True,
         check_reduction: bool = True,
@@ -100,7 +98,7 @@ class DataGradientPenalty(PenaltyCallback):
         super().__init__(weight, every_n_steps, check_finite)
         self.check_reduction = check_reduction
         self._reduction_checked = False
-        _check_penalty_shape(power, center)
+        check_penalty_shape(power, center)
         self.power, self.center, self.one_sided = power, check_non_negative(center, "center"), one_sided
         self.input_key = input_key
         self.method = check_choice(method, "method", METHODS)
@@ -108,8 +106,7 @@ class DataGradientPenalty(PenaltyCallback):
         self.step = check_positive(step, "step")
 
     def state_key_fields(self) -> dict[str, Any]:
-        return dict(weight=self.weight, power=self.power, center=self.center, method=self.method,
-                    input_key=repr(self.input_key))
+        return {} if self.input_key is None else dict(input_key=repr(self.input_key))
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)
@@ -119,7 +116,7 @@ class DataGradientPenalty(PenaltyCallback):
         x, path = input_leaf(ctx, batch, self.input_key, owner)
         leaf = x.detach().requires_grad_(True)
         device = x.device
-        before = rng_state(device) if self.method == "finite_difference" else None
+        before = RNGState.capture(device) if self.method == "finite_difference" else None
         step = inner(replace_input(batch, path, leaf))
         loss = step.loss
         n = leaf.shape[0]
@@ -139,8 +136,10 @@ class DataGradientPenalty(PenaltyCallback):
             # only, as a hand-written loop would: two backward passes per step, not three.
             step = step.loss_grads() if loss.requires_grad else step
             grad = self._missing_input(step.grad_of(leaf) if step.grads is not None else None) * per_sample_scale
-            penalty, term = self._finite_difference(ctx, batch, path, x, grad, step.surrogate, before,
-                                                    per_sample_scale)
+            penalty, term = self._finite_difference(
+                ctx, batch=batch, path=path, x=x, grad=grad, linearised_loss=step.surrogate, before=before,
+                per_sample_scale=per_sample_scale,
+            )
             step = step.add(weight * penalty + weight * term)
         self.check_and_log(ctx, self.log_name, penalty, batch_size=n)
         self.applied += 1
@@ -167,14 +166,11 @@ class DataGradientPenalty(PenaltyCallback):
         n = x.shape[0]
         if n < 2:
             return None, ""
-        state = rng_state(x.device)
         try:
-            with torch.no_grad():
+            with forked_rng(x.device), torch.no_grad():
                 halves = [ctx.extra_loss(slice_batch(batch, n, part)) for part in (slice(0, n // 2), slice(n // 2, n))]
         except (RuntimeError, ValueError, IndexError, TypeError):  # a step that cannot run on half a batch
             return None, ""
-        finally:
-            set_rng_state(state, x.device)
         full, total = float(loss.detach()), float(halves[0] + halves[1])
         tol = 1e-4 * max(abs(full), abs(total), 1e-12)
         as_sum, as_mean = abs(full - total) <= tol, abs(full - total / 2) <= tol
@@ -201,7 +197,18 @@ class DataGradientPenalty(PenaltyCallback):
             )
         return grad
 
-    def _finite_difference(self, ctx, batch, path, x, grad, linearised_loss, before, per_sample_scale):
+    def _finite_difference(
+        self,
+        ctx: StepContext,
+        *,
+        batch: Any,
+        path: tuple,
+        x: Tensor,
+        grad: Tensor,
+        linearised_loss: Tensor,
+        before: RNGState,
+        per_sample_scale: float,
+    ) -> tuple[Tensor, Tensor]:
         """Returns (penalty value, surrogate term whose value is 0 and whose θ-gradient ≈ ∇θ penalty).
 
         ``linearised_loss`` has the gradient of the primary loss without its graph (``Step.surrogate``).
@@ -221,12 +228,7 @@ class DataGradientPenalty(PenaltyCallback):
         penalty = phi.mean()
         if h == 0:  # φ is flat at every sample: nothing to difference
             return penalty, linearised_loss.new_zeros(())
-        after = rng_state(x.device)
-        set_rng_state(before, x.device)  # the same dropout masks as the primary pass
-        try:
+        with replayed_rng(before):  # the same dropout masks as the primary pass
             loss2 = ctx.extra_loss(replace_input(batch, path, x.detach() + h * direction.to(x.dtype)))
-        finally:
-            set_rng_state(after, x.device)
         # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L.
-        diff = (loss2 - linearised_loss) * (per_sample_scale / (h * n))
-        return penalty, diff - diff.detach()
+        return penalty, finite_difference_term(loss2, linearised_loss, step=h * n, scale=per_sample_scale)

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-from lightning_gp.callbacks._base import (
-    PenaltyCallback,
-    Step,
-    StepContext,
-    rng_state,
-    set_rng_state,
-)
+from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
+from lightning_gp.functional._autograd import finite_difference_term
 from lightning_gp.functional._checks import check_choice, check_positive, grads_or_zeros
+from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional.gradients import squared_norm_sum
-from lightning_gp.functional.penalties import finite_difference_parameter_step
+from lightning_gp.functional.penalties import METHODS, Method, finite_difference_parameter_step
 
-METHODS = ("double_backward", "finite_difference")
-SCOPES = ("local", "global")
+#: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
+Scope = Literal["local", "global"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 
 class ParameterGradientPenalty(PenaltyCallback):
@@ -61,8 +58,8 @@ class ParameterGradientPenalty(PenaltyCallback):
         weight: float,
         *,
         every_n_steps: int = 1,
-        method: str = "double_backward",
-        scope: str = "local",
+        method: Method = "double_backward",
+        scope: Scope = "local",
         step: float = 1e-3,
         check_finite: bool = True,
     ) -> None:
@@ -71,9 +68,6 @@ class ParameterGradientPenalty(PenaltyCallback):
         self.scope = check_choice(scope, "scope", SCOPES)
         self.step = check_positive(step, "step")
 
-    def state_key_fields(self) -> dict[str, Any]:
-        return dict(weight=self.weight, method=self.method, scope=self.scope)
-
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)
         if weight == 0:
@@ -81,7 +75,7 @@ class ParameterGradientPenalty(PenaltyCallback):
         named = [(n, p) for n, p in ctx.module.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         device = params[0].device
-        before = rng_state(device) if self.method == "finite_difference" else None
+        before = RNGState.capture(device) if self.method == "finite_difference" else None
         step = inner(batch)
         loss = step.loss
         if not loss.requires_grad:
@@ -113,15 +107,10 @@ class ParameterGradientPenalty(PenaltyCallback):
                 h = finite_difference_parameter_step(params, g_norm, self.step)
                 # One fused kernel per tensor (no h·g temporary); the graph to θ stays for the final backward.
                 perturbed = {n: torch.add(p, g.detach(), alpha=h) for (n, p), g in zip(named, grads, strict=True)}
-                after = rng_state(device)
-                set_rng_state(before, device)  # the same dropout masks as the primary pass
-                try:
+                with replayed_rng(before):  # the same dropout masks as the primary pass
                     loss2 = ctx.extra_loss(batch, params=perturbed)
-                finally:
-                    set_rng_state(after, device)
                 # (2/h)·[L(θ + h g) − L(θ)], its −L(θ) part through the linearised loss (gradient: the local ∇L).
-                diff = (loss2 - step.surrogate) * (2.0 / h)
-                step = step.add(weight * (diff - diff.detach()))
+                step = step.add(weight * finite_difference_term(loss2, step.surrogate, step=h, scale=2.0))
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1
         return step

@@ -51,9 +51,6 @@ class SpectralNormPenalty(PenaltyCallback):
         self.n_iter = check_positive_int(n_iter, "n_iter")
         self.vectors: dict[str, torch.Tensor] = {}
 
-    def state_key_fields(self) -> dict[str, Any]:
-        return dict(weight=self.weight, n_iter=self.n_iter)
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "vectors": {k: v.detach().clone() for k, v in self.vectors.items()}}

@@ -95,6 +95,29 @@ def check_choice(value: str, name: str, choices: Iterable[str]) -> str:
     return value
 
 
+def check_penalty_shape(power: float, center: float) -> None:
+    """φ(n) = (n − center)^power needs power ≥ 1 (a finite derivative at n = 0) and center ≥ 0."""
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not power >= 1:
+        raise ValueError(
+            f"`power` must be a number >= 1, got {power!r}. Use power=1 for ε‖∇ₓℓ‖ and power=2 for λ‖∇ₓℓ‖² "
+            f"(below 1 the penalty's derivative is infinite at a zero gradient)."
+        )
+    check_non_negative(center, "center")
+
+
+def check_clamp(clamp: tuple[float, float] | None) -> tuple[float, float] | None:
+    """A valid input range ``(lo, hi)`` with lo < hi, as floats, or None."""
+    if clamp is None:
+        return None
+    try:
+        lo, hi = clamp
+    except (TypeError, ValueError):
+        raise ValueError(f"`clamp` must be a pair (lo, hi) or None, got {clamp!r}.") from None
+    if not lo < hi:
+        raise ValueError(f"`clamp` must satisfy lo < hi, got {clamp!r}.")
+    return float(lo), float(hi)
+
+
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise ValueError(

@@ -8,12 +8,14 @@ this link numerically.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from lightning_gp.functional._checks import (
     check_choice,
+    check_clamp,
     check_floating_input,
     check_non_negative,
     check_positive,
@@ -21,23 +23,13 @@ from lightning_gp.functional._checks import (
 )
 from lightning_gp.functional.gradients import per_sample_norm
 
-NORMS = ("l2", "linf")
+#: The norms of the perturbation ball.
+Norm = Literal["l2", "linf"]
+NORMS: tuple[str, ...] = get_args(Norm)
 
 
 def _expand(per_sample: Tensor, like: Tensor) -> Tensor:
     return per_sample.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _check_clamp(clamp: tuple[float, float] | None) -> tuple[float, float] | None:
-    if clamp is None:
-        return None
-    try:
-        lo, hi = clamp
-    except (TypeError, ValueError):
-        raise ValueError(f"`clamp` must be a pair (lo, hi) or None, got {clamp!r}.") from None
-    if not lo < hi:
-        raise ValueError(f"`clamp` must satisfy lo < hi, got {clamp!r}.")
-    return float(lo), float(hi)
 
 
 def _loss_gradient(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -53,7 +45,7 @@ def _loss_gradient(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return grad
 
 
-def _ascent_step(grad: Tensor, norm: str) -> Tensor:
+def _ascent_step(grad: Tensor, norm: Norm) -> Tensor:
     """Unit-size steepest-ascent direction per sample: g/‖g‖ (l2) or sign(g) (l∞); 0 where g = 0."""
     if norm == "linf":
         return grad.sign()
@@ -61,7 +53,7 @@ def _ascent_step(grad: Tensor, norm: str) -> Tensor:
     return grad / _expand(torch.where(n > 0, n, torch.ones_like(n)), grad)
 
 
-def _project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
+def _project(delta: Tensor, epsilon: float, norm: Norm) -> Tensor:
     if norm == "linf":
         return delta.clamp(-epsilon, epsilon)
     n = per_sample_norm(delta)
@@ -69,7 +61,7 @@ def _project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
     return delta * _expand(factor, delta)
 
 
-def _random_start(x: Tensor, epsilon: float, norm: str) -> Tensor:
+def _random_start(x: Tensor, epsilon: float, norm: Norm) -> Tensor:
     if norm == "linf":
         return torch.empty_like(x).uniform_(-epsilon, epsilon)
     # Uniform in the l2 ball: a Gaussian direction and radius ε·U^(1/d).
@@ -80,11 +72,11 @@ def _random_start(x: Tensor, epsilon: float, norm: str) -> Tensor:
     return direction * _expand(radius, x)
 
 
-def _check_common(inputs: Tensor, epsilon: float, norm: str, clamp):
+def _check_common(inputs: Tensor, epsilon: float, norm: Norm, clamp):
     check_floating_input(inputs, "inputs", requires_grad=False)
     epsilon = check_non_negative(epsilon, "epsilon")
     check_choice(norm, "norm", NORMS)
-    return epsilon, _check_clamp(clamp)
+    return epsilon, check_clamp(clamp)
 
 
 def pgd(
@@ -92,7 +84,7 @@ def pgd(
     inputs: Tensor,
     *,
     epsilon: float,
-    norm: str = "l2",
+    norm: Norm = "l2",
     steps: int,
     step_size: float,
     random_start: bool = True,
@@ -144,7 +136,7 @@ def fgsm(
     inputs: Tensor,
     *,
     epsilon: float,
-    norm: str = "l2",
+    norm: Norm = "l2",
     random_start: bool = False,
     step_size: float | None = None,
     clamp: tuple[float, float] | None = None,

@@ -18,9 +18,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_gp._compat import tensor_version, tree_flatten, tree_unflatten
 from lightning_gp.functional._checks import check_batched, check_per_sample
+from lightning_gp.functional._layers import GHOST_NORM_LAYERS
 
 
 class PerSampleGradNorms(NamedTuple):
@@ -50,7 +51,7 @@ class _Use:
         self.out_index = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
         self.outputs = [flat[i] for i in self.out_index]
         self.grads: dict[int, Tensor] = {}
-        self.versions = [t._version for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        self.versions = [tensor_version(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
 
     def store(self, i: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -222,15 +223,19 @@ def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: lis
     return sum(v.reshape(batch, -1).square().sum(1) for v in total.values())
 
 
-def _check_versions(uses: dict[str, list[_Use]]) -> None:
+def check_versions(uses: dict[str, list[_Use]]) -> None:
+    """Raise if a recorded module input was modified in place after the module ran."""
     for name, us in uses.items():
         for use in us:
-            now = [t._version for t in tree_flatten((use.args, use.kwargs))[0] if isinstance(t, Tensor)]
+            now = [tensor_version(t) for t in tree_flatten((use.args, use.kwargs))[0] if isinstance(t, Tensor)]
             if now != use.versions:
                 raise RuntimeError(
                     f"An input of module '{_name(name)}' was modified in place after the module ran, so its "
                     f"recorded activations are stale. Avoid in-place ops on layer inputs (e.g. `x += ...`)."
                 )
+
+
+_check_versions = check_versions  # the old name, still imported by monitors/_fused.py
 
 
 def _own_params(module: nn.Module) -> dict[str, Tensor]:
@@ -252,7 +257,7 @@ def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], bat
     out = {}
     for unit, params in groups.items():
         mod = modules[unit]
-        ghost = isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) and set(params) <= {"weight", "bias"}
+        ghost = isinstance(mod, GHOST_NORM_LAYERS) and set(params) <= {"weight", "bias"}
         if ghost:
             out[_name(unit)] = _ghost(_name(unit), mod, uses[unit], batch)
         else:
@@ -337,7 +342,7 @@ class GradNormRecorder:
 
     def layer_squared_norms(self, batch: int) -> dict[str, Tensor]:
         """Per-sample squared norms of each layer's trainable parameters' gradient, keyed by module name."""
-        _check_versions(self.uses)
+        check_versions(self.uses)
         return _layer_norms(self.modules, self.uses, batch)
 
 

@@ -74,7 +74,7 @@ def per_sample_norm(t: Tensor) -> Tensor:
 
 
 def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """The l2 norm of each tensor, shape (K,), in one ``foreach`` kernel; for tensors without a graph (gradients).
+    """The l2 norm of each tensor, shape (K,), by ``torch.linalg.vector_norm``; for tensors without a graph (gradients).
 
     `total_norm` is the norm of this vector. The monitors keep it and take that last norm on the host,
     with the other logged values (one host transfer a step, no extra kernel).
@@ -87,10 +87,8 @@ def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(0)
-    try:  # one foreach kernel, as in torch.nn.utils.get_total_norm, without its grouping by device and dtype
-        return torch.stack(torch._foreach_norm(tensors))  # mixed dtypes promote, as there
-    except (RuntimeError, NotImplementedError):  # tensors on several devices, or a device without foreach ops
-        return torch.stack([torch.linalg.vector_norm(t).to(tensors[0].device) for t in tensors])
+    device = tensors[0].device  # tensors on several devices: the norms are gathered on the first one's
+    return torch.stack([torch.linalg.vector_norm(t).to(device) for t in tensors])  # mixed dtypes promote
 
 
 def total_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
@@ -112,7 +110,7 @@ def squared_norm_sum(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Σₖ ‖tₖ‖² over a list of tensors (e.g. the gradient of every parameter): ‖∇θL‖².
 
     Differentiable when a tensor carries a graph (double backprop); otherwise one fused norm over all the
-    tensors (`total_norm`, a ``foreach`` kernel) instead of a square, a sum and an add per tensor:
+    tensors (`total_norm`, one norm kernel per tensor) instead of a square, a sum and an add per tensor:
     this runs on every step of the parameter penalty.
 
     Example:

@@ -12,6 +12,7 @@ iteration that cannot fake a ratio above 1): ``docs/functional.md``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -309,9 +310,9 @@ def mlp_inequality(
     """
     check_floating_input(inputs, "inputs", requires_grad=False)
     check_positive(tol, "tol")
-    for value, arg in ((max_iter, "max_iter"), (exact_max_dim, "exact_max_dim")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (arg == "max_iter"):
-            raise ValueError(f"`{arg}` must be an int ≥ {int(arg == 'max_iter')}, got {value!r}.")
+    for value, arg, minimum in ((max_iter, "max_iter", 1), (exact_max_dim, "exact_max_dim", 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{arg}` must be an int ≥ {minimum}, got {value!r}.")
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):
@@ -333,8 +334,8 @@ def mlp_inequality(
     # The forward runs on the whole batch, so that `loss_fn` may close over full-batch targets; only the
     # first `max_samples` values are differentiated and kept (samples are independent in a chain).
     batch = min(len(inputs), max_samples or len(inputs))
-    h, z, g = _capture(model, inputs.detach().requires_grad_(True), loss_fn, linears, batch)
-    grad_x = h.pop("__x__")
+    captured = _capture(model, inputs.detach().requires_grad_(True), loss_fn, linears, batch)
+    h, z, g, grad_x = captured.inputs, captured.outputs, captured.output_grads, captured.input_grad
     x = inputs[:batch].detach()
     ws = [m.weight.detach() for _, m in linears]
     weight_norm = torch.stack([_sigma_from_jacobian(w) for w in ws])  # exact ‖W‖₂, 2× cheaper than an SVD
@@ -377,13 +378,23 @@ def mlp_inequality(
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _Captured:
+    """What :func:`_capture` records, keyed by Linear layer name, cut to the kept samples."""
+
+    inputs: dict[str, Tensor]  # h, each Linear's input
+    outputs: dict[str, Tensor]  # z, its output
+    output_grads: dict[str, Tensor]  # g = ∂f/∂z (absent for a layer the values do not reach)
+    input_grad: Tensor  # ∇ₓf
+
+
 def _capture(
     model: nn.Module,
     x: Tensor,
     loss_fn: Callable[[Tensor], Tensor],
     linears: list[tuple[str, nn.Module]],
     keep: int,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+) -> _Captured:
     """One forward and one backward of the first ``keep`` values: each Linear's input h, output z and
     output gradient g, and ∇ₓf, all cut to the first ``keep`` samples."""
     h: dict[str, Tensor] = {}
@@ -419,5 +430,6 @@ def _capture(
     finally:
         for handle in handles:
             handle.remove()
-    h["__x__"] = grads[0] if grads[0] is not None else torch.zeros_like(x)
-    return tuple({k: v[:keep] for k, v in d.items()} for d in (h, z, g))
+    input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    h, z, g = ({k: v[:keep] for k, v in d.items()} for d in (h, z, g))
+    return _Captured(inputs=h, outputs=z, output_grads=g, input_grad=input_grad[:keep])

@@ -7,15 +7,16 @@ finite-difference versions exist, their step sizes and their error: ``docs/desig
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gp.functional._autograd import finite_difference_term, linearised
 from lightning_gp.functional._checks import (
     as_param_list,
     check_floating_input,
-    check_non_negative,
+    check_penalty_shape,
     check_per_sample,
     check_positive,
     check_scalar,
@@ -24,6 +25,9 @@ from lightning_gp.functional._checks import (
 from lightning_gp.functional.gradients import input_gradient, per_sample_squared_norm, safe_sqrt, squared_norm_sum
 
 Params = nn.Module | Iterable[Tensor] | Tensor
+#: How a penalty's parameter gradient is computed: exactly (double backprop) or by finite differences.
+Method = Literal["double_backward", "finite_difference"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 class PenaltyGradient(NamedTuple):
@@ -43,15 +47,6 @@ class PenaltyGradient(NamedTuple):
     output_grads: tuple[Tensor, ...]
 
 
-def _check_penalty_shape(power: float, center: float) -> None:
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not power >= 1:
-        raise ValueError(
-            f"`power` must be a number >= 1, got {power!r}. Use power=1 for ε‖∇ₓℓ‖ and power=2 for λ‖∇ₓℓ‖² "
-            f"(below 1 the penalty's derivative is infinite at a zero gradient)."
-        )
-    check_non_negative(center, "center")
-
-
 def gradient_norm_penalty(
     grad: Tensor, *, power: float = 2, center: float = 0.0, one_sided: bool = False
 ) -> Tensor:
@@ -64,7 +59,7 @@ def gradient_norm_penalty(
         >>> gradient_norm_penalty(torch.tensor([[3.0, 4.0]]), center=1.0)
         tensor([16.])
     """
-    _check_penalty_shape(power, center)
+    check_penalty_shape(power, center)
     sq = per_sample_squared_norm(grad)
     if center == 0:
         # ‖g‖ᵖ = (‖g‖²)^(p/2): for p = 2 this is the smooth sum of squares, no square root at all.
@@ -107,7 +102,7 @@ def data_gradient_penalty(
         >>> torch.allclose(penalty, model.weight.square().sum())
         True
     """
-    _check_penalty_shape(power, center)
+    check_penalty_shape(power, center)
     check_floating_input(inputs, "inputs", requires_grad=True)
     output = check_per_sample(output, inputs.shape[0], "output")
     grad = input_gradient(output, inputs, create_graph=True)
@@ -172,7 +167,7 @@ def data_gradient_penalty_fd(
         >>> len(res.grads) == len(list(model.parameters()))
         True
     """
-    _check_penalty_shape(power, center)
+    check_penalty_shape(power, center)
     step = check_positive(step, "step")
     check_floating_input(inputs, "inputs", requires_grad=False)
     params = as_param_list(params)
@@ -193,11 +188,13 @@ def data_gradient_penalty_fd(
         grads = tuple(torch.zeros_like(p) for p in params)
     else:
         out2 = check_per_sample(fn(x.detach() + h * direction), batch, "fn(inputs)")
-        # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h, with 1/h folded into the backward seed and a fused
-        # subtract: one elementwise pass per parameter instead of three.
-        second = torch.autograd.grad(out2.mean() * (1.0 / h), params, allow_unused=True)
-        second = grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params")
-        grads = tuple(torch.sub(b2, b1, alpha=1.0 / h) for b1, b2 in zip(base, second, strict=True))
+        if not out2.requires_grad:
+            raise ValueError("`fn(inputs)` does not depend on `params` (it has no autograd graph).")
+        # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h: one backward through the second pass, the base gradient
+        # entering through the linearised mean (1/h folded into the backward seed).
+        term = finite_difference_term(out2.mean(), linearised(out.mean(), list(zip(params, base, strict=True))), step=h)
+        second = torch.autograd.grad(term, params, allow_unused=True)
+        grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
     return PenaltyGradient(penalty=phi.detach().mean(), grads=grads, output=out.detach(), output_grads=tuple(base))
 
 
@@ -290,12 +287,15 @@ def parameter_gradient_penalty_fd(
             for p, gi in zip(params, g, strict=True):
                 p.add_(gi, alpha=h)
         loss2 = check_scalar(loss_fn(), "loss_fn()")
-        g2 = grads_or_zeros(
-            torch.autograd.grad(loss2, params, allow_unused=True), params, what="`loss_fn()`", wrt="params"
-        )
+        if not loss2.requires_grad:
+            raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
+        # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss.
+        base = linearised(loss, list(zip(params, g, strict=True)))
+        term = finite_difference_term(loss2, base, step=h, scale=2.0)
+        g2 = torch.autograd.grad(term, params, allow_unused=True)
+        grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
-    grads = tuple(torch.sub(b, a, alpha=1.0).mul_(2.0 / h) for a, b in zip(g, g2, strict=True))
     return PenaltyGradient(g_sq.detach(), grads, loss.detach(), tuple(g))

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gp.functional._checks import check_positive_int, check_tensor
+from lightning_gp.functional._layers import SPECTRAL_PENALTY_LAYERS
 
 #: Iterations used when no warm-start vector is given. A warm start (the ``u`` returned by the
 #: previous call) needs only one: the weights move little between steps.
 COLD_START_ITERS = 30
 
-REGULARIZED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                      nn.ConvTranspose3d, nn.Bilinear)
+REGULARIZED_LAYERS = SPECTRAL_PENALTY_LAYERS
 
 
 def _as_matrix(weight: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gp._compat import merge_initial_hparams
 from lightning_gp._logging import should_log
 from lightning_gp.functional._checks import (
     check_choice,
@@ -21,10 +22,13 @@ from lightning_gp.functional._checks import (
     check_positive,
     check_positive_int,
 )
+from lightning_gp.functional._rng import forked_rng
 from lightning_gp.gan.regularizers import (
     METHODS,
     PENALTIES,
     REGULARIZERS,
+    Method,
+    Regularizer,
     apply_spectral_normalization,
     check_no_batch_norm,
     clip_weights_,
@@ -85,13 +89,13 @@ class WGANGPMixin:
         self,
         *args: Any,
         n_critic: int = 5,
-        regularizer: str = "gp",
+        regularizer: Regularizer = "gp",
         gp_weight: float = 10.0,
         clip_value: float = 0.01,
         reg_every: int = 1,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.0, 0.9),
-        method: str = "double_backward",
+        method: Method = "double_backward",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -172,14 +176,7 @@ class WGANGPMixin:
 
     def _merge_wgan_hparams(self) -> None:
         # A user's own `save_hyperparameters()` replaces hparams; put the mixin's back (theirs win).
-        for key, value in self.wgan_hparams.items():
-            self.hparams.setdefault(key, value)
-        initial = getattr(self, "_hparams_initial", None)
-        if initial is None:
-            self._hparams_initial = type(self.hparams)(self.hparams)
-        else:
-            for key, value in self.wgan_hparams.items():
-                initial.setdefault(key, value)
+        merge_initial_hparams(self, self.wgan_hparams)
 
     def setup(self, stage: str) -> None:
         """Check the networks, and apply spectral normalization before the optimizers are built."""
@@ -199,7 +196,7 @@ class WGANGPMixin:
             apply_spectral_normalization(self.critic)
         if self._wgan_seed is None:
             self._wgan_seed = torch.initial_seed()
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._wgan_trainer()
         self._wgan_touch_unused = trainer is not None and trainer.world_size > 1
         self._wgan_idle: dict[tuple[int, ...], list[Tensor]] = {}
         self._merge_wgan_hparams()
@@ -215,20 +212,16 @@ class WGANGPMixin:
     @contextlib.contextmanager
     def _wgan_rng(self, stream: int) -> Iterator[None]:
         """Seed the global RNG from (seed, rank, critic step, stream) for the block, then restore it."""
-        generators = [torch.default_generator]
-        if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            generators.append(torch.cuda.default_generators[index])
         seed = self._wgan_seed if self._wgan_seed is not None else torch.initial_seed()
-        seed = _mix_seed(seed, self.global_rank, self._wgan_critic_steps, stream)
-        states = [g.get_state() for g in generators]
-        for g in generators:
-            g.manual_seed(seed)
-        try:
+        with forked_rng(self.device, seed=_mix_seed(seed, self.global_rank, self._wgan_critic_steps, stream)):
             yield
-        finally:
-            for g, state in zip(generators, states, strict=True):
-                g.set_state(state)
+
+    def _wgan_trainer(self) -> Any:
+        """The Trainer the module is attached to, or None (``self.trainer`` raises when there is none)."""
+        try:
+            return self.trainer
+        except (RuntimeError, AttributeError):
+            return None
 
     def _wgan_optimizers(self) -> tuple[Any, Any]:
         optimizers = self.optimizers()
@@ -276,7 +269,7 @@ class WGANGPMixin:
     def _wgan_should_log(self) -> bool:
         # `self.log` costs about as much as a small critic step, so log only on the batches whose metrics
         # the Trainer writes to its loggers (every `log_every_n_steps`), as Lightning itself would.
-        return should_log(getattr(self, "_trainer", None))
+        return should_log(self._wgan_trainer())
 
     def _log(self, name: str, value: Tensor) -> None:
         self.log(f"wgan/{name}", value.detach().float(), on_step=True, on_epoch=False, prog_bar=False)

@@ -7,13 +7,15 @@ not a loss term (weight clipping, spectral normalization) and the BatchNorm chec
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
+from lightning_gp.functional._autograd import linearised
+from lightning_gp.functional._layers import LINEAR_MAP_LAYERS
 from lightning_gp.functional.gan import (
     difference_penalty,
     r1_penalty,
@@ -22,28 +24,19 @@ from lightning_gp.functional.gan import (
     wgan_gradient_penalty_fd,
 )
 from lightning_gp.functional.gradients import per_sample_norm
-from lightning_gp.functional.penalties import data_gradient_penalty_fd
+from lightning_gp.functional.penalties import METHODS, Method, data_gradient_penalty_fd
 
-#: Every value ``regularizer=`` accepts.
-REGULARIZERS = (
-    "gp",
-    "gp_one_sided",
-    "r1",
-    "r2",
-    "difference",
-    "weight_clipping",
-    "spectral_normalization",
-    "none",
-)
-#: The regularizers that add a penalty term (weighted by ``gp_weight``) to the critic loss.
-PENALTIES = ("gp", "gp_one_sided", "r1", "r2", "difference")
 #: The regularizers whose penalty is a gradient norm, so ``method`` applies to them.
-GRADIENT_PENALTIES = ("gp", "gp_one_sided", "r1", "r2")
-METHODS = ("double_backward", "finite_difference")
+GradientPenalty = Literal["gp", "gp_one_sided", "r1", "r2"]
+#: The regularizers that add a penalty term (weighted by ``gp_weight``) to the critic loss.
+Penalty = Literal[GradientPenalty, "difference"]
+#: Every value ``regularizer=`` accepts.
+Regularizer = Literal[Penalty, "weight_clipping", "spectral_normalization", "none"]
+REGULARIZERS: tuple[str, ...] = get_args(Regularizer)
+PENALTIES: tuple[str, ...] = get_args(Penalty)
+GRADIENT_PENALTIES: tuple[str, ...] = get_args(GradientPenalty)
 #: Layers that couple the samples of a batch (their output for one sample depends on the others).
 _BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm,)
-#: Layers whose ``weight`` spectral normalization applies to.
-_SPECTRAL_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 class PenaltyTerm(NamedTuple):
@@ -52,9 +45,10 @@ class PenaltyTerm(NamedTuple):
     Attributes:
         value: the penalty's value (detached), what is logged as ``wgan/penalty``.
         loss: a scalar whose gradient w.r.t. the critic's parameters is ∇θ penalty: the penalty itself
-            (double backward, difference), or the linear surrogate Σ⟨θ, ĝ⟩ with ĝ the finite-difference
-            gradient. Adding it to the loss sends ĝ through the ordinary backward pass, so DDP all-reduces
-            it like any other gradient (writing ĝ into ``.grad`` by hand would bypass DDP's hooks).
+            (double backward, difference), or the linear surrogate Σ⟨θ, ĝ⟩ (plus a constant: its value is the
+            penalty's) with ĝ the finite-difference gradient. Adding it to the loss sends ĝ through the ordinary
+            backward pass, so DDP all-reduces it like any other gradient (writing ĝ into ``.grad`` by hand would
+            bypass DDP's hooks).
         grad_norm: mean ‖∇ₓD‖ at the points the penalty uses (None for the derivative-free penalty).
     """
 
@@ -112,17 +106,13 @@ def _norm(tap: _InputGradientTap | None) -> Tensor | None:
     return None if tap is None else tap.mean_norm()
 
 
-def _surrogate(params: list[Tensor], grads: tuple[Tensor, ...]) -> Tensor:
-    return sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads, strict=True))
-
-
 def critic_penalty(
-    name: str,
+    name: Penalty,
     critic: nn.Module,
     real: Tensor,
     fake: Tensor,
     *,
-    method: str = "double_backward",
+    method: Method = "double_backward",
     alpha: Tensor | None = None,
     alpha2: Tensor | None = None,
     track_grad_norm: bool = True,
@@ -173,7 +163,8 @@ def critic_penalty(
         res = data_gradient_penalty_fd(fn, points.detach(), params, power=2, center=0.0)
     else:
         res = wgan_gradient_penalty_fd(fn, real, fake, params, alpha=alpha, one_sided=one_sided)
-    return PenaltyTerm(res.penalty, _surrogate(params, res.grads), _norm(tap))
+    surrogate = linearised(res.penalty, list(zip(params, res.grads, strict=True)))
+    return PenaltyTerm(res.penalty, surrogate, _norm(tap))
 
 
 def check_no_batch_norm(critic: nn.Module) -> None:
@@ -212,7 +203,7 @@ def apply_spectral_normalization(critic: nn.Module) -> list[str]:
     """
     names = []
     for layer_name, module in critic.named_modules():
-        if isinstance(module, _SPECTRAL_LAYERS) and getattr(module, "weight", None) is not None:
+        if isinstance(module, LINEAR_MAP_LAYERS) and getattr(module, "weight", None) is not None:
             if parametrize.is_parametrized(module, "weight"):
                 continue
             spectral_norm(module)

@@ -1,13 +1,13 @@
-"""The targets of a batch for the monitors' default per-sample loss, and taking a batch's first samples.
+"""The targets of a batch for the monitors' default per-sample loss.
 
-The input is found by `lightning_gp.callbacks._batch.resolve_input`, shared with the penalty
-callbacks so ``input_key`` means the same everywhere.
+The input is found by `lightning_gp.callbacks._batch.resolve_input`, and a batch's first samples
+taken by `slice_batch`, shared with the penalty callbacks so
+``input_key`` means the same everywhere.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -44,25 +44,6 @@ def select_target(batch: Any) -> Tensor:
         f"The default per-sample loss (cross-entropy on an (x, y) batch) finds no targets in the batch "
         f"{describe(batch)}. Pass `loss_fn=lambda outputs, batch: <per-sample losses, shape (B,)>`."
     )
-
-
-def take_first(batch: Any, n: int, size: int) -> Any:
-    """``batch`` with every tensor whose first dimension is ``size`` cut to its first ``n`` rows."""
-    if n >= size:
-        return batch
-    if isinstance(batch, Tensor):
-        return batch[:n] if batch.ndim and batch.shape[0] == size else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: take_first(v, n, size) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
-        return type(batch)(*(take_first(v, n, size) for v in batch))
-    if isinstance(batch, Sequence) and not isinstance(batch, str):
-        return type(batch)(take_first(v, n, size) for v in batch)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(
-            batch, **{f.name: take_first(getattr(batch, f.name), n, size) for f in dataclasses.fields(batch)}
-        )
-    return batch
 
 
 def default_loss(outputs: Tensor, batch: Any) -> Tensor:

@@ -20,7 +20,8 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_gp._compat import tensor_version
-from lightning_gp.functional.grad_norms import GradNormRecorder, _check_versions, linear_squared_norms
+from lightning_gp.functional._layers import GHOST_NORM_LAYERS
+from lightning_gp.functional.grad_norms import GradNormRecorder, check_versions, linear_squared_norms
 
 
 def grad_scale(trainer: pl.Trainer) -> float:
@@ -229,6 +230,9 @@ class LinearTap:
     def _forward_hook(self, label: str, layer: nn.Module) -> Callable[..., None]:
         calls = self.calls[next(name for name, m in self.layers.items() if m is layer)]
 
+        # Run eagerly under torch.compile: the tensor hook it registers cannot be traced (a side effect on
+        # Python state), so the graph breaks here anyway; disabled, the bookkeeping adds no graphs of its own.
+        @torch.compiler.disable
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             # `module is layer`: a deep copy of the model copies this hook; its calls are not recorded
             if module is layer and self.recording and torch.is_grad_enabled() and output.requires_grad:
@@ -348,8 +352,6 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
 #: BatchNorm layers, which couple the samples in training mode (their Lazy variants subclass these).
 TRAIN_MODE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
-#: Layers whose per-sample norms need only their own inputs and output gradients (the ghost norm).
-GHOST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _restrict_to_ghost_layers(recorder: GradNormRecorder) -> bool:
@@ -362,7 +364,7 @@ def _restrict_to_ghost_layers(recorder: GradNormRecorder) -> bool:
     """
     owners = {n: m for n, m in recorder.modules.items() if any(p.requires_grad for p in m.parameters(recurse=False))}
     batchnorm = any(isinstance(m, TRAIN_MODE_BATCHNORMS) and m.training for m in recorder.modules.values())
-    if batchnorm or not all(type(m) in GHOST_LAYERS for m in owners.values()):
+    if batchnorm or not all(type(m) in GHOST_NORM_LAYERS for m in owners.values()):
         return False
     recorder.modules = owners
     return True
@@ -375,7 +377,7 @@ def _layer_squared_norms(recorder: GradNormRecorder, batch: int) -> dict[str, Te
     Float16/bfloat16 records are brought to float32 first (scaled float16 gradients would overflow when
     squared).
     """
-    _check_versions(recorder.uses)  # before any input is replaced by a float32 copy below
+    check_versions(recorder.uses)  # before any input is replaced by a float32 copy below
     for uses in recorder.uses.values():
         for use in uses:
             use.grads = {i: _float(g) for i, g in use.grads.items()}

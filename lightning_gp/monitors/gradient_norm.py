@@ -146,7 +146,7 @@ class GradientNormMonitor(Monitor):
         self.loss_reduction = loss_reduction
         self.input_key = input_key
         self.histograms = bool(histograms)
-        self.loss_fn = loss_fn or default_loss
+        self.loss_fn = loss_fn  # None: default_loss (kept as given, for the repr)
         self.per_layer = bool(per_layer)
         self._pending: dict[str, Tensor] | None = None
         self._pending_step = -1
@@ -323,7 +323,8 @@ class GradientNormMonitor(Monitor):
         Must be called on every rank at once under DDP (the reduction is a collective).
         """
         def per_sample_loss(outputs: Tensor) -> Tensor:
-            return check_per_sample(self.loss_fn(outputs, batch), inputs.shape[0], "loss_fn(outputs, batch)")
+            return check_per_sample((self.loss_fn or default_loss)(outputs, batch), inputs.shape[0],
+                                    "loss_fn(outputs, batch)")
 
         with isolated(pl_module):
             norms = per_sample_grad_norms_by_layer(pl_module, inputs, per_sample_loss)

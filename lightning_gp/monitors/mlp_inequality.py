@@ -10,12 +10,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gp._logging import logger_step
-from lightning_gp.callbacks._batch import InputKey
+from lightning_gp.callbacks._batch import InputKey, slice_batch
 from lightning_gp.functional._checks import check_per_sample, check_positive_int
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
 from lightning_gp.loggers import define_summaries, log_inequality
 from lightning_gp.monitors._base import Monitor, isolated
-from lightning_gp.monitors._batch import default_loss, select_input, take_first
+from lightning_gp.monitors._batch import default_loss, select_input
 from lightning_gp.monitors.gradient_norm import PerSampleLoss
 
 PREFIX = "mlp_inequality"
@@ -69,7 +69,7 @@ class MLPInequalityMonitor(Monitor):
         if submodule is not None and not isinstance(submodule, str):
             raise TypeError(f"`submodule` must be a dotted module name (str), got {type(submodule).__name__}.")
         self.input_key = input_key
-        self.loss_fn = loss_fn or default_loss
+        self.loss_fn = loss_fn  # None: default_loss (kept as given, for the repr)
         self.submodule = submodule
         self.tables = bool(tables)
 
@@ -120,10 +120,13 @@ class MLPInequalityMonitor(Monitor):
         Must be called on every rank at once under DDP (the reduction is a collective).
         """
         size = inputs.shape[0]
-        batch, inputs = take_first(batch, self.max_samples, size), inputs[: self.max_samples]
+        if self.max_samples < size:
+            batch = slice_batch(batch, size, slice(0, self.max_samples))
+        inputs = inputs[: self.max_samples]
 
         def per_sample_loss(outputs: Tensor) -> Tensor:
-            return check_per_sample(self.loss_fn(outputs, batch), inputs.shape[0], "loss_fn(outputs, batch)")
+            return check_per_sample((self.loss_fn or default_loss)(outputs, batch), inputs.shape[0],
+                                    "loss_fn(outputs, batch)")
 
         with isolated(chain):
             r = mlp_inequality(chain, inputs, per_sample_loss)

@@ -11,13 +11,13 @@ from typing_extensions import override
 
 from lightning_gp._logging import logger_step
 from lightning_gp.functional._checks import check_positive_int
+from lightning_gp.functional._layers import LINEAR_MAP_LAYERS
 from lightning_gp.functional.spectral import spectral_norm
 from lightning_gp.loggers import define_summaries
 from lightning_gp.monitors._base import Monitor
 
 #: Layers whose weight is a linear map of the layer's input (conv kernels as their reshaped matrix).
-MONITORED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                    nn.ConvTranspose3d)
+MONITORED_LAYERS = LINEAR_MAP_LAYERS
 
 
 class SpectralNormMonitor(Monitor):
