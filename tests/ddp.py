@@ -20,7 +20,10 @@ REPO = Path(__file__).parent.parent
 
 def run_ddp_script(name: str, out_path: Path, *args: str, timeout: float = 240) -> dict:
     """Run ``tests/ddp_scripts/<name>`` with ``--out out_path`` and return ``torch.load(out_path)``."""
-    env = dict(os.environ)
+    # A process group another test left in this process (a strategy set up in-process) holds its port:
+    # the script's ranks pick their own.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE",
+                                                          "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK")}
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
         WANDB_MODE="offline",

@@ -34,6 +34,17 @@ CALLBACKS = [
 NAMES = ["data", "parameter", "adversarial", "spectral", "grad_norm", "fused", "mlp", "sigma"]
 
 
+@pytest.fixture
+def no_process_group_left():
+    """ModelParallelStrategy initialises a (1-process) process group in this process before `setup`."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("no_process_group_left")
 @pytest.mark.parametrize("make", CALLBACKS, ids=NAMES)
 def test_model_parallel_strategy_is_refused_in_setup(make):
     callback = make()
