@@ -339,6 +339,21 @@ class PenaltyCallback(Callback):
             return 0.0
         return self.weight * self.every_n_steps
 
+    def step_generator(self, ctx: StepContext) -> torch.Generator:
+        """A generator for what the callback draws (attack starts, VAT directions), seeded by
+        (``torch.initial_seed()``, rank, ``global_step``, micro-batch within the step, the callback's order).
+
+        So a resumed run draws exactly what the uninterrupted one drew (``seed_everything`` sets the initial
+        seed), and the draws do not consume the global RNG the user's own dropout uses.
+        """
+        draw = self.__dict__.get("_draw")
+        index = draw[1] + 1 if draw is not None and draw[0] == ctx.global_step else 0
+        self.__dict__["_draw"] = (ctx.global_step, index)
+        rank = ctx.strategy.global_rank if ctx.strategy is not None else 0
+        device = next((p.device for p in ctx.module.parameters()), torch.device("cpu"))
+        seed = hash((torch.initial_seed(), rank, ctx.global_step, index, self.order)) % (2**63)
+        return torch.Generator(device=device).manual_seed(seed)
+
     def check_and_log(self, ctx: StepContext, name: str, value: Tensor, batch_size: int | None = None) -> None:
         """Raise on a non-finite value (every step), then :meth:`record`."""
         value = value.detach()

@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, replace_input
-from lightning_gp.callbacks.data_penalty import input_leaf
+from lightning_gp.callbacks._site import Probe, Site, Target, site_key_fields
 from lightning_gp.functional import fgsm, pgd
 from lightning_gp.functional._checks import check_choice, check_clamp, check_non_negative, check_positive_int
-from lightning_gp.functional.adversarial import NORMS, Norm
+from lightning_gp.functional.adversarial import NORMS, Norm, ascent_direction, project, random_start
+from lightning_gp.functional.layer_output import expand_mask
 
 
 class AdversarialTraining(PenaltyCallback):
@@ -62,7 +65,10 @@ class AdversarialTraining(PenaltyCallback):
         random_start: bool = False,
         clamp: tuple[float, float] | None = None,
         adversarial_weight: float = 1.0,
+        average_steps: bool = False,
         input_key: InputKey = None,
+        target: Target = None,
+        mask_key: str | None = None,
     ) -> None:
         super().__init__(1.0)
         self.epsilon = check_non_negative(epsilon, "epsilon")
@@ -74,14 +80,38 @@ class AdversarialTraining(PenaltyCallback):
         a = check_non_negative(adversarial_weight, "adversarial_weight")
         if a > 1:
             raise ValueError(f"`adversarial_weight` must be in [0, 1], got {adversarial_weight!r}.")
+        if average_steps and a != 1:
+            raise ValueError(
+                f"`average_steps=True` (FreeLB) trains on the mean loss over the {steps} ascent steps, so it takes "
+                f"no `adversarial_weight`; got {adversarial_weight!r}. Leave it at 1 (with `random_start=False` "
+                f"the first of the averaged losses is the clean one)."
+            )
+        if target is not None and clamp is not None:
+            raise ValueError(f"`clamp={clamp!r}` bounds a batch input; a layer's output (`target={target!r}`) "
+                             f"has no valid range. Drop `clamp`.")
         self.adversarial_weight = a
-        self.input_key = input_key
+        self.average_steps = bool(average_steps)
+        self.input_key, self.target, self.mask_key = input_key, target, mask_key
+        self.site = Site(target, input_key, mask_key, type(self).__name__)
 
     def state_key_fields(self) -> dict[str, Any]:
-        return {} if self.input_key is None else dict(input_key=repr(self.input_key))
+        return site_key_fields(self.input_key, self.target)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.site.resolve(pl_module)
+
+    @property
+    def resolved_step_size(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        if self.steps == 1:
+            return 1.25 * self.epsilon if self.random_start else self.epsilon
+        return 2.5 * self.epsilon / self.steps
 
     def attack(self, ctx: StepContext, batch: Any, x: Tensor, path: tuple) -> tuple[Tensor, Tensor | None]:
-        """The adversarial input, and the clean loss if the attack happened to compute it."""
+        """The adversarial input, and the clean loss if the attack happened to compute it (batch input)."""
         clean: list[Tensor] = []
 
         def loss_fn(inputs: Tensor) -> Tensor:
@@ -94,7 +124,7 @@ class AdversarialTraining(PenaltyCallback):
         if self.steps == 1:
             x_adv = fgsm(loss_fn, x, step_size=self.step_size, **common)
         else:
-            step_size = self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps
+            step_size = self.resolved_step_size
             x_adv = pgd(loss_fn, x, steps=self.steps, step_size=step_size, **common) if step_size > 0 else x
         return x_adv.to(x.dtype), (clean[0] if clean else None)
 
@@ -102,23 +132,94 @@ class AdversarialTraining(PenaltyCallback):
         a = self.adversarial_weight
         if a == 0:
             return inner(batch)
-        x, path = input_leaf(ctx, batch, self.input_key, type(self).__name__)
-        x_adv, clean_loss = self.attack(ctx, batch, x.detach(), path)
-        adv_batch = replace_input(batch, path, x_adv)
-        if a < 1:
-            step = inner(batch)  # primary: clean
-            adv_loss = ctx.extra_loss(adv_batch)
-            clean_loss = step.loss
-            # (1 − a)·L_clean + a·L_adv, with the inner callbacks' penalties kept at full weight. `stand_in`
-            # has the clean loss's value and gradient (possibly without its graph, see `Step`).
-            result = step.add(a * (adv_loss - step.stand_in))
+        probe = self.site.probe(ctx.module, batch)
+        if probe.module is not None or self.average_steps:
+            result, adv_loss, clean_loss = self._apply_in_delta(ctx, probe, inner)
         else:
-            step = inner(adv_batch)  # primary: adversarial
-            adv_loss = step.loss
-            result = step
-        n = x.shape[0]
+            result, adv_loss, clean_loss = self._apply_on_input(ctx, probe, inner)
+        n = probe.base.shape[0]
         self.record(ctx, "adversarial/loss", adv_loss, n)
         if clean_loss is not None:
             self.record(ctx, "adversarial/clean_loss", clean_loss, n)
         self.applied += 1
         return result
+
+    def _apply_on_input(self, ctx: StepContext, probe: Probe, inner: Callable[[Any], Step]) -> tuple:
+        """A batch input: FGSM/PGD of :mod:`lightning_gp.functional` (equal to torchattacks), then train."""
+        a, batch, x = self.adversarial_weight, probe.batch, probe.x
+        x_adv, clean_loss = self.attack(ctx, batch, x.detach(), probe.path)
+        if x.requires_grad:  # keep the input's own graph (it was computed upstream): x + a detached step
+            x_adv = x + (x_adv - x.detach())
+        adv_batch = replace_input(batch, probe.path, x_adv)
+        if a < 1:
+            step = inner(batch)  # primary: clean
+            adv_loss = ctx.extra_loss(adv_batch)
+            # (1 − a)·L_clean + a·L_adv, with the inner callbacks' penalties kept at full weight. `stand_in`
+            # has the clean loss's value and gradient (possibly without its graph, see `Step`).
+            return step.add(a * (adv_loss - step.stand_in)), adv_loss, step.loss
+        step = inner(adv_batch)  # primary: adversarial
+        return step, step.loss, clean_loss
+
+    def _apply_in_delta(self, ctx: StepContext, probe: Probe, inner: Callable[[Any], Step]) -> tuple:
+        """A perturbation δ of the input or of a layer's output: FGM/PGD, or FreeLB with ``average_steps``.
+
+        The passes whose losses enter the objective keep their graphs (FreeLB: all K, one backward in the
+        end); the first pass is the primary one when its loss is trained on (FreeLB, or a clean first pass
+        with ``adversarial_weight < 1``), so a hand-written loop's pass count is matched.
+        """
+        a, k, alpha = self.adversarial_weight, self.steps, self.resolved_step_size
+        generator = self.step_generator(ctx) if self.random_start else None
+
+        def start(like: Tensor) -> Tensor:
+            if not self.random_start:
+                return like.detach().new_zeros(like.shape).requires_grad_(True)
+            mask = None if probe.mask is None else expand_mask(probe.mask, like)
+            return random_start(like.detach(), self.epsilon, self.norm, mask=mask,
+                                generator=generator).requires_grad_(True)
+
+        primary_first = self.average_steps or (a < 1 and not self.random_start)
+        if primary_first:
+            first, delta = probe.run(inner, start)
+            loss = first.loss
+        else:
+            first = None
+            loss, delta = probe.run(ctx.extra_loss, start)
+        clean_loss = None if self.random_start else loss.detach()
+        losses = [loss]
+        for t in range(k):
+            if self.average_steps and t == k - 1:
+                break  # FreeLB: the last ascent step would only move δ past the last averaged loss
+            if not loss.requires_grad:
+                raise ValueError(f"{type(self).__name__}: the loss of `training_step` has no autograd graph.")
+            (grad,) = torch.autograd.grad(loss, delta, retain_graph=primary_first or self.average_steps,
+                                          allow_unused=True)
+            if grad is None:
+                raise ValueError(self._no_path())
+            delta = self._step(probe, delta.detach(), grad, alpha)
+            if t < k - 1:
+                loss, delta = probe.run(ctx.extra_loss, delta.requires_grad_(True))
+                losses.append(loss)
+        if self.average_steps:  # the mean of the K losses, the first with the inner callbacks' terms
+            rest = sum(losses[1:]) if k > 1 else first.stand_in.new_zeros(())
+            result = first.add(rest / k - (1 - 1 / k) * first.stand_in)
+            return result, torch.stack([v.detach() for v in losses]).mean(), clean_loss
+        if a == 1:
+            step, _ = probe.run(inner, delta)  # primary: adversarial
+            return step, step.loss, clean_loss
+        if first is None:  # random start: the clean primary pass comes now
+            first, _ = probe.run(inner, lambda like: like.detach().new_zeros(like.shape))
+            clean_loss = first.loss.detach()
+        adv_loss, _ = probe.run(ctx.extra_loss, delta)
+        return first.add(a * (adv_loss - first.stand_in)), adv_loss, clean_loss
+
+    def _step(self, probe: Probe, delta: Tensor, grad: Tensor, alpha: float) -> Tensor:
+        """One ascent step on δ, projected onto the ε-ball and, for a batch input, into ``clamp``."""
+        delta = project(delta + alpha * ascent_direction(grad, self.norm), self.epsilon, self.norm)
+        if self.clamp is not None and probe.x is not None:
+            x = probe.x.detach()
+            delta = (x + delta).clamp(*self.clamp) - x
+        return delta
+
+    def _no_path(self) -> str:
+        where = f"the output of `target={self.target!r}`" if self.target is not None else "the input"
+        return f"{type(self).__name__}: the loss of `training_step` does not depend on {where} (no autograd path)."

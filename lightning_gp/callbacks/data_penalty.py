@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
-from lightning_gp.callbacks._batch import InputKey, replace_input, resolve_input, slice_batch
+from lightning_gp.callbacks._batch import InputKey, slice_batch
+from lightning_gp.callbacks._site import Probe, Site, Target, site_key_fields
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import finite_difference_term
 from lightning_gp.functional._checks import check_choice, check_non_negative, check_penalty_shape, check_positive
@@ -27,20 +30,6 @@ Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
-def input_leaf(ctx: StepContext, batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, tuple]:
-    """The batch's input, checked to be floating point, and its path (see `_batch`)."""
-    x, path = resolve_input(batch, input_key, owner)
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{owner}: the input selected by `input_key={input_key!r}` has dtype {x.dtype}; it must be floating "
-            f"point to be differentiated. Integer inputs (token ids) have no input gradient: select a floating "
-            f"tensor (e.g. embeddings computed outside the model) or use ParameterGradientPenalty instead."
-        )
-    if x.ndim == 0:
-        raise ValueError(f"{owner}: the input selected by `input_key={input_key!r}` has no batch dimension.")
-    return x, path
-
-
 class DataGradientPenalty(PenaltyCallback):
     r"""Adds ``weight · mean_i φ(‖∇ₓℓᵢ‖)`` to the loss, φ(n) = (n − center)^power (or max(0, ·) one-sided).
 
@@ -54,6 +43,10 @@ class DataGradientPenalty(PenaltyCallback):
         one_sided: penalise only norms above ``center``.
         input_key: the input in the batch: an index, a dict key, or a callable returning the batch's tensor;
             default the batch if a tensor, element 0 of a tuple/list, a dict's "x", "input" or "inputs".
+        target: differentiate w.r.t. this layer's output instead of the batch input: a dotted submodule
+            path (``"model.bert.embeddings.word_embeddings"``) or an ``nn.Module``.
+        mask_key: the batch key of a (B, T) mask of real positions; padded ones do not count in the norm.
+            Default ``"attention_mask"`` when a dict batch has it.
         every_n_steps: lazy regularization: the penalty on every k-th optimizer step with weight × k.
         method: ``"double_backward"`` (exact) or ``"finite_difference"`` (one extra ordinary pass).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduced the per-sample losses.
@@ -88,6 +81,8 @@ class DataGradientPenalty(PenaltyCallback):
         center: float = 0.0,
         one_sided: bool = False,
         input_key: InputKey = None,
+        target: Target = None,
+        mask_key: str | None = None,
         every_n_steps: int = 1,
         method: Method = "double_backward",
         loss_reduction: Reduction = "mean",
@@ -100,29 +95,33 @@ class DataGradientPenalty(PenaltyCallback):
         self._reduction_checked = False
         check_penalty_shape(power, center)
         self.power, self.center, self.one_sided = power, check_non_negative(center, "center"), one_sided
-        self.input_key = input_key
+        self.input_key, self.target, self.mask_key = input_key, target, mask_key
+        self.site = Site(target, input_key, mask_key, type(self).__name__)
         self.method = check_choice(method, "method", METHODS)
         self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
         self.step = check_positive(step, "step")
 
     def state_key_fields(self) -> dict[str, Any]:
-        return {} if self.input_key is None else dict(input_key=repr(self.input_key))
+        return site_key_fields(self.input_key, self.target)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.site.resolve(pl_module)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)
         if weight == 0:
             return inner(batch)
-        owner = type(self).__name__
-        x, path = input_leaf(ctx, batch, self.input_key, owner)
-        leaf = x.detach().requires_grad_(True)
-        device = x.device
+        probe = self.site.probe(ctx.module, batch)
+        device = probe.x.device if probe.x is not None else next(ctx.module.parameters()).device
         before = RNGState.capture(device) if self.method == "finite_difference" else None
-        step = inner(replace_input(batch, path, leaf))
+        step, leaf = probe.run(inner)  # δ: a zero leaf on the input (or the target's output)
         loss = step.loss
-        n = leaf.shape[0]
+        n = probe.base.shape[0]
         if self.check_reduction and not self._reduction_checked:
             self._reduction_checked = True
-            self._check_reduction(ctx, batch, x, loss)
+            self._check_reduction(ctx, batch, probe.base, loss)
         # Per-sample sum S = Σᵢ ℓᵢ: B·L for a mean-reduced loss, L itself for a summed one.
         per_sample_scale = float(n) if self.loss_reduction == "mean" else 1.0
         if self.method == "double_backward":
@@ -137,7 +136,7 @@ class DataGradientPenalty(PenaltyCallback):
             step = step.loss_grads() if loss.requires_grad else step
             grad = self._missing_input(step.grad_of(leaf) if step.grads is not None else None) * per_sample_scale
             penalty, term = self._finite_difference(
-                ctx, batch=batch, path=path, x=x, grad=grad, linearised_loss=step.surrogate, before=before,
+                ctx, probe=probe, grad=grad, linearised_loss=step.surrogate, before=before,
                 per_sample_scale=per_sample_scale,
             )
             step = step.add(weight * penalty + weight * term)
@@ -191,9 +190,11 @@ class DataGradientPenalty(PenaltyCallback):
     def _missing_input(self, grad: Tensor | None) -> Tensor:
         if grad is None:
             raise ValueError(
-                f"{type(self).__name__}: the loss returned by `training_step` does not depend on the input "
-                f"selected by `input_key={self.input_key!r}` (no autograd path). Make sure the model is applied "
-                f"to this batch element, not to a detached copy or another entry of the batch."
+                f"{type(self).__name__}: the loss returned by `training_step` does not depend on "
+                + (f"the output of `target={self.target!r}`" if self.target is not None
+                   else f"the input selected by `input_key={self.input_key!r}`")
+                + " (no autograd path). Make sure the model is applied to this batch element, not to a detached "
+                "copy or another entry of the batch."
             )
         return grad
 
@@ -201,9 +202,7 @@ class DataGradientPenalty(PenaltyCallback):
         self,
         ctx: StepContext,
         *,
-        batch: Any,
-        path: tuple,
-        x: Tensor,
+        probe: Probe,
         grad: Tensor,
         linearised_loss: Tensor,
         before: RNGState,
@@ -215,8 +214,9 @@ class DataGradientPenalty(PenaltyCallback):
         """
         phi, direction = finite_difference_direction(grad, power=self.power, center=self.center,
                                                       one_sided=self.one_sided)
+        x = probe.masked(probe.base.detach())
         n = x.shape[0]
-        stats = torch.stack([per_sample_squared_norm(x.detach()).sum(), per_sample_squared_norm(direction).max()])
+        stats = torch.stack([per_sample_squared_norm(x).sum(), per_sample_squared_norm(direction).max()])
         count = float(n)
         if ctx.world_size > 1:
             # Same h on every rank as one process on the combined batch: mean of ‖xᵢ‖² and max of ‖dᵢ‖².
@@ -229,6 +229,6 @@ class DataGradientPenalty(PenaltyCallback):
         if h == 0:  # φ is flat at every sample: nothing to difference
             return penalty, linearised_loss.new_zeros(())
         with replayed_rng(before):  # the same dropout masks as the primary pass
-            loss2 = ctx.extra_loss(replace_input(batch, path, x.detach() + h * direction.to(x.dtype)))
+            loss2, _ = probe.run(ctx.extra_loss, h * direction.to(x.dtype))
         # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L.
         return penalty, finite_difference_term(loss2, linearised_loss, step=h * n, scale=per_sample_scale)

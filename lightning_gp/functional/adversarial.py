@@ -45,7 +45,7 @@ def _loss_gradient(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return grad
 
 
-def _ascent_step(grad: Tensor, norm: Norm) -> Tensor:
+def ascent_direction(grad: Tensor, norm: Norm) -> Tensor:
     """Unit-size steepest-ascent direction per sample: g/‖g‖ (l2) or sign(g) (l∞); 0 where g = 0."""
     if norm == "linf":
         return grad.sign()
@@ -53,7 +53,8 @@ def _ascent_step(grad: Tensor, norm: Norm) -> Tensor:
     return grad / _expand(torch.where(n > 0, n, torch.ones_like(n)), grad)
 
 
-def _project(delta: Tensor, epsilon: float, norm: Norm) -> Tensor:
+def project(delta: Tensor, epsilon: float, norm: Norm) -> Tensor:
+    """``delta`` projected onto the ε-ball of ``norm``, per sample (over all non-batch dims)."""
     if norm == "linf":
         return delta.clamp(-epsilon, epsilon)
     n = per_sample_norm(delta)
@@ -61,15 +62,27 @@ def _project(delta: Tensor, epsilon: float, norm: Norm) -> Tensor:
     return delta * _expand(factor, delta)
 
 
-def _random_start(x: Tensor, epsilon: float, norm: Norm) -> Tensor:
+def random_start(x: Tensor, epsilon: float, norm: Norm, *, mask: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """A uniform random point of the ε-ball around 0, shaped like ``x``; zero where ``mask`` (broadcast to
+    ``x``) is 0. ``generator`` makes it a function of the generator's seed."""
     if norm == "linf":
-        return torch.empty_like(x).uniform_(-epsilon, epsilon)
+        delta = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * (2 * epsilon) - epsilon
+        return delta if mask is None else delta * mask
     # Uniform in the l2 ball: a Gaussian direction and radius ε·U^(1/d).
-    direction = torch.randn_like(x)
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if mask is not None:
+        direction = direction * mask
     direction = direction / _expand(per_sample_norm(direction).clamp_min(1e-12), x)
     d = x[0].numel()
-    radius = epsilon * torch.rand(x.shape[0], device=x.device, dtype=x.dtype).pow(1.0 / d)
+    radius = epsilon * torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype).pow(1.0 / d)
     return direction * _expand(radius, x)
+
+
+def _random_start(x: Tensor, epsilon: float, norm: Norm) -> Tensor:
+    if norm == "linf":  # torchattacks' draw, kept bit for bit
+        return torch.empty_like(x).uniform_(-epsilon, epsilon)
+    return random_start(x, epsilon, norm)
 
 
 def _check_common(inputs: Tensor, epsilon: float, norm: Norm, clamp):
@@ -125,7 +138,7 @@ def pgd(
     # x0 + δ): carrying δ instead rounds differently and drifts from torchattacks.PGD by an ulp.
     for _ in range(steps):
         grad = _loss_gradient(loss_fn, x_adv)
-        x_adv = x0 + _project(x_adv + step_size * _ascent_step(grad, norm) - x0, epsilon, norm)
+        x_adv = x0 + project(x_adv + step_size * ascent_direction(grad, norm) - x0, epsilon, norm)
         if clamp is not None:
             x_adv = x_adv.clamp(*clamp)
     return x_adv.detach()

@@ -1,0 +1,167 @@
+"""Where an input-space callback perturbs and differentiates: the batch input, or any layer's output.
+
+``target=None`` is the batch tensor that ``input_key`` selects; a dotted submodule path of the
+LightningModule or an ``nn.Module`` is that layer's output (:mod:`lightning_gp.functional.layer_output`).
+Either way the callbacks work with an additive δ: ``x + δ`` replaces the input in the batch, or δ is added
+to the layer's output by a forward hook that exists only during the pass. So nothing upstream is detached:
+an input with a ``grad_fn`` keeps it, and the layers before a target (the embedding table) keep training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from torch import Tensor, nn
+
+from lightning_gp.callbacks._batch import InputKey, replace_input, resolve_input
+from lightning_gp.functional.layer_output import expand_mask, perturbed_output
+
+#: What a target may be: None (the batch input), a dotted submodule path, or a module.
+Target = str | nn.Module | None
+#: The mask key used when a dict batch has it and ``mask_key`` is not given.
+DEFAULT_MASK_KEY = "attention_mask"
+
+T = TypeVar("T")
+Delta = Tensor | Callable[[Tensor], Tensor] | None
+
+
+def resolve_target(root: nn.Module, target: Target, owner: str) -> nn.Module | None:
+    """The target module inside ``root``, or None for the batch input.
+
+    Raises:
+        ValueError: a path that does not resolve (listing the nearest module names), or a module that
+            is not part of ``root``.
+    """
+    if target is None:
+        return None
+    if isinstance(target, nn.Module):
+        if not any(m is target for m in root.modules()):
+            raise ValueError(f"{owner}: `target` ({type(target).__name__}) is not a submodule of "
+                             f"`{type(root).__name__}`. Pass one of its own modules or a dotted path.")
+        return target
+    if not isinstance(target, str):
+        raise TypeError(f"{owner}: `target` must be None, a dotted module path or an nn.Module, got "
+                        f"{type(target).__name__}.")
+    try:
+        return root.get_submodule(target)
+    except AttributeError:
+        names = [n for n, _ in root.named_modules() if n]
+        near = difflib.get_close_matches(target, names, n=5, cutoff=0.3) or names[:5]
+        raise ValueError(
+            f"{owner}: `target={target!r}` is not a submodule of `{type(root).__name__}`. Nearest module "
+            f"names: {near}."
+        ) from None
+
+
+def embedding_names(root: nn.Module) -> list[str]:
+    return [n for n, m in root.named_modules() if isinstance(m, nn.Embedding)]
+
+
+@dataclass
+class Probe:
+    """One step's view of the site: the batch, the resolved input path or target, and the mask."""
+
+    batch: Any
+    module: nn.Module | None
+    path: tuple | None
+    x: Tensor | None
+    mask: Tensor | None
+    owner: str
+
+    @contextlib.contextmanager
+    def applied(self, delta: Delta) -> Iterator[tuple[Any, Callable[[], Tensor | None]]]:
+        """The batch to run with δ applied, and a function giving the δ actually used (after the pass)."""
+        if self.module is None:
+            self.base = self.x
+            d = delta(self.x) if callable(delta) else delta
+            if d is None:
+                d = self.x.detach().new_zeros(self.x.shape).requires_grad_(True)
+            d_eff = d if self.mask is None else d * expand_mask(self.mask, self.x, "mask")
+            yield replace_input(self.batch, self.path, self.x + d_eff.to(self.x.dtype)), (lambda: d)
+        else:
+            with perturbed_output(self.module, delta, mask=self.mask, owner=self.owner) as record:
+                yield self.batch, (lambda: record.delta)
+            if record.calls == 0:
+                raise RuntimeError(
+                    f"{self.owner}: the target `{type(self.module).__name__}` did not run in `training_step`, "
+                    f"so there is no output to perturb. Pass a `target` the model calls on the batch."
+                )
+            self.base = record.output
+
+    def masked(self, t: Tensor) -> Tensor:
+        """``t`` (input- or output-shaped) with the padded positions zeroed."""
+        return t if self.mask is None else t * expand_mask(self.mask, t, "mask")
+
+    def run(self, fn: Callable[[Any], T], delta: Delta = None) -> tuple[T, Tensor]:
+        """``fn(batch)`` with δ applied (None: a zero leaf that requires grad); returns its result and δ."""
+        with self.applied(delta) as (batch, used):
+            out = fn(batch)
+        return out, used()
+
+    base: Tensor | None = None  # the unperturbed input or target output of the latest pass
+
+
+@dataclass
+class Site:
+    """A callback's ``target``/``input_key``/``mask_key``, resolved against the module once."""
+
+    target: Target
+    input_key: InputKey
+    mask_key: str | None
+    owner: str
+    module: nn.Module | None = None
+    resolved: bool = False
+
+    def resolve(self, root: nn.Module) -> None:
+        self.module = resolve_target(root, self.target, self.owner)
+        self.resolved = True
+
+    def probe(self, root: nn.Module, batch: Any) -> Probe:
+        if not self.resolved:
+            self.resolve(root)
+        mask = self._mask(batch)
+        if self.module is not None:
+            return Probe(batch, self.module, None, None, mask, self.owner)
+        x, path = resolve_input(batch, self.input_key, self.owner)
+        if not x.is_floating_point():
+            found = embedding_names(root)
+            raise TypeError(
+                f"{self.owner}: the input selected by `input_key={self.input_key!r}` has dtype {x.dtype} (token "
+                f"ids?), which cannot be perturbed or differentiated. Pass `target=` the layer whose output to "
+                f"use instead, e.g. the embedding layer"
+                + (f"; nn.Embedding modules in the model: {found}." if found else ".")
+            )
+        if x.ndim == 0:
+            raise ValueError(f"{self.owner}: the input selected by `input_key={self.input_key!r}` has no batch "
+                             f"dimension.")
+        return Probe(batch, None, path, x, mask, self.owner, base=x)
+
+    def _mask(self, batch: Any) -> Tensor | None:
+        if self.mask_key is None:
+            key = DEFAULT_MASK_KEY if isinstance(batch, Mapping) and DEFAULT_MASK_KEY in batch else None
+        else:
+            key = self.mask_key
+        if key is None:
+            return None
+        if not isinstance(batch, Mapping) or key not in batch:
+            raise ValueError(f"{self.owner}: `mask_key={key!r}` is not a key of the batch.")
+        mask = batch[key]
+        if not isinstance(mask, Tensor) or mask.ndim != 2:
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"{self.owner}: the mask `batch[{key!r}]` must be a (B, T) tensor of real positions, "
+                             f"got {shape}.")
+        return mask
+
+
+def site_key_fields(input_key: InputKey, target: Target) -> dict[str, Any]:
+    """The ``state_key`` fields of an input-space callback: what it perturbs, nothing it tunes."""
+    fields = {}
+    if input_key is not None:
+        fields["input_key"] = repr(input_key)
+    if target is not None:
+        fields["target"] = target if isinstance(target, str) else type(target).__name__
+    return fields

@@ -1,0 +1,171 @@
+"""Perturb a layer's output and read gradients with respect to it: input-space methods on any layer.
+
+Token models take integer ids, which cannot be perturbed; the recipe of Miyato et al. (2017) and Zhu et
+al. (2020) perturbs the output of the embedding layer instead. :func:`perturbed_output` adds a tensor δ to a
+module's output (its first output if it returns a tuple) for the duration of a block, through a forward
+hook that exists only inside the block. The output keeps its graph, so the layers before it (the embedding
+table itself) still train, and with a δ that requires grad, ∇_δ of a loss is its gradient with respect to
+the layer's output. A (B, T) ``mask`` of real positions zeroes δ at padded ones: they are never perturbed,
+and their gradient w.r.t. δ is 0, so they never count in a per-sample norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gp.functional.gradients import per_sample_norm
+
+
+@dataclass
+class OutputRecord:
+    """What :func:`perturbed_output` saw: the layer's unperturbed output and the δ added to it.
+
+    ``delta`` is the tensor given, or, with ``delta=None``, the zero leaf that requires grad made at the
+    first call (``torch.autograd.grad(loss, record.delta)`` is then ∇ of the loss w.r.t. the output).
+    """
+
+    output: Tensor | None = None
+    delta: Tensor | None = None
+    calls: int = 0
+    masks: list[Tensor] = field(default_factory=list)
+
+
+def expand_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
+    """A (B, T) mask of real positions broadcast to an output of shape (B, T, ...), in its dtype.
+
+    Raises:
+        ValueError: when ``mask`` is not (B, T) for an output of shape (B, T, ...).
+    """
+    if mask.ndim != 2 or like.ndim < 2 or tuple(mask.shape) != tuple(like.shape[:2]):
+        raise ValueError(
+            f"`{name}` must have shape (B, T) = {tuple(like.shape[:2])} for a target output of shape "
+            f"{tuple(like.shape)} (1 = real position, 0 = padding); got shape {tuple(mask.shape)}."
+        )
+    return mask.to(like.dtype).reshape(*mask.shape, *([1] * (like.ndim - 2)))
+
+
+def first_output(output: Any) -> Tensor:
+    """The tensor a target returns, or the first element when it returns a tuple or list."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def perturbed_output(
+    module: nn.Module, delta: Tensor | Callable[[Tensor], Tensor] | None = None, *, mask: Tensor | None = None,
+    owner: str = "perturbed_output",
+) -> Iterator[OutputRecord]:
+    """Add ``delta`` to ``module``'s output while the block runs; yields what the module produced.
+
+    Args:
+        module: the layer whose output is perturbed (its first output if it returns a tuple).
+        delta: a tensor of the output's shape, a function ``output -> delta`` (called at the layer's
+            call, e.g. to start from a random point), or None for a zero leaf that requires grad.
+        mask: optional (B, T) mask of real positions for a (B, T, ...) output; δ is 0 where it is 0.
+        owner: the name errors start with.
+
+    Raises:
+        TypeError: when the output is not a floating-point tensor.
+        ValueError: when the mask has the wrong shape.
+        RuntimeError: when the module runs more than once inside the block.
+
+    Example:
+
+        >>> emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)
+        >>> ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+        >>> mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+        >>> with perturbed_output(emb, mask=mask) as rec:
+        ...     loss = head(emb(ids)).sum()
+        >>> (g,) = torch.autograd.grad(loss, rec.delta)  # ∇ w.r.t. the embeddings, 0 at the padded position
+        >>> g.shape, bool(g[1, 2].eq(0).all()), bool(g[0, 2].ne(0).any())
+        (torch.Size([2, 3, 4]), True, True)
+    """
+    record = OutputRecord()
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        record.calls += 1
+        if record.calls > 1:
+            raise RuntimeError(
+                f"{owner}: the target `{type(mod).__name__}` ran more than once in one forward pass; a "
+                f"perturbation of its output needs one call per pass. Target a module that runs once."
+            )
+        out = first_output(output)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            kind = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(
+                f"{owner}: the target `{type(mod).__name__}` returns {kind}; its output must be a floating-point "
+                f"tensor to be perturbed. Target a layer with floating output (e.g. the embedding layer, not "
+                f"the tokenizer or an index lookup)."
+            )
+        record.output = out
+        d = delta(out) if callable(delta) else delta
+        if d is None:
+            d = torch.zeros_like(out, requires_grad=True)
+        record.delta = d
+        if mask is not None:
+            m = expand_mask(mask, out)
+            record.masks.append(m)
+            d = d * m
+        new = out + d.to(out.dtype)
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        if isinstance(output, list):
+            return [new, *output[1:]]
+        return new
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def output_gradient(
+    loss_fn: Callable[[], Tensor], module: nn.Module, *, mask: Tensor | None = None, create_graph: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``loss_fn()`` with ∇ of it w.r.t. ``module``'s output; returns ``(loss, gradient, output)``.
+
+    For per-sample gradients, ``loss_fn`` returns the *sum* of per-sample losses. Parameter ``.grad`` is
+    never touched; with ``create_graph`` the gradient can itself be differentiated (a gradient penalty).
+
+    Example:
+
+        >>> emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)
+        >>> ids = torch.tensor([[1, 2], [3, 4]])
+        >>> loss, grad, out = output_gradient(lambda: head(emb(ids)).sum(), emb)
+        >>> torch.allclose(grad, head.weight.expand(2, 2, 4))
+        True
+    """
+    with torch.enable_grad(), perturbed_output(module, mask=mask, owner="output_gradient") as record:
+        loss = loss_fn()
+    if record.calls == 0:
+        raise RuntimeError(f"output_gradient: the module `{type(module).__name__}` did not run in `loss_fn()`.")
+    (grad,) = torch.autograd.grad(loss, record.delta, create_graph=create_graph, retain_graph=True,
+                                  allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(record.delta)
+    return loss, grad, record.output
+
+
+def per_sample_output_gradient_norms(
+    loss_fn: Callable[[], Tensor], module: nn.Module, *, mask: Tensor | None = None
+) -> Tensor:
+    """‖∇ℓᵢ‖ w.r.t. ``module``'s output, per sample, over all non-batch dims (padded positions excluded).
+
+    ``loss_fn`` returns the sum of per-sample losses.
+
+    Example:
+
+        >>> emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)
+        >>> ids = torch.tensor([[1, 2], [3, 4]])
+        >>> norms = per_sample_output_gradient_norms(lambda: head(emb(ids)).sum(), emb)
+        >>> torch.allclose(norms, head.weight.norm() * torch.full((2,), 2.0).sqrt())
+        True
+    """
+    _, grad, _ = output_gradient(loss_fn, module, mask=mask)
+    return per_sample_norm(grad)
