@@ -1,7 +1,7 @@
 """When to log, and the trainer of a module: the package's only reads of Lightning internals.
 
 Lightning has no public API for two facts the package needs, so they are read here and nowhere else, and
-``tests/test_lightning_internals.py`` fails loudly if a Lightning release moves them:
+``tests/test_strategies_and_internals.py`` fails loudly if a Lightning release moves them:
 
 - ``trainer._logger_connector.should_update_logs``: whether this step's ``on_step`` metrics will be written
   to the loggers (every ``log_every_n_steps``). A ``self.log`` call costs 1–2 ms in Lightning 2.6, as much as

@@ -1,32 +1,22 @@
 """The one way into the training step: a wrapper of ``LightningModule.training_step`` that every
 loss-changing callback and the fused monitor register with.
 
-Why a wrapper. Lightning has no public hook that may change the loss. In automatic optimization the
-closure passes the value ``training_step`` returned straight to the backward
-(``lightning/pytorch/loops/optimization/automatic.py``: ``_AutomaticOptimization._training_step`` returns
-``ClosureResult.from_training_step_output(training_step_output)``, whose ``closure_loss`` goes to
-``_make_backward_fn`` → ``call._call_strategy_hook(trainer, "backward", loss, optimizer)``). The hook that
-sees the loss on its way, ``Precision.pre_backward(tensor, module)`` (``plugins/precision/precision.py``),
-is a precision plugin's, calls ``on_before_backward`` and returns the tensor it was given, and a callback
-cannot replace it. A second backward per forward breaks DDP's reducer, so the term must be in the one loss.
-So the wrapper returns ``loss + terms``, and Lightning runs its one ordinary backward on it. Under DDP
-Lightning calls ``training_step`` through ``strategy._forward_redirection``, which looks the method up on
-the module at call time inside ``DistributedDataParallel.forward``, so the wrapper runs there and the
-terms' gradients are all-reduced with the rest.
+Why a wrapper: Lightning has no public hook that may change the loss. The automatic-optimization closure
+passes what ``training_step`` returned straight to ``strategy.backward``, and ``Precision.pre_backward``
+(which calls ``on_before_backward``) returns the tensor it was given; a second backward per forward breaks
+DDP's reducer. So the wrapper returns ``loss + terms`` and Lightning runs its one backward on it. Under DDP,
+Lightning looks ``training_step`` up on the module at call time inside ``DistributedDataParallel.forward``,
+so the wrapper runs there. Sources and line numbers: ``docs/design/interception.md``.
 
 Rules (each one has a test):
 
 - installed once per module however many callbacks register; removed when the last one leaves (at
   ``teardown`` and ``on_exception``);
-- restored only if the attribute is still the wrapper: when someone else replaced it meanwhile (another
-  library, the user's own code), it is left as it is, with a warning, and the wrapper, if still called
-  from inside theirs, passes through;
-- passes through untouched when the call is not a training step: grad disabled, the trainer not in
-  ``fit``'s training loop (``trainer.training``), a ``validation_step`` that calls ``self.training_step``,
-  or a call from inside the wrapper itself;
-- no module internals are rebound except ``log``/``log_dict`` during the extra passes of a step
-  (:func:`muted_logging`): the user's ``training_step`` logs through them, and an extra pass (an attack
-  step, the second point of a finite difference) must not log twice.
+- restored only if the attribute is still the wrapper, else left as it is, with a warning (the wrapper,
+  if still called from inside the replacement, passes through);
+- passes through when grad is disabled, when ``trainer.training`` is False (a ``validation_step`` that
+  calls ``self.training_step``), or when the call comes from inside the wrapper itself;
+- nothing else is rebound but ``log``/``log_dict`` during extra passes (:func:`muted_logging`).
 
 Example::
 
@@ -112,6 +102,7 @@ class StepInterceptor:
             self.members.append(member)
 
     def unregister(self, member: Any) -> None:
+        """Remove a member; the wrapper goes when no member and no observer is left."""
         if member in self.members:
             self.members.remove(member)
         self._detach_if_empty()
@@ -122,6 +113,7 @@ class StepInterceptor:
             self.observers.append(observer)
 
     def unobserve(self, observer: Callable[[Any], None]) -> None:
+        """Remove an observer; the wrapper goes when no member and no observer is left."""
         if observer in self.observers:
             self.observers.remove(observer)
         self._detach_if_empty()

@@ -27,6 +27,8 @@ def penalized_loss(
 ) -> Tensor:
     """``loss_fn(batch)`` plus every penalty's term, ready for ``manual_backward``.
 
+    The callbacks' own code path (same math, extra-pass rules, logs). In a module: :class:`PenaltyMixin`.
+
     Args:
         module: the module whose parameters are penalised (usually ``self``); it also receives the logs
             (when it is a LightningModule attached to a Trainer).
@@ -37,6 +39,9 @@ def penalized_loss(
         penalties: callback objects (``DataGradientPenalty(...)`` etc.), *not* also passed to the Trainer.
             Keep them on the module so their state (spectral vectors) persists between steps.
         global_step: the step for ``every_n_steps``; default ``module.trainer.global_step`` (0 without one).
+
+    Raises:
+        TypeError: an element of ``penalties`` that is not a lightning_gp penalty callback.
 
     Example::
 
@@ -50,21 +55,6 @@ def penalized_loss(
         >>> expected = loss_fn((x, y)) + 0.5 * 4 * ((net(x) - y) ** 2).mean() * net.weight.square().sum()
         >>> torch.allclose(total, expected)
         True
-
-    In a LightningModule::
-
-        class GAN(PenaltyMixin, pl.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.automatic_optimization = False
-                self.penalties = [DataGradientPenalty(1.0, center=1.0)]
-
-            def training_step(self, batch, batch_idx):
-                opt = self.optimizers()
-                loss = self.penalized_loss(lambda b: self.critic_loss(b), batch, self.penalties)
-                opt.zero_grad()
-                self.manual_backward(loss)
-                opt.step()
     """
     trainer = attached_trainer(module)
     if global_step is None:
@@ -83,4 +73,26 @@ class PenaltyMixin:
     def penalized_loss(
         self, loss_fn: Callable[[Any], Tensor], batch: Any, penalties: Sequence[PenaltyCallback]
     ) -> Tensor:
+        """:func:`penalized_loss` with this module: ``loss_fn(batch)`` plus every penalty's term.
+
+        Args:
+            loss_fn: maps the batch to the scalar loss; called again by extra passes (their logs dropped).
+            batch: its argument.
+            penalties: callback objects kept on the module (not passed to the Trainer).
+
+        Example::
+
+            class GAN(PenaltyMixin, pl.LightningModule):
+                def __init__(self):
+                    super().__init__()
+                    self.automatic_optimization = False
+                    self.penalties = [DataGradientPenalty(1.0, center=1.0)]
+
+                def training_step(self, batch, batch_idx):
+                    opt = self.optimizers()
+                    loss = self.penalized_loss(lambda b: self.critic_loss(b), batch, self.penalties)
+                    opt.zero_grad()
+                    self.manual_backward(loss)
+                    opt.step()
+        """
         return penalized_loss(self, loss_fn, batch, penalties)

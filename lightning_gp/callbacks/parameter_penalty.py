@@ -31,7 +31,7 @@ class ParameterGradientPenalty(PenaltyCallback):
         every_n_steps: lazy regularization: every k-th optimizer step with weight × k.
         method: ``"double_backward"`` or ``"finite_difference"`` (a second pass at θ + h·∇θL, as in SAM).
         scope: ``"local"`` (each DDP rank penalises its own gradient, as SAM does) or ``"global"`` (the
-            gradient averaged over ranks inside the graph: the one-process result, one more all-reduce).
+            gradient averaged over ranks inside the graph: the one-process result, one more collective).
         step: relative parameter displacement of the finite difference.
         check_finite: raise on a NaN/Inf penalty (checked on every step).
 

@@ -34,78 +34,23 @@ REDUCTIONS = ("mean", "sum")
 class GradientNormMonitor(Monitor):
     r"""Logs how sensitive the per-sample loss is to the input and to the parameters.
 
-    For each sample i of the batch, with ℓᵢ its loss: ‖∇ₓℓᵢ‖ and ‖∇θℓᵢ‖ (exact per-sample norms from
-    :func:`lightning_gp.functional.per_sample_grad_norms`, at the cost of about one extra forward/backward
-    pass), reduced to their mean and max over the samples of all DDP ranks; and ‖∇θL‖, the norm of the
-    gradient the optimizer is about to apply (after DDP averaging and AMP unscaling, before clipping,
-    penalties included).
-
-    Logged, on every ``every_n_steps``-th optimizer step (default: the trainer's ``log_every_n_steps``):
-
-    - ``grad_norm/input_mean``, ``grad_norm/input_max``: ‖∇ₓℓᵢ‖;
-    - ``grad_norm/param_per_sample_mean``, ``grad_norm/param_per_sample_max``: ‖∇θℓᵢ‖;
-    - ``grad_norm/layer/<layer name>``: mean over samples of ‖∇_{θ_layer} ℓᵢ‖ (with ``per_layer=True``);
-    - ``grad_norm/param_batch``: ‖∇θL‖ (``grad_norm/param_batch/<k>`` for the k-th of several optimizers);
-    - on W&B, histograms ``grad_norm/input`` and ``grad_norm/param_per_sample`` of rank 0's samples.
-
-    **The per-sample loss.** A LightningModule's ``training_step`` returns a batch mean, which has no
-    per-sample gradients; the monitor therefore recomputes ℓᵢ itself as ``loss_fn(module(x), batch)``,
-    calling the module's ``forward`` on the batch's input (found by ``input_key``). The default
-    ``loss_fn`` is cross-entropy with ``reduction="none"`` on an ``(x, y)`` batch (or a dict with
-    ``"x"``/``"y"``). The measurement runs in eval mode on the parameters of the step, before the
-    update, and leaves no trace on training (see :mod:`lightning_gp.monitors._base`).
-
-    **Fused mode** (``mode="fused"``): instead of a second forward/backward, the monitor reads the per-sample
-    norms off the training step's own: at the start of ``training_step`` on a due step (the method is
-    wrapped from ``setup`` to ``teardown``) it makes the batch's input a grad leaf and starts recording the
-    layers' inputs and output gradients; in ``on_after_backward`` it turns ``x.grad`` and those records into
-    per-sample ghost norms (:mod:`lightning_gp.monitors._fused`), then removes the gradient hooks and restores
-    the input. A model whose parameterised layers are all ``nn.Linear`` is recorded by a light tap, an
-    instance ``forward`` on each layer, which stays on (recording nothing) while the next step is monitored
-    too and is removed at the first step that is not, at teardown and when a step raises; other models by a
-    :class:`~lightning_gp.functional.grad_norms.GradNormRecorder`, whose forward hooks are removed after each
-    step. Nothing is left after ``fit``, and training is unchanged bit for bit. The extra cost is the
-    recording, the input gradient and a few (B,)-sized reductions, not a second forward/backward: about 1.15× a
-    plain step on the reference MLP (64→512→512→10, batch 256, CPU) against about 2× for the default mode
-    (``benchmarks/bench_monitors.py``). What differs from the default:
-
-    - the loss is the *training* loss: ``training_step`` must return the batch mean of per-sample losses
-      (``loss_reduction="mean"``, then the recorded gradient is ∇ℓᵢ/(B·k) with k =
-      ``accumulate_grad_batches``, and the monitor multiplies by B·k) or their sum (``"sum"``);
-      ``loss_fn`` is not used. A loss that mixes samples (a contrastive loss, a regulariser on the batch) is
-      measured as if it were a sum of per-sample terms, which it is not: use the default mode there;
-    - it measures the *training* forward: train mode, dropout active (the norms of the network actually
-      trained on this step), where the default mode measures eval mode. Train-mode BatchNorm mixes the
-      samples, so per-sample norms do not exist: fused mode raises on the first step, naming the layer;
-    - with gradient accumulation it measures every micro-batch of the due step (all samples of that
-      optimizer step), the default mode the first micro-batch only;
-    - under ``"16-mixed"`` the recorded gradients are divided by the GradScaler's scale; on a step the
-      scaler skips (inf/NaN gradients) the logged values are inf/NaN too;
-    - it cannot see through the loss-changing callbacks of this package (``DataGradientPenalty``,
-      ``ParameterGradientPenalty``, ``SpectralNormPenalty``, ``AdversarialTraining``: the backward is then
-      of loss + penalty) nor work with manual optimization; both raise in ``setup``. The input must be a
-      floating batch tensor that ``training_step`` feeds to the model (not a tensor ``input_key`` computes);
-      integer inputs (token ids) give NaN input norms, as in the default mode. In a model whose
-      parameterised layers are all Linear/Conv only those layers are hooked, so a layer's parameters used
-      without calling the layer (``F.linear(x, self.fc.weight)``) raise; a layer never called logs 0 under
-      its own name (the default mode files it under ``_root``). Layers other than
-      Linear/Conv are replayed by ``torch.func`` from the recorded inputs, so those layers must not draw
-      random numbers themselves (e.g. ``nn.MultiheadAttention(dropout>0)`` in train mode).
-
-    The default stays ``"recompute"``: it measures any module whatever its ``training_step`` returns, with
-    any callback, in eval mode; ``"fused"`` is the cheap mode for the ordinary supervised step.
+    Per sample i, ‖∇ₓℓᵢ‖ and ‖∇θℓᵢ‖ as mean and max over all ranks' samples (``grad_norm/input_mean``, ``_max``,
+    ``param_per_sample_mean``, ``_max``; ``grad_norm/layer/<name>``) and the step's ‖∇θL‖ (``param_batch``:
+    after DDP averaging and AMP unscaling, before clipping), every ``every_n_steps``-th optimizer step, with
+    ``<key>_epoch`` aggregates in ``callback_metrics``. Modes, costs, fused-mode limits: ``docs/monitors.md``.
 
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.
-        input_key: the input in the batch: an index, a dict key, or a callable batch → input tensor;
-            default a tensor batch itself, a tuple/list's first element, a dict's ``"x"``/``"input(s)"``.
+        input_key: the input in the batch: an index, a dict key, or a callable batch → input tensor.
         histograms: also log W&B histograms of the per-sample norms.
         loss_fn: ``(outputs, batch) -> per-sample losses (B,)``; default per-sample cross-entropy.
         per_layer: also log the per-layer per-sample norms.
-        mode: ``"recompute"`` (default: a separate eval-mode forward/backward of ``loss_fn``) or ``"fused"``
-            (read the norms off the training step's own forward/backward; see above).
-        loss_reduction: fused mode only: ``"mean"`` if ``training_step`` returns the mean of the per-sample
-            losses over the batch (the usual ``F.cross_entropy(logits, y)``), ``"sum"`` if their sum.
+        mode: ``"recompute"`` (a separate eval-mode pass of ``loss_fn``) or ``"fused"`` (the step's own).
+        loss_reduction: fused mode: ``"mean"`` or ``"sum"``, how ``training_step`` reduces the ℓᵢ.
+
+    Raises:
+        ValueError: an unknown ``mode`` or ``loss_reduction``, or a ``loss_fn`` with ``mode="fused"``.
+        RuntimeError: in ``setup``: an unsupported strategy; fused mode with manual optimization or a penalty.
 
     Example::
 
