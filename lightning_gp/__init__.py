@@ -8,8 +8,10 @@ from lightning_gp import functional, manual
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
+    Flooding,
     ParameterGradientPenalty,
     SpectralNormPenalty,
+    VirtualAdversarialTraining,
 )
 from lightning_gp.gan import WGANGPMixin
 from lightning_gp.manual import PenaltyMixin, penalized_loss
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdversarialTraining",
     "DataGradientPenalty",
+    "Flooding",
     "GradientNormMonitor",
     "MLPInequalityMonitor",
     "ParameterGradientPenalty",
@@ -28,6 +31,7 @@ __all__ = [
     "PerSampleMeanMax",
     "SpectralNormMonitor",
     "SpectralNormPenalty",
+    "VirtualAdversarialTraining",
     "WGANGPMixin",
     "__version__",
     "functional",

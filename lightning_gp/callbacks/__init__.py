@@ -7,7 +7,16 @@ Modules with manual optimization use `lightning_gp.manual.penalized_loss` instea
 
 from lightning_gp.callbacks.adversarial import AdversarialTraining
 from lightning_gp.callbacks.data_penalty import DataGradientPenalty
+from lightning_gp.callbacks.flooding import Flooding
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
 from lightning_gp.callbacks.spectral_penalty import SpectralNormPenalty
+from lightning_gp.callbacks.vat import VirtualAdversarialTraining
 
-__all__ = ["AdversarialTraining", "DataGradientPenalty", "ParameterGradientPenalty", "SpectralNormPenalty"]
+__all__ = [
+    "AdversarialTraining",
+    "DataGradientPenalty",
+    "Flooding",
+    "ParameterGradientPenalty",
+    "SpectralNormPenalty",
+    "VirtualAdversarialTraining",
+]

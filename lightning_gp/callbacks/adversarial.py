@@ -25,19 +25,23 @@ class AdversarialTraining(PenaltyCallback):
     The attack differentiates the returned loss w.r.t. the input only (no parameter ``.grad``, no DDP hook);
     only the gradient's direction matters, so the loss's reduction does not. ``norm="l2"`` steps along
     gᵢ/‖gᵢ‖ (to first order, the penalty ε‖∇ₓℓ‖), ``norm="linf"`` by sign (torchattacks' FGSM/PGD). Logs
-    ``adversarial/loss`` and, when a clean loss is computed, ``adversarial/clean_loss``. Which pass is the
-    primary one: ``docs/design/loss-changing-callbacks.md``.
+    ``adversarial/loss`` and, when a clean loss is computed, ``adversarial/clean_loss``. With ``target`` the
+    perturbation δ is added to a layer's output (FGM/PGD on embeddings, Miyato et al. 2017), per sample,
+    padded positions never perturbed. Passes and design: ``docs/design/loss-changing-callbacks.md``.
 
     Args:
         epsilon: radius ε ≥ 0 of the perturbation ball.
         norm: ``"l2"`` or ``"linf"``.
         steps: 1 for FGSM, more for PGD.
-        step_size: length of each step; default ε for FGSM (1.25·ε with ``random_start``, Wong et al.),
-            2.5·ε/steps for PGD (Madry et al.).
+        step_size: default ε for FGSM (1.25·ε with ``random_start``), 2.5·ε/steps for PGD.
         random_start: start from a uniform point in the ε-ball.
         clamp: ``(lo, hi)`` valid input range, e.g. ``(0, 1)`` for images.
         adversarial_weight: a ∈ [0, 1].
+        average_steps: FreeLB (Zhu et al. 2020): train on the mean loss over the ``steps`` ascent points
+            δ₀ … δ_{K−1}, one objective and one backward (needs ``adversarial_weight=1``).
         input_key: which part of the batch is the input (see `DataGradientPenalty`).
+        target: perturb this layer's output (dotted path or module) instead of the batch input.
+        mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
 
     Raises:
         ValueError: an invalid argument, or an input the loss does not depend on.
@@ -104,6 +108,7 @@ class AdversarialTraining(PenaltyCallback):
 
     @property
     def resolved_step_size(self) -> float:
+        """The step length used: ``step_size``, or its default for ``steps`` and ``random_start``."""
         if self.step_size is not None:
             return self.step_size
         if self.steps == 1:

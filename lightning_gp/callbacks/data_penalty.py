@@ -41,12 +41,9 @@ class DataGradientPenalty(PenaltyCallback):
         power: p ≥ 1 of φ.
         center: c ≥ 0 of φ (1 for the WGAN-GP form).
         one_sided: penalise only norms above ``center``.
-        input_key: the input in the batch: an index, a dict key, or a callable returning the batch's tensor;
-            default the batch if a tensor, element 0 of a tuple/list, a dict's "x", "input" or "inputs".
-        target: differentiate w.r.t. this layer's output instead of the batch input: a dotted submodule
-            path (``"model.bert.embeddings.word_embeddings"``) or an ``nn.Module``.
-        mask_key: the batch key of a (B, T) mask of real positions; padded ones do not count in the norm.
-            Default ``"attention_mask"`` when a dict batch has it.
+        input_key: the input in the batch: an index, a dict key, or a callable returning the batch's tensor.
+        target: use this layer's output instead of the batch input (dotted path or ``nn.Module``).
+        mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
         every_n_steps: lazy regularization: the penalty on every k-th optimizer step with weight × k.
         method: ``"double_backward"`` (exact) or ``"finite_difference"`` (one extra ordinary pass).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduced the per-sample losses.

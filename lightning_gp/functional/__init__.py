@@ -21,6 +21,7 @@ from lightning_gp.functional.grad_norms import (
     per_sample_grad_norms_by_layer,
 )
 from lightning_gp.functional.gradients import input_gradient, per_sample_norm, per_sample_squared_norm
+from lightning_gp.functional.layer_output import output_gradient, per_sample_output_gradient_norms, perturbed_output
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
 from lightning_gp.functional.penalties import (
     PenaltyGradient,
@@ -47,12 +48,15 @@ __all__ = [
     "interpolate",
     "linear_squared_norms",
     "mlp_inequality",
+    "output_gradient",
     "parameter_gradient_penalty",
     "parameter_gradient_penalty_fd",
     "per_sample_grad_norms",
     "per_sample_grad_norms_by_layer",
     "per_sample_norm",
+    "per_sample_output_gradient_norms",
     "per_sample_squared_norm",
+    "perturbed_output",
     "pgd",
     "r1_penalty",
     "r2_penalty",

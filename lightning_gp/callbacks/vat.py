@@ -1,0 +1,172 @@
+"""VirtualAdversarialTraining: a label-free smoothness term, KL(p(·|x) ‖ p(·|x + r_vadv))."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, frozen_norm_stats
+from lightning_gp.callbacks._batch import InputKey, resolve_input
+from lightning_gp.callbacks._site import Probe, Site, Target, site_key_fields
+from lightning_gp.functional._checks import check_positive, check_positive_int
+from lightning_gp.functional.adversarial import ascent_direction
+from lightning_gp.interception import muted_logging
+
+#: ``logits_fn(pl_module, batch)`` → logits (B, C).
+LogitsFn = Callable[[Any, Any], Tensor]
+
+
+def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """Mean over the batch of KL(p ‖ q) between the categorical distributions of two logit tensors.
+
+    Example:
+
+        >>> logits = torch.tensor([[1.0, 2.0, 0.5]])
+        >>> float(kl_divergence(logits, logits))
+        0.0
+    """
+    p_log = F.log_softmax(p_logits, dim=-1)
+    q_log = F.log_softmax(q_logits, dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(dim=-1).mean()
+
+
+class VirtualAdversarialTraining(PenaltyCallback):
+    r"""Adds ``weight · KL(p(·|x) ‖ p(·|x + r_vadv))`` (Miyato et al. 2018); needs no labels.
+
+    r_vadv = ε·d/‖d‖ per sample, d found by ``power_iterations`` of d ← ∇_r KL(p ‖ p(·|x + ξd)) from a random
+    unit direction; p(·|x) is detached. On the batch input, or with ``target`` on a layer's output (the
+    embeddings of a token model). Logs ``penalty/vat`` (the KL, unweighted). The random directions come from
+    :meth:`step_generator`, so a resumed run draws what the uninterrupted one drew.
+
+    Args:
+        epsilon: radius ε > 0 of r_vadv, per sample, in the l2 norm over all non-batch dims.
+        xi: the small step ξ > 0 of the power iteration.
+        power_iterations: ≥ 1.
+        weight: α ≥ 0.
+        target: perturb this layer's output (dotted path or module) instead of the batch input.
+        input_key: the input in the batch (see :class:`DataGradientPenalty`).
+        mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
+        logits_fn: ``(pl_module, batch) -> logits``; default ``pl_module(input)``.
+
+    Raises:
+        ValueError: a bad argument, or logits that are not (B, C).
+        TypeError: an integer input without ``target``.
+
+    Example:
+
+        >>> from lightning_gp.manual import penalized_loss
+        >>> net = torch.nn.Linear(3, 4)
+        >>> x = torch.randn(8, 3)
+        >>> vat = VirtualAdversarialTraining(1.0, logits_fn=lambda module, batch: module(batch))
+        >>> total = penalized_loss(net, lambda b: torch.zeros(()), x, [vat])  # unlabeled: no supervised loss
+        >>> bool(total > 0)
+        True
+    """
+
+    order = 4
+    log_name = "penalty/vat"
+
+    def __init__(
+        self,
+        epsilon: float,
+        *,
+        xi: float = 1e-6,
+        power_iterations: int = 1,
+        weight: float = 1.0,
+        target: Target = None,
+        input_key: InputKey = None,
+        mask_key: str | None = None,
+        logits_fn: LogitsFn | None = None,
+    ) -> None:
+        super().__init__(weight)
+        self.epsilon = check_positive(epsilon, "epsilon")
+        self.xi = check_positive(xi, "xi")
+        self.power_iterations = check_positive_int(power_iterations, "power_iterations")
+        if logits_fn is not None and not callable(logits_fn):
+            raise TypeError(f"`logits_fn` must be callable (pl_module, batch) -> logits, got "
+                            f"{type(logits_fn).__name__}.")
+        self.input_key, self.target, self.mask_key, self.logits_fn = input_key, target, mask_key, logits_fn
+        self.site = Site(target, input_key, mask_key, type(self).__name__)
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return site_key_fields(self.input_key, self.target)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.site.resolve(pl_module)
+
+    def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
+        """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""
+        with muted_logging(ctx.module), frozen_norm_stats(ctx.module):
+            if self.logits_fn is not None:
+                logits = self.logits_fn(ctx.module, batch)
+            elif probe.module is None:
+                logits = ctx.module(_at(batch, probe.path))
+            else:
+                logits = ctx.module(_model_input(batch, self.input_key))
+        logits = getattr(logits, "logits", logits)  # Hugging Face model outputs
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"{type(self).__name__} needs (B, C) logits; `{type(ctx.module).__name__}` gave {shape}. Pass "
+                f"`logits_fn=lambda module, batch: ...` returning the logits of the batch."
+            )
+        return logits
+
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+        step = inner(batch)
+        weight = self.active_weight(ctx)
+        if weight == 0:
+            return step
+        probe = self.site.probe(ctx.module, batch)
+        with torch.no_grad():  # p(·|x), detached
+            clean, _ = probe.run(lambda b: self._logits(ctx, probe, b), lambda like: like.new_zeros(like.shape))
+        generator = self.step_generator(ctx)
+
+        def unit(t: Tensor) -> Tensor:
+            t = probe.masked(t)
+            return ascent_direction(t, "l2")  # t/‖t‖ per sample
+
+        d = None
+        for _ in range(self.power_iterations):
+            def start(like: Tensor, d=d) -> Tensor:
+                direction = d if d is not None else unit(torch.randn(like.shape, generator=generator,
+                                                                     device=like.device, dtype=like.dtype))
+                return (self.xi * direction).requires_grad_(True)
+
+            kl, r = probe.run(lambda b: kl_divergence(clean, self._logits(ctx, probe, b)), start)
+            (grad,) = torch.autograd.grad(kl, r, allow_unused=True)
+            if grad is None:
+                raise ValueError(f"{type(self).__name__}: the logits do not depend on the perturbed "
+                                 f"{'target output' if self.target is not None else 'input'}.")
+            d = unit(grad)
+        r_adv = self.epsilon * d
+        vat, _ = probe.run(lambda b: kl_divergence(clean, self._logits(ctx, probe, b)), r_adv)
+        self.check_and_log(ctx, self.log_name, vat, batch_size=clean.shape[0])
+        self.applied += 1
+        return step.add(weight * vat)
+
+
+def _at(batch: Any, path: tuple) -> Any:
+    for key in path:
+        batch = batch[key]
+    return batch
+
+
+def _model_input(batch: Any, input_key: InputKey) -> Any:
+    """What ``pl_module(...)`` is called on when the perturbation is on a layer: the ``input_key`` entry,
+    else a dict batch's ``"input_ids"``, a tuple's first element, or the batch itself."""
+    if input_key is not None:
+        return resolve_input(batch, input_key, "VirtualAdversarialTraining")[0]
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        return batch["input_ids"]
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
