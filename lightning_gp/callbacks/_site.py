@@ -123,7 +123,7 @@ class Site:
     def probe(self, root: nn.Module, batch: Any) -> Probe:
         if not self.resolved:
             self.resolve(root)
-        mask = self._mask(batch)
+        mask = self.mask(batch)
         if self.module is not None:
             return Probe(batch, self.module, None, None, mask, self.owner)
         x, path = resolve_input(batch, self.input_key, self.owner)
@@ -140,7 +140,8 @@ class Site:
                              f"dimension.")
         return Probe(batch, None, path, x, mask, self.owner, base=x)
 
-    def _mask(self, batch: Any) -> Tensor | None:
+    def mask(self, batch: Any) -> Tensor | None:
+        """The batch's (B, T) mask of real positions, or None."""
         if self.mask_key is None:
             key = DEFAULT_MASK_KEY if isinstance(batch, Mapping) and DEFAULT_MASK_KEY in batch else None
         else:

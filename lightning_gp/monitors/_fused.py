@@ -9,6 +9,7 @@ general recorder. The recording starts at the top of ``training_step``, called b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from lightning_gp._compat import tensor_version
 from lightning_gp.functional._layers import GHOST_NORM_LAYERS
 from lightning_gp.functional.grad_norms import GradNormRecorder, check_versions, linear_squared_norms
+from lightning_gp.functional.layer_output import perturbed_output
 
 
 def grad_scale(trainer: pl.Trainer) -> float:
@@ -46,9 +48,13 @@ class FusedRecording:
     ``on_exception``.
     """
 
-    def __init__(self, module: torch.nn.Module, inputs: Tensor, owner: str, tap: LinearTap | None = None) -> None:
+    def __init__(self, module: torch.nn.Module, inputs: Tensor, owner: str, tap: LinearTap | None = None,
+                 target: nn.Module | None = None, mask: Tensor | None = None) -> None:
         self.inputs = inputs
-        self.floating = inputs.is_floating_point()
+        # With a target, ∇ is read off a zero δ added to the target's output (its `.grad` after backward)
+        self.floating = target is None and inputs.is_floating_point()
+        self._target = contextlib.ExitStack()
+        self.output = None
         if self.floating and (not inputs.is_leaf or inputs.requires_grad):
             raise RuntimeError(
                 f"{owner}(mode='fused') reads ∇ₓℓᵢ from the `.grad` of the batch's input, so the input must be "
@@ -76,6 +82,8 @@ class FusedRecording:
         if self.floating:
             inputs.requires_grad_(True)
             self._restore_grad = True
+        if target is not None:
+            self.output = self._target.enter_context(perturbed_output(target, mask=mask, owner=f"{owner}(target=...)"))
 
     def close(self) -> None:
         """End the recording; a :class:`LinearTap` keeps its (inactive) forward hooks for the next step."""
@@ -88,6 +96,7 @@ class FusedRecording:
             self.inputs.grad = None
             self.inputs.requires_grad_(False)
             self._restore_grad = False
+        self._target.close()
 
     def finish(self, owner: str, per_layer: bool = True) -> tuple[Tensor, list[str]]:
         """The micro-batch's norms of the recorded gradients as one (B, 2 + L) matrix, then :meth:`close`.
@@ -108,6 +117,15 @@ class FusedRecording:
                 grad = self.inputs.grad
                 grad = grad if grad.ndim == 2 else grad.reshape(batch, -1)
                 input_norms = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))  # fp16: in float32
+            elif self.output is not None:  # ∇ w.r.t. the target's output: the `.grad` of the zero δ added to it
+                self._target.close()
+                if self.output.calls == 0 or self.output.delta.grad is None:
+                    raise RuntimeError(
+                        f"{owner}(mode='fused'): the loss does not depend on the output of `target` (it "
+                        f"{'did not run' if self.output.calls == 0 else 'got no gradient'} in `training_step`)."
+                    )
+                grad = self.output.delta.grad
+                input_norms = torch.linalg.vector_norm(grad.reshape(batch, -1), dim=1, dtype=_wide(grad.dtype))
             else:  # token ids: no input gradient, as in mode="recompute"
                 input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
             if self.tap is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -14,9 +14,12 @@ from typing_extensions import override
 from lightning_gp._logging import logger_step
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._batch import InputKey
+from lightning_gp.callbacks._site import Site, Target
+from lightning_gp.callbacks.data_penalty import REDUCTIONS, Reduction
 from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
 from lightning_gp.functional.gradients import tensor_norms
+from lightning_gp.functional.layer_output import per_sample_output_gradient_norms
 from lightning_gp.interception import StepInterceptor
 from lightning_gp.loggers import define_summaries, log_histograms, wandb_runs
 from lightning_gp.monitors._base import Monitor, isolated
@@ -27,8 +30,9 @@ from lightning_gp.monitors._fused import FusedRecording, LinearTap, grad_scale, 
 PerSampleLoss = Callable[[Tensor, Any], Tensor]
 
 PREFIX = "grad_norm"
-MODES = ("recompute", "fused")
-REDUCTIONS = ("mean", "sum")
+#: How the monitor measures (see the class docstring).
+Mode = Literal["recompute", "fused"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 class GradientNormMonitor(Monitor):
@@ -47,6 +51,8 @@ class GradientNormMonitor(Monitor):
         per_layer: also log the per-layer per-sample norms.
         mode: ``"recompute"`` (a separate eval-mode pass of ``loss_fn``) or ``"fused"`` (the step's own).
         loss_reduction: fused mode: ``"mean"`` or ``"sum"``, how ``training_step`` reduces the ℓᵢ.
+        target: take ‖∇ℓᵢ‖ w.r.t. this layer's output (dotted path or module), e.g. a token model's embeddings.
+        mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
 
     Raises:
         ValueError: an unknown ``mode`` or ``loss_reduction``, or a ``loss_fn`` with ``mode="fused"``.
@@ -72,8 +78,10 @@ class GradientNormMonitor(Monitor):
         histograms: bool = True,
         loss_fn: PerSampleLoss | None = None,
         per_layer: bool = True,
-        mode: str = "recompute",
-        loss_reduction: str = "mean",
+        mode: Mode = "recompute",
+        loss_reduction: Reduction = "mean",
+        target: Target = None,
+        mask_key: str | None = None,
     ) -> None:
         super().__init__(every_n_steps)
         if loss_fn is not None and not callable(loss_fn):
@@ -88,6 +96,8 @@ class GradientNormMonitor(Monitor):
                 "drop it, or use mode='recompute' to measure `loss_fn`."
             )
         self.mode = mode
+        self.target, self.mask_key = target, mask_key
+        self.site = Site(target, input_key, mask_key, type(self).__name__)
         self.loss_reduction = loss_reduction
         self.input_key = input_key
         self.histograms = bool(histograms)
@@ -107,6 +117,7 @@ class GradientNormMonitor(Monitor):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.site.resolve(pl_module)
         if self.mode != "fused" or stage != "fit":
             return
         name = type(self).__name__
@@ -166,7 +177,9 @@ class GradientNormMonitor(Monitor):
         self._armed = False
         self._close()
         inputs = select_input(batch, self.input_key, type(self).__name__)
-        self._recording = FusedRecording(self._module, inputs, type(self).__name__, self._linear_tap)
+        mask = self.site.mask(batch) if self.site.module is not None else None
+        self._recording = FusedRecording(self._module, inputs, type(self).__name__, self._linear_tap,
+                                         target=self.site.module, mask=mask)
         self._linear_tap = self._recording.tap
 
     @override
@@ -271,10 +284,16 @@ class GradientNormMonitor(Monitor):
             return check_per_sample((self.loss_fn or default_loss)(outputs, batch), inputs.shape[0],
                                     "loss_fn(outputs, batch)")
 
+        if not self.site.resolved:
+            self.site.resolve(pl_module)
         with isolated(pl_module):
             norms = per_sample_grad_norms_by_layer(pl_module, inputs, per_sample_loss)
+            input_norms = norms.input_norms
+            if self.site.module is not None:  # ‖∇ℓᵢ‖ w.r.t. the target's output: one more forward/backward
+                input_norms = per_sample_output_gradient_norms(
+                    lambda: per_sample_loss(pl_module(inputs)).sum(), self.site.module, mask=self.site.mask(batch))
         layers = {k: v.sqrt() for k, v in norms.layer_squared_norms.items()} if self.per_layer else {}
-        return self._reduce(norms.input_norms, norms.param_norms, layers)
+        return self._reduce(input_norms, norms.param_norms, layers)
 
     def _reduce(self, input_norms: Tensor, param_norms: Tensor, layers: dict[str, Tensor]) -> tuple[dict, dict]:
         """Mean and max over the samples of all ranks (a collective under DDP), and rank 0's histograms."""
