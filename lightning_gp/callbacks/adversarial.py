@@ -125,7 +125,9 @@ class AdversarialTraining(PenaltyCallback):
                 clean.append(loss.detach())
             return loss
 
-        common = dict(epsilon=self.epsilon, norm=self.norm, random_start=self.random_start, clamp=self.clamp)
+        generator = self.step_generator(ctx) if self.random_start else None
+        common = dict(epsilon=self.epsilon, norm=self.norm, random_start=self.random_start, clamp=self.clamp,
+                      generator=generator)
         if self.steps == 1:
             x_adv = fgsm(loss_fn, x, step_size=self.step_size, **common)
         else:

@@ -79,10 +79,10 @@ def random_start(x: Tensor, epsilon: float, norm: Norm, *, mask: Tensor | None =
     return direction * _expand(radius, x)
 
 
-def _random_start(x: Tensor, epsilon: float, norm: Norm) -> Tensor:
+def _random_start(x: Tensor, epsilon: float, norm: Norm, generator: torch.Generator | None) -> Tensor:
     if norm == "linf":  # torchattacks' draw, kept bit for bit
-        return torch.empty_like(x).uniform_(-epsilon, epsilon)
-    return random_start(x, epsilon, norm)
+        return torch.empty_like(x).uniform_(-epsilon, epsilon, generator=generator)
+    return random_start(x, epsilon, norm, generator=generator)
 
 
 def _check_common(inputs: Tensor, epsilon: float, norm: Norm, clamp):
@@ -102,6 +102,7 @@ def pgd(
     step_size: float,
     random_start: bool = True,
     clamp: tuple[float, float] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Projected gradient ascent on ``loss_fn`` within the ε-ball around ``inputs``. Returns detached inputs.
 
@@ -117,6 +118,7 @@ def pgd(
         step_size: length of each step, > 0.
         random_start: start from a uniform point in the ball instead of ``inputs``.
         clamp: ``(lo, hi)`` valid range of the inputs, e.g. ``(0, 1)`` for images.
+        generator: draws the random start (default: the global RNG).
 
     Example:
 
@@ -131,7 +133,7 @@ def pgd(
     steps = check_positive_int(steps, "steps")
     step_size = check_positive(step_size, "step_size")
     x0 = inputs.detach()
-    x_adv = x0 + _random_start(x0, epsilon, norm) if random_start else x0.clone()
+    x_adv = x0 + _random_start(x0, epsilon, norm, generator) if random_start else x0.clone()
     if clamp is not None:
         x_adv = x_adv.clamp(*clamp)
     # Iterate on x_adv itself, in torchattacks' order of operations (step, project x_adv − x0, clamp
@@ -153,6 +155,7 @@ def fgsm(
     random_start: bool = False,
     step_size: float | None = None,
     clamp: tuple[float, float] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Fast gradient (sign) method: one ascent step of size ε. Returns detached inputs.
 
@@ -186,4 +189,5 @@ def fgsm(
         step_size=step_size,
         random_start=random_start,
         clamp=clamp,
+        generator=generator,
     )
