@@ -73,8 +73,13 @@ class Probe:
     owner: str
 
     @contextlib.contextmanager
-    def applied(self, delta: Delta) -> Iterator[tuple[Any, Callable[[], Tensor | None]]]:
-        """The batch to run with δ applied, and a function giving the δ actually used (after the pass)."""
+    def applied(self, delta: Delta, chain: bool = False) -> Iterator[tuple[Any, Callable[[], Tensor | None]]]:
+        """The batch to run with δ applied, and a function giving the δ actually used (after the pass).
+
+        ``chain``: the block runs the rest of the callback chain, whose members may make passes of their own
+        (a finite difference, VAT, a reduction check); on a layer they all see the same δ, as they all see the
+        perturbed batch on a batch input. Otherwise the block is one pass and the target must run once.
+        """
         if self.module is None:
             self.base = self.x
             d = delta(self.x) if callable(delta) else delta
@@ -83,7 +88,7 @@ class Probe:
             d_eff = d if self.mask is None else d * expand_mask(self.mask, self.x, "mask")
             yield replace_input(self.batch, self.path, self.x + d_eff.to(self.x.dtype)), (lambda: d)
         else:
-            with perturbed_output(self.module, delta, mask=self.mask, owner=self.owner) as record:
+            with perturbed_output(self.module, delta, mask=self.mask, owner=self.owner, reuse=chain) as record:
                 yield self.batch, (lambda: record.delta)
             if record.calls == 0:
                 raise RuntimeError(
@@ -96,9 +101,11 @@ class Probe:
         """``t`` (input- or output-shaped) with the padded positions zeroed."""
         return t if self.mask is None else t * expand_mask(self.mask, t, "mask")
 
-    def run(self, fn: Callable[[Any], T], delta: Delta = None) -> tuple[T, Tensor]:
-        """``fn(batch)`` with δ applied (None: a zero leaf that requires grad); returns its result and δ."""
-        with self.applied(delta) as (batch, used):
+    def run(self, fn: Callable[[Any], T], delta: Delta = None, chain: bool = False) -> tuple[T, Tensor]:
+        """``fn(batch)`` with δ applied (None: a zero leaf that requires grad); returns its result and δ.
+
+        ``chain=True`` when ``fn`` is the rest of the callback chain (see :meth:`applied`)."""
+        with self.applied(delta, chain) as (batch, used):
             out = fn(batch)
         return out, used()
 

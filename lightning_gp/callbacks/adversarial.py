@@ -186,7 +186,7 @@ class AdversarialTraining(PenaltyCallback):
 
         primary_first = self.average_steps or (a < 1 and not self.random_start)
         if primary_first:
-            first, delta = probe.run(inner, start)
+            first, delta = probe.run(inner, start, chain=True)
             loss = first.loss
         else:
             first = None
@@ -211,10 +211,10 @@ class AdversarialTraining(PenaltyCallback):
             result = first.add(rest / k - (1 - 1 / k) * first.stand_in)
             return result, torch.stack([v.detach() for v in losses]).mean(), clean_loss
         if a == 1:
-            step, _ = probe.run(inner, delta)  # primary: adversarial
+            step, _ = probe.run(inner, delta, chain=True)  # primary: adversarial
             return step, step.loss, clean_loss
         if first is None:  # random start: the clean primary pass comes now
-            first, _ = probe.run(inner, lambda like: like.detach().new_zeros(like.shape))
+            first, _ = probe.run(inner, lambda like: like.detach().new_zeros(like.shape), chain=True)
             clean_loss = first.loss.detach()
         adv_loss, _ = probe.run(ctx.extra_loss, delta)
         return first.add(a * (adv_loss - first.stand_in)), adv_loss, clean_loss

@@ -113,7 +113,7 @@ class DataGradientPenalty(PenaltyCallback):
         probe = self.site.probe(ctx.module, batch)
         device = probe.x.device if probe.x is not None else next(ctx.module.parameters()).device
         before = RNGState.capture(device) if self.method == "finite_difference" else None
-        step, leaf = probe.run(inner)  # δ: a zero leaf on the input (or the target's output)
+        step, leaf = probe.run(inner, chain=True)  # δ: a zero leaf on the input (or the target's output)
         loss = step.loss
         n = probe.base.shape[0]
         if self.check_reduction and not self._reduction_checked:

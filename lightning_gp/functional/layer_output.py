@@ -58,7 +58,7 @@ def first_output(output: Any) -> Tensor:
 @contextlib.contextmanager
 def perturbed_output(
     module: nn.Module, delta: Tensor | Callable[[Tensor], Tensor] | None = None, *, mask: Tensor | None = None,
-    owner: str = "perturbed_output",
+    owner: str = "perturbed_output", reuse: bool = False,
 ) -> Iterator[OutputRecord]:
     """Add ``delta`` to ``module``'s output while the block runs; yields what the module produced.
 
@@ -68,11 +68,15 @@ def perturbed_output(
             call, e.g. to start from a random point), or None for a zero leaf that requires grad.
         mask: optional (B, T) mask of real positions for a (B, T, ...) output; δ is 0 where it is 0.
         owner: the name errors start with.
+        reuse: the block runs several passes (those of nested callbacks, e.g. a finite difference inside
+            adversarial training): the same δ is added at every call, each output shaped like the first;
+            ``record`` keeps the first call's output and δ.
 
     Raises:
         TypeError: when the output is not a floating-point tensor.
         ValueError: when the mask has the wrong shape.
-        RuntimeError: when the module runs more than once inside the block.
+        RuntimeError: when the module runs more than once inside the block (with ``reuse``: when a later
+            call's output has another shape than the first's).
 
     Example:
 
@@ -89,6 +93,15 @@ def perturbed_output(
 
     def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
         record.calls += 1
+        if record.calls > 1 and reuse:
+            out = first_output(output)
+            if isinstance(out, Tensor) and out.shape == record.output.shape:
+                return _added(output, out, record.delta)
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise RuntimeError(
+                f"{owner}: the target `{type(mod).__name__}` ran again inside the perturbed step with an output "
+                f"of shape {shape}, not {tuple(record.output.shape)}; its perturbation cannot be applied there."
+            )
         if record.calls > 1:
             raise RuntimeError(
                 f"{owner}: the target `{type(mod).__name__}` ran more than once in one forward pass; a "
@@ -107,6 +120,9 @@ def perturbed_output(
         if d is None:
             d = torch.zeros_like(out, requires_grad=True)
         record.delta = d
+        return _added(output, out, d)
+
+    def _added(output: Any, out: Tensor, d: Tensor) -> Any:
         if mask is not None:
             m = expand_mask(mask, out)
             record.masks.append(m)
