@@ -15,7 +15,7 @@ from torch import Tensor
 # nor in later releases so far); ``torch.utils._pytree`` is what torch.func itself uses.
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["merge_initial_hparams", "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
+__all__ = ["compiled_modules", "merge_initial_hparams", "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
 
 
 def tensor_version(t: Tensor) -> int:
@@ -40,3 +40,15 @@ def merge_initial_hparams(module: Any, values: Mapping[str, Any]) -> None:
     else:
         for key, value in values.items():
             initial.setdefault(key, value)
+
+
+def compiled_modules(root: Any) -> list[str]:
+    """Names of the ``torch.compile``d modules in ``root`` ("" for ``root`` itself when Lightning compiled it).
+
+    torch's compiled wrapper (``OptimizedModule``) keeps the original as ``_orig_mod``; Lightning's
+    ``from_compiled`` (a compiled LightningModule given to ``Trainer.fit``) sets ``_compiler_ctx``.
+    """
+    names = [name for name, m in root.named_modules() if hasattr(m, "_orig_mod")]
+    if getattr(root, "_compiler_ctx", None) is not None and "" not in names:
+        names.insert(0, "")
+    return names

@@ -146,3 +146,18 @@ def test_lightning_cli_builds_a_callback_from_arguments():
         LightningCLI(Model, run=False, save_config_callback=None, args=[
             "--trainer.callbacks+=lightning_gp.DataGradientPenalty", "--trainer.callbacks.weight=0.3",
             "--trainer.callbacks.method=finite_differences"])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DataGradientPenalty(0.5),
+    lambda: ParameterGradientPenalty(0.1),
+], ids=["data", "parameter"])
+@pytest.mark.parametrize("where", ["module", "submodule"])
+def test_double_backward_on_a_compiled_model_is_refused_in_setup(make, where):
+    """torch would say 'aot_autograd does not currently support double backward' or 'donated buffers'
+    (depending on its state) in Lightning's backward; the callback names the way out before training."""
+    module = torch.compile(Net(mlp()), backend="aot_eager") if where == "module" else Net(
+        torch.compile(mlp(), backend="aot_eager"))
+    name = "`Net` itself" if where == "module" else "`net`"
+    with pytest.raises(RuntimeError, match=rf"no double backward \({name}\). Use method='finite_difference'"):
+        run(module, [make()], steps=1)

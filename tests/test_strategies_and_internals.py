@@ -98,3 +98,17 @@ def test_the_torch_internal_we_read_still_exists():
     before = tensor_version(t)
     t.add_(1)
     assert tensor_version(t) == before + 1
+
+
+def test_compiled_modules_finds_what_torch_and_lightning_compile():
+    """Fails loudly if torch's compiled wrapper stops keeping `_orig_mod`, or Lightning's `from_compiled`
+    stops setting `_compiler_ctx` (lightning_gp/_compat.py reads them, nowhere else)."""
+    import torch
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    from lightning_gp._compat import compiled_modules
+
+    module = Module(torch.compile(make_net(), backend="eager"))
+    assert compiled_modules(module) == ["net"]
+    root = from_compiled(torch.compile(Module(make_net()), backend="eager"))
+    assert compiled_modules(root) == [""]

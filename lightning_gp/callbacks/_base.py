@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_gp._compat import compiled_modules
 from lightning_gp._logging import should_log
 from lightning_gp._support import check_strategy, init_repr
 from lightning_gp.functional._autograd import autograd_leaves, linearised
@@ -285,6 +286,14 @@ class PenaltyCallback(Callback):
                 f"manual optimization: remove the callback and call "
                 f"`lightning_gp.manual.penalized_loss(self, loss_fn, batch, [{type(self).__name__}(...)])` "
                 f"before `self.manual_backward`."
+            )
+        compiled = compiled_modules(pl_module) if getattr(self, "method", None) == "double_backward" else []
+        if compiled:
+            where = ", ".join(f"`{n}`" if n else f"`{type(pl_module).__name__}` itself" for n in compiled)
+            raise RuntimeError(
+                f"{type(self).__name__}(method='double_backward') differentiates a gradient, and torch.compile'd "
+                f"modules have no double backward ({where}). Use method='finite_difference', which needs two "
+                f"ordinary passes instead."
             )
         StepInterceptor.attach(trainer, pl_module).register(self, _run_intercepted)
 

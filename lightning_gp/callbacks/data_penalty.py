@@ -15,6 +15,7 @@ from lightning_gp.callbacks._batch import InputKey, slice_batch
 from lightning_gp.callbacks._site import Probe, Site, Target, site_key_fields
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import finite_difference_term
+from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, check_non_negative, check_penalty_shape, check_positive
 from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
@@ -181,7 +182,7 @@ class DataGradientPenalty(PenaltyCallback):
         """∇ₓL with ``create_graph`` (double backward), or the error saying the loss ignores the input."""
         grad = None
         if loss.requires_grad:
-            (grad,) = torch.autograd.grad(loss, leaf, create_graph=True, retain_graph=True, allow_unused=True)
+            (grad,) = autograd_grad(loss, leaf, create_graph=True, retain_graph=True, allow_unused=True)
         return self._missing_input(grad)
 
     def _missing_input(self, grad: Tensor | None) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.functional._autograd import finite_difference_term
+from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, check_positive, grads_or_zeros
 from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional.gradients import squared_norm_sum
@@ -82,7 +83,7 @@ class ParameterGradientPenalty(PenaltyCallback):
             raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
         double = self.method == "double_backward"
         if double:
-            grads = torch.autograd.grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
+            grads = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
         else:
             # ∇L for every leaf of the loss in one backward; the loss is linearised (see `Step.loss_grads`), so
             # the final backward runs through the second pass's graph only, as a hand-written loop would.

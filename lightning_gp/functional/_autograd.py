@@ -11,6 +11,8 @@ it like any other gradient) instead of being written into ``.grad``:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -82,3 +84,43 @@ def finite_difference_term(perturbed: Tensor, base: Tensor, *, step: float, scal
     """
     diff = (perturbed - base) * (scale / step)
     return diff - diff.detach()
+
+
+#: What torch says when a graph has no double backward (torch.compile's aot_autograd, fused kernels).
+_NO_DOUBLE_BACKWARD = ("double backward", "donated buffer")
+
+
+def no_double_backward_error(err: RuntimeError) -> RuntimeError | None:
+    """A clear error for torch's "no double backward" (torch.compile's aot_autograd, fused kernels), or None."""
+    if not any(s in str(err) for s in _NO_DOUBLE_BACKWARD):
+        return None
+    return RuntimeError(
+        "This penalty differentiates a gradient (a double backward), which this model does not support: "
+        "torch.compile'd modules and fused attention kernels have none. Use method='finite_difference', "
+        f"which needs two ordinary passes instead. (torch: {str(err).splitlines()[0]})"
+    )
+
+
+@contextlib.contextmanager
+def explained_double_backward() -> Iterator[None]:
+    """Re-raise torch's "no double backward" errors of the block as :func:`no_double_backward_error`."""
+    try:
+        yield
+    except RuntimeError as err:
+        clear = no_double_backward_error(err)
+        if clear is None:
+            raise
+        raise clear from err
+
+
+def grad(outputs: Any, inputs: Any, *, create_graph: bool = False, retain_graph: bool | None = None,
+         allow_unused: bool = False) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad``; where a double backward (``create_graph``) is not supported, a clear error.
+
+    Raises:
+        RuntimeError: naming ``method="finite_difference"`` when the model has no double backward (a
+            ``torch.compile``d module, a fused attention kernel), with torch's own message appended.
+    """
+    with explained_double_backward() if create_graph else contextlib.nullcontext():
+        return torch.autograd.grad(outputs, inputs, create_graph=create_graph, retain_graph=retain_graph,
+                                   allow_unused=allow_unused)

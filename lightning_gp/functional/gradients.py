@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_batched, check_floating_input, check_tensor
 
 
@@ -33,7 +34,7 @@ def input_gradient(output: Tensor, inputs: Tensor, *, create_graph: bool = False
             "`output` does not depend on `inputs` (it has no autograd graph). Compute it from `inputs` "
             "after `inputs.requires_grad_()`, and not under `torch.no_grad()`."
         )
-    (grad,) = torch.autograd.grad(output.sum(), inputs, create_graph=create_graph, allow_unused=True)
+    (grad,) = autograd_grad(output.sum(), inputs, create_graph=create_graph, allow_unused=True)
     if grad is None:
         raise ValueError(
             "`output` does not depend on `inputs`: autograd found no path between them. Make sure the "

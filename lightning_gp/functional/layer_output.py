@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional.gradients import per_sample_norm
 
 
@@ -161,7 +162,7 @@ def output_gradient(
         loss = loss_fn()
     if record.calls == 0:
         raise RuntimeError(f"output_gradient: the module `{type(module).__name__}` did not run in `loss_fn()`.")
-    (grad,) = torch.autograd.grad(loss, record.delta, create_graph=create_graph, retain_graph=True,
+    (grad,) = autograd_grad(loss, record.delta, create_graph=create_graph, retain_graph=True,
                                   allow_unused=True)
     if grad is None:
         grad = torch.zeros_like(record.delta)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gp.functional._autograd import finite_difference_term, linearised
+from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import (
     as_param_list,
     check_floating_input,
@@ -125,7 +126,7 @@ def parameter_gradient_penalty(loss: Tensor, params: Params) -> Tensor:
     params = as_param_list(params)
     if not loss.requires_grad:
         raise ValueError("`loss` does not depend on `params` (it has no autograd graph).")
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    grads = autograd_grad(loss, params, create_graph=True, allow_unused=True)
     grads = grads_or_zeros(grads, params, what="`loss`", wrt="params")
     return squared_norm_sum(grads)
 

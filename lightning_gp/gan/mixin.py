@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_gp._compat import merge_initial_hparams
 from lightning_gp._logging import should_log
+from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._checks import (
     check_choice,
     check_non_negative,
@@ -329,7 +330,8 @@ class WGANGPMixin:
                 if term.grad_norm is not None:
                     self._log("critic_grad_norm", term.grad_norm)
         optimizer.zero_grad()
-        self.manual_backward(loss + self._touch(self.critic))
+        with explained_double_backward():
+            self.manual_backward(loss + self._touch(self.critic))
         optimizer.step()
         if name == "weight_clipping":
             clip_weights_(self.critic, hp["clip_value"])
