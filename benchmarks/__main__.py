@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-MODULES = ["bench_functional", "bench_callbacks", "bench_wgan", "bench_grad_norms", "bench_monitors"]
+MODULES = ["bench_functional", "bench_callbacks", "bench_wgan", "bench_grad_norms", "bench_monitors", "bench_targets"]
 
 
 def main() -> None:
