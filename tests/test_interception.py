@@ -181,3 +181,29 @@ def test_a_resumed_run_with_another_weight_loads_the_callback_state(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Module(make_net()), DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt)
     assert resumed.applied == 3 and set(resumed.vectors) == set(first.vectors)
+
+
+def test_monitors_and_penalties_share_the_trainers_csv_row(tmp_path):
+    """With the default interval (the Trainer's log_every_n_steps) the monitors log through `self.log`:
+    one CSV row per step, holding the module's, the penalty's and every monitor's values."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_gp import MLPInequalityMonitor, SpectralNormMonitor
+    from tests.test_monitors_support import Classifier, loader
+
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    monitors = [GradientNormMonitor(histograms=False), SpectralNormMonitor(), MLPInequalityMonitor(max_samples=4),
+                SpectralNormPenalty(0.01)]
+    trainer = pl.Trainer(max_steps=6, log_every_n_steps=2, callbacks=monitors, logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Classifier(), loader(n=48, batch_size=8))
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(set(steps)) == [1, 3, 5]  # one row per logged step
+    for row in rows:
+        for key in ("train/loss", "penalty/spectral_norm", "grad_norm/input_mean", "lipschitz/upper_bound",
+                    "mlp_inequality/ratio_max"):
+            assert row[key] != "", (row["step"], key)

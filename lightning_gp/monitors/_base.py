@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_gp._logging import logger_step
+from lightning_gp._logging import logger_step, should_log
 from lightning_gp._support import check_strategy, init_repr
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.loggers import log_scalars
@@ -104,18 +104,25 @@ class Monitor(Callback):
         return self._metric.reduce(columns)
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
-        """Send the (already rank-reduced) scalars of a measurement to every logger at ``step``.
+        """Log the (already rank-reduced) scalars of a measurement at ``step``, in the step's one row.
 
-        Straight to the loggers, as Lightning's ``LearningRateMonitor`` does, not through ``self.log``: a value
-        logged with ``self.log`` on one step is written again at every later logging step of the epoch
-        (Lightning keeps the last step value until the epoch ends), which would misdate the measurements of
-        a monitor that measures less often than the Trainer logs.
+        On a step the Trainer writes, and when every step it writes is a measured one (``log_every_n_steps``
+        a multiple of the interval, as with the default ``every_n_steps=None``), through ``self.log``: the
+        values join the module's own in Lightning's row and ``callback_metrics``. Otherwise straight to the
+        loggers, as Lightning's ``LearningRateMonitor`` does: Lightning writes a ``self.log`` value again at
+        every later logging step of the epoch, which would misdate a measurement it was not refreshed for.
         """
         self.last_logged = {k: float(v) for k, v in metrics.items()}
         self.last_logged_step = step
         for key, value in self.last_logged.items():
             self._epoch.setdefault(key, []).append(value)
-        log_scalars(trainer, self.last_logged, step)
+        every = trainer.log_every_n_steps
+        if every and every % self._interval == 0 and step == logger_step(trainer) and should_log(trainer):
+            module = trainer.lightning_module
+            for key, value in self.last_logged.items():  # the class's method: a user's `log` override sees only theirs
+                pl.LightningModule.log(module, key, value, on_step=True, on_epoch=False)
+        else:
+            log_scalars(trainer, self.last_logged, step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
