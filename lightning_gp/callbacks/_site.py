@@ -173,3 +173,19 @@ def site_key_fields(input_key: InputKey, target: Target) -> dict[str, Any]:
     if target is not None:
         fields["target"] = target if isinstance(target, str) else type(target).__name__
     return fields
+
+
+class SiteCallback:
+    """Mixin of the callbacks that work at a :class:`Site` (``self.site``, with ``input_key`` and ``target``
+    attributes): the checkpoint key from what they perturb, and the target resolved in ``setup``."""
+
+    site: Site
+    input_key: InputKey
+    target: Target
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return site_key_fields(self.input_key, self.target)
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # type: ignore[misc]
+        self.site.resolve(pl_module)

@@ -5,21 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from typing_extensions import override
 
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, replace_input
-from lightning_gp.callbacks._site import Probe, Site, Target, site_key_fields
+from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import fgsm, pgd
 from lightning_gp.functional._checks import check_choice, check_clamp, check_non_negative, check_positive_int
 from lightning_gp.functional.adversarial import NORMS, Norm, ascent_direction, project, random_start
 from lightning_gp.functional.layer_output import expand_mask
 
 
-class AdversarialTraining(PenaltyCallback):
+class AdversarialTraining(SiteCallback, PenaltyCallback):
     r"""Trains on ``(1 − a)·L(x) + a·L(x_adv)``, x_adv an FGSM (``steps=1``) or PGD attack on the module's loss.
 
     The attack differentiates the returned loss w.r.t. the input only (no parameter ``.grad``, no DDP hook);
@@ -97,14 +95,6 @@ class AdversarialTraining(PenaltyCallback):
         self.average_steps = bool(average_steps)
         self.input_key, self.target, self.mask_key = input_key, target, mask_key
         self.site = Site(target, input_key, mask_key, type(self).__name__)
-
-    def state_key_fields(self) -> dict[str, Any]:
-        return site_key_fields(self.input_key, self.target)
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self.site.resolve(pl_module)
 
     @property
     def resolved_step_size(self) -> float:

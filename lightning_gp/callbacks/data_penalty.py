@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from typing_extensions import override
 
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, slice_batch
-from lightning_gp.callbacks._site import Probe, Site, Target, site_key_fields
+from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import finite_difference_term
 from lightning_gp.functional._autograd import grad as autograd_grad
@@ -31,7 +29,7 @@ Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
-class DataGradientPenalty(PenaltyCallback):
+class DataGradientPenalty(SiteCallback, PenaltyCallback):
     r"""Adds ``weight · mean_i φ(‖∇ₓℓᵢ‖)`` to the loss, φ(n) = (n − center)^power (or max(0, ·) one-sided).
 
     ``power=1`` is ε‖∇ₓℓ‖ (first-order FGSM training), ``power=2`` double backpropagation (Drucker & LeCun).
@@ -98,14 +96,6 @@ class DataGradientPenalty(PenaltyCallback):
         self.method = check_choice(method, "method", METHODS)
         self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
         self.step = check_positive(step, "step")
-
-    def state_key_fields(self) -> dict[str, Any]:
-        return site_key_fields(self.input_key, self.target)
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self.site.resolve(pl_module)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)

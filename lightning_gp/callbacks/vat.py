@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from typing_extensions import override
 
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, frozen_norm_stats
 from lightning_gp.callbacks._batch import InputKey, resolve_input
-from lightning_gp.callbacks._site import Probe, Site, Target, site_key_fields
+from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional._checks import check_positive, check_positive_int
 from lightning_gp.functional.adversarial import ascent_direction
 from lightning_gp.interception import muted_logging
@@ -36,7 +34,7 @@ def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=-1).mean()
 
 
-class VirtualAdversarialTraining(PenaltyCallback):
+class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
     r"""Adds ``weight · KL(p(·|x) ‖ p(·|x + r_vadv))`` (Miyato et al. 2018); needs no labels.
 
     r_vadv = ε·d/‖d‖ per sample, d found by ``power_iterations`` of d ← ∇_r KL(p ‖ p(·|x + ξd)) from a random
@@ -93,14 +91,6 @@ class VirtualAdversarialTraining(PenaltyCallback):
                             f"{type(logits_fn).__name__}.")
         self.input_key, self.target, self.mask_key, self.logits_fn = input_key, target, mask_key, logits_fn
         self.site = Site(target, input_key, mask_key, type(self).__name__)
-
-    def state_key_fields(self) -> dict[str, Any]:
-        return site_key_fields(self.input_key, self.target)
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self.site.resolve(pl_module)
 
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""
