@@ -71,6 +71,7 @@ class Probe:
     x: Tensor | None
     mask: Tensor | None
     owner: str
+    base: Tensor | None = None  # the unperturbed input or target output of the latest pass
 
     @contextlib.contextmanager
     def applied(self, delta: Delta, chain: bool = False) -> Iterator[tuple[Any, Callable[[], Tensor | None]]]:
@@ -108,8 +109,6 @@ class Probe:
         with self.applied(delta, chain) as (batch, used):
             out = fn(batch)
         return out, used()
-
-    base: Tensor | None = None  # the unperturbed input or target output of the latest pass
 
 
 @dataclass
