@@ -1,4 +1,5 @@
-"""scikit-learn's bundled 8×8 digits as tensors and as a LightningDataModule (no download).
+"""scikit-learn's bundled 8×8 digits as tensors and as a LightningDataModule (no download), and the run
+logging the digits examples share (a logger per run, one W&B summary run).
 
 Inputs are flattened to 64 features and scaled from [0, 16] to [0, 1], so an l∞ attack of radius ε and
 ``clamp=(0, 1)`` mean the same thing as on image benchmarks. The train/test split is stratified and fixed
@@ -6,6 +7,9 @@ by ``split_seed``: every run (and every example that imports this module) sees t
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -39,7 +43,26 @@ def digits_tensors(
     return to_x(x_tr), to_y(y_tr), to_x(x_te), to_y(y_te)
 
 
-class DigitsDataModule(L.LightningDataModule):
+class SplitLoaders:
+    """The loaders of a data module holding ``train_set``/``test_set``: shuffled training batches of
+    ``batch_size``, the test set (``eval_batch_size``) for validation and test."""
+
+    train_set: Any
+    test_set: Any
+    batch_size: int
+    eval_batch_size: int
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
+
+
+class DigitsDataModule(SplitLoaders, L.LightningDataModule):
     """The digits split as ``(x, y)`` batches: shuffled training batches, the test set for val/test.
 
     Args:
@@ -66,11 +89,29 @@ class DigitsDataModule(L.LightningDataModule):
             x_tr, y_tr, x_te, y_te = digits_tensors(test_size=self.test_size, split_seed=self.split_seed)
             self.train_set, self.test_set = TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
+def make_logger(kind: str, out_dir: Path, name: str, group: str, project: str):
+    """A W&B logger (offline) or a CSV logger for one run, or False for ``kind="none"``."""
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
 
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
+        return WandbLogger(project=project, name=name, group=group, offline=True, save_dir=str(out_dir))
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(str(out_dir), name=group, version=name)
+    return False
+
+
+def log_summary(project: str, group: str, out_dir: Path, images: dict[str, Path],
+                table: tuple[list[str], list[list]] | None = None) -> None:
+    """One offline W&B run named "summary" with the example's charts (``wandb.Image``) and results table."""
+    import wandb
+
+    run = wandb.init(project=project, name="summary", group=group, dir=str(out_dir), mode="offline",
+                     job_type="summary")
+    row: dict[str, Any] = {key: wandb.Image(str(path)) for key, path in images.items()}
+    if table is not None:
+        row["results"] = wandb.Table(columns=table[0], data=table[1])
+    run.log(row)
+    run.finish()

@@ -37,9 +37,9 @@ from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, Spe
 from lightning_gp.monitors._base import Monitor
 
 try:
-    from examples._digits import N_CLASSES, N_FEATURES, DigitsDataModule, digits_tensors
+    from examples._digits import N_CLASSES, N_FEATURES, DigitsDataModule, digits_tensors, log_summary, make_logger
 except ImportError:  # run as a file: python examples/gradient_geometry.py (lightning_gp installed)
-    from _digits import N_CLASSES, N_FEATURES, DigitsDataModule, digits_tensors  # type: ignore[no-redef]
+    from _digits import N_CLASSES, N_FEATURES, DigitsDataModule, digits_tensors, log_summary, make_logger  # type: ignore[no-redef]
 
 Variant = Literal["plain", "data_penalty", "param_penalty"]
 VARIANTS: tuple[Variant, ...] = ("plain", "data_penalty", "param_penalty")
@@ -105,18 +105,6 @@ def make_callbacks(variant: Variant, data_weight: float, param_weight: float) ->
     if variant == "param_penalty":
         return [ParameterGradientPenalty(param_weight)]
     return []
-
-
-def make_logger(kind: str, out_dir: Path, name: str, group: str):
-    if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        return WandbLogger(project=PROJECT, name=name, group=group, offline=True, save_dir=str(out_dir))
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(str(out_dir), name=group, version=name)
-    return False
 
 
 def plot(series: dict[str, dict[int, dict[str, float]]], path: Path, title: str) -> Path:
@@ -202,7 +190,7 @@ def main(
         trainer = L.Trainer(
             max_epochs=epochs, accelerator="cpu", devices=1,
             callbacks=[*make_callbacks(variant, data_weight, param_weight), *monitors, history],
-            logger=make_logger(logger, out, variant, group), log_every_n_steps=every_n_steps,
+            logger=make_logger(logger, out, variant, group, PROJECT), log_every_n_steps=every_n_steps,
             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress_bar,
             default_root_dir=str(out),
         )  # fmt: skip
@@ -231,12 +219,7 @@ def main(
     figure = plot(series, out / "gradient_geometry.png", f"Digits MLP ({epochs} epochs): geometry of training")
     print(f"\nwrote {figure} and {out / 'summary.md'}", flush=True)
     if logger == "wandb":
-        import wandb
-
-        run = wandb.init(project=PROJECT, name="summary", group=group, dir=str(out), mode="offline",
-                         job_type="summary")
-        run.log({"gradient_geometry": wandb.Image(str(figure))})
-        run.finish()
+        log_summary(PROJECT, group, out, {"gradient_geometry": figure})
     return {"series": series, "final": final, "figure": str(figure), "table": table}
 
 

@@ -44,9 +44,9 @@ from lightning_gp import AdversarialTraining, DataGradientPenalty, ParameterGrad
 from lightning_gp.functional import pgd
 
 try:
-    from examples._digits import N_CLASSES, N_FEATURES, DigitsDataModule
+    from examples._digits import N_CLASSES, N_FEATURES, DigitsDataModule, log_summary, make_logger
 except ImportError:  # run as a file: python examples/robust_digits.py (lightning_gp installed)
-    from _digits import N_CLASSES, N_FEATURES, DigitsDataModule  # type: ignore[no-redef]
+    from _digits import N_CLASSES, N_FEATURES, DigitsDataModule, log_summary, make_logger  # type: ignore[no-redef]
 
 Variant = Literal["plain", "data_penalty", "fgsm", "param_penalty"]
 VARIANTS: tuple[Variant, ...] = ("plain", "data_penalty", "fgsm", "param_penalty")
@@ -120,18 +120,6 @@ def make_callbacks(variant: Variant, data_weight: float, param_weight: float, tr
     if variant == "param_penalty":
         return [ParameterGradientPenalty(param_weight)]
     return []
-
-
-def make_logger(kind: str, out_dir: Path, name: str, group: str):
-    if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        return WandbLogger(project=PROJECT, name=name, group=group, offline=True, save_dir=str(out_dir))
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(str(out_dir), name=group, version=name)
-    return False
 
 
 def summarize(
@@ -264,7 +252,7 @@ def main(
         for variant in variants:
             L.seed_everything(seed, workers=True)
             model = DigitsMLP(hidden=hidden, lr=lr, epsilon=epsilon, pgd_steps=pgd_steps)
-            run_logger = make_logger(logger, out, f"{variant}-seed{seed}", group)
+            run_logger = make_logger(logger, out, f"{variant}-seed{seed}", group, PROJECT)
             trainer = L.Trainer(
                 max_epochs=epochs,
                 accelerator=accelerator,
@@ -302,14 +290,9 @@ def main(
     chart = bar_chart(stats, out / "robust_digits.png", title, f"PGD-{pgd_steps} (l∞, ε={epsilon})")
     print(f"\nwrote {out / 'results.md'} and {chart}", flush=True)
     if logger == "wandb":
-        import wandb
-
-        run = wandb.init(project=PROJECT, name="summary", group=group, dir=str(out), mode="offline",
-                         job_type="summary")
         columns = ["training", "seed", "clean_acc", "pgd_acc", "fit_seconds"]
         rows = [[r["variant"], r["seed"], r["clean"], r["robust"], r["seconds"]] for r in results]
-        run.log({"results": wandb.Table(columns=columns, data=rows), "accuracy_chart": wandb.Image(str(chart))})
-        run.finish()
+        log_summary(PROJECT, group, out, {"accuracy_chart": chart}, (columns, rows))
     if any(not math.isfinite(r["clean"]) for r in results):
         raise FloatingPointError("a run ended with a non-finite accuracy")
     return {"results": results, "stats": stats, "table": table, "chart": str(chart)}

@@ -47,16 +47,16 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_gp import AdversarialTraining, DataGradientPenalty, VirtualAdversarialTraining
 from lightning_gp.functional import perturbed_output, pgd
 
 try:
-    from examples._digits import N_CLASSES, digits_tensors
+    from examples._digits import N_CLASSES, SplitLoaders, digits_tensors, log_summary, make_logger
 except ImportError:  # run as a file: python examples/robust_tokens.py (lightning_gp installed)
-    from _digits import N_CLASSES, digits_tensors  # type: ignore[no-redef]
+    from _digits import N_CLASSES, SplitLoaders, digits_tensors, log_summary, make_logger  # type: ignore[no-redef]
 
 CLS_ID = 17  # pixel values are the ids 0..16
 VOCAB = 18
@@ -123,7 +123,7 @@ class TokenDigits(Dataset):
         return item
 
 
-class TokenDigitsDataModule(L.LightningDataModule):
+class TokenDigitsDataModule(SplitLoaders, L.LightningDataModule):
     """The digits split of ``examples/_digits.py`` (1347 train / 450 test, fixed) as token-id batches.
 
     Args:
@@ -150,15 +150,6 @@ class TokenDigitsDataModule(L.LightningDataModule):
             ids_te = to_tokens(x_te)
             self.train_set = TokenDigits(to_tokens(x_tr), y_tr)
             self.test_set = TokenDigits(ids_te, y_te, corrupt_tokens(ids_te, self.corrupt_k))
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -328,18 +319,6 @@ def make_callbacks(variant: Variant, target: str, *, train_epsilon: float, vat_e
     return []
 
 
-def make_logger(kind: str, out_dir: Path, name: str, group: str):
-    if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        return WandbLogger(project=PROJECT, name=name, group=group, offline=True, save_dir=str(out_dir))
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(str(out_dir), name=group, version=name)
-    return False
-
-
 def summarize(results: list[dict], variants: list[Variant], seeds: list[int], *, steps: int = 10,
               epsilon: float = 1.0, corrupt_k: int = 8, title: str = "Token transformer") -> tuple[str, dict]:
     """Markdown table (mean ± sd over seeds; Δ paired by seed against plain) and the per-variant stats."""
@@ -501,7 +480,7 @@ def main(
                 accelerator=accelerator,
                 devices=1,
                 callbacks=callbacks,
-                logger=make_logger(logger, out, f"{variant}-seed{seed}", group),
+                logger=make_logger(logger, out, f"{variant}-seed{seed}", group, PROJECT),
                 inference_mode=False,  # the test loop runs PGD, which needs gradients
                 check_val_every_n_epoch=max(1, min(10, epochs)),
                 num_sanity_val_steps=0,
@@ -537,14 +516,9 @@ def main(
                       f"PGD-{pgd_steps} (embeddings, l2 ε={epsilon})", f"{corrupt_k} pixels ±1–4")
     print(f"\nwrote {out / 'results.md'} and {chart}", flush=True)
     if logger == "wandb":
-        import wandb
-
-        run = wandb.init(project=PROJECT, name="summary", group=group, dir=str(out), mode="offline",
-                         job_type="summary")
         columns = ["training", "seed", "clean_acc", "pgd_acc", "corrupt_acc", "fit_seconds"]
         rows = [[r["variant"], r["seed"], r["clean"], r["robust"], r["corrupt"], r["seconds"]] for r in results]
-        run.log({"results": wandb.Table(columns=columns, data=rows), "accuracy_chart": wandb.Image(str(chart))})
-        run.finish()
+        log_summary(PROJECT, group, out, {"accuracy_chart": chart}, (columns, rows))
     if any(not math.isfinite(r["clean"]) for r in results):
         raise FloatingPointError("a run ended with a non-finite accuracy")
     return {"results": results, "stats": stats, "table": table, "chart": str(chart)}

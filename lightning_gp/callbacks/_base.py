@@ -27,8 +27,6 @@ from lightning_gp._logging import should_log
 from lightning_gp._support import check_strategy, init_repr
 from lightning_gp.functional._autograd import autograd_leaves, linearised
 from lightning_gp.functional._checks import check_non_negative, check_positive_int
-from lightning_gp.functional._rng import rng_state as rng_state
-from lightning_gp.functional._rng import set_rng_state as set_rng_state
 from lightning_gp.interception import StepInterceptor, muted_logging
 
 

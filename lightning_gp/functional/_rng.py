@@ -64,12 +64,3 @@ def replayed_rng(state: RNGState) -> Iterator[None]:
     finally:
         current.restore()
 
-
-def rng_state(device: torch.device) -> RNGState:
-    """The random state of ``device``'s generators (:meth:`RNGState.capture`)."""
-    return RNGState.capture(device)
-
-
-def set_rng_state(state: RNGState, device: torch.device | None = None) -> None:
-    """Restore ``state`` (:meth:`RNGState.restore`; ``device`` is the one it was captured for)."""
-    state.restore()

@@ -51,7 +51,7 @@ class _Use:
         self.out_index = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
         self.outputs = [flat[i] for i in self.out_index]
         self.grads: dict[int, Tensor] = {}
-        self.versions = [tensor_version(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        self.versions = tensor_versions((args, kwargs))
 
     def store(self, i: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -227,15 +227,16 @@ def check_versions(uses: dict[str, list[_Use]]) -> None:
     """Raise if a recorded module input was modified in place after the module ran."""
     for name, us in uses.items():
         for use in us:
-            now = [tensor_version(t) for t in tree_flatten((use.args, use.kwargs))[0] if isinstance(t, Tensor)]
-            if now != use.versions:
+            if tensor_versions((use.args, use.kwargs)) != use.versions:
                 raise RuntimeError(
                     f"An input of module '{_name(name)}' was modified in place after the module ran, so its "
                     f"recorded activations are stale. Avoid in-place ops on layer inputs (e.g. `x += ...`)."
                 )
 
 
-_check_versions = check_versions  # the old name, still imported by monitors/_fused.py
+def tensor_versions(collection: object) -> list[int]:
+    """The version counters of the tensors in ``collection`` (any pytree), in order."""
+    return [tensor_version(t) for t in tree_flatten(collection)[0] if isinstance(t, Tensor)]
 
 
 def _own_params(module: nn.Module) -> dict[str, Tensor]:

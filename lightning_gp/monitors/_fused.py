@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_gp._compat import tensor_version
 from lightning_gp.functional._layers import GHOST_NORM_LAYERS
-from lightning_gp.functional.grad_norms import GradNormRecorder, check_versions, linear_squared_norms
+from lightning_gp.functional.grad_norms import GradNormRecorder, check_versions, linear_squared_norms, tensor_versions
 from lightning_gp.functional.layer_output import perturbed_output
 
 
@@ -402,13 +402,6 @@ def _layer_squared_norms(recorder: GradNormRecorder, batch: int) -> dict[str, Te
             use.args, use.kwargs = apply_to_collection((use.args, use.kwargs), Tensor, _float)
             use.versions = tensor_versions((use.args, use.kwargs))
     return recorder.layer_squared_norms(batch)
-
-
-def tensor_versions(collection: object) -> list[int]:
-    """The version counters of the tensors in ``collection``, in order."""
-    versions: list[int] = []
-    apply_to_collection(collection, Tensor, lambda t: versions.append(tensor_version(t)))
-    return versions
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
