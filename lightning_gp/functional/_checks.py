@@ -6,6 +6,8 @@ the call that made it rather than as a NaN hundreds of steps later.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -82,6 +84,43 @@ def check_positive(value: float, name: str) -> float:
     return float(value)
 
 
+def check_finite(value: object, name: str, *, minimum: float = 0.0, strict: bool = False, hint: str = "") -> float:
+    """A finite real number ≥ ``minimum`` (> ``minimum`` when ``strict``), as a float.
+
+    Rejects bools, non-numbers, NaN and ±inf with a ValueError naming ``name``, the value, and ``hint`` (the
+    fix). The plain `check_non_negative` / `check_positive` accept inf; use this where inf has no meaning.
+    """
+    if minimum == 0:
+        kind = "a positive number" if strict else "a non-negative number"
+    else:
+        kind = f"a number {'>' if strict else '>='} {minimum:g}"
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+    if ok:
+        v = float(value)
+        ok = v > minimum if strict else v >= minimum
+    if not ok:
+        if isinstance(value, Tensor):
+            hint = f"Pass a Python number, e.g. `float({name})`. {hint}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}; it must be finite. {hint}".rstrip())
+    return float(value)
+
+
+def check_non_empty_batch(t: Tensor, name: str, what: str) -> None:
+    """Refuse a batch of 0 samples where the result is a mean over samples (``what`` names the function)."""
+    if t.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` is an empty batch (shape {tuple(t.shape)}): {what} is a mean over samples, undefined "
+            f"for B = 0. Skip empty batches before calling it (e.g. `if {name}.shape[0] > 0:`, or "
+            f"`DataLoader(drop_last=True)`)."
+        )
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r}.")
+    return value
+
+
 def check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
@@ -96,26 +135,29 @@ def check_choice(value: str, name: str, choices: Iterable[str]) -> str:
 
 
 def check_penalty_shape(power: float, center: float) -> None:
-    """φ(n) = (n − center)^power needs power ≥ 1 (a finite derivative at n = 0) and center ≥ 0."""
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not power >= 1:
-        raise ValueError(
-            f"`power` must be a number >= 1, got {power!r}. Use power=1 for ε‖∇ₓℓ‖ and power=2 for λ‖∇ₓℓ‖² "
-            f"(below 1 the penalty's derivative is infinite at a zero gradient)."
-        )
-    check_non_negative(center, "center")
+    """φ(n) = (n − center)^power needs a finite power ≥ 1 (a finite derivative at n = 0) and a finite center ≥ 0."""
+    check_finite(
+        power, "power", minimum=1.0,
+        hint="Use power=1 for ε‖∇ₓℓ‖ and power=2 for λ‖∇ₓℓ‖² (below 1 the penalty's derivative is infinite "
+        "at a zero gradient; an infinite power has no finite value).",
+    )
+    check_finite(center, "center", hint="Use center=0 for ‖∇‖ → 0, center=1 for the WGAN-GP target ‖∇‖ = 1.")
 
 
 def check_clamp(clamp: tuple[float, float] | None) -> tuple[float, float] | None:
-    """A valid input range ``(lo, hi)`` with lo < hi, as floats, or None."""
+    """A valid input range ``(lo, hi)`` with lo < hi, as floats (either may be ±inf), or None."""
     if clamp is None:
         return None
     try:
         lo, hi = clamp
+        lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
-        raise ValueError(f"`clamp` must be a pair (lo, hi) or None, got {clamp!r}.") from None
+        raise ValueError(
+            f"`clamp` must be a pair (lo, hi) or None, got {clamp!r}. Pass e.g. clamp=(0, 1) for images."
+        ) from None
     if not lo < hi:
-        raise ValueError(f"`clamp` must satisfy lo < hi, got {clamp!r}.")
-    return float(lo), float(hi)
+        raise ValueError(f"`clamp` must satisfy lo < hi, got {clamp!r}. Pass e.g. clamp=(0, 1) for images.")
+    return lo, hi
 
 
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
@@ -137,10 +179,24 @@ def as_param_list(params: nn.Module | Iterable[Tensor] | Tensor, name: str = "pa
         for i, p in enumerate(out):
             check_tensor(p, f"{name}[{i}]")
     if not out:
-        raise ValueError(f"`{name}` holds no tensors that require grad; nothing to differentiate.")
+        raise ValueError(
+            f"`{name}` holds no tensors that require grad; nothing to differentiate. Pass trainable parameters "
+            f"(a module with `requires_grad=True` parameters, or a list of such tensors)."
+        )
+    seen: dict[int, int] = {}
     for i, p in enumerate(out):
         if not p.requires_grad:
-            raise ValueError(f"`{name}[{i}]` (shape {tuple(p.shape)}) does not require grad.")
+            raise ValueError(
+                f"`{name}[{i}]` (shape {tuple(p.shape)}) does not require grad. Call `requires_grad_()` on it "
+                f"or leave it out."
+            )
+        if id(p) in seen:
+            raise ValueError(
+                f"`{name}[{i}]` (shape {tuple(p.shape)}) is the same tensor as `{name}[{seen[id(p)]}]`; a "
+                f"parameter listed twice would count twice in the norm. List each tensor once (e.g. "
+                f"`list(dict.fromkeys(params))`, or pass the module)."
+            )
+        seen[id(p)] = i
     return out
 
 

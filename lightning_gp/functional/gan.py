@@ -12,7 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lightning_gp.functional._checks import check_batched, check_floating_input, check_same_shape
+from lightning_gp.functional._checks import (
+    check_batched,
+    check_finite,
+    check_floating_input,
+    check_non_empty_batch,
+    check_same_shape,
+)
 from lightning_gp.functional.gradients import per_sample_norm
 from lightning_gp.functional.penalties import (
     Params,
@@ -24,18 +30,31 @@ from lightning_gp.functional.penalties import (
 Critic = Callable[[Tensor], Tensor]
 
 
-def _check_pair(real: Tensor, fake: Tensor) -> None:
+def _check_pair(real: Tensor, fake: Tensor, what: str | None = None) -> None:
+    """Floating (real, fake) of one shape; with ``what`` (a mean over samples), a non-empty batch."""
     check_floating_input(real, "real", requires_grad=False)
     check_floating_input(fake, "fake", requires_grad=False)
     check_same_shape(real, fake, "real", "fake")
+    if what is not None:
+        check_non_empty_batch(real, "real", what)
 
 
-def _check_alpha(alpha: Tensor, batch: int) -> Tensor:
-    check_batched(alpha, "alpha")
+def _check_alpha(alpha: Tensor, batch: int, name: str = "alpha") -> Tensor:
+    check_batched(alpha, name)
     if alpha.numel() != batch:
         raise ValueError(
-            f"`alpha` must hold one value per sample ({batch}), got shape {tuple(alpha.shape)}. "
+            f"`{name}` must hold one value per sample ({batch}), got shape {tuple(alpha.shape)}. "
             "WGAN-GP draws one α per sample, not one per batch or per element."
+        )
+    if not alpha.is_floating_point():
+        raise TypeError(f"`{name}` must be floating point (weights in [0, 1]), got dtype {alpha.dtype}. "
+                        f"Pass e.g. `torch.rand({batch})`.")
+    outside = ~((alpha >= 0) & (alpha <= 1))  # NaN is outside too
+    if bool(outside.any()):
+        bad = alpha.reshape(batch)[outside.reshape(batch)][:3].tolist()
+        raise ValueError(
+            f"`{name}` must lie in [0, 1] (a point on the segment from fake to real), got values {bad}. "
+            f"Draw it as `torch.rand(B)` or clamp it to [0, 1]."
         )
     return alpha.reshape(batch)
 
@@ -83,6 +102,7 @@ def wgan_gradient_penalty(
         >>> torch.allclose(gp, (critic.weight.norm() - 1) ** 2)
         True
     """
+    _check_pair(real, fake, "wgan_gradient_penalty")
     x_hat = interpolate(real.detach(), fake.detach(), alpha).requires_grad_(True)
     return data_gradient_penalty(critic(x_hat), x_hat, power=2, center=center, one_sided=one_sided)
 
@@ -110,6 +130,7 @@ def wgan_gradient_penalty_fd(
         >>> res.penalty.shape
         torch.Size([])
     """
+    _check_pair(real, fake, "wgan_gradient_penalty_fd")
     x_hat = interpolate(real.detach(), fake.detach(), alpha)
     return data_gradient_penalty_fd(
         critic, x_hat, params, power=2, center=center, one_sided=one_sided, step=step
@@ -126,6 +147,7 @@ def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
         True
     """
     check_floating_input(real, "real", requires_grad=False)
+    check_non_empty_batch(real, "real", "r1_penalty")
     x = real.detach().requires_grad_(True)
     return data_gradient_penalty(critic(x), x, power=2, center=0.0)
 
@@ -133,6 +155,7 @@ def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
 def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
     """R2: E[‖∇D(x̃)‖²] on generated samples. See `r1_penalty`."""
     check_floating_input(fake, "fake", requires_grad=False)
+    check_non_empty_batch(fake, "fake", "r2_penalty")
     x = fake.detach().requires_grad_(True)
     return data_gradient_penalty(critic(x), x, power=2, center=0.0)
 
@@ -160,9 +183,16 @@ def difference_penalty(
         >>> round(float(difference_penalty(critic, real, fake)), 4)  # slope 3: (3 - 1)² = 4
         4.0
     """
-    _check_pair(real, fake)
+    _check_pair(real, fake, "difference_penalty")
+    center = check_finite(center, "center", hint="The target slope of a 1-Lipschitz critic is center=1.")
     batch = real.shape[0]
-    a1, a2 = alpha if alpha is not None else (None, None)
+    if alpha is None:
+        a1 = a2 = None
+    elif isinstance(alpha, (tuple, list)) and len(alpha) == 2:
+        a1, a2 = alpha  # each checked by `interpolate`
+    else:
+        raise ValueError(f"`alpha` must be a pair (alpha1, alpha2) of per-sample weights or None, got "
+                         f"{type(alpha).__name__}. Pass e.g. `(torch.rand(B), torch.rand(B))`.")
     real, fake = real.detach(), fake.detach()
     x1, x2 = interpolate(real, fake, a1), interpolate(real, fake, a2)
     scores = critic(torch.cat([x1, x2]))
@@ -171,7 +201,7 @@ def difference_penalty(
         raise ValueError(f"`critic` must return one score per sample, got shape {tuple(scores.shape)}.")
     d1, d2 = scores[:batch, 0], scores[batch:, 0]
     dist = per_sample_norm(x1 - x2)
-    valid = dist > 1e-12
+    valid = ~(dist <= 1e-12)  # a NaN distance (NaN samples) stays in the mean, visibly
     slope = (d1 - d2).abs() / torch.where(valid, dist, torch.ones_like(dist))
     terms = (slope - center).square()
     return terms[valid].mean() if bool(valid.any()) else terms.sum() * 0

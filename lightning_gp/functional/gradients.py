@@ -43,20 +43,47 @@ def input_gradient(output: Tensor, inputs: Tensor, *, create_graph: bool = False
     return grad
 
 
-def per_sample_squared_norm(t: Tensor) -> Tensor:
-    """Σ of squares over every non-batch dimension, shape (B,). Smooth everywhere."""
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the half types (their squares overflow at |t| > 256 in float16), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def squared_norms(t: Tensor) -> Tensor:
+    """Σ of squares over every non-batch dimension, shape (B,), in float32 for half inputs (no overflow).
+
+    Reduces over the non-batch dimensions in place (no reshape): an empty batch gives an empty result, and a
+    channels_last or strided tensor is not copied.
+    """
     check_batched(t, "t")
-    return t.reshape(t.shape[0], -1).square().sum(dim=1)
+    acc = _accumulation_dtype(t.dtype)
+    if t.ndim == 1:  # one number per sample (sum over dim=() would reduce over everything)
+        return t.to(acc).square()
+    return t.to(acc).square().sum(dim=tuple(range(1, t.ndim)))
+
+
+def per_sample_squared_norm(t: Tensor) -> Tensor:
+    """Σ of squares over every non-batch dimension, shape (B,), in ``t``'s dtype. Smooth everywhere.
+
+    Half inputs are accumulated in float32, so only a result that itself exceeds the dtype's range is inf.
+    An empty batch gives an empty result.
+
+    Example:
+
+        >>> per_sample_squared_norm(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        tensor([25.,  0.])
+    """
+    return squared_norms(t).to(t.dtype)
 
 
 def safe_sqrt(s: Tensor) -> Tensor:
-    """√s with gradient 0 (not ∞, not NaN) at s = 0, also under double backprop.
+    """√s with gradient 0 (not ∞, not NaN) at s = 0, also under double backprop; NaN stays NaN, inf stays inf.
 
     The double ``where`` keeps the unused branch finite: ``sqrt`` is never evaluated at 0, so no
-    ``inf · 0`` reaches the backward pass.
+    ``inf · 0`` reaches the backward pass. Only an exact 0 takes the zero branch: a NaN (a NaN input,
+    weight or loss upstream) goes through ``sqrt`` and stays visible in the value, not only in its gradient.
     """
-    positive = s > 0
-    return torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
+    zero = s == 0
+    return torch.where(zero, torch.zeros_like(s), torch.where(zero, torch.ones_like(s), s).sqrt())
 
 
 def per_sample_norm(t: Tensor) -> Tensor:
@@ -64,14 +91,16 @@ def per_sample_norm(t: Tensor) -> Tensor:
 
     ‖t‖ has no derivative at 0; autograd's ``norm`` returns NaN there, which is how a single dead-ReLU
     sample turns a whole batch's gradient into NaN. Here the derivative at 0 is taken as 0 (a valid
-    subgradient), so training carries on.
+    subgradient), so training carries on. A row holding NaN gives NaN and a row holding inf gives inf
+    (never a finite norm). Half inputs are accumulated in float32 (as ``torch.linalg.vector_norm``), the
+    result has ``t``'s dtype; an empty batch gives an empty result.
 
     Example:
 
         >>> per_sample_norm(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
         tensor([5., 0.])
     """
-    return safe_sqrt(per_sample_squared_norm(t))
+    return safe_sqrt(squared_norms(t)).to(t.dtype)
 
 
 def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:

@@ -6,6 +6,8 @@ finite-difference versions exist, their step sizes and their error: ``docs/desig
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple, get_args
 
@@ -16,14 +18,16 @@ from lightning_gp.functional._autograd import finite_difference_term, linearised
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import (
     as_param_list,
+    check_finite,
     check_floating_input,
+    check_non_empty_batch,
     check_penalty_shape,
     check_per_sample,
-    check_positive,
     check_scalar,
     grads_or_zeros,
 )
-from lightning_gp.functional.gradients import input_gradient, per_sample_squared_norm, safe_sqrt, squared_norm_sum
+from lightning_gp.functional._rng import RNGState, replayed_rng
+from lightning_gp.functional.gradients import input_gradient, safe_sqrt, squared_norm_sum, squared_norms
 
 Params = nn.Module | Iterable[Tensor] | Tensor
 #: How a penalty's parameter gradient is computed: exactly (double backprop) or by finite differences.
@@ -61,18 +65,38 @@ def gradient_norm_penalty(
         tensor([16.])
     """
     check_penalty_shape(power, center)
-    sq = per_sample_squared_norm(grad)
+    sq = squared_norms(grad)  # float32 for half grads: no overflow of the squares
+    check_floating_input(grad, "grad", requires_grad=False)
     if center == 0:
         # ‖g‖ᵖ = (‖g‖²)^(p/2): for p = 2 this is the smooth sum of squares, no square root at all.
         if power == 2:
-            return sq
-        positive = sq > 0
-        safe = torch.where(positive, sq, torch.ones_like(sq))
-        return torch.where(positive, safe.pow(power / 2), torch.zeros_like(sq))
+            return sq.to(grad.dtype)
+        zero = sq == 0  # only an exact 0 takes the zero branch: NaN stays NaN
+        safe = torch.where(zero, torch.ones_like(sq), sq)
+        return torch.where(zero, torch.zeros_like(sq), safe.pow(power / 2)).to(grad.dtype)
     gap = safe_sqrt(sq) - center
     if one_sided:
-        gap = gap.clamp_min(0)
-    return gap.abs().pow(power) if power != 2 else gap.square()
+        gap = gap.clamp_min(0)  # clamp keeps NaN
+    return (gap.abs().pow(power) if power != 2 else gap.square()).to(grad.dtype)
+
+
+def _step(step: object) -> float:
+    return check_finite(step, "step", strict=True, hint="Use a small relative step such as 1e-2 (data) or 1e-3 "
+                        "(parameters); the difference quotient's error is first order in it.")
+
+
+def _rng_devices(*tensors: Tensor) -> list[RNGState]:
+    """The random state of every device the tensors live on (the CPU generator always included)."""
+    devices = {t.device for t in tensors if t.device.type != "cpu"} or {torch.device("cpu")}
+    return [RNGState.capture(d) for d in devices]
+
+
+def _replayed(states: list[RNGState]) -> contextlib.ExitStack:
+    """Replay the saved states (the same dropout masks as the pass they were saved before)."""
+    stack = contextlib.ExitStack()
+    for state in states:
+        stack.enter_context(replayed_rng(state))
+    return stack
 
 
 def data_gradient_penalty(
@@ -105,6 +129,7 @@ def data_gradient_penalty(
     """
     check_penalty_shape(power, center)
     check_floating_input(inputs, "inputs", requires_grad=True)
+    check_non_empty_batch(inputs, "inputs", "data_gradient_penalty")
     output = check_per_sample(output, inputs.shape[0], "output")
     grad = input_gradient(output, inputs, create_graph=True)
     return gradient_norm_penalty(grad, power=power, center=center, one_sided=one_sided).mean()
@@ -153,7 +178,7 @@ def data_gradient_penalty_fd(
     Piecewise-linear models (ReLU) are exact unless the step crosses a kink.
 
     Args:
-        fn: maps a batch to per-sample values, shape (B,) or (B, 1). Called twice.
+        fn: maps a batch to per-sample values, shape (B,) or (B, 1). Called twice, with the same dropout masks.
         inputs: the batch (floating point); it is detached, not modified.
         params: the parameters (a module or tensors) to differentiate.
         power: p ≥ 1 of φ, as in `data_gradient_penalty`.
@@ -169,11 +194,13 @@ def data_gradient_penalty_fd(
         True
     """
     check_penalty_shape(power, center)
-    step = check_positive(step, "step")
+    step = _step(step)
     check_floating_input(inputs, "inputs", requires_grad=False)
+    check_non_empty_batch(inputs, "inputs", "data_gradient_penalty_fd")
     params = as_param_list(params)
     x = inputs.detach().requires_grad_(True)
     batch = x.shape[0]
+    rng = _rng_devices(x, *params)  # the second pass replays the first's dropout masks
     out = check_per_sample(fn(x), batch, "fn(inputs)")
     # Differentiate the *mean*: its parameter gradient is the one training needs, with no extra pass
     # over the parameters to rescale it; the per-sample input gradients are then B·∇ₓmean.
@@ -188,7 +215,8 @@ def data_gradient_penalty_fd(
     if h == 0:  # every φ'(‖gᵢ‖) is zero: the penalty is flat here
         grads = tuple(torch.zeros_like(p) for p in params)
     else:
-        out2 = check_per_sample(fn(x.detach() + h * direction), batch, "fn(inputs)")
+        with _replayed(rng):
+            out2 = check_per_sample(fn(x.detach() + h * direction), batch, "fn(inputs)")
         if not out2.requires_grad:
             raise ValueError("`fn(inputs)` does not depend on `params` (it has no autograd graph).")
         # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h: one backward through the second pass, the base gradient
@@ -217,9 +245,7 @@ def finite_difference_input_step(inputs: Tensor, direction: Tensor, step: float)
     to the inputs' scale keeps the same ``step`` meaningful for pixels in [0, 1] and for standardized
     features alike; all-zero inputs fall back to an absolute step.
     """
-    return finite_difference_input_step_from_norms(
-        per_sample_squared_norm(inputs).mean(), per_sample_squared_norm(direction).max(), step
-    )
+    return finite_difference_input_step_from_norms(squared_norms(inputs).mean(), squared_norms(direction).max(), step)
 
 
 def finite_difference_input_step_from_norms(
@@ -258,7 +284,8 @@ def parameter_gradient_penalty_fd(
     (SAM's radius, made relative so it does not depend on the model's scale).
 
     Args:
-        loss_fn: recomputes the scalar loss from the current parameter values. Called twice.
+        loss_fn: recomputes the scalar loss from the current parameter values. Called twice, with the same
+            random state (dropout masks) both times.
         params: the parameters (a module or tensors).
         step: relative parameter displacement of the difference quotient.
 
@@ -269,8 +296,9 @@ def parameter_gradient_penalty_fd(
         >>> torch.allclose(res.grads[0], 8 * w.detach(), rtol=1e-3)
         True
     """
-    step = check_positive(step, "step")
+    step = _step(step)
     params = as_param_list(params)
+    rng = _rng_devices(*params)  # the second pass replays the first's dropout masks
     loss = check_scalar(loss_fn(), "loss_fn()")
     if not loss.requires_grad:
         raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
@@ -279,15 +307,18 @@ def parameter_gradient_penalty_fd(
     )
     g_sq = squared_norm_sum(g)
     g_norm = g_sq.sqrt()
-    if g_norm == 0:
-        return PenaltyGradient(g_sq.detach(), tuple(torch.zeros_like(p) for p in params), loss.detach(), tuple(g))
+    norm = float(g_norm)
+    if norm == 0 or not math.isfinite(norm):  # flat here; or a NaN/inf gradient, passed on as NaN, never hidden
+        fill = torch.zeros_like if norm == 0 else (lambda p: torch.full_like(p, math.nan))
+        return PenaltyGradient(g_sq.detach(), tuple(fill(p) for p in params), loss.detach(), tuple(g))
     h = finite_difference_parameter_step(params, g_norm, step)
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
             for p, gi in zip(params, g, strict=True):
                 p.add_(gi, alpha=h)
-        loss2 = check_scalar(loss_fn(), "loss_fn()")
+        with _replayed(rng):
+            loss2 = check_scalar(loss_fn(), "loss_fn()")
         if not loss2.requires_grad:
             raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
         # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss.
