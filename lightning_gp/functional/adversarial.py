@@ -7,6 +7,7 @@ this link numerically.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -14,11 +15,11 @@ import torch
 from torch import Tensor
 
 from lightning_gp.functional._checks import (
+    check_bool,
     check_choice,
     check_clamp,
+    check_finite,
     check_floating_input,
-    check_non_negative,
-    check_positive,
     check_positive_int,
 )
 from lightning_gp.functional.gradients import per_sample_norm
@@ -46,9 +47,13 @@ def _loss_gradient(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 
 def ascent_direction(grad: Tensor, norm: Norm) -> Tensor:
-    """Unit-size steepest-ascent direction per sample: g/‖g‖ (l2) or sign(g) (l∞); 0 where g = 0."""
+    """Unit-size steepest-ascent direction per sample: g/‖g‖ (l2) or sign(g) (l∞); 0 where g = 0.
+
+    A NaN or inf gradient gives NaN (``sign`` alone maps NaN to 0, a finite step hiding it); for finite g
+    the l∞ direction is ``sign(g)`` bit for bit.
+    """
     if norm == "linf":
-        return grad.sign()
+        return grad.sign() + grad * 0
     n = per_sample_norm(grad)
     return grad / _expand(torch.where(n > 0, n, torch.ones_like(n)), grad)
 
@@ -74,7 +79,7 @@ def random_start(x: Tensor, epsilon: float, norm: Norm, *, mask: Tensor | None =
     if mask is not None:
         direction = direction * mask
     direction = direction / _expand(per_sample_norm(direction).clamp_min(1e-12), x)
-    d = x[0].numel()
+    d = math.prod(x.shape[1:])
     radius = epsilon * torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype).pow(1.0 / d)
     return direction * _expand(radius, x)
 
@@ -85,11 +90,26 @@ def _random_start(x: Tensor, epsilon: float, norm: Norm, generator: torch.Genera
     return random_start(x, epsilon, norm, generator=generator)
 
 
-def _check_common(inputs: Tensor, epsilon: float, norm: Norm, clamp):
+def _check_common(loss_fn: object, inputs: Tensor, epsilon: float, norm: Norm, clamp: object, random_start: object,
+                  generator: object) -> tuple[float, tuple[float, float] | None]:
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be a callable mapping inputs to losses, got {type(loss_fn).__name__}.")
     check_floating_input(inputs, "inputs", requires_grad=False)
-    epsilon = check_non_negative(epsilon, "epsilon")
+    epsilon = check_finite(epsilon, "epsilon", hint="Pass the radius of the perturbation ball, e.g. 8/255 (l∞).")
     check_choice(norm, "norm", NORMS)
-    return epsilon, check_clamp(clamp)
+    check_bool(random_start, "random_start")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+    clamp = check_clamp(clamp)
+    if clamp is not None and inputs.numel() > 0:
+        lo, hi = torch.stack(torch.aminmax(inputs.detach())).tolist()  # one host sync
+        if lo < clamp[0] or hi > clamp[1]:
+            raise ValueError(
+                f"`inputs` must lie inside `clamp` = {clamp}, got values in [{lo:g}, {hi:g}]: clamping them would "
+                f"move them further than `epsilon` = {epsilon:g}. Scale or clamp the inputs into the range first, "
+                f"or pass the range they live in (or clamp=None)."
+            )
+    return epsilon, clamp
 
 
 def pgd(
@@ -117,8 +137,11 @@ def pgd(
         steps: number of ascent steps, >= 1.
         step_size: length of each step, > 0.
         random_start: start from a uniform point in the ball instead of ``inputs``.
-        clamp: ``(lo, hi)`` valid range of the inputs, e.g. ``(0, 1)`` for images.
+        clamp: ``(lo, hi)`` valid range of the inputs, e.g. ``(0, 1)`` for images; ``inputs`` must lie in it.
         generator: draws the random start (default: the global RNG).
+
+    Raises:
+        ValueError: a bad or non-finite setting, or ``inputs`` outside ``clamp`` (the result would leave the ball).
 
     Example:
 
@@ -129,10 +152,13 @@ def pgd(
         >>> bool(((x_adv - x).abs() <= 0.1 + 1e-6).all())
         True
     """
-    epsilon, clamp = _check_common(inputs, epsilon, norm, clamp)
+    epsilon, clamp = _check_common(loss_fn, inputs, epsilon, norm, clamp, random_start, generator)
     steps = check_positive_int(steps, "steps")
-    step_size = check_positive(step_size, "step_size")
+    step_size = check_finite(step_size, "step_size", strict=True, hint="Pass the length of one ascent step, e.g. "
+                             "2.5·epsilon/steps.")
     x0 = inputs.detach()
+    if x0.shape[0] == 0:  # an empty batch: nothing to perturb
+        return x0.clone()
     x_adv = x0 + _random_start(x0, epsilon, norm, generator) if random_start else x0.clone()
     if clamp is not None:
         x_adv = x_adv.clamp(*clamp)
@@ -162,7 +188,8 @@ def fgsm(
     ``norm="l2"``: Δ = ε·gᵢ/‖gᵢ‖ per sample (the source documents' form). ``norm="linf"``:
     Δ = ε·sign(g), identical to ``torchattacks.FGSM`` when ``clamp=(0, 1)``. With ``random_start``
     (Wong et al., "Fast is better than free") the step starts from a uniform point in the ball and has
-    length ``step_size`` (default 1.25·ε), then is projected back onto the ε-ball.
+    length ``step_size`` (default 1.25·ε), then is projected back onto the ε-ball. Without it, one step of
+    min(``step_size``, ε) from the clean point, no projection. ``inputs`` must lie inside ``clamp``.
 
     Example:
 
@@ -173,21 +200,20 @@ def fgsm(
         >>> torch.allclose((x_adv - x).norm(dim=1), torch.full((8,), 0.5))
         True
     """
-    epsilon, clamp = _check_common(inputs, epsilon, norm, clamp)
+    epsilon, clamp = _check_common(loss_fn, inputs, epsilon, norm, clamp, random_start, generator)
     if step_size is None:
         step_size = 1.25 * epsilon if random_start else epsilon
     else:
-        step_size = check_non_negative(step_size, "step_size")
-    if epsilon == 0 or step_size == 0:
+        step_size = check_finite(step_size, "step_size", hint="Leave it None for ε (1.25·ε with random_start).")
+    if epsilon == 0 or step_size == 0 or inputs.shape[0] == 0:
         return inputs.detach().clone()
-    return pgd(
-        loss_fn,
-        inputs,
-        epsilon=epsilon,
-        norm=norm,
-        steps=1,
-        step_size=step_size,
-        random_start=random_start,
-        clamp=clamp,
-        generator=generator,
-    )
+    if random_start:
+        return pgd(loss_fn, inputs, epsilon=epsilon, norm=norm, steps=1, step_size=step_size, random_start=True,
+                   clamp=clamp, generator=generator)
+    # One step from the clean point (inside `clamp`, checked): a step of min(step_size, ε) stays in the ε-ball,
+    # so there is nothing to project (torchattacks.FGSM's operations, bit for bit).
+    x0 = inputs.detach()
+    x_adv = x0 + min(step_size, epsilon) * ascent_direction(_loss_gradient(loss_fn, x0), norm)
+    if clamp is not None:
+        x_adv = x_adv.clamp(*clamp)
+    return x_adv.detach()
