@@ -21,6 +21,21 @@ COLD_START_ITERS = 30
 REGULARIZED_LAYERS = SPECTRAL_PENALTY_LAYERS
 
 
+def _check_weight(weight: object, name: str = "weight") -> Tensor:
+    check_tensor(weight, name)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"`{name}` is an uninitialized parameter (a Lazy module before its first forward pass), so it has no "
+            f"singular values yet. Run one forward pass on a batch first (e.g. `model(x)`), then regularize it."
+        )
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"`{name}` must be floating point, got dtype {weight.dtype}. Power iteration needs real-valued "
+            f"matrices: convert it first, e.g. `{name}.float()`."
+        )
+    return weight
+
+
 def _as_matrix(weight: Tensor) -> Tensor:
     """(out, in, *kernel) → (out, in·prod(kernel)): the conv kernel as the matrix of its unfolded form."""
     if weight.ndim < 2:
@@ -47,7 +62,8 @@ def spectral_norm(weight: Tensor, *, n_iter: int | None = None, u: Tensor | None
     Args:
         weight: a matrix or a conv kernel.
         n_iter: power iterations, >= 1; default 1 with a warm-start ``u``, else ``COLD_START_ITERS``.
-        u: left singular vector estimate from a previous call, shape (out,).
+        u: left singular vector estimate from a previous call, shape (out,). One that collapsed to 0 (on an
+            all-zero weight) is drawn again, with the cold start's iterations.
 
     Example:
 
@@ -56,15 +72,24 @@ def spectral_norm(weight: Tensor, *, n_iter: int | None = None, u: Tensor | None
         >>> round(float(sigma), 4)
         3.0
     """
-    check_tensor(weight, "weight")
+    _check_weight(weight)
     mat = _as_matrix(weight)
+    if u is not None:
+        check_tensor(u, "u")
+        if u.shape != (mat.shape[0],):
+            raise ValueError(f"`u` must have shape ({mat.shape[0]},) for this weight, got {tuple(u.shape)}.")
+        if not bool(u.detach().any()):  # collapsed to 0 on a zero weight: draw it again
+            u = None
+    return _power_iteration(mat, n_iter=n_iter, u=u)
+
+
+def _power_iteration(mat: Tensor, *, n_iter: int | None, u: Tensor | None) -> tuple[Tensor, Tensor]:
+    """σ and the updated ``u`` of the matrix ``mat``; a cold start (``u`` None) runs ``COLD_START_ITERS``."""
     if n_iter is None:
         n_iter = 1 if u is not None else COLD_START_ITERS
     check_positive_int(n_iter, "n_iter")
     if u is None:
         u = _initial_u(mat.shape[0], mat)
-    elif u.shape != (mat.shape[0],):
-        raise ValueError(f"`u` must have shape ({mat.shape[0]},) for this weight, got {tuple(u.shape)}.")
     with torch.no_grad():
         w = mat.detach()
         u = u.to(w)
@@ -96,20 +121,40 @@ def spectral_norm_penalty(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}.")
-    total = None
+    if n_iter is not None:
+        check_positive_int(n_iter, "n_iter")
+    if vectors is not None and not isinstance(vectors, dict):
+        raise TypeError(f"`vectors` must be a dict {{layer name: u}} or None, got {type(vectors).__name__}.")
+    layers = []
     for name, layer in module.named_modules():
-        if not isinstance(layer, REGULARIZED_LAYERS):
-            continue
-        weight = layer.weight
-        if isinstance(layer, nn.Bilinear):  # (out, in1, in2): a bilinear form per output
-            weight = weight.reshape(weight.shape[0], -1)
-        u = vectors.get(name) if vectors is not None else None
-        sigma, u = spectral_norm(weight, n_iter=n_iter, u=u)
-        if vectors is not None:
-            vectors[name] = u
-        total = sigma.square() if total is None else total + sigma.square()
-    if total is None:
+        if isinstance(layer, REGULARIZED_LAYERS):
+            weight = _check_weight(layer.weight, f"{name or type(module).__name__}.weight")
+            if isinstance(layer, nn.Bilinear):  # (out, in1, in2): a bilinear form per output
+                weight = weight.reshape(weight.shape[0], -1)
+            layers.append((name, _as_matrix(weight)))
+    if not layers:
         raise ValueError(
             f"`module` ({type(module).__name__}) has no Linear, Conv or Bilinear layer to regularize."
         )
+    warm = {name: vectors.get(name) for name, _ in layers} if vectors is not None else {}
+    for name, mat in layers:
+        u = warm.get(name)
+        if u is not None and tuple(u.shape) != (mat.shape[0],):
+            raise ValueError(
+                f"`vectors[{name!r}]` has shape {tuple(u.shape)}, but layer {name!r} has {mat.shape[0]} outputs "
+                f"now (a `vectors` dict kept from another model?). Pass a fresh dict, or delete that entry."
+            )
+    present = [name for name, u in warm.items() if u is not None]
+    if present:  # vectors that collapsed to 0 on a zero weight are drawn again (one host sync for all)
+        device = warm[present[0]].device
+        alive = torch.stack([warm[name].detach().any().to(device) for name in present]).tolist()
+        for name, ok in zip(present, alive, strict=True):
+            if not ok:
+                warm[name] = None
+    total = None
+    for name, mat in layers:
+        sigma, u = _power_iteration(mat, n_iter=n_iter, u=warm.get(name))
+        if vectors is not None:
+            vectors[name] = u
+        total = sigma.square() if total is None else total + sigma.square()
     return total
