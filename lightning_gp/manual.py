@@ -41,7 +41,8 @@ def penalized_loss(
         global_step: the step for ``every_n_steps``; default ``module.trainer.global_step`` (0 without one).
 
     Raises:
-        TypeError: an element of ``penalties`` that is not a lightning_gp penalty callback.
+        TypeError: an element of ``penalties`` that is not a lightning_gp penalty callback, or a bad ``module``.
+        ValueError: ``module`` has no parameter that requires grad (nothing to penalise or train).
 
     Example::
 
@@ -56,6 +57,18 @@ def penalized_loss(
         >>> torch.allclose(total, expected)
         True
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`module` must be an nn.Module (usually `self`), got {type(module).__name__}.")
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be a callable mapping the batch to the loss, got {type(loss_fn).__name__}.")
+    if isinstance(penalties, PenaltyCallback):
+        raise TypeError("`penalties` must be a sequence of callbacks, got a single one. Wrap it: `[penalty]`.")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError(
+            f"`module` ({type(module).__name__}) has no parameter that requires grad, so there is nothing for the "
+            f"penalties to regularize or for `manual_backward` to train. Unfreeze it (`module.requires_grad_()`) "
+            f"or call `loss_fn(batch)` directly."
+        )
     trainer = attached_trainer(module)
     if global_step is None:
         global_step = trainer.global_step if trainer is not None else 0
