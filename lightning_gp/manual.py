@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_gp._logging import attached_trainer
 from lightning_gp.callbacks._base import PenaltyCallback, extract_loss, run_chain
+from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
 
 
 def penalized_loss(
@@ -42,7 +43,7 @@ def penalized_loss(
 
     Raises:
         TypeError: an element of ``penalties`` that is not a lightning_gp penalty callback, or a bad ``module``.
-        ValueError: ``module`` has no parameter that requires grad (nothing to penalise or train).
+        ValueError: a ``ParameterGradientPenalty`` on a ``module`` with no parameter that requires grad.
 
     Example::
 
@@ -63,11 +64,12 @@ def penalized_loss(
         raise TypeError(f"`loss_fn` must be a callable mapping the batch to the loss, got {type(loss_fn).__name__}.")
     if isinstance(penalties, PenaltyCallback):
         raise TypeError("`penalties` must be a sequence of callbacks, got a single one. Wrap it: `[penalty]`.")
-    if not any(p.requires_grad for p in module.parameters()):
+    needs_params = [type(p).__name__ for p in penalties if isinstance(p, ParameterGradientPenalty)]
+    if needs_params and not any(p.requires_grad for p in module.parameters()):
         raise ValueError(
-            f"`module` ({type(module).__name__}) has no parameter that requires grad, so there is nothing for the "
-            f"penalties to regularize or for `manual_backward` to train. Unfreeze it (`module.requires_grad_()`) "
-            f"or call `loss_fn(batch)` directly."
+            f"`module` ({type(module).__name__}) has no parameter that requires grad, so {needs_params[0]} has no "
+            f"‖∇θL‖ to penalise. Unfreeze it (`module.requires_grad_()`), pass the module that owns the trained "
+            f"parameters, or leave that penalty out."
         )
     trainer = attached_trainer(module)
     if global_step is None:

@@ -90,6 +90,9 @@ def perturbed_output(
         >>> g.shape, bool(g[1, 2].eq(0).all()), bool(g[0, 2].ne(0).any())
         (torch.Size([2, 3, 4]), True, True)
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`module` must be an nn.Module (the layer whose output is perturbed), got "
+                        f"{type(module).__name__}.")
     record = OutputRecord()
 
     def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
@@ -166,7 +169,9 @@ def output_gradient(
                                   allow_unused=True)
     if grad is None:
         grad = torch.zeros_like(record.delta)
-    return loss, grad, record.output
+    # A NaN/inf loss shows in the gradient too (ReLU's backward turns NaN into a finite 0): never a finite
+    # gradient, and never a finite norm, for a non-finite loss.
+    return loss, grad + loss.detach().sum() * 0, record.output
 
 
 def per_sample_output_gradient_norms(

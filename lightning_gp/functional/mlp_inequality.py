@@ -19,7 +19,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacfwd, jvp, vjp, vmap
 
-from lightning_gp.functional._checks import check_floating_input, check_per_sample, check_positive
+from lightning_gp.functional._checks import (
+    check_finite,
+    check_floating_input,
+    check_non_empty_batch,
+    check_per_sample,
+)
 from lightning_gp.functional.grad_norms import linear_squared_norms
 
 # Modules whose per-sample Jacobian is diagonal: they may sit between the Linear layers of a chain.
@@ -111,6 +116,17 @@ def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not any(isinstance(m, nn.Linear) for _, m in leaves):
         raise ValueError(f"The model contains no nn.Linear layer: {model}")
     return leaves
+
+
+def _check_finite_values(t: Tensor, name: str, what: str) -> None:
+    """Refuse NaN/inf: the Jacobian norms' eigen-solvers cannot run on them (one host sync, a diagnostic)."""
+    bad = ~torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(dim=1) if t.numel() else None
+    if bad is not None and bool(bad.any()):
+        rows = bad.nonzero()[:5, 0].tolist()
+        raise ValueError(
+            f"`{name}` holds NaN or inf values ({what} {rows}); the inequality's Jacobian norms are undefined "
+            f"there. Find where they come from (e.g. `torch.isfinite({name.split('.')[-1]}).all()`) before measuring."
+        )
 
 
 def _sigma_from_jacobian(jac: Tensor) -> Tensor:
@@ -308,8 +324,12 @@ def mlp_inequality(
         >>> bool((r.ratio <= 1 + 1e-5).all()), r.lhs_terms.shape, r.layer_names
         (True, torch.Size([16, 2]), ('0', '2'))
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module (an nn.Sequential chain), got {type(model).__name__}.")
     check_floating_input(inputs, "inputs", requires_grad=False)
-    check_positive(tol, "tol")
+    check_non_empty_batch(inputs, "inputs", "mlp_inequality (per-sample Jacobian norms of at least one sample)")
+    check_finite(tol, "tol", strict=True, hint="Pass a small relative tolerance such as 1e-4.")
+    _check_finite_values(inputs, "inputs", "samples")
     for value, arg, minimum in ((max_iter, "max_iter", 1), (exact_max_dim, "exact_max_dim", 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"`{arg}` must be an int ≥ {minimum}, got {value!r}.")
@@ -331,6 +351,8 @@ def mlp_inequality(
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise ValueError(f"The model contains no nn.Linear layer: {type(model).__name__}")
+    for name, m in linears:
+        _check_finite_values(m.weight, f"{name}.weight", "rows")
     # The forward runs on the whole batch, so that `loss_fn` may close over full-batch targets; only the
     # first `max_samples` values are differentiated and kept (samples are independent in a chain).
     batch = min(len(inputs), max_samples or len(inputs))

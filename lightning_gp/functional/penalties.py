@@ -132,7 +132,14 @@ def data_gradient_penalty(
     check_non_empty_batch(inputs, "inputs", "data_gradient_penalty")
     output = check_per_sample(output, inputs.shape[0], "output")
     grad = input_gradient(output, inputs, create_graph=True)
-    return gradient_norm_penalty(grad, power=power, center=center, one_sided=one_sided).mean()
+    penalty = gradient_norm_penalty(grad, power=power, center=center, one_sided=one_sided).mean()
+    return penalty + _poison(output)
+
+
+def _poison(values: Tensor) -> Tensor:
+    """0, or NaN when ``values`` hold a NaN or inf, detached: a NaN sample whose input gradient autograd reports as
+    finite (ReLU's backward maps NaN to 0) still shows in the penalty's value. One small sum, no host sync."""
+    return values.detach().sum() * 0
 
 
 def parameter_gradient_penalty(loss: Tensor, params: Params) -> Tensor:
@@ -224,7 +231,8 @@ def data_gradient_penalty_fd(
         term = finite_difference_term(out2.mean(), linearised(out.mean(), list(zip(params, base, strict=True))), step=h)
         second = torch.autograd.grad(term, params, allow_unused=True)
         grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
-    return PenaltyGradient(penalty=phi.detach().mean(), grads=grads, output=out.detach(), output_grads=tuple(base))
+    penalty = phi.detach().mean() + _poison(out)
+    return PenaltyGradient(penalty=penalty, grads=grads, output=out.detach(), output_grads=tuple(base))
 
 
 def finite_difference_direction(
