@@ -850,3 +850,58 @@ def test_public_api_is_covered():
     elsewhere = {"GradNormRecorder", "MLPInequality", "PenaltyGradient", "PerSampleGradNorms", "chain_layers",
                  "linear_squared_norms", "per_sample_grad_norms_by_layer"}
     assert covered | elsewhere == set(LF.__all__)
+
+
+# --- more found by attacking the API ---------------------------------------------------------------------------
+
+
+def test_finite_differences_leave_batchnorm_statistics_as_one_pass_would():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).train()
+    x = torch.randn(16, 3)
+    reference = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).train()
+    reference.load_state_dict(model.state_dict())
+    reference(x)  # one ordinary training pass
+    data_gradient_penalty_fd(_per_sample(model), x, model)
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+        assert torch.equal(b, b_ref), name
+    model.load_state_dict(reference.state_dict())
+    reference(x)
+    parameter_gradient_penalty_fd(lambda: model(x).square().mean(), model)
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+        assert torch.equal(b, b_ref), name
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool, torch.complex64])
+def test_norms_refuse_non_floating_tensors(dtype):
+    t = torch.ones(2, 3).to(dtype)
+    with pytest.raises(TypeError, match=rf"`t` must be floating point, got dtype {dtype}.*t\.float\(\)"):
+        per_sample_norm(t)
+    with pytest.raises(TypeError, match=r"`t` must be floating point"):
+        per_sample_squared_norm(t)
+
+
+def test_one_sided_must_be_a_bool():
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"`one_sided` must be True or False, got str 'no'"):
+        gradient_norm_penalty(x, center=1.0, one_sided="no")
+    with pytest.raises(TypeError, match=r"`one_sided` must be True or False, got int 1"):
+        data_gradient_penalty(x.sum(1), x, one_sided=1)
+
+
+def test_critic_errors_name_the_critic():
+    real, fake = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(TypeError, match=r"`critic` must be a callable.*got Tensor"):
+        wgan_gradient_penalty(real, real, fake)
+    with pytest.raises(TypeError, match=r"`critic` must return a tensor of per-sample scores, got tuple"):
+        r1_penalty(lambda t: (t.sum(1),), real)
+    with pytest.raises(ValueError, match=r"`critic\(real\)` must hold one value per sample.*got shape \(\)"):
+        r1_penalty(lambda t: t.sum(), real)
+    with pytest.raises(ValueError, match=r"`critic\(fake\)` must hold one value per sample.*\(4, 3\)"):
+        r2_penalty(lambda t: t * 2, fake)
+    with pytest.raises(ValueError, match=r"`critic\(x_hat\)` must hold one value per sample"):
+        wgan_gradient_penalty(lambda t: t, real, fake)
+    with pytest.raises(TypeError, match=r"`fn` must be a callable mapping a batch to per-sample values, got Parameter"):
+        data_gradient_penalty_fd(nn.Linear(3, 1).weight, real, nn.Linear(3, 1))
+    with pytest.raises(TypeError, match=r"`loss_fn` must be a callable"):
+        parameter_gradient_penalty_fd(torch.zeros(()), nn.Linear(3, 1))

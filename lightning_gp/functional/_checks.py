@@ -134,7 +134,7 @@ def check_choice(value: str, name: str, choices: Iterable[str]) -> str:
     return value
 
 
-def check_penalty_shape(power: float, center: float) -> None:
+def check_penalty_shape(power: float, center: float, one_sided: object = False) -> None:
     """φ(n) = (n − center)^power needs a finite power ≥ 1 (a finite derivative at n = 0) and a finite center ≥ 0."""
     check_finite(
         power, "power", minimum=1.0,
@@ -142,6 +142,7 @@ def check_penalty_shape(power: float, center: float) -> None:
         "at a zero gradient; an infinite power has no finite value).",
     )
     check_finite(center, "center", hint="Use center=0 for ‖∇‖ → 0, center=1 for the WGAN-GP target ‖∇‖ = 1.")
+    check_bool(one_sided, "one_sided")
 
 
 def check_clamp(clamp: tuple[float, float] | None) -> tuple[float, float] | None:

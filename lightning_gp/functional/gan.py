@@ -17,6 +17,7 @@ from lightning_gp.functional._checks import (
     check_finite,
     check_floating_input,
     check_non_empty_batch,
+    check_per_sample,
     check_same_shape,
 )
 from lightning_gp.functional.gradients import per_sample_norm
@@ -37,6 +38,17 @@ def _check_pair(real: Tensor, fake: Tensor, what: str | None = None) -> None:
     check_same_shape(real, fake, "real", "fake")
     if what is not None:
         check_non_empty_batch(real, "real", what)
+
+
+def _call(critic: object, x: Tensor) -> Tensor:
+    """``critic(x)``, with a clear error for a critic that is not callable or returns no tensor."""
+    if not callable(critic):
+        raise TypeError(f"`critic` must be a callable (a module or function) mapping samples to scores, got "
+                        f"{type(critic).__name__}.")
+    scores = critic(x)
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"`critic` must return a tensor of per-sample scores, got {type(scores).__name__}.")
+    return scores
 
 
 def _check_alpha(alpha: Tensor, batch: int, name: str = "alpha") -> Tensor:
@@ -104,7 +116,8 @@ def wgan_gradient_penalty(
     """
     _check_pair(real, fake, "wgan_gradient_penalty")
     x_hat = interpolate(real.detach(), fake.detach(), alpha).requires_grad_(True)
-    return data_gradient_penalty(critic(x_hat), x_hat, power=2, center=center, one_sided=one_sided)
+    scores = check_per_sample(_call(critic, x_hat), x_hat.shape[0], "critic(x_hat)")
+    return data_gradient_penalty(scores, x_hat, power=2, center=center, one_sided=one_sided)
 
 
 def wgan_gradient_penalty_fd(
@@ -149,7 +162,8 @@ def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
     check_floating_input(real, "real", requires_grad=False)
     check_non_empty_batch(real, "real", "r1_penalty")
     x = real.detach().requires_grad_(True)
-    return data_gradient_penalty(critic(x), x, power=2, center=0.0)
+    scores = check_per_sample(_call(critic, x), x.shape[0], "critic(real)")
+    return data_gradient_penalty(scores, x, power=2, center=0.0)
 
 
 def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
@@ -157,7 +171,8 @@ def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
     check_floating_input(fake, "fake", requires_grad=False)
     check_non_empty_batch(fake, "fake", "r2_penalty")
     x = fake.detach().requires_grad_(True)
-    return data_gradient_penalty(critic(x), x, power=2, center=0.0)
+    scores = check_per_sample(_call(critic, x), x.shape[0], "critic(fake)")
+    return data_gradient_penalty(scores, x, power=2, center=0.0)
 
 
 def difference_penalty(
@@ -195,7 +210,7 @@ def difference_penalty(
                          f"{type(alpha).__name__}. Pass e.g. `(torch.rand(B), torch.rand(B))`.")
     real, fake = real.detach(), fake.detach()
     x1, x2 = interpolate(real, fake, a1), interpolate(real, fake, a2)
-    scores = critic(torch.cat([x1, x2]))
+    scores = _call(critic, torch.cat([x1, x2]))
     scores = scores.reshape(2 * batch, -1)
     if scores.shape[1] != 1:
         raise ValueError(f"`critic` must return one score per sample, got shape {tuple(scores.shape)}.")

@@ -55,6 +55,11 @@ def squared_norms(t: Tensor) -> Tensor:
     channels_last or strided tensor is not copied.
     """
     check_batched(t, "t")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"`t` must be floating point, got dtype {t.dtype}. Convert it first, e.g. `t.float()` (an integer "
+            f"result would truncate the norm; complex tensors: take `torch.view_as_real(t)`)."
+        )
     acc = _accumulation_dtype(t.dtype)
     if t.ndim == 1:  # one number per sample (sum over dim=() would reduce over everything)
         return t.to(acc).square()

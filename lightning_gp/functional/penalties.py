@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -18,6 +18,7 @@ from lightning_gp.functional._autograd import finite_difference_term, linearised
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import (
     as_param_list,
+    check_batched,
     check_finite,
     check_floating_input,
     check_non_empty_batch,
@@ -64,9 +65,10 @@ def gradient_norm_penalty(
         >>> gradient_norm_penalty(torch.tensor([[3.0, 4.0]]), center=1.0)
         tensor([16.])
     """
-    check_penalty_shape(power, center)
-    sq = squared_norms(grad)  # float32 for half grads: no overflow of the squares
+    check_penalty_shape(power, center, one_sided)
+    check_batched(grad, "t")  # the name `per_sample_norm`'s message has always used here
     check_floating_input(grad, "grad", requires_grad=False)
+    sq = squared_norms(grad)  # float32 for half grads: no overflow of the squares
     if center == 0:
         # ‖g‖ᵖ = (‖g‖²)^(p/2): for p = 2 this is the smooth sum of squares, no square root at all.
         if power == 2:
@@ -85,18 +87,32 @@ def _step(step: object) -> float:
                         "(parameters); the difference quotient's error is first order in it.")
 
 
+def _check_callable(fn: object, name: str, maps: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be a callable mapping {maps}, got {type(fn).__name__}.")
+
+
 def _rng_devices(*tensors: Tensor) -> list[RNGState]:
     """The random state of every device the tensors live on (the CPU generator always included)."""
     devices = {t.device for t in tensors if t.device.type != "cpu"} or {torch.device("cpu")}
     return [RNGState.capture(d) for d in devices]
 
 
-def _replayed(states: list[RNGState]) -> contextlib.ExitStack:
-    """Replay the saved states (the same dropout masks as the pass they were saved before)."""
-    stack = contextlib.ExitStack()
-    for state in states:
-        stack.enter_context(replayed_rng(state))
-    return stack
+@contextlib.contextmanager
+def _second_pass(states: list[RNGState], params: object) -> Iterator[None]:
+    """The difference's second pass: the random states of the first replayed (the same dropout masks), and, when
+    ``params`` is a module, its buffers put back after (BatchNorm's running statistics see one pass, not two)."""
+    buffers = list(params.buffers()) if isinstance(params, nn.Module) else []
+    saved = [b.detach().clone() for b in buffers]
+    with contextlib.ExitStack() as stack:
+        for state in states:
+            stack.enter_context(replayed_rng(state))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, value in zip(buffers, saved, strict=True):
+                    b.copy_(value)
 
 
 def data_gradient_penalty(
@@ -127,7 +143,7 @@ def data_gradient_penalty(
         >>> torch.allclose(penalty, model.weight.square().sum())
         True
     """
-    check_penalty_shape(power, center)
+    check_penalty_shape(power, center, one_sided)
     check_floating_input(inputs, "inputs", requires_grad=True)
     check_non_empty_batch(inputs, "inputs", "data_gradient_penalty")
     output = check_per_sample(output, inputs.shape[0], "output")
@@ -187,7 +203,8 @@ def data_gradient_penalty_fd(
     Args:
         fn: maps a batch to per-sample values, shape (B,) or (B, 1). Called twice, with the same dropout masks.
         inputs: the batch (floating point); it is detached, not modified.
-        params: the parameters (a module or tensors) to differentiate.
+        params: the parameters (a module or tensors) to differentiate; a module's buffers (BatchNorm
+            statistics) are put back after the second pass.
         power: p ≥ 1 of φ, as in `data_gradient_penalty`.
         center: c ≥ 0 of φ.
         one_sided: penalise only norms above ``center``.
@@ -200,11 +217,12 @@ def data_gradient_penalty_fd(
         >>> len(res.grads) == len(list(model.parameters()))
         True
     """
-    check_penalty_shape(power, center)
+    check_penalty_shape(power, center, one_sided)
     step = _step(step)
+    _check_callable(fn, "fn", "a batch to per-sample values")
     check_floating_input(inputs, "inputs", requires_grad=False)
     check_non_empty_batch(inputs, "inputs", "data_gradient_penalty_fd")
-    params = as_param_list(params)
+    module, params = params, as_param_list(params)
     x = inputs.detach().requires_grad_(True)
     batch = x.shape[0]
     rng = _rng_devices(x, *params)  # the second pass replays the first's dropout masks
@@ -222,15 +240,16 @@ def data_gradient_penalty_fd(
     if h == 0:  # every φ'(‖gᵢ‖) is zero: the penalty is flat here
         grads = tuple(torch.zeros_like(p) for p in params)
     else:
-        with _replayed(rng):
+        with _second_pass(rng, module):
             out2 = check_per_sample(fn(x.detach() + h * direction), batch, "fn(inputs)")
-        if not out2.requires_grad:
-            raise ValueError("`fn(inputs)` does not depend on `params` (it has no autograd graph).")
-        # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h: one backward through the second pass, the base gradient
-        # entering through the linearised mean (1/h folded into the backward seed).
-        term = finite_difference_term(out2.mean(), linearised(out.mean(), list(zip(params, base, strict=True))), step=h)
-        second = torch.autograd.grad(term, params, allow_unused=True)
-        grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
+            if not out2.requires_grad:
+                raise ValueError("`fn(inputs)` does not depend on `params` (it has no autograd graph).")
+            # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h: one backward through the second pass, the base gradient
+            # entering through the linearised mean (1/h folded into the backward seed).
+            base_mean = linearised(out.mean(), list(zip(params, base, strict=True)))
+            term = finite_difference_term(out2.mean(), base_mean, step=h)
+            second = torch.autograd.grad(term, params, allow_unused=True)
+            grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
     penalty = phi.detach().mean() + _poison(out)
     return PenaltyGradient(penalty=penalty, grads=grads, output=out.detach(), output_grads=tuple(base))
 
@@ -294,7 +313,7 @@ def parameter_gradient_penalty_fd(
     Args:
         loss_fn: recomputes the scalar loss from the current parameter values. Called twice, with the same
             random state (dropout masks) both times.
-        params: the parameters (a module or tensors).
+        params: the parameters (a module or tensors); a module's buffers are put back after the second pass.
         step: relative parameter displacement of the difference quotient.
 
     Example:
@@ -305,7 +324,8 @@ def parameter_gradient_penalty_fd(
         True
     """
     step = _step(step)
-    params = as_param_list(params)
+    _check_callable(loss_fn, "loss_fn", "nothing to the scalar loss (a closure over the batch)")
+    module, params = params, as_param_list(params)
     rng = _rng_devices(*params)  # the second pass replays the first's dropout masks
     loss = check_scalar(loss_fn(), "loss_fn()")
     if not loss.requires_grad:
@@ -325,15 +345,15 @@ def parameter_gradient_penalty_fd(
         with torch.no_grad():
             for p, gi in zip(params, g, strict=True):
                 p.add_(gi, alpha=h)
-        with _replayed(rng):
+        with _second_pass(rng, module):
             loss2 = check_scalar(loss_fn(), "loss_fn()")
-        if not loss2.requires_grad:
-            raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
-        # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss.
-        base = linearised(loss, list(zip(params, g, strict=True)))
-        term = finite_difference_term(loss2, base, step=h, scale=2.0)
-        g2 = torch.autograd.grad(term, params, allow_unused=True)
-        grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
+            if not loss2.requires_grad:
+                raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
+            # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss.
+            base = linearised(loss, list(zip(params, g, strict=True)))
+            term = finite_difference_term(loss2, base, step=h, scale=2.0)
+            g2 = torch.autograd.grad(term, params, allow_unused=True)
+            grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved, strict=True):
