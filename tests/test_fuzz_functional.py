@@ -905,3 +905,18 @@ def test_critic_errors_name_the_critic():
         data_gradient_penalty_fd(nn.Linear(3, 1).weight, real, nn.Linear(3, 1))
     with pytest.raises(TypeError, match=r"`loss_fn` must be a callable"):
         parameter_gradient_penalty_fd(torch.zeros(()), nn.Linear(3, 1))
+
+
+def test_output_gradient_bad_loss_fn():
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"`loss_fn\(\)` must return a scalar, got \(4, 2\).*reduction='sum'"):
+        output_gradient(lambda: lin(x), lin)
+    with pytest.raises(TypeError, match=r"`loss_fn` must be a callable taking no argument"):
+        per_sample_output_gradient_norms(lin(x), lin)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 2, 3, 3)])
+def test_spectral_norm_of_empty_weights_is_zero(shape):
+    sigma, u = spectral_norm(torch.zeros(shape))
+    assert float(sigma) == 0.0 and u.shape == (shape[0],)

@@ -161,10 +161,18 @@ def output_gradient(
         >>> torch.allclose(grad, head.weight.expand(2, 2, 4))
         True
     """
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be a callable taking no argument and returning the summed loss, got "
+                        f"{type(loss_fn).__name__}.")
     with torch.enable_grad(), perturbed_output(module, mask=mask, owner="output_gradient") as record:
         loss = loss_fn()
     if record.calls == 0:
         raise RuntimeError(f"output_gradient: the module `{type(module).__name__}` did not run in `loss_fn()`.")
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"`loss_fn()` must return a scalar, got {shape}. Return the *sum* of the per-sample losses "
+                         f"(e.g. `F.cross_entropy(logits, y, reduction='sum')`), so that row i of the gradient is ∇ℓᵢ.")
+    loss = loss.reshape(())
     (grad,) = autograd_grad(loss, record.delta, create_graph=create_graph, retain_graph=True,
                                   allow_unused=True)
     if grad is None:

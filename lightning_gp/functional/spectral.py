@@ -7,6 +7,8 @@ Since ‖W‖₂ ≤ ‖W‖_F, weight decay bounds a layer's Lipschitz constant
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,7 +44,7 @@ def _as_matrix(weight: Tensor) -> Tensor:
         raise ValueError(
             f"`weight` must have at least 2 dimensions (out, in, ...), got shape {tuple(weight.shape)}."
         )
-    return weight.reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))  # also for a layer with 0 outputs
 
 
 def _initial_u(rows: int, like: Tensor) -> Tensor:
