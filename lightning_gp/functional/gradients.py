@@ -13,7 +13,8 @@ def input_gradient(output: Tensor, inputs: Tensor, *, create_graph: bool = False
     """Gradient of ``output.sum()`` with respect to ``inputs``.
 
     Summing (not averaging) makes the result *per sample* when ``output`` holds one value per sample
-    and samples do not interact: row ``i`` is ∇ₓ outputᵢ, whatever the batch size.
+    and samples do not interact: row ``i`` is ∇ₓ outputᵢ, whatever the batch size. It is autograd's gradient
+    as is: ReLU's backward gives a NaN input a finite 0 gradient, so check ``output`` for NaN (the penalties do).
 
     Args:
         output: any tensor computed from ``inputs`` (typically per-sample losses or critic scores).
