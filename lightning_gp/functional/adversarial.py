@@ -137,7 +137,8 @@ def pgd(
         steps: number of ascent steps, >= 1.
         step_size: length of each step, > 0.
         random_start: start from a uniform point in the ball instead of ``inputs``.
-        clamp: ``(lo, hi)`` valid range of the inputs, e.g. ``(0, 1)`` for images; ``inputs`` must lie in it.
+        clamp: ``(lo, hi)`` valid range of the inputs, e.g. ``(0, 1)`` for images; ``inputs`` must lie in it
+            (checked on the host: one sync).
         generator: draws the random start (default: the global RNG).
 
     Raises:

@@ -77,7 +77,8 @@ def interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None) -> Tens
     Args:
         real: the real batch.
         fake: the generated batch, of the same shape.
-        alpha: optional per-sample weights, shape (B,) or any shape with B elements.
+        alpha: optional per-sample weights in [0, 1], shape (B,) or any shape with B elements (their range is
+            checked on the host: one sync).
 
     Example:
 
@@ -90,7 +91,7 @@ def interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None) -> Tens
     batch = real.shape[0]
     if alpha is None:
         alpha = torch.rand(batch, device=real.device, dtype=real.dtype)
-    alpha = _check_alpha(alpha, batch).to(real.dtype).reshape(batch, *([1] * (real.ndim - 1)))
+    alpha = _check_alpha(alpha, batch).to(device=real.device, dtype=real.dtype).reshape(batch, *([1] * (real.ndim - 1)))
     return alpha * real + (1 - alpha) * fake
 
 
