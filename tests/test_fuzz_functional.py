@@ -1028,3 +1028,54 @@ def test_every_penalty_and_attack_in_every_dtype_against_float64(dtype):
         assert bool((size <= 0.1 + 2 * tol).all())
         adv = pgd(_per_sample(model), real.to(dtype), epsilon=0.1, norm=norm, steps=2, step_size=0.05, clamp=(0, 1))
         assert adv.dtype == dtype and not _nonfinite(adv)
+
+
+def _tensor_arguments():
+    """(argument name, call(value)) for every tensor argument of the functional API."""
+    model, clf = _mlp(), nn.Linear(3, 2)
+    x, y = torch.rand(4, 3), torch.randint(0, 2, (4,))
+    xg = x.clone().requires_grad_()
+    fn = _per_sample(model)
+    return [
+        ("t", lambda v: per_sample_norm(v)),
+        ("t", lambda v: per_sample_squared_norm(v)),
+        ("t", lambda v: gradient_norm_penalty(v)),  # `grad` in the dtype error (the name of the argument)
+        ("output", lambda v: input_gradient(v, xg)),
+        ("inputs", lambda v: input_gradient(fn(xg), v)),
+        ("output", lambda v: data_gradient_penalty(v, xg)),
+        ("inputs", lambda v: data_gradient_penalty(fn(xg), v)),
+        ("inputs", lambda v: data_gradient_penalty_fd(fn, v, model)),
+        ("loss", lambda v: parameter_gradient_penalty(v, model)),
+        ("real", lambda v: interpolate(v, x)),
+        ("fake", lambda v: interpolate(x, v)),
+        ("real", lambda v: wgan_gradient_penalty(fn, v, x)),
+        ("fake", lambda v: wgan_gradient_penalty_fd(fn, x, v, model)),
+        ("real", lambda v: r1_penalty(fn, v)),
+        ("fake", lambda v: r2_penalty(fn, v)),
+        ("real", lambda v: difference_penalty(fn, v, x)),
+        ("inputs", lambda v: fgsm(_ce(clf, y), v, epsilon=0.1)),
+        ("inputs", lambda v: pgd(_ce(clf, y), v, epsilon=0.1, steps=1, step_size=0.1)),
+        ("weight", lambda v: spectral_norm(v)),
+        ("inputs", lambda v: mlp_inequality(model, v, lambda out: out[:, 0])),
+    ]
+
+
+@FEW
+@given(bad=st.one_of(st.none(), st.floats(allow_nan=True), st.text(max_size=3), st.lists(st.floats(), max_size=3),
+                     st.booleans()))
+def test_every_tensor_argument_refuses_non_tensors_by_name(bad):
+    for arg, call in _tensor_arguments():
+        with pytest.raises(TypeError, match=rf"`{arg}` must be a torch.Tensor, got {type(bad).__name__}"):
+            call(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool])
+def test_every_tensor_argument_refuses_integer_tensors_by_name(dtype):
+    bad = torch.ones(4, 3, dtype=dtype)
+    for arg, call in _tensor_arguments():
+        if arg in ("output", "loss"):  # per-sample values / losses: checked for their graph, not their dtype
+            continue
+        if call.__code__.co_names[:1] == ("gradient_norm_penalty",):
+            arg = "grad"
+        with pytest.raises(TypeError, match=rf"`{arg}` must be floating point.*{dtype}"):
+            call(bad)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import jacfwd, jvp, vjp, vmap
 
 from lightning_gp.functional._checks import (
+    check_bool,
     check_finite,
     check_floating_input,
     check_non_empty_batch,
@@ -329,6 +330,7 @@ def mlp_inequality(
     check_floating_input(inputs, "inputs", requires_grad=False)
     check_non_empty_batch(inputs, "inputs", "mlp_inequality (per-sample Jacobian norms of at least one sample)")
     check_finite(tol, "tol", strict=True, hint="Pass a small relative tolerance such as 1e-4.")
+    check_bool(allow_non_chain, "allow_non_chain")
     _check_finite_values(inputs, "inputs", "samples")
     for value, arg, minimum in ((max_iter, "max_iter", 1), (exact_max_dim, "exact_max_dim", 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
