@@ -14,7 +14,8 @@ from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import finite_difference_term
 from lightning_gp.functional._autograd import grad as autograd_grad
-from lightning_gp.functional._checks import check_choice, check_non_negative, check_penalty_shape, check_positive
+from lightning_gp._support import check_bool, check_number
+from lightning_gp.functional._checks import check_choice, check_penalty_shape
 from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import (
@@ -89,13 +90,18 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
         super().__init__(weight, every_n_steps, check_finite)
         self.check_reduction = check_reduction
         self._reduction_checked = False
+        owner = type(self).__name__
         check_penalty_shape(power, center)
-        self.power, self.center, self.one_sided = power, check_non_negative(center, "center"), one_sided
+        power = check_number(power, "power", owner, low=1, fix="Use power=1 for ε‖∇ₓℓ‖, power=2 for λ‖∇ₓℓ‖².")
+        center = check_number(center, "center", owner)
+        self.power, self.center = power, center
+        self.one_sided = check_bool(one_sided, "one_sided", owner)
+        self.check_reduction = check_bool(check_reduction, "check_reduction", owner)
         self.input_key, self.target, self.mask_key = input_key, target, mask_key
         self.site = Site(target, input_key, mask_key, type(self).__name__)
         self.method = check_choice(method, "method", METHODS)
         self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
-        self.step = check_positive(step, "step")
+        self.step = check_number(step, "step", owner, strict=True)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)

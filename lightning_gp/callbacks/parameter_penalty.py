@@ -10,7 +10,8 @@ import torch
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.functional._autograd import finite_difference_term
 from lightning_gp.functional._autograd import grad as autograd_grad
-from lightning_gp.functional._checks import check_choice, check_positive, grads_or_zeros
+from lightning_gp._support import check_number
+from lightning_gp.functional._checks import check_choice, grads_or_zeros
 from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import METHODS, Method, finite_difference_parameter_step
@@ -67,7 +68,7 @@ class ParameterGradientPenalty(PenaltyCallback):
         super().__init__(weight, every_n_steps, check_finite)
         self.method = check_choice(method, "method", METHODS)
         self.scope = check_choice(scope, "scope", SCOPES)
-        self.step = check_positive(step, "step")
+        self.step = check_number(step, "step", type(self).__name__, strict=True)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)

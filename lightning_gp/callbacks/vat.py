@@ -12,7 +12,8 @@ from torch import Tensor
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, frozen_norm_stats
 from lightning_gp.callbacks._batch import InputKey, resolve_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
-from lightning_gp.functional._checks import check_positive, check_positive_int
+from lightning_gp._support import check_number
+from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional.adversarial import ascent_direction
 from lightning_gp.interception import muted_logging
 
@@ -83,8 +84,8 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         logits_fn: LogitsFn | None = None,
     ) -> None:
         super().__init__(weight)
-        self.epsilon = check_positive(epsilon, "epsilon")
-        self.xi = check_positive(xi, "xi")
+        self.epsilon = check_number(epsilon, "epsilon", type(self).__name__, strict=True)
+        self.xi = check_number(xi, "xi", type(self).__name__, strict=True)
         self.power_iterations = check_positive_int(power_iterations, "power_iterations")
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError(f"`logits_fn` must be callable (pl_module, batch) -> logits, got "
