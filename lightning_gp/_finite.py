@@ -58,7 +58,8 @@ def grad_scaler(trainer: Any) -> Any:
 
 
 def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strategy: Any = None,
-               scaled: bool = False, grad_names: Sequence[str] = (), owners: str = "lightning_gp") -> None:
+               scaled: bool = False, grad_names: Sequence[str] = (), owners: str = "lightning_gp",
+               off_switch: str = "`check_finite=False` on the callbacks turns this check off.") -> None:
     """Raise ``FloatingPointError`` on every rank when any rank's step is non-finite (see the module docstring).
 
     ``scaled``: a GradScaler owns the step (gradients not checked, only NaN values raise).
@@ -83,11 +84,11 @@ def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strate
         return
     bad_ranks = [r for r in range(world) if flags[2 + r] > 0]
     raise FloatingPointError(_message(values, grads, grad_names, step=step, scaled=scaled, rank=rank, world=world,
-                                      bad_ranks=bad_ranks, owners=owners))
+                                      bad_ranks=bad_ranks, owners=owners, off_switch=off_switch))
 
 
 def _message(values: StepValues, grads: Sequence[Tensor], grad_names: Sequence[str], *, step: int, scaled: bool,
-             rank: int, world: int, bad_ranks: list[int], owners: str) -> str:
+             rank: int, world: int, bad_ranks: list[int], owners: str, off_switch: str) -> str:
     def bad(v: Tensor) -> bool:
         f = float(v)
         return math.isnan(f) if scaled else not math.isfinite(f)
@@ -116,15 +117,14 @@ def _message(values: StepValues, grads: Sequence[Tensor], grad_names: Sequence[s
     found = [entry for batch in values.batches for entry in nonfinite_entries(batch)]
     if found:
         lines.append(f"Non-finite values in the batch{where}: {'; '.join(found[:4])}.")
-    lines.append(f"The parameters were not updated. {FIX} `check_finite=False` on the callbacks turns this "
-                 f"check off.")
+    lines.append(f"The parameters were not updated. {FIX} {off_switch}".strip())
     return " ".join(lines)
 
 
 def values_summary(values: StepValues) -> Iterable[str]:
-    for what, v in values.losses:
+    for _, v in values.losses:
         yield f"loss {float(v):.4g}"
-    for owner, name, v in values.values:
+    for _, name, v in values.values:
         yield f"{name} {float(v):.4g}"
 
 

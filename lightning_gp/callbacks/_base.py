@@ -220,7 +220,7 @@ class StepContext:
         return extract_loss(out, self.owners)
 
 
-class SkipBatch(Exception):  # noqa: N818 (a signal, not an error)
+class SkipBatch(Exception):
     """``training_step`` returned None (Lightning's way to skip a batch): the chain stops and returns None."""
 
 

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gp._support import check_bool, check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, replace_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import fgsm, pgd
-from lightning_gp._support import check_bool, check_number
 from lightning_gp.functional._checks import check_choice, check_clamp, check_positive_int
 from lightning_gp.functional.adversarial import NORMS, Norm, ascent_direction, project, random_start
 from lightning_gp.functional.layer_output import expand_mask

@@ -8,13 +8,13 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from lightning_gp._support import check_bool, check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, slice_batch
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import finite_difference_term
 from lightning_gp.functional._autograd import grad as autograd_grad
-from lightning_gp._support import check_bool, check_number
 from lightning_gp.functional._checks import check_choice, check_penalty_shape
 from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm

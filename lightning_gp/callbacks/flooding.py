@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp._support import check_number
+from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 
 
 class Flooding(PenaltyCallback):

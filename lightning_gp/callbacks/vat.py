@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_gp._support import check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, frozen_norm_stats
 from lightning_gp.callbacks._batch import InputKey, resolve_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
-from lightning_gp._support import check_number
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional.adversarial import ascent_direction
 from lightning_gp.interception import muted_logging
