@@ -7,8 +7,8 @@ penalty reaching ``.grad`` only through the ordinary backward): ``docs/design/wg
 from __future__ import annotations
 
 import contextlib
-import math
 import difflib
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gp._compat import merge_initial_hparams
-from lightning_gp._logging import should_log
-from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp._finite import StepValues, check_step, grad_scaler
+from lightning_gp._logging import should_log
 from lightning_gp._support import check_number
 from lightning_gp.callbacks._batch import resolve_input
+from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._checks import check_choice, check_per_sample, check_positive_int
 from lightning_gp.functional._rng import forked_rng
 from lightning_gp.gan.regularizers import (
@@ -302,7 +302,8 @@ class WGANGPMixin:
         names = {id(p): n for n, p in self.named_parameters()}
         step = self._wgan_critic_steps if which == "critic" else self._wgan_generator_steps
         try:
-            check_step(values, [p.grad for p in params], step=self.global_step, strategy=getattr(trainer, "strategy", None),
+            check_step(values, [p.grad for p in params], step=self.global_step,
+                       strategy=getattr(trainer, "strategy", None),
                        scaled=grad_scaler(trainer) is not None, grad_names=[names.get(id(p), "?") for p in params],
                        owners="WGANGPMixin", off_switch="")
         except FloatingPointError as err:
