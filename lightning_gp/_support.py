@@ -93,3 +93,28 @@ def check_number(value: Any, name: str, owner: str, *, low: float | None = 0.0, 
     if (low is not None and (number <= low if strict else number < low)) or (high is not None and number > high):
         raise ValueError(f"{where} {kind}, got {value!r}.{tail}")
     return number
+
+
+def vectors_fit(vectors: dict[str, Any], module: Any) -> bool:
+    """True when every warm-start vector belongs to a layer of ``module`` with a weight of its length."""
+    modules = dict(module.named_modules())
+    for name, u in vectors.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not hasattr(weight, 'shape') or weight.ndim == 0 or tuple(u.shape) != (weight.shape[0],):
+            return False
+    return True
+
+
+def check_forward(module: Any, owner: str, fix: str) -> None:
+    """Raise a clear error when ``module`` (that ``owner`` calls) defines no ``forward``.
+
+    torch's own error ("missing the required forward function") would come mid-training and name no fix.
+    """
+    import torch
+
+    forward = getattr(type(module), "forward", None)
+    if forward in (torch.nn.Module.forward, pl.LightningModule.forward):
+        raise NotImplementedError(
+            f"{owner} calls `{type(module).__name__}(inputs)`, but `{type(module).__name__}` defines no `forward`. "
+            f"{fix}"
+        )

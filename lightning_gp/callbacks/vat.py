@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gp._support import check_number
+from lightning_gp._support import check_forward, check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, frozen_norm_stats
 from lightning_gp.callbacks._batch import InputKey, resolve_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
@@ -92,6 +92,12 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
                             f"{type(logits_fn).__name__}.")
         self.input_key, self.target, self.mask_key, self.logits_fn = input_key, target, mask_key, logits_fn
         self.site = Site(target, input_key, mask_key, type(self).__name__)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.logits_fn is None and stage == "fit":
+            check_forward(pl_module, type(self).__name__,
+                          "Define `forward` returning the logits, or pass `logits_fn=lambda module, batch: ...`.")
 
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""
