@@ -103,8 +103,8 @@ def _message(values: StepValues, grads: Sequence[Tensor], grad_names: Sequence[s
             lines.insert(0, f"{what[0].upper()}{what[1:]} is {float(v)} at global step {step}{where}: it is "
                             f"non-finite before {owners} adds anything, so the model or the batch produces it.")
     if not lines and bad_ranks:
-        lines.append(f"Rank(s) {bad_ranks} had a non-finite loss or penalty at global step {step}; this rank's "
-                     f"values are finite (every rank raises, so that none waits in the next collective).")
+        lines.append(f"{owners}: rank(s) {bad_ranks} had a non-finite loss or penalty at global step {step}; this "
+                     f"rank's values are finite (every rank raises, so that none waits in the next collective).")
     if not lines:
         names = [n for n, g in zip(grad_names, grads, strict=False) if not bool(g.isfinite().all())]
         shown = ", ".join(values_summary(values))
