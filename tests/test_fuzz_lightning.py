@@ -526,7 +526,7 @@ def test_resume_with_vat_and_random_start_pgd_is_bit_identical(tmp_path):
         callbacks = [VirtualAdversarialTraining(1.0), AdversarialTraining(0.2, steps=2, random_start=True)]
         trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, precision="64-true", default_root_dir=tmp_path,
                              **QUIET)
-        module = Net().double()  # built in float64 (a float32 model under "64-true" resumes ~1e-8 off, callbacks or not)
+        module = Net().double()  # built in float64: a float32 model under "64-true" resumes ~1e-8 off, callbacks or not
         trainer.fit(module, loader(n=8, batch=4), ckpt_path=ckpt)
         if save:
             trainer.save_checkpoint(save)
