@@ -44,8 +44,8 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
 
     Raises:
-        ValueError: an invalid argument, or an input the loss does not depend on.
-        TypeError: the selected input is not floating point.
+        ValueError, TypeError: an invalid argument, an input the loss ignores, or one not floating point.
+        FloatingPointError: a step whose loss or gradients are NaN/Inf (see `DataGradientPenalty`).
 
     Example:
         >>> from lightning_gp.manual import penalized_loss

@@ -48,13 +48,14 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
         method: ``"double_backward"`` (exact) or ``"finite_difference"`` (one extra ordinary pass).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduced the per-sample losses.
         step: relative input displacement of the finite difference.
-        check_finite: raise on a NaN/Inf penalty, checked on every step (one host sync per step on GPU).
+        check_finite: check each step's loss, penalty and gradients before the update (one host read a step).
         check_reduction: check ``loss_reduction`` on the two half-batches of the first penalized step.
 
     Raises:
         ValueError: a bad argument; a loss that acts as the other ``loss_reduction`` or ignores the input.
         TypeError: the selected input is not floating point.
-        FloatingPointError: a non-finite penalty, with ``check_finite``.
+        FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf; every
+            rank raises.
 
     Example:
         >>> from lightning_gp.manual import penalized_loss

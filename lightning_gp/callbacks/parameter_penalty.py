@@ -35,11 +35,12 @@ class ParameterGradientPenalty(PenaltyCallback):
         scope: ``"local"`` (each DDP rank penalises its own gradient, as SAM does) or ``"global"`` (the
             gradient averaged over ranks inside the graph: the one-process result, one more collective).
         step: relative parameter displacement of the finite difference.
-        check_finite: raise on a NaN/Inf penalty (checked on every step).
+        check_finite: check every step's loss, penalty and gradients before the update.
 
     Raises:
         ValueError: an invalid argument; a loss without an autograd graph or independent of the parameters.
-        FloatingPointError: a non-finite penalty, with ``check_finite``.
+        FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf; every
+            rank raises.
 
     Example:
         >>> from lightning_gp.manual import penalized_loss

@@ -26,11 +26,12 @@ class SpectralNormPenalty(PenaltyCallback):
     Args:
         weight: ≥ 0.
         n_iter: power iterations per step, ≥ 1.
-        check_finite: raise on a NaN/Inf penalty (checked on every step).
+        check_finite: check every step's loss, penalty and gradients before the update.
 
     Raises:
         ValueError: an invalid argument, or a module without Linear, Conv or Bilinear layers.
-        FloatingPointError: a non-finite penalty, with ``check_finite``.
+        FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf; every
+            rank raises.
 
     Example:
         >>> from lightning_gp.manual import penalized_loss

@@ -56,6 +56,8 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
     Raises:
         ValueError: a bad argument, or logits that are not (B, C).
         TypeError: an integer input without ``target``.
+        NotImplementedError: at setup, no ``logits_fn`` and a module without ``forward``.
+        FloatingPointError: a step whose loss, KL or gradients are NaN/Inf (see `DataGradientPenalty`).
 
     Example:
 

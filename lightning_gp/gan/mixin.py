@@ -76,7 +76,8 @@ class WGANGPMixin:
         **kwargs: passed on to the next class of the MRO; forward yours so ``load_from_checkpoint`` works.
 
     Raises:
-        ValueError: an invalid argument; at setup, a critic with BatchNorm.
+        ValueError, TypeError: an invalid or unknown argument (named with the nearest one); a BatchNorm critic.
+        FloatingPointError: before an update whose loss or gradients are NaN/Inf (on every DDP rank).
 
     Example:
         >>> import lightning as L
