@@ -562,3 +562,56 @@ def test_a_nan_on_one_rank_makes_every_rank_raise(tmp_path):
         if case != "nan_gradient":  # rank 0's own values were finite: it names rank 1
             assert re.search(r"rank\(s\) \[1\] had a non-finite loss or penalty at global step 1",
                              ranks[0][case]["error"]), (case, ranks[0][case]["error"])
+
+
+def test_check_step_reads_the_host_once_on_a_finite_step(monkeypatch):
+    """The finite path of the check makes one host read (`bool` of one flag tensor), whatever the number of
+    gradients and values: counted by wrapping every Tensor → Python conversion."""
+    reads = []
+    for name in ("__bool__", "__float__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    values = StepValues()
+    for i in range(5):
+        values.add_loss(torch.tensor(float(i)))
+        values.add("X", f"penalty/{i}", torch.tensor(1.0))
+    check_step(values, [torch.randn(3, 3) for _ in range(7)], step=0)
+    assert reads == ["__bool__"]
+
+
+def test_with_gradient_accumulation_the_check_covers_every_micro_batch():
+    module = Net()
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"at global step 0.*samples \[1\]"):
+        fit(module, [DataGradientPenalty(1.0, center=1.0)], loader(nan_at=5), accumulate_grad_batches=2)
+    assert all(torch.equal(v, start[k]) for k, v in module.state_dict().items())
+
+
+SITE_CALLBACKS = {
+    "DataGradientPenalty": lambda **kw: DataGradientPenalty(1.0, **kw),
+    "AdversarialTraining": lambda **kw: AdversarialTraining(0.1, **kw),
+    "VirtualAdversarialTraining": lambda **kw: VirtualAdversarialTraining(1.0, **kw),
+    "GradientNormMonitor": lambda **kw: GradientNormMonitor(every_n_steps=1, **kw),
+}
+
+
+@pytest.mark.parametrize("owner", list(SITE_CALLBACKS))
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(target=5), TypeError, r"`target` must be None, a dotted module path or an nn.Module, got int"),
+    (dict(target="nett"), ValueError, r"`target='nett'` is not a submodule of `Net`. Nearest module names: \['net'"),
+    (dict(input_key=3.5), ValueError, r"input_key=3.5\)` cannot be resolved in the batch"),
+    (dict(input_key=1), TypeError, r"input_key=1`.*has dtype torch.int64 \(token ids\?.*`target=`"),
+    (dict(mask_key="m"), ValueError, r"`mask_key='m'` is not a key of the batch"),
+], ids=["target-int", "target-typo", "input_key-float", "input_key-labels", "mask_key"])
+def test_site_arguments_fail_with_the_argument_and_the_fix(owner, kwargs, error, match):
+    if owner == "GradientNormMonitor" and "mask_key" in kwargs:
+        kwargs = {**kwargs, "target": "net.0"}  # the monitor reads a mask only for a layer target
+    module = Net()
+    with pytest.raises(error, match=match):
+        fit(module, [SITE_CALLBACKS[owner](**kwargs)], steps=1)
+    assert left_behind(module) == []

@@ -291,6 +291,12 @@ class GradientNormMonitor(Monitor):
 
         if not self.site.resolved:
             self.site.resolve(pl_module)
+        if self.site.module is None and not inputs.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__}: the input selected by `input_key={self.input_key!r}` has dtype {inputs.dtype} "
+                f"(token ids? labels?), so ‖∇ₓℓᵢ‖ does not exist. Pass the floating-point input's `input_key`, or "
+                f"`target=` the layer whose output to differentiate (the embedding layer of a token model)."
+            )
         with isolated(pl_module):
             norms = per_sample_grad_norms_by_layer(pl_module, inputs, per_sample_loss)
             input_norms = norms.input_norms
