@@ -615,3 +615,14 @@ def test_site_arguments_fail_with_the_argument_and_the_fix(owner, kwargs, error,
     with pytest.raises(error, match=match):
         fit(module, [SITE_CALLBACKS[owner](**kwargs)], steps=1)
     assert left_behind(module) == []
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_parameter_penalty_on_a_fully_frozen_model_says_so(method):
+    module = Net()
+    module.net.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"ParameterGradientPenalty: `Net` has no parameter that requires grad at "
+                                         r"global step 0 \(all frozen\?\).*Unfreeze"):
+        fit(module, [ParameterGradientPenalty(0.1, method=method)], steps=1)
+    module.net.requires_grad_(True)
+    assert left_behind(module) == []

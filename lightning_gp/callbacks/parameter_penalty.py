@@ -77,6 +77,12 @@ class ParameterGradientPenalty(PenaltyCallback):
             return inner(batch)
         named = [(n, p) for n, p in ctx.module.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
+        if not params:
+            raise ValueError(
+                f"{type(self).__name__}: `{type(ctx.module).__name__}` has no parameter that requires grad at global "
+                f"step {ctx.global_step} (all frozen?), so ‖∇θL‖² has nothing to penalise. Unfreeze the parameters "
+                f"to train, or remove the callback."
+            )
         device = params[0].device
         before = RNGState.capture(device) if self.method == "finite_difference" else None
         step = inner(batch)
