@@ -64,6 +64,7 @@ def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strate
 
     ``scaled``: a GradScaler owns the step (gradients not checked, only NaN values raise).
     """
+    grads = [g.coalesce().values() if g.is_sparse else g for g in grads]  # nn.Embedding(sparse=True)
     device = grads[0].device if grads else next((v.device for _, v in values.losses), torch.device("cpu"))
     zero = torch.zeros((), device=device)
     grad_max = zero if scaled or not grads else torch.nn.utils.get_total_norm(grads, float("inf")).float()
@@ -110,7 +111,7 @@ def _message(values: StepValues, grads: Sequence[Tensor], grad_names: Sequence[s
         shown = ", ".join(values_summary(values))
         lines.append(
             f"{owners}: the gradient is non-finite at global step {step} although the loss and every penalty "
-            f"are finite ({shown}); parameters with a non-finite gradient: {names[:5] or 'see grads'}. A NaN or "
+            f"are finite{f' ({shown})' if shown else ''}; parameters with a non-finite gradient: {names[:5] or 'see grads'}. A NaN or "
             f"Inf in the batch can hide inside a per-sample norm (the penalty's value stays finite while its "
             f"gradient is not), or the penalty's gradient overflowed."
         )
