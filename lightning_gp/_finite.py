@@ -109,9 +109,10 @@ def _message(values: StepValues, grads: Sequence[Tensor], grad_names: Sequence[s
     if not lines:
         names = [n for n, g in zip(grad_names, grads, strict=False) if not bool(g.isfinite().all())]
         shown = ", ".join(values_summary(values))
+        shown = f" ({shown})" if shown else ""
         lines.append(
             f"{owners}: the gradient is non-finite at global step {step} although the loss and every penalty "
-            f"are finite{f' ({shown})' if shown else ''}; parameters with a non-finite gradient: {names[:5] or 'see grads'}. A NaN or "
+            f"are finite{shown}; parameters with a non-finite gradient: {names[:5] or 'see grads'}. A NaN or "
             f"Inf in the batch can hide inside a per-sample norm (the penalty's value stays finite while its "
             f"gradient is not), or the penalty's gradient overflowed."
         )
