@@ -626,3 +626,50 @@ def test_parameter_penalty_on_a_fully_frozen_model_says_so(method):
         fit(module, [ParameterGradientPenalty(0.1, method=method)], steps=1)
     module.net.requires_grad_(True)
     assert left_behind(module) == []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_package_draws_nothing_from_the_global_rng(fail):
+    """Attack starts and VAT directions come from step-seeded generators, the reduction check runs on a forked
+    stream and the finite differences replay theirs: on a model without random layers, after a fit (or a fit
+    that failed at step 1) the global RNG is where the same fit without the callbacks leaves it. (With dropout,
+    the extra passes of the attack and of VAT draw their masks from the global RNG, as the user's step does.)"""
+    def boom(m, loss):
+        if fail and m.global_step == 1:
+            raise KeyError("user bug")
+        return loss
+
+    def state_after(callbacks):
+        pl.seed_everything(0, verbose=False)
+        with pytest.raises(KeyError) if fail else torch.enable_grad():
+            fit(Net(boom), callbacks, steps=2)
+        return torch.get_rng_state()
+
+    plain = state_after([])
+    with_package = state_after([AdversarialTraining(0.1, steps=2, random_start=True), VirtualAdversarialTraining(1.0),
+                                DataGradientPenalty(0.5, method="finite_difference"), SpectralNormPenalty(0.1),
+                                ParameterGradientPenalty(0.1, method="finite_difference")])
+    assert torch.equal(plain, with_package)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_memory_layouts_and_dtypes_give_the_contiguous_answer(layout, dtype):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 4 * 4, 3)).to(dtype)
+    x, y = torch.randn(5, 3, 6, 6, dtype=dtype), torch.randint(0, 3, (5,))
+    if layout == "channels_last":
+        laid = x.to(memory_format=torch.channels_last)
+    else:
+        laid = torch.randn(5, 3, 6, 12, dtype=dtype)[..., ::2]
+        laid.copy_(x)
+    assert not laid.is_contiguous()
+
+    def total(inputs):
+        callbacks = [DataGradientPenalty(0.5), AdversarialTraining(0.1, adversarial_weight=0.5),
+                     VirtualAdversarialTraining(1.0, logits_fn=lambda m, b: net(b[0]))]
+        return penalized_loss(net, lambda b: F.cross_entropy(net(b[0]), b[1]), (inputs, y), callbacks)
+
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(total(laid), total(x), **tol)
