@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from typing import Any
 
 import lightning.pytorch as pl
@@ -58,3 +60,61 @@ def _same(a: Any, b: Any) -> bool:
     except Exception:  # a value without a plain ==
         return False
     return equal if isinstance(equal, bool) else False
+
+
+def check_bool(value: Any, name: str, owner: str) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``owner`` and the argument."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}({name}={value!r}): `{name}` must be True or False, got {type(value).__name__}.")
+    return value
+
+
+def check_number(value: Any, name: str, owner: str, *, low: float | None = 0.0, strict: bool = False,
+                 high: float | None = None, fix: str = "") -> float:
+    """A finite real number in [low, high] (``strict``: low excluded), as a float, or a clear error.
+
+    Raises:
+        TypeError: not a real number (a bool, a string, a tensor...).
+        ValueError: NaN, ±Inf or out of range; the message names ``owner``, the argument and the value.
+    """
+    where = f"{owner}({name}={value!r}): `{name}` must be a"
+    tail = f" {fix}" if fix else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} real number, got {type(value).__name__}.{tail}")
+    number = float(value)
+    kind = ("positive" if strict else "non-negative") if low == 0 else "" if low is None else \
+        f"{'>' if strict else '>='} {low:g}"
+    kind = f"{kind} number" if low in (0, None) else f"number {kind}"
+    if high is not None:
+        kind += f" <= {high:g}"
+    if not math.isfinite(number):
+        why = "NaN is no setting" if math.isnan(number) else "an infinite setting makes the step NaN or meaningless"
+        raise ValueError(f"{where} finite {kind}, got {value!r} ({why}).{tail}")
+    if (low is not None and (number <= low if strict else number < low)) or (high is not None and number > high):
+        raise ValueError(f"{where} {kind}, got {value!r}.{tail}")
+    return number
+
+
+def vectors_fit(vectors: dict[str, Any], module: Any) -> bool:
+    """True when every warm-start vector belongs to a layer of ``module`` with a weight of its length."""
+    modules = dict(module.named_modules())
+    for name, u in vectors.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not hasattr(weight, 'shape') or weight.ndim == 0 or tuple(u.shape) != (weight.shape[0],):
+            return False
+    return True
+
+
+def check_forward(module: Any, owner: str, fix: str) -> None:
+    """Raise a clear error when ``module`` (that ``owner`` calls) defines no ``forward``.
+
+    torch's own error ("missing the required forward function") would come mid-training and name no fix.
+    """
+    import torch
+
+    forward = getattr(type(module), "forward", None)
+    if forward in (torch.nn.Module.forward, pl.LightningModule.forward):
+        raise NotImplementedError(
+            f"{owner} calls `{type(module).__name__}(inputs)`, but `{type(module).__name__}` defines no `forward`. "
+            f"{fix}"
+        )

@@ -68,6 +68,8 @@ class StepInterceptor:
         self.runner: Runner | None = None
         self.active = True
         self._running = False
+        #: The penalty callbacks' record of the current optimizer step (``lightning_gp._finite.StepValues``).
+        self.step_values: Any = None
 
         # A real function (Lightning's `is_overridden` reads `__code__`); `wraps` keeps the user's signature
         # visible to `inspect.signature` (Lightning inspects it, e.g. for `dataloader_iter`).

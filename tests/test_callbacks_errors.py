@@ -48,9 +48,17 @@ def ce(m, b):
 
 @pytest.mark.parametrize("callback", [DataGradientPenalty(1.0), ParameterGradientPenalty(1.0),
                                       SpectralNormPenalty(1.0), AdversarialTraining(0.1)])
-def test_training_step_returning_none(callback):
-    with pytest.raises(ValueError, match=r"returned None.*must add a penalty"):
-        run(lambda m, b: None, callback)
+@pytest.mark.filterwarnings("ignore:.*returned `None`")
+def test_training_step_returning_none_skips_the_batch(callback):
+    """Lightning's convention: None skips the batch. The callbacks pass it through: no term, no update."""
+    module = Step(lambda m, b: None)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    pl.Trainer(callbacks=[callback], **QUIET).fit(module, DataLoader(data, batch_size=4))
+    assert callback.applied == 0
+    assert "training_step" not in module.__dict__
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_training_step_returning_non_scalar():

@@ -23,10 +23,11 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_gp._compat import compiled_modules
+from lightning_gp._finite import StepValues, check_step, grad_scaler
 from lightning_gp._logging import should_log
-from lightning_gp._support import check_strategy, init_repr
+from lightning_gp._support import check_bool, check_number, check_strategy, init_repr
 from lightning_gp.functional._autograd import autograd_leaves, linearised
-from lightning_gp.functional._checks import check_non_negative, check_positive_int
+from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.interception import StepInterceptor, muted_logging
 
 
@@ -160,8 +161,10 @@ class StepContext:
     """
 
     def __init__(self, module: nn.Module, step_fn: Callable[..., Any], args: tuple, kwargs: dict,
-                 global_step: int, owners: str, strategy: Strategy | None = None) -> None:
+                 global_step: int, owners: str, strategy: Strategy | None = None,
+                 values: StepValues | None = None) -> None:
         self.module = module
+        self.values = values  # the step's record for the finiteness check (None: check each value at once)
         self.step_fn = step_fn
         self.rest_args = args[1:]
         self.kwargs = kwargs
@@ -192,7 +195,12 @@ class StepContext:
     def primary(self, batch: Any) -> Step:
         """The user's step, as Lightning would run it (it logs, it updates BatchNorm statistics)."""
         out = self.step_fn(batch, *self.rest_args, **self.kwargs)
-        return Step(loss=extract_loss(out, self.owners), output=out)
+        if out is None:
+            raise SkipBatch
+        loss = extract_loss(out, self.owners)
+        if self.values is not None:
+            self.values.add_loss(loss)
+        return Step(loss=loss, output=out)
 
     def extra_loss(self, batch: Any, params: dict[str, Tensor] | None = None) -> Tensor:
         """The raw loss of an extra pass: no other callback, no logging, BatchNorm statistics untouched.
@@ -207,12 +215,23 @@ class StepContext:
                 caller = _Call(self.module, self.step_fn)
                 named = {f"module.{k}": v for k, v in params.items()}
                 out = torch.func.functional_call(caller, named, (batch, *self.rest_args), self.kwargs)
+        if out is None:
+            raise SkipBatch
         return extract_loss(out, self.owners)
 
 
+class SkipBatch(Exception):
+    """``training_step`` returned None (Lightning's way to skip a batch): the chain stops and returns None."""
+
+
 def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[PenaltyCallback], args: tuple,
-              kwargs: dict, global_step: int, strategy: Strategy | None = None) -> Any:
-    """Run ``step_fn`` with every member's term added; returns the output with "loss" = the objective."""
+              kwargs: dict, global_step: int, strategy: Strategy | None = None,
+              values: StepValues | None = None) -> Any:
+    """Run ``step_fn`` with every member's term added; returns the output with "loss" = the objective.
+
+    A pass of ``training_step`` that returns None skips the batch, as in Lightning: no term, no further
+    pass, no log, and None is returned.
+    """
     members = sorted(members, key=lambda m: m.order)
     owners = " and ".join(type(m).__name__ for m in members) or "lightning_gp"
     if not args and "batch" not in kwargs:
@@ -220,7 +239,7 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Pena
     if not args:
         kwargs = dict(kwargs)
         args = (kwargs.pop("batch"),)
-    ctx = StepContext(module, step_fn, args, kwargs, global_step, owners, strategy)
+    ctx = StepContext(module, step_fn, args, kwargs, global_step, owners, strategy, values)
 
     def build(i: int) -> Callable[[Any], Step]:
         if i == len(members):
@@ -228,14 +247,29 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Pena
         member, inner = members[i], build(i + 1)
         return lambda batch: member.apply(ctx, batch, inner)
 
-    return build(0)(args[0]).finalize()
+    mark = None if values is None else (len(values.losses), len(values.values))
+    try:
+        step = build(0)(args[0])
+    except SkipBatch:
+        if values is not None:  # nothing of a skipped batch is checked: it never reaches a backward
+            del values.losses[mark[0]:], values.values[mark[1]:]
+            values.pending = bool(values.losses or values.values)
+        return None
+    if values is not None:
+        values.batches.append(args[0])
+    return step.finalize()
 
 
 def _run_intercepted(interceptor: StepInterceptor, step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """The interceptor's runner for the penalty callbacks."""
     trainer = interceptor.trainer
+    values = None
+    if any(getattr(m, "check_finite", True) for m in interceptor.members):
+        if interceptor.step_values is None:
+            interceptor.step_values = StepValues()
+        values = interceptor.step_values
     return run_chain(interceptor.module, step_fn, interceptor.members, args, kwargs, trainer.global_step,
-                     trainer.strategy)
+                     trainer.strategy, values)
 
 
 class PenaltyCallback(Callback):
@@ -247,9 +281,10 @@ class PenaltyCallback(Callback):
     log_name = "penalty"
 
     def __init__(self, weight: float, every_n_steps: int = 1, check_finite: bool = True) -> None:
-        self.weight = check_non_negative(weight, "weight")
+        owner = type(self).__name__
+        self.weight = check_number(weight, "weight", owner)
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
-        self.check_finite = check_finite
+        self.check_finite = check_bool(check_finite, "check_finite", owner)
         self.applied = 0  # how many steps carried the term (the schedule itself follows trainer.global_step)
         self._epoch_values: dict[str, list[tuple[Tensor, int]]] = {}
 
@@ -362,16 +397,40 @@ class PenaltyCallback(Callback):
         return torch.Generator(device=device).manual_seed(seed)
 
     def check_and_log(self, ctx: StepContext, name: str, value: Tensor, batch_size: int | None = None) -> None:
-        """Raise on a non-finite value (every step), then :meth:`record`."""
+        """Check ``value`` for NaN/Inf (with ``check_finite``), then :meth:`record`.
+
+        In a Trainer the value joins the step's record, checked once before the optimizer step with the
+        gradients (:mod:`lightning_gp._finite`: one host read a step, every DDP rank raising together).
+        Outside a Trainer (``penalized_loss``) it is checked at once.
+        """
         value = value.detach()
-        # Checked on every step, not only on logging steps, so the error names the step where it happened
-        # and no update is taken with a NaN gradient (one host sync per step on GPU; free on CPU).
-        if self.check_finite and not math.isfinite(value):  # one host read, no isfinite kernel
-            raise FloatingPointError(
-                f"{type(self).__name__}: `{name}` is {float(value)} (non-finite) at global step "
-                f"{ctx.global_step}. Lower the weight or the learning rate, or look for NaN/Inf in the inputs."
-            )
+        if self.check_finite:
+            if ctx.values is not None:
+                ctx.values.add(type(self).__name__, name, value)
+            elif not math.isfinite(value):  # one host read, no isfinite kernel
+                raise FloatingPointError(
+                    f"{type(self).__name__}: `{name}` is {float(value)} (non-finite) at global step "
+                    f"{ctx.global_step}. Lower the weight or the learning rate, or look for NaN/Inf in the inputs."
+                )
         self.record(ctx, name, value, batch_size)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """The step's finiteness check (once per step, by whichever member comes first)."""
+        interceptor = StepInterceptor.of(pl_module)
+        values = None if interceptor is None else interceptor.step_values
+        if values is None or not values.pending:
+            return
+        try:
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            owners = " and ".join(sorted({type(m).__name__ for m in interceptor.members}))
+            check_step(values, [p.grad for p in params], step=trainer.global_step, strategy=trainer.strategy,
+                       scaled=grad_scaler(trainer) is not None, grad_names=[names.get(id(p), "?") for p in params],
+                       owners=owners)
+        finally:
+            values.clear()
 
     def record(self, ctx: StepContext, name: str, value: Tensor, batch_size: int | None = None) -> None:
         """Keep ``value`` for the epoch mean, and log it on the steps the Trainer writes to its loggers.

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_gp._support import check_bool, check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, replace_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import fgsm, pgd
-from lightning_gp.functional._checks import check_choice, check_clamp, check_non_negative, check_positive_int
+from lightning_gp.functional._checks import check_choice, check_clamp, check_positive_int
 from lightning_gp.functional.adversarial import NORMS, Norm, ascent_direction, project, random_start
 from lightning_gp.functional.layer_output import expand_mask
 
@@ -42,8 +44,8 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
 
     Raises:
-        ValueError: an invalid argument, or an input the loss does not depend on.
-        TypeError: the selected input is not floating point.
+        ValueError, TypeError: an invalid argument, an input the loss ignores, or one not floating point.
+        FloatingPointError: a step whose loss or gradients are NaN/Inf (see `DataGradientPenalty`).
 
     Example:
         >>> from lightning_gp.manual import penalized_loss
@@ -73,15 +75,25 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         mask_key: str | None = None,
     ) -> None:
         super().__init__(1.0)
-        self.epsilon = check_non_negative(epsilon, "epsilon")
+        owner = type(self).__name__
+        self.epsilon = check_number(epsilon, "epsilon", owner)
         self.norm = check_choice(norm, "norm", NORMS)
         self.steps = check_positive_int(steps, "steps")
-        self.step_size = None if step_size is None else check_non_negative(step_size, "step_size")
-        self.random_start = random_start
+        self.step_size = None if step_size is None else check_number(
+            step_size, "step_size", owner, strict=self.epsilon > 0,
+            fix="A zero step never moves the input, so training would be on the clean batch; leave "
+                "`step_size=None` for the default (ε for FGSM, 2.5·ε/steps for PGD).")
+        self.random_start = check_bool(random_start, "random_start", owner)
+        if clamp is not None and not (isinstance(clamp, (tuple, list)) and len(clamp) == 2 and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in clamp)):
+            raise ValueError(f"{owner}(clamp={clamp!r}): `clamp` must be a pair (lo, hi) of numbers, e.g. (0, 1) for "
+                             f"images, or None.")
         self.clamp = check_clamp(clamp)
-        a = check_non_negative(adversarial_weight, "adversarial_weight")
-        if a > 1:
-            raise ValueError(f"`adversarial_weight` must be in [0, 1], got {adversarial_weight!r}.")
+        try:
+            a = check_number(adversarial_weight, "adversarial_weight", owner, high=1)
+        except ValueError:
+            raise ValueError(f"{owner}(adversarial_weight={adversarial_weight!r}): `adversarial_weight` must be in "
+                             f"[0, 1], got {adversarial_weight!r}.") from None
         if average_steps and a != 1:
             raise ValueError(
                 f"`average_steps=True` (FreeLB) trains on the mean loss over the {steps} ascent steps, so it takes "
@@ -92,7 +104,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             raise ValueError(f"`clamp={clamp!r}` bounds a batch input; a layer's output (`target={target!r}`) "
                              f"has no valid range. Drop `clamp`.")
         self.adversarial_weight = a
-        self.average_steps = bool(average_steps)
+        self.average_steps = check_bool(average_steps, "average_steps", owner)
         self.input_key, self.target, self.mask_key = input_key, target, mask_key
         self.site = Site(target, input_key, mask_key, type(self).__name__)
 

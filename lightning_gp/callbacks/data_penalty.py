@@ -8,13 +8,14 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from lightning_gp._support import check_bool, check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, slice_batch
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import finite_difference_term
 from lightning_gp.functional._autograd import grad as autograd_grad
-from lightning_gp.functional._checks import check_choice, check_non_negative, check_penalty_shape, check_positive
+from lightning_gp.functional._checks import check_choice, check_penalty_shape
 from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import (
@@ -47,13 +48,14 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
         method: ``"double_backward"`` (exact) or ``"finite_difference"`` (one extra ordinary pass).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduced the per-sample losses.
         step: relative input displacement of the finite difference.
-        check_finite: raise on a NaN/Inf penalty, checked on every step (one host sync per step on GPU).
+        check_finite: check each step's loss, penalty and gradients before the update (one host read a step).
         check_reduction: check ``loss_reduction`` on the two half-batches of the first penalized step.
 
     Raises:
         ValueError: a bad argument; a loss that acts as the other ``loss_reduction`` or ignores the input.
         TypeError: the selected input is not floating point.
-        FloatingPointError: a non-finite penalty, with ``check_finite``.
+        FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf; every
+            rank raises.
 
     Example:
         >>> from lightning_gp.manual import penalized_loss
@@ -89,13 +91,18 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
         super().__init__(weight, every_n_steps, check_finite)
         self.check_reduction = check_reduction
         self._reduction_checked = False
+        owner = type(self).__name__
         check_penalty_shape(power, center)
-        self.power, self.center, self.one_sided = power, check_non_negative(center, "center"), one_sided
+        power = check_number(power, "power", owner, low=1, fix="Use power=1 for ε‖∇ₓℓ‖, power=2 for λ‖∇ₓℓ‖².")
+        center = check_number(center, "center", owner)
+        self.power, self.center = power, center
+        self.one_sided = check_bool(one_sided, "one_sided", owner)
+        self.check_reduction = check_bool(check_reduction, "check_reduction", owner)
         self.input_key, self.target, self.mask_key = input_key, target, mask_key
         self.site = Site(target, input_key, mask_key, type(self).__name__)
         self.method = check_choice(method, "method", METHODS)
         self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
-        self.step = check_positive(step, "step")
+        self.step = check_number(step, "step", owner, strict=True)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)

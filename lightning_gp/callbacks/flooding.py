@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lightning_gp._support import check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
-from lightning_gp.functional._checks import check_non_negative
 
 
 class Flooding(PenaltyCallback):
@@ -36,7 +36,7 @@ class Flooding(PenaltyCallback):
 
     def __init__(self, level: float) -> None:
         super().__init__(1.0)
-        self.level = check_non_negative(level, "level")
+        self.level = check_number(level, "level", type(self).__name__)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         step = inner(batch)

@@ -7,10 +7,11 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from lightning_gp._support import check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.functional._autograd import finite_difference_term
 from lightning_gp.functional._autograd import grad as autograd_grad
-from lightning_gp.functional._checks import check_choice, check_positive, grads_or_zeros
+from lightning_gp.functional._checks import check_choice, grads_or_zeros
 from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import METHODS, Method, finite_difference_parameter_step
@@ -34,11 +35,12 @@ class ParameterGradientPenalty(PenaltyCallback):
         scope: ``"local"`` (each DDP rank penalises its own gradient, as SAM does) or ``"global"`` (the
             gradient averaged over ranks inside the graph: the one-process result, one more collective).
         step: relative parameter displacement of the finite difference.
-        check_finite: raise on a NaN/Inf penalty (checked on every step).
+        check_finite: check every step's loss, penalty and gradients before the update.
 
     Raises:
         ValueError: an invalid argument; a loss without an autograd graph or independent of the parameters.
-        FloatingPointError: a non-finite penalty, with ``check_finite``.
+        FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf; every
+            rank raises.
 
     Example:
         >>> from lightning_gp.manual import penalized_loss
@@ -67,7 +69,7 @@ class ParameterGradientPenalty(PenaltyCallback):
         super().__init__(weight, every_n_steps, check_finite)
         self.method = check_choice(method, "method", METHODS)
         self.scope = check_choice(scope, "scope", SCOPES)
-        self.step = check_positive(step, "step")
+        self.step = check_number(step, "step", type(self).__name__, strict=True)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)
@@ -75,6 +77,12 @@ class ParameterGradientPenalty(PenaltyCallback):
             return inner(batch)
         named = [(n, p) for n, p in ctx.module.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
+        if not params:
+            raise ValueError(
+                f"{type(self).__name__}: `{type(ctx.module).__name__}` has no parameter that requires grad at global "
+                f"step {ctx.global_step} (all frozen?), so ‖∇θL‖² has nothing to penalise. Unfreeze the parameters "
+                f"to train, or remove the callback."
+            )
         device = params[0].device
         before = RNGState.capture(device) if self.method == "finite_difference" else None
         step = inner(batch)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_gp._support import vectors_fit
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.functional import spectral_norm_penalty
 from lightning_gp.functional._checks import check_positive_int
@@ -17,18 +18,20 @@ class SpectralNormPenalty(PenaltyCallback):
     r"""Adds ``weight · Σ_W σ(W)²`` (Yoshida & Miyato 2017) to the loss, σ by power iteration.
 
     The singular vectors are warm-started from the previous step (``n_iter`` iterations a step; the first
-    runs ``COLD_START_ITERS``) and checkpointed, so a resumed run continues exactly. The estimate
+    runs ``COLD_START_ITERS``) and checkpointed, so a resumed run continues exactly. Reused on another
+    model, vectors that do not fit its layers are dropped (a cold start). The estimate
     approaches σ from below. The penalty does not depend on the batch: under DDP every rank computes the
     same value. Logs ``penalty/spectral_norm`` (Σσ², before the weight).
 
     Args:
         weight: ≥ 0.
         n_iter: power iterations per step, ≥ 1.
-        check_finite: raise on a NaN/Inf penalty (checked on every step).
+        check_finite: check every step's loss, penalty and gradients before the update.
 
     Raises:
         ValueError: an invalid argument, or a module without Linear, Conv or Bilinear layers.
-        FloatingPointError: a non-finite penalty, with ``check_finite``.
+        FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf; every
+            rank raises.
 
     Example:
         >>> from lightning_gp.manual import penalized_loss
@@ -52,6 +55,11 @@ class SpectralNormPenalty(PenaltyCallback):
         self.vectors: dict[str, torch.Tensor] = {}
 
     @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._fitted = False  # the warm-start vectors are checked against this model on the first step
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "vectors": {k: v.detach().clone() for k, v in self.vectors.items()}}
 
@@ -59,9 +67,15 @@ class SpectralNormPenalty(PenaltyCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.vectors = {k: v.clone() for k, v in state_dict.get("vectors", {}).items()}
+        self._fitted = False
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         step = inner(batch)
+        if not self.__dict__.get("_fitted", False):
+            # Vectors of another model (the callback reused on a wider one): start cold for this model.
+            if not vectors_fit(self.vectors, ctx.module):
+                self.vectors = {}
+            self._fitted = True
         # A cold start (no vectors yet) lets the functional layer choose its converging iteration count.
         n_iter = self.n_iter if self.vectors else None
         penalty = spectral_norm_penalty(ctx.module, n_iter=n_iter, vectors=self.vectors)

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_gp._support import check_forward, check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, frozen_norm_stats
 from lightning_gp.callbacks._batch import InputKey, resolve_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
-from lightning_gp.functional._checks import check_positive, check_positive_int
+from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional.adversarial import ascent_direction
 from lightning_gp.interception import muted_logging
 
@@ -55,6 +56,8 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
     Raises:
         ValueError: a bad argument, or logits that are not (B, C).
         TypeError: an integer input without ``target``.
+        NotImplementedError: at setup, no ``logits_fn`` and a module without ``forward``.
+        FloatingPointError: a step whose loss, KL or gradients are NaN/Inf (see `DataGradientPenalty`).
 
     Example:
 
@@ -83,14 +86,20 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         logits_fn: LogitsFn | None = None,
     ) -> None:
         super().__init__(weight)
-        self.epsilon = check_positive(epsilon, "epsilon")
-        self.xi = check_positive(xi, "xi")
+        self.epsilon = check_number(epsilon, "epsilon", type(self).__name__, strict=True)
+        self.xi = check_number(xi, "xi", type(self).__name__, strict=True)
         self.power_iterations = check_positive_int(power_iterations, "power_iterations")
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError(f"`logits_fn` must be callable (pl_module, batch) -> logits, got "
                             f"{type(logits_fn).__name__}.")
         self.input_key, self.target, self.mask_key, self.logits_fn = input_key, target, mask_key, logits_fn
         self.site = Site(target, input_key, mask_key, type(self).__name__)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.logits_fn is None and stage == "fit":
+            check_forward(pl_module, type(self).__name__,
+                          "Define `forward` returning the logits, or pass `logits_fn=lambda module, batch: ...`.")
 
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""

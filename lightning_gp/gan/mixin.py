@@ -7,6 +7,9 @@ penalty reaching ``.grad`` only through the ordinary backward): ``docs/design/wg
 from __future__ import annotations
 
 import contextlib
+import difflib
+import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,15 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gp._compat import merge_initial_hparams
+from lightning_gp._finite import StepValues, check_step, grad_scaler
 from lightning_gp._logging import should_log
+from lightning_gp._support import check_number
+from lightning_gp.callbacks._batch import resolve_input
 from lightning_gp.functional._autograd import explained_double_backward
-from lightning_gp.functional._checks import (
-    check_choice,
-    check_non_negative,
-    check_per_sample,
-    check_positive,
-    check_positive_int,
-)
+from lightning_gp.functional._checks import check_choice, check_per_sample, check_positive_int
 from lightning_gp.functional._rng import forked_rng
 from lightning_gp.gan.regularizers import (
     METHODS,
@@ -37,6 +37,13 @@ from lightning_gp.gan.regularizers import (
 )
 
 _MASK64 = (1 << 64) - 1
+_MIXIN_ARGS = ("n_critic", "regularizer", "gp_weight", "clip_value", "reg_every", "lr", "betas", "method")
+
+
+def _unknown_keyword(err: TypeError, kwargs: dict[str, Any]) -> str | None:
+    """The keyword of ``kwargs`` that a ``TypeError`` from ``__init__`` complains about, if any."""
+    match = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+    return match.group(1) if match and match.group(1) in kwargs else None
 
 
 def _mix_seed(*values: int) -> int:
@@ -69,7 +76,8 @@ class WGANGPMixin:
         **kwargs: passed on to the next class of the MRO; forward yours so ``load_from_checkpoint`` works.
 
     Raises:
-        ValueError: an invalid argument; at setup, a critic with BatchNorm.
+        ValueError, TypeError: an invalid or unknown argument (named with the nearest one); a BatchNorm critic.
+        FloatingPointError: before an update whose loss or gradients are NaN/Inf (on every DDP rank).
 
     Example:
         >>> import lightning as L
@@ -99,13 +107,22 @@ class WGANGPMixin:
         method: Method = "double_backward",
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except TypeError as err:
+            unknown = _unknown_keyword(err, kwargs)
+            if unknown is None:
+                raise
+            near = difflib.get_close_matches(unknown, _MIXIN_ARGS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f". WGANGPMixin's own arguments: {list(_MIXIN_ARGS)}."
+            raise TypeError(f"{type(self).__name__}: unknown argument {unknown!r}{hint}") from None
+        owner = "WGANGPMixin"
         check_positive_int(n_critic, "n_critic")
         check_choice(regularizer, "regularizer", REGULARIZERS)
-        check_non_negative(gp_weight, "gp_weight")
-        check_positive(clip_value, "clip_value")
+        gp_weight = check_number(gp_weight, "gp_weight", owner)
+        clip_value = check_number(clip_value, "clip_value", owner, strict=True)
         check_positive_int(reg_every, "reg_every")
-        check_positive(lr, "lr")
+        lr = check_number(lr, "lr", owner, strict=True)
         check_choice(method, "method", METHODS)
         if (
             not isinstance(betas, (tuple, list))
@@ -113,6 +130,8 @@ class WGANGPMixin:
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
         ):
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
+        if not all(math.isfinite(b) for b in betas):
+            raise ValueError(f"`betas` must be two finite numbers in [0, 1), got {betas!r}.")
         betas = (float(betas[0]), float(betas[1]))  # Adam rejects a mix of int and float
         self.wgan_hparams = {
             "n_critic": n_critic,
@@ -142,8 +161,9 @@ class WGANGPMixin:
         )
 
     def real_samples(self, batch: Any) -> Tensor:
-        """The real samples of a training batch: ``batch[0]`` for a tuple/list, else ``batch`` itself."""
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
+        """The real samples of a training batch, found as the callbacks find their input: the batch tensor,
+        a tuple/list's first element, or a dict's ``"x"``, ``"input"`` or ``"inputs"`` (override otherwise)."""
+        return resolve_input(batch, None, f"{type(self).__name__}.real_samples")[0]
 
     def sample_alpha(self, n: int) -> Tensor:
         """The per-sample interpolation weights α ~ U[0, 1] of x̂ = αx + (1 − α)x̃ (override to inject)."""
@@ -267,6 +287,29 @@ class WGANGPMixin:
             return 0
         return torch.stack([p.reshape(-1)[0].float() for p in idle]).sum() * 0
 
+    def _wgan_check_finite(self, optimizer: Any, which: str, real: Tensor | None,
+                           losses: list[tuple[str, Tensor]], penalties: list[tuple[str, Tensor]]) -> None:
+        """Raise before ``optimizer.step`` when the step is non-finite on any rank (:mod:`lightning_gp._finite`:
+        the all-reduced gradients and this rank's loss and penalty, one host read, every rank raising)."""
+        values = StepValues()
+        for what, v in losses:
+            values.add_loss(v, what=what)
+        for name, v in penalties:
+            values.add(f"WGANGPMixin(regularizer={self.wgan_hparams['regularizer']!r})", f"wgan/{name}", v)
+        if real is not None:
+            values.batches.append(real)
+        trainer = self._wgan_trainer()
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        names = {id(p): n for n, p in self.named_parameters()}
+        step = self._wgan_critic_steps if which == "critic" else self._wgan_generator_steps
+        try:
+            check_step(values, [p.grad for p in params], step=self.global_step,
+                       strategy=getattr(trainer, "strategy", None),
+                       scaled=grad_scaler(trainer) is not None, grad_names=[names.get(id(p), "?") for p in params],
+                       owners="WGANGPMixin", off_switch="")
+        except FloatingPointError as err:
+            raise FloatingPointError(f"WGANGPMixin, {which} step {step}: {err}") from None
+
     def _wgan_should_log(self) -> bool:
         # `self.log` costs about as much as a small critic step, so log only on the batches whose metrics
         # the Trainer writes to its loggers (every `log_every_n_steps`), as Lightning itself would.
@@ -332,6 +375,8 @@ class WGANGPMixin:
         optimizer.zero_grad()
         with explained_double_backward():
             self.manual_backward(loss + self._touch(self.critic))
+        self._wgan_check_finite(optimizer, "critic", real, [("the critic loss E[D(x̃)] − E[D(x)]", -wasserstein)],
+                                [("penalty", term.value)] if regularize else [])
         optimizer.step()
         if name == "weight_clipping":
             clip_weights_(self.critic, hp["clip_value"])
@@ -351,6 +396,7 @@ class WGANGPMixin:
         # The critic's parameters get gradients here too (DDP needs every parameter in every backward);
         # the critic optimizer zeroes them before its next step.
         self.manual_backward(loss + self._touch(self.generator, self.critic))
+        self._wgan_check_finite(optimizer, "generator", None, [("the generator loss", loss)], [])
         optimizer.step()
         self._wgan_generator_steps += 1
         if self._wgan_should_log():

@@ -47,5 +47,17 @@ def select_target(batch: Any) -> Tensor:
 
 
 def default_loss(outputs: Tensor, batch: Any) -> Tensor:
-    """Per-sample cross-entropy of ``outputs`` (logits) against the batch's targets."""
-    return torch.nn.functional.cross_entropy(outputs, select_target(batch), reduction="none")
+    """Per-sample cross-entropy of ``outputs`` (logits) against the batch's integer class labels.
+
+    Floating-point targets (a regression, or soft labels) are refused: cross-entropy against them is not
+    what the step trains on, and with one output column it is identically 0 (every norm logged as 0).
+    """
+    target = select_target(batch)
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(
+            f"The monitors' default per-sample loss is cross-entropy against integer class labels, but the "
+            f"batch's targets are {target.dtype} of shape {list(target.shape)} (a regression?; outputs "
+            f"{list(outputs.shape)}). Pass your per-sample loss, e.g. `loss_fn=lambda outputs, batch: "
+            f"F.mse_loss(outputs, batch[1], reduction='none').flatten(1).mean(1)`."
+        )
+    return torch.nn.functional.cross_entropy(outputs, target, reduction="none")

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gp._logging import logger_step
+from lightning_gp._support import check_forward
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._batch import InputKey
 from lightning_gp.callbacks._site import Site, Target
@@ -118,6 +119,10 @@ class GradientNormMonitor(Monitor):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.site.resolve(pl_module)
+        if self.mode == "recompute":
+            check_forward(pl_module, f"{type(self).__name__}(mode='recompute')",
+                          "Define `forward(self, x)` returning the outputs its per-sample loss takes (the logits), "
+                          "or use mode='fused', which measures `training_step` itself.")
         if self.mode != "fused" or stage != "fit":
             return
         name = type(self).__name__
@@ -286,6 +291,12 @@ class GradientNormMonitor(Monitor):
 
         if not self.site.resolved:
             self.site.resolve(pl_module)
+        if self.site.module is None and not inputs.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__}: the input selected by `input_key={self.input_key!r}` has dtype {inputs.dtype} "
+                f"(token ids? labels?), so ‖∇ₓℓᵢ‖ does not exist. Pass the floating-point input's `input_key`, or "
+                f"`target=` the layer whose output to differentiate (the embedding layer of a token model)."
+            )
         with isolated(pl_module):
             norms = per_sample_grad_norms_by_layer(pl_module, inputs, per_sample_loss)
             input_norms = norms.input_norms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -77,7 +78,16 @@ class MLPInequalityMonitor(Monitor):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            chain_layers(self._chain(pl_module)[1])  # not a chain: fail now, not after an epoch
+            try:
+                chain_layers(self._chain(pl_module)[1])  # not a chain: fail now, not after an epoch
+            except ValueError as err:
+                # The functional layer's hint (`allow_non_chain=True`) is not an argument of the monitor.
+                message = " ".join(s for s in re.split(r"(?<=[.)])\s+", str(err)) if "allow_non_chain" not in s)
+                raise ValueError(
+                    f"MLPInequalityMonitor: {message} The inequality is only defined for such a chain: pass "
+                    f"`submodule=\"<name>\"` naming an nn.Sequential of Linear layers and elementwise activations, "
+                    f"or remove the monitor."
+                ) from None
 
     def _chain(self, pl_module: nn.Module) -> tuple[str, nn.Module]:
         if self.submodule is not None:

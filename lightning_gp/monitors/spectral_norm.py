@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gp._logging import logger_step
+from lightning_gp._support import vectors_fit
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional._layers import LINEAR_MAP_LAYERS
 from lightning_gp.functional.spectral import spectral_norm
@@ -81,6 +82,8 @@ class SpectralNormMonitor(Monitor):
     @torch.no_grad()
     def measure(self, pl_module: nn.Module) -> dict[str, Tensor]:
         """``{"lipschitz/sigma/<name>": σ, ..., "lipschitz/upper_bound": Π σ}`` for the current weights."""
+        if not vectors_fit(self._vectors, pl_module):  # reused on another model: start cold
+            self._vectors = {}
         out: dict[str, Tensor] = {}
         product = None
         for name, layer in self._layers(pl_module):
