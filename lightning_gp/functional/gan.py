@@ -62,6 +62,10 @@ def _check_alpha(alpha: Tensor, batch: int, name: str = "alpha") -> Tensor:
         raise TypeError(f"`{name}` must be floating point (weights in [0, 1]), got dtype {alpha.dtype}. "
                         f"Pass e.g. `torch.rand({batch})`.")
     outside = ~((alpha >= 0) & (alpha <= 1))  # NaN is outside too
+    if alpha.device.type != "cpu":
+        # On an accelerator the check would cost a host sync every critic step: a value outside [0, 1] becomes
+        # NaN instead, visible in the penalty (and reported by the WGAN mixin's and callbacks' finite check).
+        return torch.where(outside, torch.nan, alpha).reshape(batch)
     if bool(outside.any()):
         bad = alpha.reshape(batch)[outside.reshape(batch)][:3].tolist()
         raise ValueError(
@@ -77,8 +81,8 @@ def interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None) -> Tens
     Args:
         real: the real batch.
         fake: the generated batch, of the same shape.
-        alpha: optional per-sample weights in [0, 1], shape (B,) or any shape with B elements (their range is
-            checked on the host: one sync).
+        alpha: optional per-sample weights in [0, 1], shape (B,) or any shape with B elements. On CPU a value
+            outside [0, 1] raises; on an accelerator it gives NaN rows instead (no host sync per call).
 
     Example:
 
