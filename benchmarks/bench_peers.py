@@ -40,8 +40,6 @@ import contextlib
 import copy
 import io
 import random
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from benchmarks.harness import interleaved_rounds, ratio_stats
 from lightning_gp.functional import per_sample_grad_norms
 
 Route = Callable[[], Tensor]
@@ -283,14 +282,11 @@ class Cell:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.ratios) if self.ratios else float("nan")
+        return ratio_stats(self.ratios)[0] if self.ratios else float("nan")
 
     @property
     def iqr(self) -> tuple[float, float]:
-        if len(self.ratios) < 4:
-            return min(self.ratios), max(self.ratios)
-        q = statistics.quantiles(self.ratios, n=4)
-        return q[0], q[2]
+        return ratio_stats(self.ratios)[1:]
 
 
 def _reason(err: BaseException) -> str:
@@ -305,15 +301,8 @@ def _quiet():
         yield
 
 
-def _timed(fn: Route, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
 def measure(case: Case, routes: list[str], rounds: int, min_ms: float, warmup: int, rng: random.Random,
-            tick: Callable[[], None] = lambda: None) -> dict[str, Cell]:
+            tick: Callable[[], object] | None = None) -> dict[str, Cell]:
     """Interleaved rounds: every round times the plain step and each working route once, in a shuffled order."""
     cells = {name: Cell() for name in routes}
     reference = torch_func(case, torch.float64, chunk=16)().float()
@@ -327,19 +316,11 @@ def measure(case: Case, routes: list[str], rounds: int, min_ms: float, warmup: i
             fns[name] = fn
         except Exception as err:  # a route that does not support the model: reported, not timed
             cells[name].na = _reason(err)
-    calls = {}
     with _quiet():
-        for name, fn in fns.items():
-            per_call = min(_timed(fn, 1) for _ in range(max(1, warmup)))
-            calls[name] = max(1, round(min_ms / 1e3 / per_call))
-        for _ in range(rounds):
-            order = list(fns)
-            rng.shuffle(order)
-            times = {name: _timed(fns[name], calls[name]) for name in order}
-            for name in fns:
-                if name != "plain":
-                    cells[name].ratios.append(times[name] / times["plain"])
-            tick()
+        times = interleaved_rounds(fns, rounds=rounds, min_ms=min_ms, warmup=warmup, rng=rng, tick=tick)
+    for name in fns:
+        if name != "plain":
+            cells[name].ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
     return cells
 
 
@@ -403,7 +384,7 @@ def plot(results: dict[str, tuple[str, dict[str, Cell]]], routes: list[str], pat
     ax.set_xticks(range(len(keys)), keys)
     ax.set_ylabel("time ÷ plain forward+backward (log)")
     ax.set_title(f"Per-sample gradient norms, CPU {torch.get_num_threads()} threads (median, IQR)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(routes), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
