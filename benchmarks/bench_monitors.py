@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> str:
     others = [m for m in models if m != "mlp"]
     if others:
         # the CNN's and BERT's steps are 10-30× the MLP's: fewer, as many rounds
-        o_rounds, o_steps, o_warmup = (2, 3, 1) if args.tiny else (2, 8, 3) if args.quick else (6, 12, 3)
+        o_rounds, o_steps, o_warmup = (2, 3, 1) if args.tiny else (2, 8, 3) if args.quick else (8, 15, 3)
         outs.append(fused_table(others, o_rounds, o_steps, o_warmup, args.clock, args.tiny))
     out = "\n\n".join(outs)
     print(out)

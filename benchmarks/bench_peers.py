@@ -28,7 +28,7 @@ no slower than any peer at T=256.
 
 Run::
 
-    python -m benchmarks.bench_peers                      # all models, 2 threads (about 5 minutes)
+    python -m benchmarks.bench_peers                      # all models, 2 threads (about 3 minutes)
     python -m benchmarks.bench_peers --quick --plot peers.png
     python -m benchmarks.bench_peers --models mlp,cnn --repeats 30
 """
@@ -401,7 +401,7 @@ METHOD = (
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (noisier)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds per model (default 15; --quick 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per model (default 20; --quick 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     parser.add_argument("--min-ms", type=float, default=None, help="least duration of one timing (default 40)")
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> str:
     for k in keys:
         if k not in MODELS:
             parser.error(f"unknown model {k!r}; choose from {MODELS}")
-    rounds = args.repeats or (4 if args.quick else 15)
+    rounds = args.repeats or (4 if args.quick else 20)
     min_ms = args.min_ms if args.min_ms is not None else (1.0 if args.tiny else 15.0 if args.quick else 40.0)
     warmup = 1 if args.tiny else 2
 
