@@ -40,6 +40,7 @@ import contextlib
 import copy
 import io
 import random
+import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -302,8 +303,9 @@ def _quiet():
 
 
 def measure(case: Case, routes: list[str], rounds: int, min_ms: float, warmup: int, rng: random.Random,
-            tick: Callable[[], object] | None = None) -> dict[str, Cell]:
-    """Interleaved rounds: every round times the plain step and each working route once, in a shuffled order."""
+            tick: Callable[[], object] | None = None) -> tuple[dict[str, Cell], float]:
+    """Interleaved rounds: every round times the plain step and each working route once, in a shuffled order.
+    Returns the cells and the plain step's median seconds."""
     cells = {name: Cell() for name in routes}
     reference = torch_func(case, torch.float64, chunk=16)().float()
     fns: dict[str, Route] = {"plain": plain_step(case)}
@@ -321,7 +323,7 @@ def measure(case: Case, routes: list[str], rounds: int, min_ms: float, warmup: i
     for name in fns:
         if name != "plain":
             cells[name].ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
-    return cells
+    return cells, statistics.median(times["plain"])
 
 
 # ---------------------------------------------------------------- report
@@ -422,13 +424,16 @@ def main(argv: list[str] | None = None) -> str:
 
     rng = random.Random(0)
     results: dict[str, tuple[str, dict[str, Cell]]] = {}
+    plain_ms: dict[str, float] = {}
     with tqdm(total=rounds * len(keys), desc="bench_peers", disable=args.no_progress, leave=False) as bar:
         for key in keys:
             case = build_case(key, tiny=args.tiny)
             bar.set_postfix_str(key)
-            results[key] = (case.label, measure(case, ROUTES, rounds, min_ms, warmup, rng, bar.update))
+            cells, plain = measure(case, ROUTES, rounds, min_ms, warmup, rng, bar.update)
+            results[key], plain_ms[key] = (case.label, cells), plain * 1e3
     title = f"### CPU ({torch.get_num_threads()} threads): per-sample ‖∇θℓᵢ‖, time ÷ plain forward+backward"
-    out = "\n\n".join([title, METHOD.format(min_ms=min_ms, rounds=rounds), table(results, ROUTES),
+    plain = "Plain step (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in plain_ms.items())
+    out = "\n\n".join([title, METHOD.format(min_ms=min_ms, rounds=rounds), table(results, ROUTES), plain,
                        verdict(results)])
     print(out)
     if args.plot:
