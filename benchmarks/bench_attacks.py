@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_peers import cnn
-from benchmarks.harness import interleaved_rounds, ratio_stats
+from benchmarks.harness import interleaved_rounds, load_note, ratio_stats
 from lightning_gp.functional import fgsm
 
 TARGET = 1.0
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> str:
         target = f"≤ {TARGET:.2f}×" if ours else ""
         met = ("yes" if rel <= TARGET else "**no**") if ours else ""
         lines.append(f"| {name} | {med:.2f} | {lo:.2f}–{hi:.2f} | {rel:.3f} | {rlo:.3f}–{rhi:.3f} | {target} | {met} |")
-    lines += ["", f"Bitwise equal to torchattacks.FGSM: {'yes' if equal else '**NO**'}"]
+    lines += ["", f"Bitwise equal to torchattacks.FGSM: {'yes' if equal else '**NO**'}. After: {load_note()}."]
     out = "\n".join(lines)
     print(out)
     return out

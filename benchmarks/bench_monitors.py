@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.harness import Row, format_table
+from benchmarks.harness import Row, format_table, load_note
 from lightning_gp.monitors.gradient_norm import GradientNormMonitor
 from lightning_gp.monitors.mlp_inequality import MLPInequalityMonitor
 from lightning_gp.monitors.spectral_norm import SpectralNormMonitor
@@ -229,7 +229,7 @@ def fused_table(models: list[str], rounds: int, steps: int, warmup: int, clock: 
                      base, TARGET_OTHERS)]
     title = (f"CPU ({torch.get_num_threads()} threads, {clock} clock): fused GradientNormMonitor at every step "
              f"({rounds} rounds × {steps} steps per row)")
-    return format_table(title, rows)
+    return format_table(title, rows) + (f"\n\nAfter: {load_note()}." if load_note() else "")
 
 
 if __name__ == "__main__":

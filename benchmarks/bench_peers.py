@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from benchmarks.harness import interleaved_rounds, ratio_stats
+from benchmarks.harness import interleaved_rounds, load_note, ratio_stats
 from lightning_gp.functional import per_sample_grad_norms
 
 Route = Callable[[], Tensor]
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> str:
     from tqdm import tqdm
 
     rng = random.Random(0)
+    load_before = load_note()
     results: dict[str, tuple[str, dict[str, Cell]]] = {}
     plain_ms: dict[str, float] = {}
     with tqdm(total=rounds * len(keys), desc="bench_peers", disable=args.no_progress, leave=False) as bar:
@@ -433,6 +434,8 @@ def main(argv: list[str] | None = None) -> str:
             results[key], plain_ms[key] = (case.label, cells), plain * 1e3
     title = f"### CPU ({torch.get_num_threads()} threads): per-sample ‖∇θℓᵢ‖, time ÷ plain forward+backward"
     plain = "Plain step (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in plain_ms.items())
+    if load_before:
+        plain += f". Before: {load_before}; after: {load_note()}."
     out = "\n\n".join([title, METHOD.format(min_ms=min_ms, rounds=rounds), table(results, ROUTES), plain,
                        verdict(results)])
     print(out)

@@ -125,3 +125,16 @@ def ratio_stats(ratios: list[float]) -> tuple[float, float, float]:
         return statistics.median(ratios), min(ratios), max(ratios)
     q1, _, q3 = statistics.quantiles(ratios, n=4)
     return statistics.median(ratios), q1, q3
+
+
+def load_note() -> str:
+    """The machine's 1-minute load average against its cores, with a warning when others compete for them."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on this platform
+        return ""
+    cores = os.cpu_count() or 1
+    note = f"load average {load:.1f} on {cores} cores"
+    return note + (" (busy machine: ratios are unreliable, rerun on a quiet one)" if load > 0.75 * cores else "")
