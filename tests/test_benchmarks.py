@@ -67,4 +67,5 @@ def test_monitor_benchmark_runs_the_fused_monitor_on_the_cnn_and_bert():
     from benchmarks.bench_monitors import main as monitors
 
     text = monitors(["--models", "cnn,bert", "--tiny", "--threads", "1"])
-    assert text.count("GradientNormMonitor(every_n_steps=1, mode='fused') |") == 2 and "≤ 1.25×" in text
+    assert "| CNN (2 conv + 2 linear), batch" in text and "| tiny BERT, T=8, batch 4 |" in text
+    assert text.count("≤ 1.25×") == 2
