@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> str:
         outs.append(mlp_table(rounds, steps, warmup, args.clock))
     others = [m for m in models if m != "mlp"]
     if others:
-        # the CNN's and BERT's steps are 10-30× the MLP's: fewer, as many rounds
+        # the CNN's and BERT's steps are 10-30× the MLP's: fewer steps per fit, more fits
         o_rounds, o_steps, o_warmup = (2, 3, 1) if args.tiny else (4, 6, 2) if args.quick else (10, 12, 3)
         outs.append(fused_table(others, o_rounds, o_steps, o_warmup, args.clock, args.tiny))
     out = "\n\n".join(outs)

@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=None, help="rounds per model (default 20; --quick 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
-    parser.add_argument("--min-ms", type=float, default=None, help="least duration of one timing (default 40)")
+    parser.add_argument("--min-ms", type=float, default=None, help="least ms per timing (default 40; --quick 15)")
     parser.add_argument("--plot", default=None, metavar="PATH", help="save a bar chart (PNG) there")
     parser.add_argument("--tiny", action="store_true", help="small sizes of the same models (smoke test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
