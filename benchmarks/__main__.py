@@ -1,6 +1,7 @@
 """Run every benchmark and print their tables: ``python -m benchmarks [--quick]``.
 
-Each module is also runnable on its own (``python -m benchmarks.bench_functional``).
+Each module is also runnable on its own (``python -m benchmarks.bench_functional``). The peers' benchmarks
+need the ``bench`` extra and run on their own: ``python -m benchmarks.bench_peers``, ``benchmarks.bench_attacks``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ ratios against a plain training step measured in the same process, so machine no
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -75,3 +76,65 @@ def devices() -> list[torch.device]:
     if torch.cuda.is_available():
         out.append(torch.device("cuda"))
     return out
+
+
+CPU = torch.device("cpu")
+
+
+def _per_call(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_rounds(
+    fns: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    min_ms: float,
+    warmup: int = 2,
+    rng: random.Random | None = None,
+    device: torch.device = CPU,
+    tick: Callable[[], object] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function in each round. After ``warmup`` calls each (which also size the
+    timings: a function is called back to back until one timing lasts ≥ ``min_ms``), every round times each
+    function once, in an order shuffled anew per round, so that load drifts hit all alike. Divide by the
+    same round's baseline for per-round ratios (`ratio_stats`)."""
+    rng = rng or random.Random(0)
+    calls = {}
+    for name, fn in fns.items():
+        per_call = min(_per_call(fn, 1, device) for _ in range(max(1, warmup)))
+        calls[name] = max(1, round(min_ms / 1e3 / max(per_call, 1e-9)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        order = list(fns)
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(_per_call(fns[name], calls[name], device))
+        if tick is not None:
+            tick()
+    return times
+
+
+def ratio_stats(ratios: list[float]) -> tuple[float, float, float]:
+    """Median and interquartile range (min–max under 4 values) of per-round ratios."""
+    if len(ratios) < 4:
+        return statistics.median(ratios), min(ratios), max(ratios)
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q1, q3
+
+
+def load_note() -> str:
+    """The machine's 1-minute load average against its cores, with a warning when others compete for them."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on this platform
+        return ""
+    cores = os.cpu_count() or 1
+    note = f"load average {load:.1f} on {cores} cores"
+    return note + (" (busy machine: ratios are unreliable, rerun on a quiet one)" if load > 0.75 * cores else "")

@@ -22,3 +22,50 @@ def test_every_functional_step_runs_and_updates_the_model(optimizer):
 def test_functional_benchmark_prints_a_table_with_its_targets():
     text = main(["--quick", "--threads", "1"])
     assert "| data penalty, finite difference |" in text and "≤ 1.90×" in text and "SGD" in text
+
+
+def _rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """(model, route) → the other cells of a Markdown table's rows."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 5 and cells[0] != "model":
+            rows[cells[0], cells[1]] = cells[2:]
+    return rows
+
+
+def test_peers_benchmark_has_every_route_and_they_agree():
+    pytest.importorskip("opacus", reason="the peers benchmark needs the `bench` extra (opacus is not in `test`)")
+    pytest.importorskip("backpack", reason="the peers benchmark needs backpack-for-pytorch")
+    from benchmarks.bench_peers import MODELS, ROUTES, build_case
+    from benchmarks.bench_peers import main as peers
+
+    text = peers(["--tiny", "--repeats", "1", "--threads", "1", "--no-progress"])
+    rows = _rows(text)
+    labels = [build_case(name, tiny=True).label for name in MODELS]
+    assert len(rows) == len(labels) * len(ROUTES)
+    for label in labels:
+        for route in ROUTES:
+            ratio, _, agreement = rows[label, route]
+            if ratio == "n/a":  # only BackPACK lacks a rule (LayerNorm with parameters)
+                assert route == "BackPACK BatchL2Grad" and "LayerNorm" in agreement, (label, route, agreement)
+            else:
+                assert float(ratio) > 0 and float(agreement) <= 1e-4, (label, route, ratio, agreement)
+    assert "Verdict" in text and "Method: " in text
+
+
+def test_attacks_benchmark_is_bitwise_equal_to_torchattacks():
+    pytest.importorskip("torchattacks")
+    from benchmarks.bench_attacks import main as attacks
+
+    text = attacks(["--tiny", "--repeats", "2", "--threads", "1"])
+    assert "Bitwise equal to torchattacks.FGSM: yes" in text and "| lightning_gp fgsm |" in text
+
+
+def test_monitor_benchmark_runs_the_fused_monitor_on_the_cnn_and_bert():
+    pytest.importorskip("transformers")
+    from benchmarks.bench_monitors import main as monitors
+
+    text = monitors(["--models", "cnn,bert", "--tiny", "--threads", "1"])
+    assert "| CNN (2 conv + 2 linear), batch" in text and "| tiny BERT, T=8, batch 4 |" in text
+    assert text.count("≤ 1.25×") == 2
