@@ -103,6 +103,15 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
         self.method = check_choice(method, "method", METHODS)
         self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
         self.step = check_number(step, "step", owner, strict=True)
+        if self.form():  # λ‖∇ₓℓ‖² and ε‖∇ₓℓ‖ side by side log under two names
+            self.log_name = type(self).log_name + "/" + ",".join(
+                f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in self.form().items()
+            )
+
+    def form(self) -> dict[str, Any]:
+        """The penalty's shape φ where it differs from the default (n²): ``power``, ``center``, ``one_sided``."""
+        defaults = {"power": 2, "center": 0.0, "one_sided": False}
+        return {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)
