@@ -16,12 +16,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gp._compat import tensor_version, tree_flatten, tree_unflatten
 from lightning_gp.functional._checks import check_batched, check_per_sample
-from lightning_gp.functional._layers import GHOST_NORM_LAYERS
+from lightning_gp.functional._norm_rules import linear_sq, row_sq, rule
 
 
 class PerSampleGradNorms(NamedTuple):
@@ -64,30 +63,6 @@ def _name(name: str) -> str:
     return name or "_root"
 
 
-def _row_sq(t: Tensor) -> Tensor:
-    """Σ of squares over the last dimension; ``vector_norm`` reads each row once and allocates no
-    temporary of ``t``'s size (≈3× faster than ``square().sum()`` on (256, 512) CPU tensors)."""
-    if t.requires_grad and torch.is_grad_enabled():
-        return t.square().sum(-1)  # differentiable everywhere; ‖t‖² via the norm has a NaN gradient at t = 0
-    return torch.linalg.vector_norm(t, dim=-1).square()
-
-
-def _sum_over_sequence(g: Tensor) -> Tensor:
-    """Σₜ gₜ of g (N, T, b): the bias gradient; a view, not a copy, when T = 1."""
-    return g[:, 0] if g.shape[1] == 1 else g.sum(1)
-
-
-def _sum_outer_sq(h: Tensor, g: Tensor) -> Tensor:
-    """‖Σₜ gₜ hₜᵀ‖²_F per row of h (N, T, a) and g (N, T, b), the cheaper of Gram and explicit form."""
-    if h.shape[1] == 1:
-        return _row_sq(h[:, 0]) * _row_sq(g[:, 0])
-    t, a, b = h.shape[1], h.shape[2], g.shape[2]
-    if t * t * (a + b) <= 2 * t * a * b:
-        # Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ): the Gram form, never builds the (a × b) gradient.
-        return (torch.bmm(h, h.mT) * torch.bmm(g, g.mT)).sum((1, 2))
-    return torch.bmm(g.mT, h).square().sum((1, 2))
-
-
 def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: bool = True) -> Tensor:
     """Per-sample ‖∇_W fᵢ‖² + ‖∇_b fᵢ‖² of a Linear layer from its input ``h`` and output gradient ``g``.
 
@@ -109,68 +84,9 @@ def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: boo
     if h3.shape[1] == 1 and weight:
         # No sequence: ‖gᵢhᵢᵀ‖²_F = ‖gᵢ‖²‖hᵢ‖² and the bias term is ‖gᵢ‖² itself, so ‖gᵢ‖² is computed once
         # (the fused monitor runs this on every layer of every monitored training step).
-        g_sq, h_sq = _row_sq(g3[:, 0]), _row_sq(h3[:, 0])
+        g_sq, h_sq = row_sq(g3[:, 0]), row_sq(h3[:, 0])
         return g_sq * (h_sq + 1) if bias else g_sq * h_sq
-    out = torch.zeros(b, dtype=g.dtype, device=g.device)
-    if weight:
-        out = out + _sum_outer_sq(h3, g3)
-    if bias:
-        out = out + _row_sq(_sum_over_sequence(g3))
-    return out
-
-
-def _conv_as_linear(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Unfold a convolution's input so that the conv is a Linear layer over positions: (B·G, L, ·) pairs."""
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    else:
-        x = F.pad(x, module._reversed_padding_repeated_twice)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if isinstance(module, nn.Conv1d):  # a 1-d conv is a 2-d conv of height 1
-        x, g = x.unsqueeze(2), g.unsqueeze(2)
-        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C_in·k, L), C_in slowest
-    b, groups, length = x.shape[0], module.groups, cols.shape[-1]
-    h = cols.reshape(b, groups, -1, length).permute(0, 1, 3, 2).reshape(b * groups, length, -1)
-    g = g.reshape(b, groups, -1, length).permute(0, 1, 3, 2).reshape(b * groups, length, -1)
-    return h, g
-
-
-def _batch_dim(module: nn.Module) -> int:
-    # Attention and recurrent layers default to (T, B, ...) unless batch_first=True.
-    return 1 if getattr(module, "batch_first", True) is False else 0
-
-
-def _ghost(name: str, module: nn.Module, uses: list[_Use], batch: int) -> Tensor:
-    """Squared per-sample norm of a Linear/Conv layer's trainable parameters from its recorded uses."""
-    w, bias = module.weight.requires_grad, module.bias is not None and module.bias.requires_grad
-    hs, gs = [], []
-    for use in uses:
-        if 0 not in use.grads:  # output did not reach f: zero gradient from this use
-            continue
-        h, g = use.args[0].detach(), use.grads[0]
-        if h.shape[0] != batch or g.shape[0] != batch:
-            raise ValueError(
-                f"Layer '{name}' ({type(module).__name__}) got an input of shape {tuple(h.shape)}, whose "
-                f"first dimension is not the batch ({batch}). Per-sample norms need batch-first layers."
-            )
-        if isinstance(module, nn.Linear):
-            hs.append(h.reshape(batch, -1, h.shape[-1]))
-            gs.append(g.reshape(batch, -1, g.shape[-1]))
-        else:
-            hh, gg = _conv_as_linear(module, h, g)
-            hs.append(hh)
-            gs.append(gg)
-    if not hs:
-        return torch.zeros(batch, dtype=module.weight.dtype, device=module.weight.device)
-    # Several calls of one layer add their gradients: concatenating along the sequence is exactly that.
-    h, g = torch.cat(hs, 1), torch.cat(gs, 1)
-    out = torch.zeros(h.shape[0], dtype=g.dtype, device=g.device)
-    if w:
-        out = out + _sum_outer_sq(h, g)
-    if bias:
-        out = out + _row_sq(_sum_over_sequence(g))
-    return out.reshape(batch, -1).sum(1)
+    return linear_sq(h3, g3, weight, bias)
 
 
 def _sample_inner_product(module: nn.Module, flat: list, spec: object, pos: list[int], dims: tuple, bd: int):
@@ -187,10 +103,16 @@ def _sample_inner_product(module: nn.Module, flat: list, spec: object, pos: list
     return inner
 
 
-def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: list[_Use], batch: int) -> Tensor:
-    """Exact per-sample gradient of any layer by torch.func: vmap over samples of grad of ⟨layer(inp), g⟩."""
+def _batch_dim(module: nn.Module) -> int:
+    # Attention and recurrent layers default to (T, B, ...) unless batch_first=True.
+    return 1 if getattr(module, "batch_first", True) is False else 0
+
+
+def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: list[_Use], batch: int) -> dict:
+    """Exact per-sample gradients {name: (B, ...)} of any layer by torch.func: vmap over samples of grad of
+    ⟨layer(inp), g⟩; empty when no call reached the loss."""
     bd = _batch_dim(module)
-    total: dict[str, Tensor] | None = None
+    total: dict[str, Tensor] = {}
     params = {k: p.detach() for k, p in params.items()}
     for use in uses:
         flat, spec = tree_flatten((use.args, use.kwargs))
@@ -216,11 +138,8 @@ def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: lis
                     f"mode), so its per-sample gradient cannot be replayed. Call `model.eval()` first."
                 ) from err
             raise
-        total = per_sample if total is None else {k: total[k] + per_sample[k] for k in total}
-    if total is None:
-        first = next(iter(params.values()))
-        return torch.zeros(batch, dtype=first.dtype, device=first.device)
-    return sum(v.reshape(batch, -1).square().sum(1) for v in total.values())
+        total = {k: total[k] + v if k in total else v for k, v in per_sample.items()}
+    return total
 
 
 def check_versions(uses: dict[str, list[_Use]]) -> None:
@@ -243,26 +162,77 @@ def _own_params(module: nn.Module) -> dict[str, Tensor]:
     return {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
-def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
-    """Assign every trainable parameter to a unit (a module that ran) and compute each unit's norms."""
+def _broadcast(module: nn.Module, uses: list[_Use], batch: int) -> bool:
+    """An embedding looked up once for the whole batch (position ids of shape (1, T)) and broadcast: its output
+    gradient is summed over the samples, so its per-sample gradient is read off the module that broadcasts it."""
+    grads = [g for use in uses for g in use.grads.values()]
+    return batch > 1 and isinstance(module, nn.Embedding) and any(g.ndim and g.shape[0] == 1 for g in grads)
+
+
+def _unit_of(name: str, uses: dict[str, list[_Use]], batch: int, modules: dict[str, nn.Module]) -> str | None:
+    """The module whose recorded calls carry the per-sample gradient of ``name``'s parameters: ``name`` itself,
+    or the nearest recorded ancestor when it never ran (its parameters were used by an enclosing module, e.g.
+    ``MultiheadAttention.out_proj``) or was broadcast over the batch (:func:`_broadcast`)."""
+    unit = name
+    while not uses.get(unit) or _broadcast(modules[unit], uses[unit], batch):
+        if not unit:
+            return "" if "" in uses else None
+        unit = unit.rpartition(".")[0]
+    return unit
+
+
+def parameter_units(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, dict]:
+    """{unit: {parameter name relative to the unit: parameter}} for every trainable parameter, each once.
+
+    A parameter shared by several modules (tied weights) is listed under every unit that uses it.
+    """
     groups: dict[str, dict[str, Tensor]] = {}
     for name, mod in modules.items():
         own = _own_params(mod)
-        if not own:
+        unit = _unit_of(name, uses, batch, modules) if own else None
+        if unit is None:
             continue
-        unit = name
-        while not uses[unit] and unit:  # never called itself: its parameters were used by an enclosing module
-            unit = unit.rpartition(".")[0]
         prefix = "" if unit == name else (name[len(unit) + 1 :] if unit else name) + "."
-        groups.setdefault(unit, {}).update({prefix + k: p for k, p in own.items()})
-    out = {}
+        params = groups.setdefault(unit, {})
+        for k, p in own.items():
+            if all(q is not p for q in params.values()):  # one name per parameter within a unit
+                params[prefix + k] = p
+    return groups
+
+
+def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
+    """Assign every trainable parameter to a unit (a module that ran) and compute each unit's norms: a
+    closed-form rule (`_norm_rules`) where there is one, ``torch.func`` otherwise.
+
+    Tied weights: the per-sample gradient of a parameter used by several units is the sum of each unit's, so
+    those units' per-sample gradients are built (torch.func) and the shared parameter's sum is attributed to the
+    first unit in ``model.named_modules()`` order that uses it.
+    """
+    groups = parameter_units(modules, uses, batch)
+    counts: dict[int, int] = {}
+    for params in groups.values():
+        for p in params.values():
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    out, shared, owner = {}, {}, {}
     for unit, params in groups.items():
-        mod = modules[unit]
-        ghost = isinstance(mod, GHOST_NORM_LAYERS) and set(params) <= {"weight", "bias"}
-        if ghost:
-            out[_name(unit)] = _ghost(_name(unit), mod, uses[unit], batch)
-        else:
-            out[_name(unit)] = _fallback(_name(unit), mod, params, uses[unit], batch)
+        mod, label = modules[unit], _name(unit)
+        tied = any(counts[id(p)] > 1 for p in params.values())
+        closed = None if tied else rule(mod, set(params))
+        if closed is not None:
+            out[label] = closed(label, mod, uses[unit], batch, set(params))
+            continue
+        grads = _fallback(label, mod, params, uses[unit], batch)
+        first = next(iter(params.values()))
+        out[label] = torch.zeros(batch, dtype=first.dtype, device=first.device)
+        for k, p in params.items():
+            if counts[id(p)] > 1:
+                owner.setdefault(id(p), label)
+                if k in grads:
+                    shared[id(p)] = shared[id(p)] + grads[k] if id(p) in shared else grads[k]
+            elif k in grads:
+                out[label] = out[label] + row_sq(grads[k].reshape(batch, -1))
+    for key, g in shared.items():
+        out[owner[key]] = out[owner[key]] + row_sq(g.reshape(batch, -1))
     return out
 
 
