@@ -200,6 +200,32 @@ def parameter_units(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], 
     return groups
 
 
+def closed_form_modules(modules: dict[str, nn.Module]) -> dict[str, nn.Module] | None:
+    """The modules a recorder must hook when every trainable parameter has a closed-form rule, else None.
+
+    These are the modules owning trainable parameters, the ``MultiheadAttention`` around an ``out_proj`` (whose
+    weights the attention uses without calling it), and the parent of each ``Embedding`` (which broadcasts
+    position embeddings over the batch). Parameter-free modules need no hooks: each hook stores its output
+    gradient, which keeps activation-sized buffers alive through the backward (≈10% of an MLP step on CPU).
+    """
+    keep, names = {}, {}
+    for name, mod in modules.items():
+        own = set(_own_params(mod))
+        parent = name.rpartition(".")[0]
+        if own and name.rpartition(".")[2] == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention):
+            names.setdefault(parent, set()).update("out_proj." + k for k in own)
+            keep[parent] = modules[parent]
+        elif own:
+            names.setdefault(name, set()).update(own)
+        if own:
+            keep[name] = mod
+        if isinstance(mod, nn.Embedding) and parent in modules:
+            keep[parent] = modules[parent]
+    if not all(rule(modules[name], ps) is not None for name, ps in names.items()):
+        return None
+    return {name: mod for name, mod in modules.items() if name in keep}
+
+
 def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
     """Assign every trainable parameter to a unit (a module that ran) and compute each unit's norms: a
     closed-form rule (`_norm_rules`) where there is one, ``torch.func`` otherwise.
