@@ -89,15 +89,14 @@ def _pairs(name: str, module: nn.Module, uses: list, batch: int) -> list[tuple[T
 def unfold(module: nn.Module, x: Tensor) -> Tensor:
     """A convolution's input as columns (B, C_in·k, L), C_in slowest: the conv is W (C_out, C_in·k) @ cols.
 
-    The (B, C·k, L) layout is what ``F.unfold`` returns; no transpose, so nothing is copied again later.
+    A strided view (B, C, k..., L...) of the padded input and one copy into the (B, C·k, L) layout (as Opacus'
+    ``unfold2d``; about twice as fast as ``F.unfold``, and 1-d and 3-d alike). No transpose follows, so nothing
+    is copied again later.
     """
     if any(module._reversed_padding_repeated_twice):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if x.ndim == 4:
-        return F.unfold(x, kernel, dilation=dilation, stride=stride)
-    # 1-d and 3-d: a strided view (B, C, k..., L...) of the input, then one copy into the column layout
     size = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(x.shape[2:], kernel, stride, dilation, strict=True)]
     st = x.stride()
     cols = x.as_strided(

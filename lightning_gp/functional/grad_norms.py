@@ -226,6 +226,14 @@ def closed_form_modules(modules: dict[str, nn.Module]) -> dict[str, nn.Module] |
     return {name: mod for name, mod in modules.items() if name in keep}
 
 
+def not_run(recorder: GradNormRecorder) -> list[str]:
+    """The hooked modules that did not run, except a ``MultiheadAttention``'s ``out_proj`` when the attention ran
+    (the attention uses its weights without calling it)."""
+    ran = tuple(name + "." for name, us in recorder.uses.items()
+                if us and isinstance(recorder.modules[name], nn.MultiheadAttention))
+    return [name for name, us in recorder.uses.items() if not us and not name.startswith(ran)]
+
+
 def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
     """Assign every trainable parameter to a unit (a module that ran) and compute each unit's norms: a
     closed-form rule (`_norm_rules`) where there is one, ``torch.func`` otherwise.
@@ -371,10 +379,22 @@ def per_sample_grad_norms_by_layer(
         (['0', '2'], torch.Size([5]))
     """
     check_batched(inputs, "inputs")
+    # Hook only the layers with parameters when all have a closed form; if one of them did not run (its
+    # parameters may be used by another module's forward), measure again with every module hooked.
+    modules = dict(model.named_modules())
+    restricted = closed_form_modules(modules)
+    result = _measure(model, inputs, loss_fn, restricted) if restricted is not None else None
+    return result if result is not None else _measure(model, inputs, loss_fn, None)
+
+
+def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict | None) -> PerSampleGradNorms | None:
+    """One forward and backward with ``modules`` hooked (all when None); None when a hooked layer did not run."""
     batch = inputs.shape[0]
     floating = inputs.is_floating_point()
     x = inputs.detach().requires_grad_(True) if floating else inputs
     recorder = GradNormRecorder(model)
+    if modules is not None:
+        recorder.modules = modules
     with recorder:
         with torch.enable_grad():
             values = check_per_sample(loss_fn(model(x)), batch, "loss_fn(outputs)")
@@ -383,6 +403,8 @@ def per_sample_grad_norms_by_layer(
                 "`loss_fn(outputs)` does not depend on the model's parameters or inputs (no autograd graph); "
                 "do not call this under `torch.no_grad()`."
             )
+        if modules is not None and not_run(recorder):
+            return None
         # Asking for the layer outputs makes the backward reach every layer; the gradients themselves
         # come from the recorder's tensor hooks, which stay right when a later op (ReLU(inplace=True))
         # overwrites an output in place.

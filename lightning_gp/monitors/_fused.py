@@ -26,6 +26,7 @@ from lightning_gp.functional.grad_norms import (
     check_versions,
     closed_form_modules,
     linear_squared_norms,
+    not_run,
     tensor_versions,
 )
 from lightning_gp.functional.layer_output import perturbed_output
@@ -159,11 +160,7 @@ class FusedRecording:
     def _unused_layers(self, owner: str) -> list[str]:
         """Drop the restricted recorder's layers that never ran (their per-sample norms are 0) and return
         their names; a layer whose parameters got a gradient without its forward running raises."""
-        uses = self.recorder.uses
-        # MultiheadAttention's out_proj never runs: the attention uses its weights, and its rule covers them
-        attention = [name + "." for name, us in uses.items()
-                     if us and isinstance(self.recorder.modules[name], nn.MultiheadAttention)]
-        unused = [name for name, us in uses.items() if not us and not name.startswith(tuple(attention))]
+        unused = not_run(self.recorder)
         modules = {name: self.recorder.modules.pop(name) for name in unused}
         for name in unused:
             del self.recorder.uses[name]
