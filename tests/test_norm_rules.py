@@ -66,6 +66,10 @@ CONVS = [
     (nn.Conv2d(16, 8, 3), (4, 16, 4, 4)),  # L = 4 positions, C·k = 144: the Gram form
     (nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1, groups=2, padding_mode="replicate"), (3, 4, 5, 6, 6)),
     (nn.Conv3d(2, 3, 2, dilation=2, padding="same"), (3, 2, 5, 5, 4)),
+    # stride 1, C_in/G ≥ 8 and many positions: the direct form by kernel offsets, without unfolding
+    (nn.Conv1d(8, 4, 3, dilation=2, padding=2, padding_mode="reflect"), (3, 8, 20)),
+    (nn.Conv2d(16, 4, (3, 2), padding=1), (3, 16, 9, 7)),
+    (nn.Conv3d(16, 4, 2, groups=2, padding=1, dilation=(2, 1, 1), padding_mode="circular"), (2, 16, 4, 5, 5)),
 ]
 
 
@@ -74,6 +78,28 @@ CONVS = [
 def test_conv(conv, shape, dtype, monkeypatch):
     torch.manual_seed(0)
     check(nn.Sequential(conv, nn.Tanh()), torch.randn(shape), dtype, monkeypatch=monkeypatch)
+
+
+class ConvTwice(nn.Module):
+    """One convolution applied twice: its per-sample gradient is the sum over both calls."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(torch.tanh(self.conv(x)))
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_conv_called_twice(offsets, monkeypatch):
+    torch.manual_seed(0)
+    used = []
+    by_offsets = _norm_rules._conv_by_offsets
+    monkeypatch.setattr(_norm_rules, "_conv_by_offsets", lambda *a: used.append(1) or by_offsets(*a))
+    conv = nn.Conv2d(8, 8, 3, padding=1) if offsets else nn.Conv2d(4, 4, 3, padding=1, groups=2)
+    check(ConvTwice(conv), torch.randn(3, conv.in_channels, 6, 6), torch.float64)
+    assert used == ([1] if offsets else [])
 
 
 def test_sum_outer_sq_forms_agree():

@@ -11,6 +11,7 @@ T²·(a + b)). Several calls of a layer add their gradients, so their positions 
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 
@@ -108,16 +109,59 @@ def unfold(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def conv_sq(name: str, module: nn.Module, uses: list, batch: int, names: set[str]) -> Tensor:
-    """Conv1d/2d/3d: per group, a Linear layer from the C_in·k/G columns to the C_out/G channels over L positions."""
-    groups, hs, gs = module.groups, [], []
-    for x, g in _pairs(name, module, uses, batch):
+    """Conv1d/2d/3d: per group, a Linear layer from the C_in·k/G columns to the C_out/G channels over L positions.
+
+    Three exact forms: the Gram form on the unfolded input when L·(a + b) ≤ 2·a·b (a = C_in·k/G, b = C_out/G);
+    otherwise the direct per-sample gradient, by kernel offsets without unfolding (:func:`_conv_by_offsets`)
+    for stride 1 and C_in/G ≥ 8, else as one ``bmm`` on the unfolded input (tiny C_in: GEMMs too thin).
+    """
+    pairs = _pairs(name, module, uses, batch)
+    out = torch.zeros(batch, dtype=module.weight.dtype, device=module.weight.device)
+    if not pairs:
+        return out
+    groups, c_in, c_out = module.groups, module.in_channels, module.out_channels
+    if "bias" in names:  # ∇b = Σ over positions of g, per output channel
+        out = out + row_sq(sum(g.reshape(batch, c_out, -1).sum(2) for _, g in pairs))
+    if "weight" not in names:
+        return out
+    length = sum(g[0, 0].numel() for _, g in pairs)
+    a, b = c_in // groups * math.prod(module.kernel_size), c_out // groups
+    if length * (a + b) > 2 * a * b and all(s == 1 for s in module.stride) and c_in // groups >= 8:
+        return out + _conv_by_offsets(module, pairs, batch)
+    hs, gs = [], []
+    for x, g in pairs:
         cols = unfold(module, x)
         hs.append(cols.reshape(batch * groups, -1, cols.shape[-1]))  # a view: C_in is the slowest of C_in·k
-        gs.append(g.reshape(batch * groups, g.shape[1] // groups, -1))
-    if not hs:
-        return torch.zeros(batch, dtype=module.weight.dtype, device=module.weight.device)
+        gs.append(g.reshape(batch * groups, b, -1))
     h, g = _cat(hs, 2), _cat(gs, 2)  # (B·G, C_in·k/G, L) and (B·G, C_out/G, L)
-    return linear_sq(h.mT, g.mT, "weight" in names, "bias" in names).reshape(batch, groups).sum(1)
+    return out + sum_outer_sq(h.mT, g.mT).reshape(batch, groups).sum(1)
+
+
+def _conv_by_offsets(module: nn.Module, pairs: list[tuple[Tensor, Tensor]], batch: int) -> Tensor:
+    """‖∇W‖² per sample of a stride-1 convolution without unfolding its input.
+
+    The kernel slice at offset o is ∇W[:, :, o] = Σ_p g[p] x_pad[p + o] over output positions p. On the padded
+    input flattened to (C, P) and g zero-padded to the padded grid's row length, the positions p + o of all p
+    are one contiguous window of x_pad, so each slice is one ``bmm`` reading a strided view: no im2col copy.
+    """
+    groups, st = module.groups, None
+    slices: dict[tuple, Tensor] = {}
+    for x, g in pairs:
+        pad = list(module._reversed_padding_repeated_twice)
+        pad[-1] += 1  # one more row (plane) at the end: the last windows run up to k - 1 elements past the grid
+        xp = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+        grid, size = xp.shape[2:], g.shape[2:]
+        # zero columns of g where the window runs past a row of the output
+        gp = F.pad(g, [v for j in range(len(grid) - 1, 0, -1) for v in (0, grid[j] - size[j])])
+        st = [math.prod(grid[j + 1 :]) for j in range(len(grid))]
+        n = size[0] * st[0]
+        xf = xp.reshape(batch * groups, x.shape[1] // groups, -1)
+        gf = gp.reshape(batch * groups, g.shape[1] // groups, n)
+        for idx in itertools.product(*(range(k) for k in module.kernel_size)):
+            off = sum(i * d * s for i, d, s in zip(idx, module.dilation, st, strict=True))
+            w = torch.bmm(gf, xf[:, :, off : off + n].mT)  # (B·G, C_out/G, C_in/G)
+            slices[idx] = slices[idx] + w if idx in slices else w  # several calls: gradients add up
+    return sum(sample_sq(w) for w in slices.values()).reshape(batch, groups).sum(1)
 
 
 def _normalized(module: nn.Module, x: Tensor) -> Tensor:
