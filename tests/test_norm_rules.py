@@ -292,3 +292,49 @@ def test_fused_monitor_uses_the_rules(kind, monkeypatch):
     assert fused.last_logged["grad_norm/param_per_sample_max"] == pytest.approx(float(total.max()), rel=1e-5)
     # tied weights: torch.func on the layers that share them
     assert calls == ([] if kind == "cnn" else ["net.0.encoder", "net.0.a", "net.0.b", "net.0.decoder"])
+
+
+class AttentionTokens(Classifier):
+    """Embedding, MultiheadAttention and LayerNorm: every layer with a closed form, none of them Linear only."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.ModuleDict({"emb": nn.Embedding(9, 8), "attn": nn.MultiheadAttention(8, 2, batch_first=True),
+                                  "norm": nn.LayerNorm(8), "head": nn.Linear(8, 3)})
+
+    def forward(self, tokens):
+        e = self.net["emb"](tokens)
+        a = self.net["attn"](e, e, e, need_weights=False)[0]
+        return self.net["head"](self.net["norm"](e + a).mean(1))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_fused_half_precision_records_are_measured_in_float32(precision):
+    def run(precision):
+        torch.manual_seed(0)
+        x, y = torch.randint(0, 9, (8, 5)), torch.randint(0, 3, (8,))
+        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
+        trainer(None, callbacks=[monitor], max_steps=1, precision=precision).fit(
+            AttentionTokens(), DataLoader(TensorDataset(x, y), batch_size=8))
+        return {k: v for k, v in monitor.last_logged.items() if "/layer/" in k or "param_per_sample" in k}
+
+    full, half = run("32-true"), run(precision)
+    assert set(full) == {*(f"grad_norm/layer/net.{k}" for k in ("emb", "attn", "norm", "head")),
+                         "grad_norm/param_per_sample_mean", "grad_norm/param_per_sample_max"}
+    assert half == pytest.approx(full, rel=5e-2)
+
+
+class UsedOutside(nn.Module):
+    """A Linear layer whose weights the parent uses without calling it: every module must then be recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.norm, self.head = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(F.linear(x, self.first.weight, self.first.bias)))
+
+
+def test_parameters_used_outside_their_layer_are_measured_through_the_parent(monkeypatch):
+    r = check(UsedOutside(), torch.randn(5, 4), fallbacks=1, monkeypatch=monkeypatch)
+    assert set(r.layer_squared_norms) == {"_root", "norm", "head"}  # the root replays `first` by torch.func

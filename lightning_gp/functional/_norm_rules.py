@@ -240,13 +240,14 @@ def _replay_attention(module: nn.MultiheadAttention, use: object, batch: int) ->
     if not module.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     e, heads = module.embed_dim, module.num_heads
+    dtype = query.dtype  # the records' (float32 for half-precision records), also for bfloat16 parameters
     if module._qkv_same_embed_dim:
-        wq, wk, wv = module.in_proj_weight.detach().chunk(3)
+        wq, wk, wv = module.in_proj_weight.detach().to(dtype).chunk(3)
     else:
-        wq, wk, wv = (w.detach() for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))
+        wq, wk, wv = (w.detach().to(dtype) for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))
     bq = bk = bv = None
     if module.in_proj_bias is not None:
-        bq, bk, bv = module.in_proj_bias.detach().chunk(3)
+        bq, bk, bv = module.in_proj_bias.detach().to(dtype).chunk(3)
     with torch.enable_grad():
         q, k, v = (F.linear(x, w, b).detach().requires_grad_()
                    for x, w, b in ((query, wq, bq), (key, wk, bk), (value, wv, bv)))
@@ -262,7 +263,7 @@ def _replay_attention(module: nn.MultiheadAttention, use: object, batch: int) ->
         weights = scores.softmax(-1)
         o = (weights @ split(v, s)).transpose(1, 2).reshape(batch, t, e)  # out_proj's input
         g_out = use.grads[0] if module.batch_first else use.grads[0].transpose(0, 1)
-        outs, grads = [F.linear(o, module.out_proj.weight.detach(), None)], [g_out]
+        outs, grads = [F.linear(o, module.out_proj.weight.detach().to(dtype), None)], [g_out]
         if 1 in use.grads:  # the attention weights reached the loss too
             outs.append(weights.mean(1) if a["average_attn_weights"] else weights)
             grads.append(use.grads[1])

@@ -227,11 +227,12 @@ def closed_form_modules(modules: dict[str, nn.Module]) -> dict[str, nn.Module] |
 
 
 def not_run(recorder: GradNormRecorder) -> list[str]:
-    """The hooked modules that did not run, except a ``MultiheadAttention``'s ``out_proj`` when the attention ran
-    (the attention uses its weights without calling it)."""
+    """The hooked modules owning trainable parameters that did not run, except a ``MultiheadAttention``'s
+    ``out_proj`` when the attention ran (the attention uses its weights without calling it)."""
     ran = tuple(name + "." for name, us in recorder.uses.items()
                 if us and isinstance(recorder.modules[name], nn.MultiheadAttention))
-    return [name for name, us in recorder.uses.items() if not us and not name.startswith(ran)]
+    return [name for name, us in recorder.uses.items()
+            if not us and not name.startswith(ran) and _own_params(recorder.modules[name])]
 
 
 def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
