@@ -35,7 +35,8 @@ def by_layer(ref, keys):
     """Reference parameters summed under the longest layer name that prefixes them (as the rules attribute)."""
     out = dict.fromkeys(keys, 0)
     for name, sq in ref.items():
-        key = max((k for k in keys if k == "_root" or name.startswith(k + ".")), key=len)
+        owners = [k for k in keys if k == "_root" or name.startswith(k + ".")]
+        key = max(owners, key=lambda k: -1 if k == "_root" else len(k))
         out[key] = out[key] + sq
     return out
 

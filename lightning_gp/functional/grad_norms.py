@@ -130,7 +130,8 @@ def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: lis
                 )
         inner = _sample_inner_product(module, flat, spec, pos, dims, bd)
         try:
-            per_sample = torch.func.vmap(torch.func.grad(inner), in_dims=(None, bd, *dims))(params, grads, *tensors)
+            with torch.no_grad():  # grad still differentiates inside; no graph to the other parameters outside
+                per_sample = torch.func.vmap(torch.func.grad(inner), in_dims=(None, bd, *dims))(params, grads, *tensors)
         except RuntimeError as err:
             if "randomness" in str(err):
                 raise RuntimeError(
