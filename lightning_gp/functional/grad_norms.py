@@ -3,10 +3,11 @@
 The per-sample gradient of a Linear layer is an outer product, ∇_W fᵢ = gᵢ hᵢᵀ (g: gradient of fᵢ at the
 layer's output, h: the layer's input), so its norm is ‖gᵢ‖·‖hᵢ‖ and never has to be materialised (the
 "ghost norm" of BackPACK's ``BatchL2Grad`` and Opacus' ghost clipping). With a sequence dimension the
-gradient is a sum of outer products, ‖Σₜ gₜhₜᵀ‖² = Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ); a convolution is a Linear layer
-on its unfolded input. Any other layer with parameters (LayerNorm, Embedding, attention, ...) gets its
-exact per-sample gradient from ``torch.func`` (vmap of grad over that layer alone, fed with the layer's
-recorded inputs and output gradients), which costs one small per-sample backward of that layer only.
+gradient is a sum of outer products, ‖Σₜ gₜhₜᵀ‖² = Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ). Convolutions, LayerNorm/GroupNorm/
+RMSNorm, Embedding and MultiheadAttention have closed forms too (``_norm_rules``, each choosing its
+cheapest exact form from the shapes). Any other layer with parameters gets its exact per-sample gradient
+from ``torch.func`` (vmap of grad over that layer alone, fed with the layer's recorded inputs and output
+gradients), which costs one small per-sample backward of that layer only.
 """
 
 from __future__ import annotations
@@ -358,12 +359,13 @@ def per_sample_grad_norms_by_layer(
 ) -> PerSampleGradNorms:
     """Per-sample ‖∇ₓfᵢ‖, ‖∇θfᵢ‖ and each layer's share, exactly, from one forward and one backward.
 
-    fᵢ = ``loss_fn(model(inputs))[i]``. Linear and Conv1d/Conv2d layers use the ghost norm (no
-    per-sample gradient is built); every other module that owns trainable parameters, and any
-    parameter used outside its own module's forward (e.g. ``nn.MultiheadAttention.out_proj``), is
-    handled exactly by ``torch.func`` over the nearest enclosing module that ran. Samples must not
-    interact (no BatchNorm in training mode) and layers must keep the batch in dimension 0 (or 1 for
-    modules with ``batch_first=False``).
+    fᵢ = ``loss_fn(model(inputs))[i]``. Linear, Conv1d/2d/3d, LayerNorm, GroupNorm, RMSNorm, Embedding and
+    MultiheadAttention layers use closed forms (no per-sample gradient of the model is built); any other
+    module owning trainable parameters, and any parameter used outside its own module's forward, is
+    handled exactly by ``torch.func`` over the nearest enclosing module that ran. A parameter shared by
+    several modules (tied weights) counts once, under the first of them in ``named_modules()``. Samples
+    must not interact (no BatchNorm in training mode) and layers must keep the batch in dimension 0 (or 1
+    for modules with ``batch_first=False``).
 
     Nothing is left behind: no ``.grad`` is written, ``requires_grad`` is unchanged, hooks are removed
     even when ``loss_fn`` raises. The model runs in its current mode (train/eval).

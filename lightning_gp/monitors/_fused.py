@@ -395,8 +395,8 @@ def _restrict_to_closed_forms(recorder: GradNormRecorder) -> bool:
 
 
 def _layer_squared_norms(recorder: GradNormRecorder, batch: int) -> dict[str, Tensor]:
-    """The general recorder's per-layer squared norms of the recorded per-sample gradients (CNNs, and models
-    with layers other than Linear/Conv; all-Linear models take :class:`LinearTap`).
+    """The general recorder's per-layer squared norms of the recorded per-sample gradients (every model but
+    the all-Linear ones, which take :class:`LinearTap`).
 
     Float16/bfloat16 records are brought to float32 first (scaled float16 gradients would overflow when
     squared).
