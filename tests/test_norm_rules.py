@@ -339,3 +339,27 @@ class UsedOutside(nn.Module):
 def test_parameters_used_outside_their_layer_are_measured_through_the_parent(monkeypatch):
     r = check(UsedOutside(), torch.randn(5, 4), fallbacks=1, monkeypatch=monkeypatch)
     assert set(r.layer_squared_norms) == {"_root", "norm", "head"}  # the root replays `first` by torch.func
+
+
+class TiedMLP(Classifier):
+    """An MLP whose two hidden Linear layers share their weight (not their bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(),
+                                 nn.Linear(8, 3))
+        self.net[4].weight = self.net[2].weight
+
+
+def test_fused_tied_linear_weights_match_torch_func():
+    from tests.test_monitors_support import loader, reference_norms
+
+    torch.manual_seed(0)
+    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    trainer(None, callbacks=[fused, snap], max_steps=1).fit(TiedMLP(), loader())
+    (x, y), = snap.batches
+    ref = reference_norms(snap.model, x, y)  # torch.func sees the tied weight once, as net.2.weight
+    for layer in ("net.0", "net.2", "net.4", "net.6"):  # net.4: its bias only; the tied weight is net.2's
+        assert fused.last_logged[f"grad_norm/layer/{layer}"] == pytest.approx(float(ref[f"layer/{layer}"].mean()),
+                                                                             rel=1e-5)
+    assert fused.last_logged["grad_norm/param_per_sample_max"] == pytest.approx(float(ref["param"].max()), rel=1e-5)
