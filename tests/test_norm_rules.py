@@ -53,7 +53,8 @@ def check(model, x, dtype=torch.float32, fallbacks=0, monkeypatch=None, f=per_sa
     ref = reference(model, x, f)
     expected = by_layer(ref, r.layer_squared_norms)
     for k, v in r.layer_squared_norms.items():
-        torch.testing.assert_close(v, expected[k], rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0, msg=k)
+        want = torch.zeros_like(v) + expected[k]  # 0 for a layer whose only parameter is tied to an earlier one
+        torch.testing.assert_close(v, want, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0, msg=k)
     if monkeypatch is not None:
         assert len(calls) == fallbacks, calls
     return r
@@ -242,14 +243,43 @@ class Tied(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_tied_weights(dtype):
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_tied_weights(dtype, padding_idx, monkeypatch):
     torch.manual_seed(0)
     model, tokens = Tied(), torch.randint(0, 9, (5, 4))
+    model.encoder.padding_idx = padding_idx
+    tokens[:, 1] = tokens[:, 2]  # repeated tokens
     tied = ["encoder.weight", "a.weight", "a.bias", "b.bias", "decoder.bias"]
     assert [k for k, _ in model.named_parameters()] == tied
-    r = check(model, tokens, dtype)  # torch.func's reference sees each tied parameter once
+    r = check(model, tokens, dtype, monkeypatch=monkeypatch)  # torch.func's reference sees each tied parameter once
     # the shared weight is attributed to its first user in named_modules() order, its bias to its own layer
     assert set(r.layer_squared_norms) == {"encoder", "a", "b", "decoder"}
+
+
+class Scale(nn.Module):
+    """A layer without a closed form, here sharing its weight with a Linear layer."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        return x @ self.weight.T * 0.5
+
+
+class TiedWithCustom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.custom = Scale(self.lin.weight)
+
+    def forward(self, x):
+        return self.custom(torch.tanh(self.lin(x)))
+
+
+def test_tied_with_a_layer_without_closed_form_sums_per_sample_gradients(monkeypatch):
+    r = check(TiedWithCustom(), torch.randn(4, 3, 5), torch.float64, fallbacks=2, monkeypatch=monkeypatch)
+    assert set(r.layer_squared_norms) == {"lin", "custom"}
 
 
 # ---- the fused monitor, in a real Trainer.fit ----
@@ -291,8 +321,7 @@ def test_fused_monitor_uses_the_rules(kind, monkeypatch):
     assert layers == pytest.approx({k: float(v.sqrt().mean()) for k, v in expected.items()}, rel=1e-5)
     total = sum(sq.values()).sqrt()
     assert fused.last_logged["grad_norm/param_per_sample_max"] == pytest.approx(float(total.max()), rel=1e-5)
-    # tied weights: torch.func on the layers that share them
-    assert calls == ([] if kind == "cnn" else ["net.0.encoder", "net.0.a", "net.0.b", "net.0.decoder"])
+    assert calls == []  # tied weights included: the Gram form over the calls of all their users
 
 
 class AttentionTokens(Classifier):

@@ -222,6 +222,48 @@ def embedding_sq(name: str, module: nn.Module, uses: list, batch: int, names: se
     return g.new_zeros(batch).index_add_(0, unique // module.num_embeddings, row_sq(rows))
 
 
+def outer_factors(name: str, module: nn.Module, uses: list, batch: int) -> list[tuple[Tensor, Tensor]]:
+    """The weight gradient of a Linear or Embedding layer as Σₜ aₜ bₜᵀ: (a, b) per call, each (B, T, ·).
+
+    Linear: a = g (output gradient), b = h (input). Embedding: a = one-hot token ids, kept as the ids (B, T)
+    of integer dtype, b = g with the padding positions zeroed. For tied weights (:func:`tied_sq`).
+    """
+    out = []
+    for x, g in _pairs(name, module, uses, batch):
+        if isinstance(module, nn.Embedding):
+            tok, g = x.reshape(batch, -1), g.reshape(batch, -1, g.shape[-1])
+            if module.padding_idx is not None:
+                g = g * (tok != module.padding_idx).unsqueeze(-1).to(g.dtype)
+            out.append((tok, g))
+        else:
+            out.append((g.reshape(batch, -1, g.shape[-1]), x.reshape(batch, -1, x.shape[-1])))
+    return out
+
+
+def _row_gram(a: Tensor, c: Tensor) -> Tensor:
+    """(aₜ·cₛ) for (B, T, ·) factors, where integer factors stand for one-hot rows (token ids)."""
+    if a.is_floating_point() and c.is_floating_point():
+        return torch.bmm(a, c.mT)
+    if not a.is_floating_point() and not c.is_floating_point():
+        return (a.unsqueeze(2) == c.unsqueeze(1)).to(torch.get_default_dtype())
+    if a.is_floating_point():
+        return _row_gram(c, a).mT
+    # one-hot(aₜ)·cₛ = cₛ[aₜ]
+    return torch.gather(c.mT, 1, a.unsqueeze(2).expand(-1, -1, c.shape[1]))
+
+
+def tied_sq(factors: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """‖Σ over calls Σₜ aₜ bₜᵀ‖² per sample for a weight shared by Linear and Embedding layers (tied weights):
+    the Gram form over the positions of all calls, Σₜ,ₛ (aₜ·aₛ)(bₜ·bₛ), cross terms between calls included."""
+    total = None
+    for i, (a, b) in enumerate(factors):
+        for j in range(i, len(factors)):
+            c, d = factors[j]
+            term = (_row_gram(a, c).to(b.dtype) * torch.bmm(b, d.mT)).sum((1, 2)) * (1 if i == j else 2)
+            total = term if total is None else total + term
+    return total
+
+
 def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """MultiheadAttention's masks (True: not attended; or additive floats) as additive floats."""
     if mask is None or mask.dtype != torch.bool:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_gp._compat import tensor_version, tree_flatten, tree_unflatten
 from lightning_gp.functional._checks import check_batched, check_per_sample
-from lightning_gp.functional._norm_rules import linear_sq, row_sq, rule
+from lightning_gp.functional._norm_rules import linear_sq, outer_factors, row_sq, rule, tied_sq
 
 
 class PerSampleGradNorms(NamedTuple):
@@ -242,27 +242,40 @@ def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], bat
     closed-form rule (`_norm_rules`) where there is one, ``torch.func`` otherwise.
 
     Tied weights: the per-sample gradient of a parameter used by several units is the sum of each unit's, so
-    those units' per-sample gradients are built (torch.func) and the shared parameter's sum is attributed to the
-    first unit in ``model.named_modules()`` order that uses it.
+    its norm has cross terms. A weight shared by Linear and Embedding layers only takes the Gram form over
+    the positions of all their calls (:func:`~lightning_gp.functional._norm_rules.tied_sq`); otherwise the
+    units' per-sample gradients are built (torch.func) and summed. Either way the shared parameter is
+    attributed to the first unit in ``model.named_modules()`` order that uses it.
     """
     groups = parameter_units(modules, uses, batch)
-    counts: dict[int, int] = {}
-    for params in groups.values():
+    users: dict[int, list[str]] = {}
+    for unit, params in groups.items():
         for p in params.values():
-            counts[id(p)] = counts.get(id(p), 0) + 1
-    out, shared, owner = {}, {}, {}
+            users.setdefault(id(p), []).append(unit)
+    # a shared weight has a closed form when every unit using it is a Linear or Embedding sharing only it
+    linear_like = {unit for unit, params in groups.items() if isinstance(modules[unit], (nn.Linear, nn.Embedding))
+                   and rule(modules[unit], set(params)) is not None
+                   and all(len(users[id(p)]) == 1 for k, p in params.items() if k != "weight")}
+    factored = {key for key, us in users.items() if len(us) > 1 and set(us) <= linear_like}
+    out, shared, owner, factors = {}, {}, {}, {}
     for unit, params in groups.items():
         mod, label = modules[unit], _name(unit)
-        tied = any(counts[id(p)] > 1 for p in params.values())
-        closed = None if tied else rule(mod, set(params))
+        tied = {k for k, p in params.items() if len(users[id(p)]) > 1}
+        closed = rule(mod, set(params)) if all(id(params[k]) in factored for k in tied) else None
         if closed is not None:
-            out[label] = closed(label, mod, uses[unit], batch, set(params))
+            for k in tied:  # the shared weight: its factors, for the Gram form over all its users below
+                owner.setdefault(id(params[k]), label)
+                factors.setdefault(id(params[k]), []).extend(outer_factors(label, mod, uses[unit], batch))
+            rest = set(params) - tied
+            p0 = next(iter(params.values()))
+            out[label] = closed(label, mod, uses[unit], batch, rest) if rest else torch.zeros(
+                batch, dtype=p0.dtype, device=p0.device)
             continue
         grads = _fallback(label, mod, params, uses[unit], batch)
         first = next(iter(params.values()))
         out[label] = torch.zeros(batch, dtype=first.dtype, device=first.device)
         for k, p in params.items():
-            if counts[id(p)] > 1:
+            if k in tied:
                 owner.setdefault(id(p), label)
                 if k in grads:
                     shared[id(p)] = shared[id(p)] + grads[k] if id(p) in shared else grads[k]
@@ -270,6 +283,9 @@ def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], bat
                 out[label] = out[label] + row_sq(grads[k].reshape(batch, -1))
     for key, g in shared.items():
         out[owner[key]] = out[owner[key]] + row_sq(g.reshape(batch, -1))
+    for key, fs in factors.items():
+        if fs:
+            out[owner[key]] = out[owner[key]] + tied_sq(fs)
     return out
 
 
