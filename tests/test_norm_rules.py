@@ -282,6 +282,17 @@ def test_tied_with_a_layer_without_closed_form_sums_per_sample_gradients(monkeyp
     assert set(r.layer_squared_norms) == {"lin", "custom"}
 
 
+class Doubled(nn.Linear):
+    """A Linear subclass with its own forward: no closed form applies (types match exactly)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x) + self.weight.sum()
+
+
+def test_subclasses_with_their_own_forward_fall_back(monkeypatch):
+    check(nn.Sequential(Doubled(4, 3), nn.Tanh()), torch.randn(5, 4), fallbacks=1, monkeypatch=monkeypatch)
+
+
 # ---- the fused monitor, in a real Trainer.fit ----
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+LINEAR_LAYERS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)  # the latter: attention's out_proj
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 MHA_PARAMS = {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
@@ -358,17 +359,22 @@ def linear_rule(name: str, module: nn.Module, uses: list, batch: int, names: set
 
 
 def rule(module: nn.Module, names: set[str]) -> Callable[..., Tensor] | None:
-    """The closed-form rule for ``module`` with trainable parameters ``names``, or None (then torch.func)."""
-    if isinstance(module, nn.Linear) and names <= {"weight", "bias"}:
+    """The closed-form rule for ``module`` with trainable parameters ``names``, or None (then torch.func).
+
+    Types are matched exactly: a subclass may override ``forward`` (LoRA, quantised layers), and the rule
+    would then be wrong.
+    """
+    kind = type(module)
+    if kind in LINEAR_LAYERS and names <= {"weight", "bias"}:
         return linear_rule
-    if isinstance(module, CONV_LAYERS) and names <= {"weight", "bias"}:
+    if kind in CONV_LAYERS and names <= {"weight", "bias"}:
         return conv_sq
-    if isinstance(module, NORM_LAYERS) and names <= {"weight", "bias"}:
+    if kind in NORM_LAYERS and names <= {"weight", "bias"}:
         return norm_sq
-    if isinstance(module, nn.Embedding) and names == {"weight"}:
+    if kind is nn.Embedding and names == {"weight"}:
         # max_norm renormalises the table in the forward, scale_grad_by_freq couples the samples' tokens
         return embedding_sq if module.max_norm is None and not module.scale_grad_by_freq else None
-    if isinstance(module, nn.MultiheadAttention) and names <= MHA_PARAMS:
+    if kind is nn.MultiheadAttention and names <= MHA_PARAMS:
         plain = module.bias_k is None and not module.add_zero_attn
         return mha_sq if plain and (module.dropout == 0 or not module.training) else None
     return None
