@@ -68,6 +68,7 @@ CONVS = [
     (nn.Conv2d(16, 8, 3), (4, 16, 4, 4)),  # L = 4 positions, C·k = 144: the Gram form
     (nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1, groups=2, padding_mode="replicate"), (3, 4, 5, 6, 6)),
     (nn.Conv3d(2, 3, 2, dilation=2, padding="same"), (3, 2, 5, 5, 4)),
+    (nn.Conv2d(3, 2, (2, 4), padding="same", padding_mode="reflect"), (3, 3, 6, 7)),  # asymmetric padding
     # stride 1, C_in/G ≥ 8 and many positions: the direct form by kernel offsets, without unfolding
     (nn.Conv1d(8, 4, 3, dilation=2, padding=2, padding_mode="reflect"), (3, 8, 20)),
     (nn.Conv2d(16, 4, (3, 2), padding=1), (3, 16, 9, 7)),
@@ -102,6 +103,13 @@ def test_conv_called_twice(offsets, monkeypatch):
     conv = nn.Conv2d(8, 8, 3, padding=1) if offsets else nn.Conv2d(4, 4, 3, padding=1, groups=2)
     check(ConvTwice(conv), torch.randn(3, conv.in_channels, 6, 6), torch.float64)
     assert used == ([1] if offsets else [])
+
+
+def test_conv_with_frozen_weight(monkeypatch):
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    conv.weight.requires_grad_(False)  # the bias only: Σ over positions of the output gradient
+    r = check(nn.Sequential(conv, nn.Tanh()), torch.randn(3, 8, 5, 5), monkeypatch=monkeypatch)
+    assert set(r.layer_squared_norms) == {"0"}
 
 
 def test_sum_outer_sq_forms_agree():
