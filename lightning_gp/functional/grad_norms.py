@@ -384,7 +384,8 @@ def per_sample_grad_norms_by_layer(
     for modules with ``batch_first=False``).
 
     Nothing is left behind: no ``.grad`` is written, ``requires_grad`` is unchanged, hooks are removed
-    even when ``loss_fn`` raises. The model runs in its current mode (train/eval).
+    even when ``loss_fn`` raises. The model runs in its current mode (train/eval); twice when a layer's
+    parameters are used outside its own forward (the second time with every module recorded).
 
     Args:
         model: any ``nn.Module`` called as ``model(inputs)``.
