@@ -5,7 +5,9 @@ Each rule gets the layer, its recorded calls and the names of its trainable para
 per-sample Σ over those parameters of ‖∇fᵢ‖², shape (B,). Where a per-sample gradient is a sum over positions
 t of outer products gₜhₜᵀ, the rule picks the cheaper of two exact forms from the shapes: the direct form
 builds the (b × a) gradient per sample (cost T·a·b), the Gram form Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ) never does (cost
-T²·(a + b)). Several calls of a layer add their gradients, so their positions are concatenated.
+T²·(a + b)); choosing per layer is the "mixed ghost norm" of Bu et al. (2022, "Scalable and efficient
+training of large convolutional neural networks with differential privacy"). Several calls of a layer add
+their gradients, so their positions are concatenated.
 """
 
 from __future__ import annotations
