@@ -10,5 +10,3 @@ LINEAR_MAP_LAYERS: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 #: The layers :func:`~lightning_gp.functional.spectral_norm_penalty` regularizes: the linear maps and Bilinear.
 SPECTRAL_PENALTY_LAYERS: tuple[type[nn.Module], ...] = (*LINEAR_MAP_LAYERS, nn.Bilinear)
-#: Layers whose per-sample gradient norm is a ghost norm (a Linear layer, or a conv on its unfolded input).
-GHOST_NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -3,10 +3,11 @@
 The per-sample gradient of a Linear layer is an outer product, ∇_W fᵢ = gᵢ hᵢᵀ (g: gradient of fᵢ at the
 layer's output, h: the layer's input), so its norm is ‖gᵢ‖·‖hᵢ‖ and never has to be materialised (the
 "ghost norm" of BackPACK's ``BatchL2Grad`` and Opacus' ghost clipping). With a sequence dimension the
-gradient is a sum of outer products, ‖Σₜ gₜhₜᵀ‖² = Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ); a convolution is a Linear layer
-on its unfolded input. Any other layer with parameters (LayerNorm, Embedding, attention, ...) gets its
-exact per-sample gradient from ``torch.func`` (vmap of grad over that layer alone, fed with the layer's
-recorded inputs and output gradients), which costs one small per-sample backward of that layer only.
+gradient is a sum of outer products, ‖Σₜ gₜhₜᵀ‖² = Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ). Convolutions, LayerNorm/GroupNorm/
+RMSNorm, Embedding and MultiheadAttention have closed forms too (``_norm_rules``, each choosing its
+cheapest exact form from the shapes). Any other layer with parameters gets its exact per-sample gradient
+from ``torch.func`` (vmap of grad over that layer alone, fed with the layer's recorded inputs and output
+gradients), which costs one small per-sample backward of that layer only.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gp._compat import tensor_version, tree_flatten, tree_unflatten
 from lightning_gp.functional._checks import check_batched, check_per_sample
-from lightning_gp.functional._layers import GHOST_NORM_LAYERS
+from lightning_gp.functional._norm_rules import linear_sq, outer_factors, row_sq, rule, tied_sq
 
 
 class PerSampleGradNorms(NamedTuple):
@@ -64,30 +64,6 @@ def _name(name: str) -> str:
     return name or "_root"
 
 
-def _row_sq(t: Tensor) -> Tensor:
-    """Σ of squares over the last dimension; ``vector_norm`` reads each row once and allocates no
-    temporary of ``t``'s size (≈3× faster than ``square().sum()`` on (256, 512) CPU tensors)."""
-    if t.requires_grad and torch.is_grad_enabled():
-        return t.square().sum(-1)  # differentiable everywhere; ‖t‖² via the norm has a NaN gradient at t = 0
-    return torch.linalg.vector_norm(t, dim=-1).square()
-
-
-def _sum_over_sequence(g: Tensor) -> Tensor:
-    """Σₜ gₜ of g (N, T, b): the bias gradient; a view, not a copy, when T = 1."""
-    return g[:, 0] if g.shape[1] == 1 else g.sum(1)
-
-
-def _sum_outer_sq(h: Tensor, g: Tensor) -> Tensor:
-    """‖Σₜ gₜ hₜᵀ‖²_F per row of h (N, T, a) and g (N, T, b), the cheaper of Gram and explicit form."""
-    if h.shape[1] == 1:
-        return _row_sq(h[:, 0]) * _row_sq(g[:, 0])
-    t, a, b = h.shape[1], h.shape[2], g.shape[2]
-    if t * t * (a + b) <= 2 * t * a * b:
-        # Σₜ,ₛ (gₜ·gₛ)(hₜ·hₛ): the Gram form, never builds the (a × b) gradient.
-        return (torch.bmm(h, h.mT) * torch.bmm(g, g.mT)).sum((1, 2))
-    return torch.bmm(g.mT, h).square().sum((1, 2))
-
-
 def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: bool = True) -> Tensor:
     """Per-sample ‖∇_W fᵢ‖² + ‖∇_b fᵢ‖² of a Linear layer from its input ``h`` and output gradient ``g``.
 
@@ -109,68 +85,9 @@ def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: boo
     if h3.shape[1] == 1 and weight:
         # No sequence: ‖gᵢhᵢᵀ‖²_F = ‖gᵢ‖²‖hᵢ‖² and the bias term is ‖gᵢ‖² itself, so ‖gᵢ‖² is computed once
         # (the fused monitor runs this on every layer of every monitored training step).
-        g_sq, h_sq = _row_sq(g3[:, 0]), _row_sq(h3[:, 0])
+        g_sq, h_sq = row_sq(g3[:, 0]), row_sq(h3[:, 0])
         return g_sq * (h_sq + 1) if bias else g_sq * h_sq
-    out = torch.zeros(b, dtype=g.dtype, device=g.device)
-    if weight:
-        out = out + _sum_outer_sq(h3, g3)
-    if bias:
-        out = out + _row_sq(_sum_over_sequence(g3))
-    return out
-
-
-def _conv_as_linear(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Unfold a convolution's input so that the conv is a Linear layer over positions: (B·G, L, ·) pairs."""
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    else:
-        x = F.pad(x, module._reversed_padding_repeated_twice)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if isinstance(module, nn.Conv1d):  # a 1-d conv is a 2-d conv of height 1
-        x, g = x.unsqueeze(2), g.unsqueeze(2)
-        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C_in·k, L), C_in slowest
-    b, groups, length = x.shape[0], module.groups, cols.shape[-1]
-    h = cols.reshape(b, groups, -1, length).permute(0, 1, 3, 2).reshape(b * groups, length, -1)
-    g = g.reshape(b, groups, -1, length).permute(0, 1, 3, 2).reshape(b * groups, length, -1)
-    return h, g
-
-
-def _batch_dim(module: nn.Module) -> int:
-    # Attention and recurrent layers default to (T, B, ...) unless batch_first=True.
-    return 1 if getattr(module, "batch_first", True) is False else 0
-
-
-def _ghost(name: str, module: nn.Module, uses: list[_Use], batch: int) -> Tensor:
-    """Squared per-sample norm of a Linear/Conv layer's trainable parameters from its recorded uses."""
-    w, bias = module.weight.requires_grad, module.bias is not None and module.bias.requires_grad
-    hs, gs = [], []
-    for use in uses:
-        if 0 not in use.grads:  # output did not reach f: zero gradient from this use
-            continue
-        h, g = use.args[0].detach(), use.grads[0]
-        if h.shape[0] != batch or g.shape[0] != batch:
-            raise ValueError(
-                f"Layer '{name}' ({type(module).__name__}) got an input of shape {tuple(h.shape)}, whose "
-                f"first dimension is not the batch ({batch}). Per-sample norms need batch-first layers."
-            )
-        if isinstance(module, nn.Linear):
-            hs.append(h.reshape(batch, -1, h.shape[-1]))
-            gs.append(g.reshape(batch, -1, g.shape[-1]))
-        else:
-            hh, gg = _conv_as_linear(module, h, g)
-            hs.append(hh)
-            gs.append(gg)
-    if not hs:
-        return torch.zeros(batch, dtype=module.weight.dtype, device=module.weight.device)
-    # Several calls of one layer add their gradients: concatenating along the sequence is exactly that.
-    h, g = torch.cat(hs, 1), torch.cat(gs, 1)
-    out = torch.zeros(h.shape[0], dtype=g.dtype, device=g.device)
-    if w:
-        out = out + _sum_outer_sq(h, g)
-    if bias:
-        out = out + _row_sq(_sum_over_sequence(g))
-    return out.reshape(batch, -1).sum(1)
+    return linear_sq(h3, g3, weight, bias)
 
 
 def _sample_inner_product(module: nn.Module, flat: list, spec: object, pos: list[int], dims: tuple, bd: int):
@@ -187,10 +104,16 @@ def _sample_inner_product(module: nn.Module, flat: list, spec: object, pos: list
     return inner
 
 
-def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: list[_Use], batch: int) -> Tensor:
-    """Exact per-sample gradient of any layer by torch.func: vmap over samples of grad of ⟨layer(inp), g⟩."""
+def _batch_dim(module: nn.Module) -> int:
+    # Attention and recurrent layers default to (T, B, ...) unless batch_first=True.
+    return 1 if getattr(module, "batch_first", True) is False else 0
+
+
+def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: list[_Use], batch: int) -> dict:
+    """Exact per-sample gradients {name: (B, ...)} of any layer by torch.func: vmap over samples of grad of
+    ⟨layer(inp), g⟩; empty when no call reached the loss."""
     bd = _batch_dim(module)
-    total: dict[str, Tensor] | None = None
+    total: dict[str, Tensor] = {}
     params = {k: p.detach() for k, p in params.items()}
     for use in uses:
         flat, spec = tree_flatten((use.args, use.kwargs))
@@ -208,7 +131,8 @@ def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: lis
                 )
         inner = _sample_inner_product(module, flat, spec, pos, dims, bd)
         try:
-            per_sample = torch.func.vmap(torch.func.grad(inner), in_dims=(None, bd, *dims))(params, grads, *tensors)
+            with torch.no_grad():  # grad still differentiates inside; no graph to the other parameters outside
+                per_sample = torch.func.vmap(torch.func.grad(inner), in_dims=(None, bd, *dims))(params, grads, *tensors)
         except RuntimeError as err:
             if "randomness" in str(err):
                 raise RuntimeError(
@@ -216,11 +140,8 @@ def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: lis
                     f"mode), so its per-sample gradient cannot be replayed. Call `model.eval()` first."
                 ) from err
             raise
-        total = per_sample if total is None else {k: total[k] + per_sample[k] for k in total}
-    if total is None:
-        first = next(iter(params.values()))
-        return torch.zeros(batch, dtype=first.dtype, device=first.device)
-    return sum(v.reshape(batch, -1).square().sum(1) for v in total.values())
+        total = {k: total[k] + v if k in total else v for k, v in per_sample.items()}
+    return total
 
 
 def check_versions(uses: dict[str, list[_Use]]) -> None:
@@ -243,26 +164,128 @@ def _own_params(module: nn.Module) -> dict[str, Tensor]:
     return {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
-def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
-    """Assign every trainable parameter to a unit (a module that ran) and compute each unit's norms."""
+def _broadcast(module: nn.Module, uses: list[_Use], batch: int) -> bool:
+    """An embedding looked up once for the whole batch (position ids of shape (1, T)) and broadcast: its output
+    gradient is summed over the samples, so its per-sample gradient is read off the module that broadcasts it."""
+    grads = [g for use in uses for g in use.grads.values()]
+    return batch > 1 and isinstance(module, nn.Embedding) and any(g.ndim and g.shape[0] == 1 for g in grads)
+
+
+def _unit_of(name: str, uses: dict[str, list[_Use]], batch: int, modules: dict[str, nn.Module]) -> str | None:
+    """The module whose recorded calls carry the per-sample gradient of ``name``'s parameters: ``name`` itself,
+    or the nearest recorded ancestor when it never ran (its parameters were used by an enclosing module, e.g.
+    ``MultiheadAttention.out_proj``) or was broadcast over the batch (:func:`_broadcast`)."""
+    unit = name
+    while not uses.get(unit) or _broadcast(modules[unit], uses[unit], batch):
+        if not unit:
+            return "" if "" in uses else None
+        unit = unit.rpartition(".")[0]
+    return unit
+
+
+def parameter_units(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, dict]:
+    """{unit: {parameter name relative to the unit: parameter}} for every trainable parameter, each once.
+
+    A parameter shared by several modules (tied weights) is listed under every unit that uses it.
+    """
     groups: dict[str, dict[str, Tensor]] = {}
     for name, mod in modules.items():
         own = _own_params(mod)
-        if not own:
+        unit = _unit_of(name, uses, batch, modules) if own else None
+        if unit is None:
             continue
-        unit = name
-        while not uses[unit] and unit:  # never called itself: its parameters were used by an enclosing module
-            unit = unit.rpartition(".")[0]
         prefix = "" if unit == name else (name[len(unit) + 1 :] if unit else name) + "."
-        groups.setdefault(unit, {}).update({prefix + k: p for k, p in own.items()})
-    out = {}
+        params = groups.setdefault(unit, {})
+        for k, p in own.items():
+            if all(q is not p for q in params.values()):  # one name per parameter within a unit
+                params[prefix + k] = p
+    return groups
+
+
+def closed_form_modules(modules: dict[str, nn.Module]) -> dict[str, nn.Module] | None:
+    """The modules a recorder must hook when every trainable parameter has a closed-form rule, else None.
+
+    These are the modules owning trainable parameters, the ``MultiheadAttention`` around an ``out_proj`` (whose
+    weights the attention uses without calling it), and the parent of each ``Embedding`` (which broadcasts
+    position embeddings over the batch). Parameter-free modules need no hooks: each hook stores its output
+    gradient, which keeps activation-sized buffers alive through the backward (≈10% of an MLP step on CPU).
+    """
+    keep, names = {}, {}
+    for name, mod in modules.items():
+        own = set(_own_params(mod))
+        parent = name.rpartition(".")[0]
+        if own and name.rpartition(".")[2] == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention):
+            names.setdefault(parent, set()).update("out_proj." + k for k in own)
+            keep[parent] = modules[parent]
+        elif own:
+            names.setdefault(name, set()).update(own)
+        if own:
+            keep[name] = mod
+        if isinstance(mod, nn.Embedding) and parent in modules:
+            keep[parent] = modules[parent]
+    if not all(rule(modules[name], ps) is not None for name, ps in names.items()):
+        return None
+    return {name: mod for name, mod in modules.items() if name in keep}
+
+
+def not_run(recorder: GradNormRecorder) -> list[str]:
+    """The hooked modules owning trainable parameters that did not run, except a ``MultiheadAttention``'s
+    ``out_proj`` when the attention ran (the attention uses its weights without calling it)."""
+    ran = tuple(name + "." for name, us in recorder.uses.items()
+                if us and isinstance(recorder.modules[name], nn.MultiheadAttention))
+    return [name for name, us in recorder.uses.items()
+            if not us and not name.startswith(ran) and _own_params(recorder.modules[name])]
+
+
+def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
+    """Assign every trainable parameter to a unit (a module that ran) and compute each unit's norms: a
+    closed-form rule (`_norm_rules`) where there is one, ``torch.func`` otherwise.
+
+    Tied weights: the per-sample gradient of a parameter used by several units is the sum of each unit's, so
+    its norm has cross terms. A weight shared by Linear and Embedding layers only takes the Gram form over
+    the positions of all their calls (:func:`~lightning_gp.functional._norm_rules.tied_sq`); otherwise the
+    units' per-sample gradients are built (torch.func) and summed. Either way the shared parameter is
+    attributed to the first unit in ``model.named_modules()`` order that uses it.
+    """
+    groups = parameter_units(modules, uses, batch)
+    users: dict[int, list[str]] = {}
     for unit, params in groups.items():
-        mod = modules[unit]
-        ghost = isinstance(mod, GHOST_NORM_LAYERS) and set(params) <= {"weight", "bias"}
-        if ghost:
-            out[_name(unit)] = _ghost(_name(unit), mod, uses[unit], batch)
-        else:
-            out[_name(unit)] = _fallback(_name(unit), mod, params, uses[unit], batch)
+        for p in params.values():
+            users.setdefault(id(p), []).append(unit)
+    # a shared weight has a closed form when every unit using it is a Linear or Embedding sharing only it
+    linear_like = {unit for unit, params in groups.items() if isinstance(modules[unit], (nn.Linear, nn.Embedding))
+                   and rule(modules[unit], set(params)) is not None
+                   and all(len(users[id(p)]) == 1 for k, p in params.items() if k != "weight")}
+    factored = {key for key, us in users.items() if len(us) > 1 and set(us) <= linear_like}
+    out, shared, owner, factors = {}, {}, {}, {}
+    for unit, params in groups.items():
+        mod, label = modules[unit], _name(unit)
+        tied = {k for k, p in params.items() if len(users[id(p)]) > 1}
+        closed = rule(mod, set(params)) if all(id(params[k]) in factored for k in tied) else None
+        if closed is not None:
+            for k in tied:  # the shared weight: its factors, for the Gram form over all its users below
+                owner.setdefault(id(params[k]), label)
+                factors.setdefault(id(params[k]), []).extend(outer_factors(label, mod, uses[unit], batch))
+            rest = set(params) - tied
+            p0 = next(iter(params.values()))
+            out[label] = closed(label, mod, uses[unit], batch, rest) if rest else torch.zeros(
+                batch, dtype=p0.dtype, device=p0.device)
+            continue
+        grads = _fallback(label, mod, params, uses[unit], batch)
+        first = next(iter(params.values()))
+        out[label] = torch.zeros(batch, dtype=first.dtype, device=first.device)
+        for k, p in params.items():
+            if k in tied:
+                owner.setdefault(id(p), label)
+                if k in grads:
+                    shared[id(p)] = shared[id(p)] + grads[k] if id(p) in shared else grads[k]
+            elif k in grads:
+                out[label] = out[label] + row_sq(grads[k].reshape(batch, -1))
+    for key, g in shared.items():
+        out[owner[key]] = out[owner[key]] + row_sq(g.reshape(batch, -1))
+    for key, fs in factors.items():
+        if fs:
+            out[owner[key]] = out[owner[key]] + tied_sq(fs)
     return out
 
 
@@ -352,15 +375,17 @@ def per_sample_grad_norms_by_layer(
 ) -> PerSampleGradNorms:
     """Per-sample ‖∇ₓfᵢ‖, ‖∇θfᵢ‖ and each layer's share, exactly, from one forward and one backward.
 
-    fᵢ = ``loss_fn(model(inputs))[i]``. Linear and Conv1d/Conv2d layers use the ghost norm (no
-    per-sample gradient is built); every other module that owns trainable parameters, and any
-    parameter used outside its own module's forward (e.g. ``nn.MultiheadAttention.out_proj``), is
-    handled exactly by ``torch.func`` over the nearest enclosing module that ran. Samples must not
-    interact (no BatchNorm in training mode) and layers must keep the batch in dimension 0 (or 1 for
-    modules with ``batch_first=False``).
+    fᵢ = ``loss_fn(model(inputs))[i]``. Linear, Conv1d/2d/3d, LayerNorm, GroupNorm, RMSNorm, Embedding and
+    MultiheadAttention layers use closed forms (no per-sample gradient of the model is built); any other
+    module owning trainable parameters, and any parameter used outside its own module's forward, is
+    handled exactly by ``torch.func`` over the nearest enclosing module that ran. A parameter shared by
+    several modules (tied weights) counts once, under the first of them in ``named_modules()``. Samples
+    must not interact (no BatchNorm in training mode) and layers must keep the batch in dimension 0 (or 1
+    for modules with ``batch_first=False``).
 
     Nothing is left behind: no ``.grad`` is written, ``requires_grad`` is unchanged, hooks are removed
-    even when ``loss_fn`` raises. The model runs in its current mode (train/eval).
+    even when ``loss_fn`` raises. The model runs in its current mode (train/eval); twice when a layer's
+    parameters are used outside its own forward (the second time with every module recorded).
 
     Args:
         model: any ``nn.Module`` called as ``model(inputs)``.
@@ -375,10 +400,22 @@ def per_sample_grad_norms_by_layer(
         (['0', '2'], torch.Size([5]))
     """
     check_batched(inputs, "inputs")
+    # Hook only the layers with parameters when all have a closed form; if one of them did not run (its
+    # parameters may be used by another module's forward), measure again with every module hooked.
+    modules = dict(model.named_modules())
+    restricted = closed_form_modules(modules)
+    result = _measure(model, inputs, loss_fn, restricted) if restricted is not None else None
+    return result if result is not None else _measure(model, inputs, loss_fn, None)
+
+
+def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict | None) -> PerSampleGradNorms | None:
+    """One forward and backward with ``modules`` hooked (all when None); None when a hooked layer did not run."""
     batch = inputs.shape[0]
     floating = inputs.is_floating_point()
     x = inputs.detach().requires_grad_(True) if floating else inputs
     recorder = GradNormRecorder(model)
+    if modules is not None:
+        recorder.modules = modules
     with recorder:
         with torch.enable_grad():
             values = check_per_sample(loss_fn(model(x)), batch, "loss_fn(outputs)")
@@ -387,6 +424,8 @@ def per_sample_grad_norms_by_layer(
                 "`loss_fn(outputs)` does not depend on the model's parameters or inputs (no autograd graph); "
                 "do not call this under `torch.no_grad()`."
             )
+        if modules is not None and not_run(recorder):
+            return None
         # Asking for the layer outputs makes the backward reach every layer; the gradients themselves
         # come from the recorder's tensor hooks, which stay right when a later op (ReLU(inplace=True))
         # overwrites an output in place.

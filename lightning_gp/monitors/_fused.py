@@ -21,8 +21,14 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_gp._compat import tensor_version
-from lightning_gp.functional._layers import GHOST_NORM_LAYERS
-from lightning_gp.functional.grad_norms import GradNormRecorder, check_versions, linear_squared_norms, tensor_versions
+from lightning_gp.functional.grad_norms import (
+    GradNormRecorder,
+    check_versions,
+    closed_form_modules,
+    linear_squared_norms,
+    not_run,
+    tensor_versions,
+)
 from lightning_gp.functional.layer_output import perturbed_output
 
 
@@ -70,7 +76,7 @@ class FusedRecording:
             tap = None
         self.tap = (tap or LinearTap(layers, owner)) if layers is not None else None
         self.recorder = GradNormRecorder(module) if layers is None else None
-        self.restricted = layers is not None or _restrict_to_ghost_layers(self.recorder)
+        self.restricted = layers is not None or _restrict_to_closed_forms(self.recorder)
         try:
             self.tap.start(inputs.shape[0]) if self.tap is not None else self.recorder.start()
         except ValueError as err:
@@ -154,7 +160,7 @@ class FusedRecording:
     def _unused_layers(self, owner: str) -> list[str]:
         """Drop the restricted recorder's layers that never ran (their per-sample norms are 0) and return
         their names; a layer whose parameters got a gradient without its forward running raises."""
-        unused = [name for name, uses in self.recorder.uses.items() if not uses]
+        unused = not_run(self.recorder)
         modules = {name: self.recorder.modules.pop(name) for name in unused}
         for name in unused:
             del self.recorder.uses[name]
@@ -356,13 +362,14 @@ class LinearTap:
 def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
     """``{name: layer}`` of the modules owning trainable parameters when all are plain ``nn.Linear`` (an MLP);
     None otherwise, and when a BatchNorm is in training mode (the general recorder then raises its error)."""
-    layers = {}
+    layers, seen = {}, set()
     for name, m in module.named_modules():
         if isinstance(m, TRAIN_MODE_BATCHNORMS) and m.training:
             return None
         if any(p.requires_grad for p in m.parameters(recurse=False)):
-            if type(m) is not nn.Linear:
-                return None  # not a plain Linear: the general recorder
+            if type(m) is not nn.Linear or any(id(p) in seen for p in m.parameters(recurse=False)):
+                return None  # not a plain Linear, or tied weights (their uses add up): the general recorder
+            seen.update(id(p) for p in m.parameters(recurse=False))
             layers[name] = m
     return layers or None
 
@@ -372,25 +379,24 @@ TRAIN_MODE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Sync
 
 
 
-def _restrict_to_ghost_layers(recorder: GradNormRecorder) -> bool:
-    """Record only the layers owning trainable parameters when all of them are ghost-norm layers.
-
-    Hooks on parameter-free modules (activations, containers, the LightningModule) are only needed to
-    replay other layers through ``torch.func``; each one stores its output gradient, which keeps
-    activation-sized buffers alive through the backward (≈10% of an MLP step on CPU). Not done when a
-    train-mode BatchNorm is present, so that ``start`` still raises its error.
+def _restrict_to_closed_forms(recorder: GradNormRecorder) -> bool:
+    """Hook only the modules :func:`closed_form_modules` names when every trainable parameter has a closed-form
+    rule (Linear, Conv, norm layers, Embedding, MultiheadAttention); hooks on parameter-free modules are only
+    needed to replay other layers through ``torch.func``. Not done when a train-mode BatchNorm is present, so
+    that ``start`` still raises its error.
     """
-    owners = {n: m for n, m in recorder.modules.items() if any(p.requires_grad for p in m.parameters(recurse=False))}
-    batchnorm = any(isinstance(m, TRAIN_MODE_BATCHNORMS) and m.training for m in recorder.modules.values())
-    if batchnorm or not all(type(m) in GHOST_NORM_LAYERS for m in owners.values()):
+    if any(isinstance(m, TRAIN_MODE_BATCHNORMS) and m.training for m in recorder.modules.values()):
         return False
-    recorder.modules = owners
+    keep = closed_form_modules(recorder.modules)
+    if keep is None:
+        return False
+    recorder.modules = keep
     return True
 
 
 def _layer_squared_norms(recorder: GradNormRecorder, batch: int) -> dict[str, Tensor]:
-    """The general recorder's per-layer squared norms of the recorded per-sample gradients (CNNs, and models
-    with layers other than Linear/Conv; all-Linear models take :class:`LinearTap`).
+    """The general recorder's per-layer squared norms of the recorded per-sample gradients (every model but
+    the all-Linear ones, which take :class:`LinearTap`).
 
     Float16/bfloat16 records are brought to float32 first (scaled float16 gradients would overflow when
     squared).
