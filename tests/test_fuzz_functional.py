@@ -29,11 +29,13 @@ from lightning_gp.functional import (
     gradient_norm_penalty,
     input_gradient,
     interpolate,
+    linear_squared_norms,
     mlp_inequality,
     output_gradient,
     parameter_gradient_penalty,
     parameter_gradient_penalty_fd,
     per_sample_grad_norms,
+    per_sample_grad_norms_by_layer,
     per_sample_norm,
     per_sample_output_gradient_norms,
     per_sample_squared_norm,
@@ -759,18 +761,25 @@ def test_per_sample_grad_norms_boundary():
         per_sample_grad_norms(model, torch.randn(4, 3), lambda out: out.sum())
 
 
-@pytest.mark.xfail(reason="grad_norms.py (owned by the per-sample norm rewrite): B = 0 reshapes an empty tensor",
-                   strict=False)
 def test_per_sample_grad_norms_empty_batch():
-    gx, gt = per_sample_grad_norms(_mlp(), torch.zeros(0, 3), lambda out: out[:, 0])
+    model = _mlp()
+    gx, gt = per_sample_grad_norms(model, torch.zeros(0, 3), lambda out: out[:, 0])
     assert gx.shape == gt.shape == (0,)
+    layers = per_sample_grad_norms_by_layer(model, torch.zeros(0, 3), lambda out: out[:, 0]).layer_squared_norms
+    assert set(layers) == {name for name, m in model.named_modules() if list(m.parameters(recurse=False))}
+    assert linear_squared_norms(torch.zeros(0, 5, 3), torch.zeros(0, 5, 2)).shape == (0,)
 
 
-@pytest.mark.xfail(reason="grad_norms.py (owned by the per-sample norm rewrite): integer inputs reach the first "
-                   "layer and fail there with torch's dtype mismatch", strict=False)
-def test_per_sample_grad_norms_integer_inputs():
-    with pytest.raises(TypeError, match=r"`inputs` must be floating point"):
-        per_sample_grad_norms(_mlp(), torch.ones(4, 3, dtype=torch.long), lambda out: out[:, 0])
+def test_per_sample_grad_norms_token_ids_have_nan_input_norms():
+    # Integer inputs are token ids: legal for a model that embeds them; ‖∇ₓ‖ is undefined (NaN), ‖∇θ‖ exact.
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 1))
+    ids = torch.tensor([[1, 2, 1], [3, 0, 6]])
+    gx, gt = per_sample_grad_norms(model, ids, lambda out: out[:, 0])
+    assert gx.isnan().all()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    per = torch.func.vmap(torch.func.grad(
+        lambda p, i: torch.func.functional_call(model, p, (i.unsqueeze(0),))[0, 0]), in_dims=(None, 0))(params, ids)
+    torch.testing.assert_close(gt, sum(v.reshape(2, -1).square().sum(1) for v in per.values()).sqrt())
 
 
 def test_chain_layers_boundary():

@@ -81,6 +81,8 @@ def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: boo
         True
     """
     b = h.shape[0]
+    if b == 0:  # an empty batch: no per-sample norms (a reshape to (0, -1, d) would be ambiguous)
+        return g.new_zeros(0)
     h3, g3 = h.reshape(b, -1, h.shape[-1]), g.reshape(b, -1, g.shape[-1])
     if h3.shape[1] == 1 and weight:
         # No sequence: ‖gᵢhᵢᵀ‖²_F = ‖gᵢ‖²‖hᵢ‖² and the bias term is ‖gᵢ‖² itself, so ‖gᵢ‖² is computed once
@@ -400,9 +402,13 @@ def per_sample_grad_norms_by_layer(
         (['0', '2'], torch.Size([5]))
     """
     check_batched(inputs, "inputs")
+    modules = dict(model.named_modules())
+    if inputs.shape[0] == 0:  # an empty batch has empty norms; the model is not run
+        empty = inputs.new_zeros(0, dtype=inputs.dtype if inputs.is_floating_point() else torch.get_default_dtype())
+        layers = {_name(n): empty for n, m in modules.items() if _own_params(m)}
+        return PerSampleGradNorms(empty, empty, layers, empty)
     # Hook only the layers with parameters when all have a closed form; if one of them did not run (its
     # parameters may be used by another module's forward), measure again with every module hooked.
-    modules = dict(model.named_modules())
     restricted = closed_form_modules(modules)
     result = _measure(model, inputs, loss_fn, restricted) if restricted is not None else None
     return result if result is not None else _measure(model, inputs, loss_fn, None)
