@@ -2,7 +2,10 @@
 
 Routes (ℓᵢ = per-sample cross-entropy; each route works on its own deep copy of the model, train mode):
 
-- lightning-gp: ``per_sample_grad_norms(model, x, loss_fn)`` (also returns ‖∇ₓℓᵢ‖ for float inputs);
+- lightning-gp: ``per_sample_grad_norms(model, x, loss_fn, input_norms=False)``: ‖∇θℓᵢ‖ only, what the peers
+  compute; the verdict reads this row;
+- lightning-gp with ‖∇ₓℓᵢ‖: the default ``per_sample_grad_norms(model, x, loss_fn)``, which also takes the input
+  gradient (float inputs), the price of the monitors' ‖∇ₓ‖ column;
 - Opacus ghost clipping: ``GradSampleModuleFastGradientClipping(loss_reduction="sum", use_ghost_clipping=True)``,
   the first backward of its ``DPTensorFastGradientClipping`` (``sum(ℓᵢ).backward()``), then ``get_norm_sample()``;
 - Opacus GradSampleModule: ``GradSampleModule(loss_reduction="sum")``, ``sum(ℓᵢ).backward()``, then the norm of
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import random
 import statistics
@@ -55,7 +59,11 @@ from lightning_gp.functional import per_sample_grad_norms
 
 Route = Callable[[], Tensor]
 OURS = "lightning-gp"
-ROUTES = [OURS, "Opacus ghost clipping", "Opacus GradSampleModule", "BackPACK BatchL2Grad", "torch.func vmap"]
+OURS_WITH_INPUT = "lightning-gp with ‖∇ₓℓᵢ‖"
+ROUTES = [
+    OURS, OURS_WITH_INPUT, "Opacus ghost clipping", "Opacus GradSampleModule", "BackPACK BatchL2Grad",
+    "torch.func vmap",
+]
 #: models on which lightning-gp must be ≤ 0.9× the fastest peer; at T=256 no slower than any peer
 LEAD_MODELS, PAR_MODELS, LEAD = ("mlp", "cnn", "block-affine", "bert"), ("block-256",), 0.9
 
@@ -186,9 +194,10 @@ def plain_step(case: Case) -> Route:
     return step
 
 
-def ours(case: Case) -> Route:
+def ours(case: Case, input_norms: bool = False) -> Route:
     model = copy.deepcopy(case.model)
-    return lambda: per_sample_grad_norms(model, case.inputs, lambda out: ce(out, case.targets))[1]
+    loss_fn = functools.partial(ce, y=case.targets)
+    return lambda: per_sample_grad_norms(model, case.inputs, loss_fn, input_norms=input_norms)[1]
 
 
 def opacus_ghost(case: Case) -> Route:
@@ -267,7 +276,8 @@ def torch_func(case: Case, dtype: torch.dtype | None = None, chunk: int | None =
 
 
 FACTORIES: dict[str, Callable[[Case], Route]] = {
-    OURS: ours, "Opacus ghost clipping": opacus_ghost, "Opacus GradSampleModule": opacus_gsm,
+    OURS: ours, OURS_WITH_INPUT: functools.partial(ours, input_norms=True),
+    "Opacus ghost clipping": opacus_ghost, "Opacus GradSampleModule": opacus_gsm,
     "BackPACK BatchL2Grad": backpack_l2, "torch.func vmap": torch_func,
 }
 
@@ -350,7 +360,7 @@ def verdict(results: dict[str, tuple[str, dict[str, Cell]]]) -> str:
     for key, (_, cells) in results.items():
         if key not in LEAD_MODELS + PAR_MODELS or OURS not in cells or cells[OURS].na is not None:
             continue
-        peers = {n: c.median for n, c in cells.items() if n != OURS and c.na is None}
+        peers = {n: c.median for n, c in cells.items() if n not in (OURS, OURS_WITH_INPUT) and c.na is None}
         if not peers:
             continue
         best = min(peers, key=peers.get)

@@ -258,3 +258,20 @@ class InPlaceInput(nn.Module):
         out = self.bias(y)
         y.add_(1.0)  # autograd allows it (y + b does not save y); our record of the input must notice
         return out * y
+
+
+def test_input_norms_false_skips_the_input_gradient_and_keeps_the_parameter_norms():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    x = torch.randn(5, 3, 6, 6)
+    y = torch.randint(0, 2, (5,))
+
+    def loss_fn(out):
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    gx, gt = per_sample_grad_norms(model, x, loss_fn)
+    nx, nt = per_sample_grad_norms(model, x, loss_fn, input_norms=False)
+    assert gx.isfinite().all() and nx.isnan().all()
+    torch.testing.assert_close(nt, gt)
+    assert not x.requires_grad and x.grad is None
+    with pytest.raises(TypeError, match="`input_norms` must be True or False, got str"):
+        per_sample_grad_norms(model, x, loss_fn, input_norms="no")
