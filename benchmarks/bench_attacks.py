@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> str:
         target = f"≤ {TARGET:.2f}×" if ours else ""
         met = ("yes" if rel <= TARGET else "**no**") if ours else ""
         lines.append(f"| {name} | {med:.2f} | {lo:.2f}–{hi:.2f} | {rel:.3f} | {rlo:.3f}–{rhi:.3f} | {target} | {met} |")
-    lines += ["", f"Bitwise equal to torchattacks.FGSM: {'yes' if equal else '**NO**'}. After: {load_note()}."]
+    after = load_note(torch.get_num_threads())
+    lines += ["", f"Bitwise equal to torchattacks.FGSM: {'yes' if equal else '**NO**'}. After: {after}."]
     out = "\n".join(lines)
     print(out)
     return out

@@ -238,7 +238,7 @@ def fused_table(models: list[str], rounds: int, steps: int, warmup: int, clock: 
         lines.append(f"| {label} | {statistics.median(per_round['plain']) * 1e3:.2f} | "
                      f"{statistics.median(per_round['fused']) * 1e3:.2f} | {med:.2f} | {lo:.2f}–{hi:.2f} | "
                      f"≤ {TARGET_OTHERS:.2f}× | {met} |")
-    note = load_note()
+    note = load_note(torch.get_num_threads())
     return "\n".join(lines) + (f"\n\nAfter: {note}." if note else "")
 
 

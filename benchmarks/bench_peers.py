@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> str:
     title = f"### CPU ({torch.get_num_threads()} threads): per-sample ‖∇θℓᵢ‖, time ÷ plain forward+backward"
     plain = "Plain step (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in plain_ms.items())
     if load_before:
-        plain += f". Before: {load_before}; after: {load_note()}."
+        plain += f". Before: {load_before}; after: {load_note(torch.get_num_threads())}."
     out = "\n\n".join([title, METHOD.format(min_ms=min_ms, rounds=rounds), table(results, ROUTES), plain,
                        verdict(results)])
     print(out)

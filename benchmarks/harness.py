@@ -127,8 +127,12 @@ def ratio_stats(ratios: list[float]) -> tuple[float, float, float]:
     return statistics.median(ratios), q1, q3
 
 
-def load_note() -> str:
-    """The machine's 1-minute load average against its cores, with a warning when others compete for them."""
+def load_note(own_threads: int = 0) -> str:
+    """The machine's 1-minute load average against its cores, with a warning when others compete for them.
+
+    ``own_threads``: the threads the benchmark itself kept busy just before (read after a run), which count
+    towards the load average but are no competition.
+    """
     import os
 
     try:
@@ -137,4 +141,5 @@ def load_note() -> str:
         return ""
     cores = os.cpu_count() or 1
     note = f"load average {load:.1f} on {cores} cores"
-    return note + (" (busy machine: ratios are unreliable, rerun on a quiet one)" if load > 0.75 * cores else "")
+    busy = load - own_threads > 0.75 * cores
+    return note + (" (busy machine: ratios are unreliable, rerun on a quiet one)" if busy else "")
