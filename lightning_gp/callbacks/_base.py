@@ -9,6 +9,7 @@ training outermost, then the data, parameter and spectral penalties) and returns
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_gp._compat import compiled_modules
-from lightning_gp._finite import StepValues, check_step, grad_scaler
+from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
 from lightning_gp._logging import should_log
 from lightning_gp._support import check_bool, check_number, check_strategy, init_repr
 from lightning_gp.functional._autograd import autograd_leaves, linearised
@@ -423,12 +424,12 @@ class PenaltyCallback(Callback):
         if values is None or not values.pending:
             return
         try:
-            names = {id(p): n for n, p in pl_module.named_parameters()}
+
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             owners = " and ".join(sorted({type(m).__name__ for m in interceptor.members}))
             check_step(values, [p.grad for p in params], step=trainer.global_step, strategy=trainer.strategy,
-                       scaled=grad_scaler(trainer) is not None, grad_names=[names.get(id(p), "?") for p in params],
-                       owners=owners)
+                       scaled=grad_scaler(trainer) is not None, owners=owners,
+                       grad_names=functools.partial(param_names, pl_module, params))
         finally:
             values.clear()
 

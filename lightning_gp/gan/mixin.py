@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gp._compat import merge_initial_hparams
-from lightning_gp._finite import StepValues, check_step, grad_scaler
+from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
 from lightning_gp._logging import should_log
 from lightning_gp._support import check_number
 from lightning_gp.callbacks._batch import resolve_input
@@ -300,12 +301,11 @@ class WGANGPMixin:
             values.batches.append(real)
         trainer = self._wgan_trainer()
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        names = {id(p): n for n, p in self.named_parameters()}
         step = self._wgan_critic_steps if which == "critic" else self._wgan_generator_steps
         try:
             check_step(values, [p.grad for p in params], step=self.global_step,
                        strategy=getattr(trainer, "strategy", None),
-                       scaled=grad_scaler(trainer) is not None, grad_names=[names.get(id(p), "?") for p in params],
+                       scaled=grad_scaler(trainer) is not None, grad_names=functools.partial(param_names, self, params),
                        owners="WGANGPMixin", off_switch="")
         except FloatingPointError as err:
             raise FloatingPointError(f"WGANGPMixin, {which} step {step}: {err}") from None
