@@ -10,6 +10,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+from lightning_gp.functional._checks import check_bool as functional_check_bool
+
 #: Strategies the package is tested with. Sharded ones (FSDP, DeepSpeed, ModelParallelStrategy) split the
 #: parameters across ranks, and the per-sample norms, the parameter penalty's ``functional_call`` and the
 #: monitors' gradient norms all read whole parameters.
@@ -63,10 +65,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_bool(value: Any, name: str, owner: str) -> bool:
-    """``value`` if it is a bool, else a TypeError naming ``owner`` and the argument."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}({name}={value!r}): `{name}` must be True or False, got {type(value).__name__}.")
-    return value
+    """``value`` if it is a bool, else the functional layer's TypeError, prefixed with ``owner`` and the argument."""
+    try:
+        return functional_check_bool(value, name)
+    except TypeError as err:
+        raise TypeError(f"{owner}({name}={value!r}): {err}") from None
 
 
 def check_number(value: Any, name: str, owner: str, *, low: float | None = 0.0, strict: bool = False,
