@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.ddp import close_process_group
 from tests.test_callbacks_ddp import CONFIGS, PER_RANK_BATCH, fit
 
 
@@ -36,3 +37,4 @@ def main() -> None:
 if __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
     main()
+    close_process_group()

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, Subset
 
 from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
+from tests.ddp import close_process_group
 from tests.test_monitors_support import Classifier, dataset
 
 
@@ -51,3 +52,4 @@ if trainer.is_global_zero:
     wandb_logger.experiment.finish()
     torch.save({"initial": initial, "root": str(root), "world_size": trainer.world_size,
                 "last_logged": [m.last_logged for m in monitors]}, out)
+close_process_group()

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_gp.callbacks import AdversarialTraining, DataGradientPenalty, ParameterGradientPenalty
 from lightning_gp.gan import WGANGPMixin
+from tests.ddp import close_process_group
 from tests.test_callbacks_ddp import _RankSampler
 
 PER_RANK = 4
@@ -114,3 +115,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_process_group()

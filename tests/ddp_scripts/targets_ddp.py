@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.ddp import close_process_group
 from tests.test_targets_hf import DDP_CONFIGS, ddp_fit
 
 
@@ -40,3 +41,4 @@ def main() -> None:
 if __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
     main()
+    close_process_group()

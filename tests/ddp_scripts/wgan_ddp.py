@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from tests.ddp import close_process_group
 from tests.ddp_scripts.wgan_models import IndexedGAN, indexed_loader, trainer_kwargs
 
 
@@ -68,3 +69,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_process_group()
