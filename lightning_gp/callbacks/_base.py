@@ -424,7 +424,6 @@ class PenaltyCallback(Callback):
         if values is None or not values.pending:
             return
         try:
-
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             owners = " and ".join(sorted({type(m).__name__ for m in interceptor.members}))
             check_step(values, [p.grad for p in params], step=trainer.global_step, strategy=trainer.strategy,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -84,10 +83,6 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             fix="A zero step never moves the input, so training would be on the clean batch; leave "
                 "`step_size=None` for the default (ε for FGSM, 2.5·ε/steps for PGD).")
         self.random_start = check_bool(random_start, "random_start", owner)
-        if clamp is not None and not (isinstance(clamp, (tuple, list)) and len(clamp) == 2 and all(
-                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in clamp)):
-            raise ValueError(f"{owner}(clamp={clamp!r}): `clamp` must be a pair (lo, hi) of numbers, e.g. (0, 1) for "
-                             f"images, or None.")
         self.clamp = check_clamp(clamp)
         try:
             a = check_number(adversarial_weight, "adversarial_weight", owner, high=1)

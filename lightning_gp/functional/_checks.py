@@ -149,13 +149,14 @@ def check_clamp(clamp: tuple[float, float] | None) -> tuple[float, float] | None
     """A valid input range ``(lo, hi)`` with lo < hi, as floats (either may be ±inf), or None."""
     if clamp is None:
         return None
-    try:
-        lo, hi = clamp
-        lo, hi = float(lo), float(hi)
-    except (TypeError, ValueError):
+    # a pair of real numbers: not a string such as "01", whose characters float() would read as 0 and 1
+    pair = isinstance(clamp, (tuple, list)) and len(clamp) == 2
+    if not pair or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in clamp):
         raise ValueError(
-            f"`clamp` must be a pair (lo, hi) or None, got {clamp!r}. Pass e.g. clamp=(0, 1) for images."
-        ) from None
+            f"`clamp` must be a pair (lo, hi) or None, got {clamp!r}; lo and hi are numbers. Pass e.g. clamp=(0, 1) "
+            f"for images."
+        )
+    lo, hi = float(clamp[0]), float(clamp[1])
     if not lo < hi:
         raise ValueError(f"`clamp` must satisfy lo < hi, got {clamp!r}. Pass e.g. clamp=(0, 1) for images.")
     return lo, hi
