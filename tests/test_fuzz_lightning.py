@@ -154,6 +154,9 @@ BOOLS = [
     (lambda **kw: SpectralNormPenalty(1.0, **kw), "check_finite"),
     (lambda **kw: AdversarialTraining(0.1, **kw), "random_start"),
     (lambda **kw: AdversarialTraining(0.1, **kw), "average_steps"),
+    (lambda **kw: AdversarialTraining(0.1, **kw), "check_finite"),
+    (lambda **kw: VirtualAdversarialTraining(0.1, **kw), "check_finite"),
+    (lambda **kw: Flooding(0.1, **kw), "check_finite"),
 ]
 
 
@@ -304,9 +307,12 @@ def test_a_nan_loss_from_the_user_is_attributed_to_the_loss_at_its_step():
         fit(Net(nan_at_step_2), [ParameterGradientPenalty(0.1)], loader(n=16), steps=4)
 
 
-def test_check_finite_false_turns_the_check_off():
+@pytest.mark.parametrize("make", [lambda: DataGradientPenalty(1.0, check_finite=False),
+                                  lambda: AdversarialTraining(0.1, check_finite=False),
+                                  lambda: Flooding(0.1, check_finite=False)], ids=["data", "adversarial", "flooding"])
+def test_check_finite_false_turns_the_check_off(make):
     module = Net()
-    fit(module, [DataGradientPenalty(1.0, check_finite=False)], loader(nan_at=5))
+    fit(module, [make()], loader(nan_at=5))
     assert not all(bool(p.isfinite().all()) for p in module.parameters())
 
 

@@ -21,12 +21,11 @@ from lightning_gp.functional.layer_output import expand_mask
 class AdversarialTraining(SiteCallback, PenaltyCallback):
     r"""Trains on ``(1 − a)·L(x) + a·L(x_adv)``, x_adv an FGSM (``steps=1``) or PGD attack on the module's loss.
 
-    The attack differentiates the returned loss w.r.t. the input only (no parameter ``.grad``, no DDP hook);
-    only the gradient's direction matters, so the loss's reduction does not. ``norm="l2"`` steps along
-    gᵢ/‖gᵢ‖ (to first order, the penalty ε‖∇ₓℓ‖), ``norm="linf"`` by sign (torchattacks' FGSM/PGD). Logs
-    ``adversarial/loss`` and, when a clean loss is computed, ``adversarial/clean_loss``. With ``target`` the
-    perturbation δ is added to a layer's output (FGM/PGD on embeddings, Miyato et al. 2017), per sample,
-    padded positions never perturbed. Passes and design: ``docs/design/loss-changing-callbacks.md``.
+    The attack differentiates the returned loss w.r.t. the input only (no parameter ``.grad``, no DDP hook), so
+    the loss's reduction does not matter. ``norm="l2"`` steps along gᵢ/‖gᵢ‖ (to first order, the penalty
+    ε‖∇ₓℓ‖), ``norm="linf"`` by sign (torchattacks' FGSM/PGD). Logs ``adversarial/loss`` (and
+    ``adversarial/clean_loss``). With ``target`` δ is added to a layer's output (FGM/PGD on embeddings, Miyato
+    et al. 2017), per sample, padding never perturbed. Design: ``docs/design/loss-changing-callbacks.md``.
 
     Args:
         epsilon: radius ε ≥ 0 of the perturbation ball.
@@ -34,13 +33,14 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         steps: 1 for FGSM, more for PGD.
         step_size: default ε for FGSM (1.25·ε with ``random_start``), 2.5·ε/steps for PGD.
         random_start: start from a uniform point in the ε-ball.
-        clamp: ``(lo, hi)`` valid input range, e.g. ``(0, 1)`` for images.
+        clamp: ``(lo, hi)`` valid input range, e.g. ``(0, 1)`` for images (inputs outside it are refused).
         adversarial_weight: a ∈ [0, 1].
         average_steps: FreeLB (Zhu et al. 2020): train on the mean loss over the ``steps`` ascent points
             δ₀ … δ_{K−1}, one objective and one backward (needs ``adversarial_weight=1``).
         input_key: which part of the batch is the input (see `DataGradientPenalty`).
         target: perturb this layer's output (dotted path or module) instead of the batch input.
         mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
+        check_finite: see `DataGradientPenalty`.
 
     Raises:
         ValueError, TypeError: an invalid argument, an input the loss ignores, or one not floating point.
@@ -72,8 +72,9 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         input_key: InputKey = None,
         target: Target = None,
         mask_key: str | None = None,
+        check_finite: bool = True,
     ) -> None:
-        super().__init__(1.0)
+        super().__init__(1.0, check_finite=check_finite)
         owner = type(self).__name__
         self.epsilon = check_number(epsilon, "epsilon", owner)
         self.norm = check_choice(norm, "norm", NORMS)

@@ -21,6 +21,7 @@ class Flooding(PenaltyCallback):
 
     Args:
         level: the flood level b ≥ 0 (about the training loss a well-generalising model keeps).
+        check_finite: check each step's loss and gradients before the update (one host read a step).
 
     Example:
 
@@ -34,8 +35,8 @@ class Flooding(PenaltyCallback):
 
     order = -1  # outermost: it floods the loss the user's step returned, before any other term is added
 
-    def __init__(self, level: float) -> None:
-        super().__init__(1.0)
+    def __init__(self, level: float, *, check_finite: bool = True) -> None:
+        super().__init__(1.0, check_finite=check_finite)
         self.level = check_number(level, "level", type(self).__name__)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:

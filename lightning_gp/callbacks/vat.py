@@ -52,6 +52,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         input_key: the input in the batch (see :class:`DataGradientPenalty`).
         mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
         logits_fn: ``(pl_module, batch) -> logits``; default ``pl_module(input)``.
+        check_finite: check each step's loss, KL and gradients before the update (one host read a step).
 
     Raises:
         ValueError: a bad argument, or logits that are not (B, C).
@@ -84,8 +85,9 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         input_key: InputKey = None,
         mask_key: str | None = None,
         logits_fn: LogitsFn | None = None,
+        check_finite: bool = True,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, check_finite=check_finite)
         self.epsilon = check_number(epsilon, "epsilon", type(self).__name__, strict=True)
         self.xi = check_number(xi, "xi", type(self).__name__, strict=True)
         self.power_iterations = check_positive_int(power_iterations, "power_iterations")
