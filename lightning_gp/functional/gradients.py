@@ -44,7 +44,7 @@ def input_gradient(output: Tensor, inputs: Tensor, *, create_graph: bool = False
     return grad
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for the half types (their squares overflow at |t| > 256 in float16), else ``dtype`` itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -61,7 +61,7 @@ def squared_norms(t: Tensor) -> Tensor:
             f"`t` must be floating point, got dtype {t.dtype}. Convert it first, e.g. `t.float()` (an integer "
             f"result would truncate the norm; complex tensors: take `torch.view_as_real(t)`)."
         )
-    acc = _accumulation_dtype(t.dtype)
+    acc = accumulation_dtype(t.dtype)
     if t.ndim == 1:  # one number per sample (sum over dim=() would reduce over everything)
         return t.to(acc).square()
     return t.to(acc).square().sum(dim=tuple(range(1, t.ndim)))

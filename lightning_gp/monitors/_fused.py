@@ -29,6 +29,7 @@ from lightning_gp.functional.grad_norms import (
     not_run,
     tensor_versions,
 )
+from lightning_gp.functional.gradients import accumulation_dtype
 from lightning_gp.functional.layer_output import perturbed_output
 
 
@@ -122,7 +123,8 @@ class FusedRecording:
                     )
                 grad = self.inputs.grad
                 grad = grad if grad.ndim == 2 else grad.reshape(batch, -1)
-                input_norms = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))  # fp16: in float32
+                # fp16: in float32
+                input_norms = torch.linalg.vector_norm(grad, dim=1, dtype=accumulation_dtype(grad.dtype))
             elif self.output is not None:  # ∇ w.r.t. the target's output: the `.grad` of the zero δ added to it
                 self._target.close()
                 if self.output.calls == 0 or self.output.delta.grad is None:
@@ -131,7 +133,8 @@ class FusedRecording:
                         f"{'did not run' if self.output.calls == 0 else 'got no gradient'} in `training_step`)."
                     )
                 grad = self.output.delta.grad
-                input_norms = torch.linalg.vector_norm(grad.reshape(batch, -1), dim=1, dtype=_wide(grad.dtype))
+                grad = grad.reshape(batch, -1)
+                input_norms = torch.linalg.vector_norm(grad, dim=1, dtype=accumulation_dtype(grad.dtype))
             else:  # token ids: no input gradient, as in mode="recompute"
                 input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
             if self.tap is not None:
@@ -286,8 +289,8 @@ class LinearTap:
             self._check(label, h, record.version)
             # the backward runs without grad mode (unless create_graph): no graph to detach from
             record.h_norm = torch.linalg.vector_norm(h if not torch.is_grad_enabled() else h.detach(), dim=1,
-                                                     dtype=_wide(h.dtype))
-            record.g_norm = torch.linalg.vector_norm(grad, dim=1, dtype=_wide(grad.dtype))
+                                                     dtype=accumulation_dtype(h.dtype))
+            record.g_norm = torch.linalg.vector_norm(grad, dim=1, dtype=accumulation_dtype(grad.dtype))
             record.input = None
         else:
             record.grad = grad.detach()
@@ -343,7 +346,7 @@ class LinearTap:
                     reached.append((call.input.detach(), call.grad))
             if not reached:
                 h0 = calls[0].input
-                general.append(torch.zeros(batch, dtype=_wide(h0.dtype), device=h0.device))
+                general.append(torch.zeros(batch, dtype=accumulation_dtype(h0.dtype), device=h0.device))
             else:
                 h3 = torch.cat([_float(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
                 g3 = torch.cat([_float(g).reshape(batch, -1, g.shape[-1]) for _, g in reached], dim=1)
@@ -408,11 +411,6 @@ def _layer_squared_norms(recorder: GradNormRecorder, batch: int) -> dict[str, Te
             use.args, use.kwargs = apply_to_collection((use.args, use.kwargs), Tensor, _float)
             use.versions = tensor_versions((use.args, use.kwargs))
     return recorder.layer_squared_norms(batch)
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision records (their squares overflow), the record's own dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _float(value: object) -> object:
