@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_gp._support import check_forward, check_number
@@ -14,25 +13,11 @@ from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, fro
 from lightning_gp.callbacks._batch import InputKey, resolve_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional._checks import check_positive_int
-from lightning_gp.functional.adversarial import ascent_direction
+from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
 from lightning_gp.interception import muted_logging
 
 #: ``logits_fn(pl_module, batch)`` → logits (B, C).
 LogitsFn = Callable[[Any, Any], Tensor]
-
-
-def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """Mean over the batch of KL(p ‖ q) between the categorical distributions of two logit tensors.
-
-    Example:
-
-        >>> logits = torch.tensor([[1.0, 2.0, 0.5]])
-        >>> float(kl_divergence(logits, logits))
-        0.0
-    """
-    p_log = F.log_softmax(p_logits, dim=-1)
-    q_log = F.log_softmax(q_logits, dim=-1)
-    return (p_log.exp() * (p_log - q_log)).sum(dim=-1).mean()
 
 
 class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
@@ -45,7 +30,10 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
 
     Args:
         epsilon: radius ε > 0 of r_vadv, per sample, in the l2 norm over all non-batch dims.
-        xi: the small step ξ > 0 of the power iteration.
+        xi: the small step ξ > 0 of the power iteration, per sample. Default (None): ε_c^(1/3)·‖xᵢ‖, ε_c the
+            unit roundoff of the dtype the pass computes in (autocast included; ``functional.precision``), so
+            the difference the iteration takes survives float32 and bfloat16 (a fixed 1e-6 is below float32's
+            resolution of a unit-scale input, and gave directions at |cos| 0.0–0.8 to the exact one).
         power_iterations: ≥ 1.
         weight: α ≥ 0.
         target: perturb this layer's output (dotted path or module) instead of the batch input.
@@ -78,7 +66,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         self,
         epsilon: float,
         *,
-        xi: float = 1e-6,
+        xi: float | None = None,
         power_iterations: int = 1,
         weight: float = 1.0,
         target: Target = None,
@@ -89,7 +77,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
     ) -> None:
         super().__init__(weight, check_finite=check_finite)
         self.epsilon = check_number(epsilon, "epsilon", type(self).__name__, strict=True)
-        self.xi = check_number(xi, "xi", type(self).__name__, strict=True)
+        self.xi = None if xi is None else check_number(xi, "xi", type(self).__name__, strict=True)
         self.power_iterations = check_positive_int(power_iterations, "power_iterations")
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError(f"`logits_fn` must be callable (pl_module, batch) -> logits, got "
@@ -129,27 +117,16 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         probe = self.site.probe(ctx.module, batch)
         with torch.no_grad():  # p(·|x), detached
             clean, _ = probe.run(lambda b: self._logits(ctx, probe, b), lambda like: like.new_zeros(like.shape))
-        generator = self.step_generator(ctx)
 
-        def unit(t: Tensor) -> Tensor:
-            t = probe.masked(t)
-            return ascent_direction(t, "l2")  # t/‖t‖ per sample
+        def kl_at(r: Tensor) -> Tensor:
+            return probe.run(lambda b: kl_divergence(clean, self._logits(ctx, probe, b)), r)[0]
 
-        d = None
-        for _ in range(self.power_iterations):
-            def start(like: Tensor, d=d) -> Tensor:
-                direction = d if d is not None else unit(torch.randn(like.shape, generator=generator,
-                                                                     device=like.device, dtype=like.dtype))
-                return (self.xi * direction).requires_grad_(True)
-
-            kl, r = probe.run(lambda b: kl_divergence(clean, self._logits(ctx, probe, b)), start)
-            (grad,) = torch.autograd.grad(kl, r, allow_unused=True)
-            if grad is None:
-                raise ValueError(f"{type(self).__name__}: the logits do not depend on the perturbed "
-                                 f"{'target output' if self.target is not None else 'input'}.")
-            d = unit(grad)
-        r_adv = self.epsilon * d
-        vat, _ = probe.run(lambda b: kl_divergence(clean, self._logits(ctx, probe, b)), r_adv)
+        d = virtual_adversarial_direction(
+            kl_at, probe.base, xi=self.xi, power_iterations=self.power_iterations, masked=probe.masked,
+            generator=self.step_generator(ctx), owner=type(self).__name__,
+            what="target output" if self.target is not None else "input",
+        )
+        vat = kl_at(self.epsilon * d)
         self.check_and_log(ctx, self.log_name, vat, batch_size=clean.shape[0])
         self.applied += 1
         return step.add(weight * vat)

@@ -1,0 +1,51 @@
+"""The precision a pass really runs in, and difference steps that survive it.
+
+A finite difference f(x + h·d) − f(x) loses the digits that ``x + h·d`` and f's own rounding cannot hold: its
+relative error is about ε/h from rounding plus O(h) from truncation, ε the unit roundoff of the dtype the pass
+computes in. That dtype is the autocast dtype where autocast is on (a float32 input under ``bf16-mixed`` is
+rounded to bfloat16 by the first matmul), not the input's. Design: ``docs/design/finite-differences.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_dtype", "difference_scale"]
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The least precise of ``t.dtype`` and the autocast dtype active on ``t``'s device.
+
+    Example:
+
+        >>> compute_dtype(torch.zeros(2))
+        torch.float32
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     compute_dtype(torch.zeros(2))
+        torch.bfloat16
+    """
+    dtype = t.dtype
+    if not dtype.is_floating_point:
+        return dtype
+    device = t.device.type
+    if torch.is_autocast_enabled(device):
+        cast = torch.get_autocast_dtype(device)
+        if torch.finfo(cast).eps > torch.finfo(dtype).eps:
+            return cast
+    return dtype
+
+
+def difference_scale(dtype: torch.dtype) -> float:
+    """ε^(1/3) of ``dtype``: a relative step whose rounding and truncation errors stay small together.
+
+    ε/h + h is smallest at h = √ε for an exact f, but the step must also survive the rounding of the
+    perturbed point itself (bfloat16 keeps 8 bits): ε^(1/3) measured better in bfloat16 and as well in
+    float32 (``tests/test_precision.py``). About 4.9e-3 for float32, 6.1e-6 for float64, 0.2 for bfloat16.
+
+    Example:
+
+        >>> round(difference_scale(torch.float32), 4)
+        0.0049
+    """
+    return float(torch.finfo(dtype).eps) ** (1 / 3)
