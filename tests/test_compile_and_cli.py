@@ -149,8 +149,8 @@ def test_lightning_cli_builds_a_callback_from_arguments():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: DataGradientPenalty(0.5),
-    lambda: ParameterGradientPenalty(0.1),
+    lambda: DataGradientPenalty(0.5, method="double_backward"),
+    lambda: ParameterGradientPenalty(0.1, method="double_backward"),
 ], ids=["data", "parameter"])
 @pytest.mark.parametrize("where", ["module", "submodule"])
 def test_double_backward_on_a_compiled_model_is_refused_in_setup(make, where):
@@ -161,3 +161,14 @@ def test_double_backward_on_a_compiled_model_is_refused_in_setup(make, where):
     name = "`Net` itself" if where == "module" else "`net`"
     with pytest.raises(RuntimeError, match=rf"no double backward \({name}\). Use method='finite_difference'"):
         run(module, [make()], steps=1)
+
+
+@pytest.mark.parametrize("make", [lambda: DataGradientPenalty(0.5), lambda: ParameterGradientPenalty(0.1)],
+                         ids=["data", "parameter"])
+def test_the_default_method_takes_finite_differences_on_a_compiled_model(make):
+    """method='auto' (the default) sees the compiled module in setup and says what it chose in its repr."""
+    callback = make()
+    module = run(Net(torch.compile(mlp(), backend="aot_eager")), [callback], steps=2)
+    assert callback.resolved_method == "finite_difference"
+    assert "method='auto' -> 'finite_difference'" in repr(callback)
+    assert all(torch.isfinite(p).all() for p in module.parameters())

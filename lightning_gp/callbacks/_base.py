@@ -29,6 +29,7 @@ from lightning_gp._logging import should_log
 from lightning_gp._support import check_bool, check_number, check_strategy, init_repr
 from lightning_gp.functional._autograd import autograd_leaves, linearised
 from lightning_gp.functional._checks import check_positive_int
+from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.interception import StepInterceptor, muted_logging
 
 
@@ -142,18 +143,6 @@ def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
 
 
 
-class _Call(nn.Module):
-    """Lets ``torch.func.functional_call`` run a *method* (the user's training_step) with swapped parameters."""
-
-    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.module = module
-        self._fn = fn
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(*args, **kwargs)
-
-
 class StepContext:
     """One training step as seen by the callbacks: the module, the user's step function and its arguments.
 
@@ -195,7 +184,8 @@ class StepContext:
 
     def primary(self, batch: Any) -> Step:
         """The user's step, as Lightning would run it (it logs, it updates BatchNorm statistics)."""
-        out = self.step_fn(batch, *self.rest_args, **self.kwargs)
+        with forward_pass():
+            out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
             raise SkipBatch
         loss = extract_loss(out, self.owners)
@@ -203,19 +193,10 @@ class StepContext:
             self.values.add_loss(loss)
         return Step(loss=loss, output=out)
 
-    def extra_loss(self, batch: Any, params: dict[str, Tensor] | None = None) -> Tensor:
-        """The raw loss of an extra pass: no other callback, no logging, BatchNorm statistics untouched.
-
-        ``params`` (name → tensor, names as in ``module.named_parameters()``) evaluates the step at other
-        parameter values without touching the module's own (their autograd graph stays valid).
-        """
-        with muted_logging(self.module), frozen_norm_stats(self.module):
-            if params is None:
-                out = self.step_fn(batch, *self.rest_args, **self.kwargs)
-            else:
-                caller = _Call(self.module, self.step_fn)
-                named = {f"module.{k}": v for k, v in params.items()}
-                out = torch.func.functional_call(caller, named, (batch, *self.rest_args), self.kwargs)
+    def extra_loss(self, batch: Any) -> Tensor:
+        """The raw loss of an extra pass: no other callback, no logging, BatchNorm statistics untouched."""
+        with muted_logging(self.module), frozen_norm_stats(self.module), forward_pass():
+            out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
             raise SkipBatch
         return extract_loss(out, self.owners)
@@ -321,9 +302,13 @@ class PenaltyCallback(Callback):
                 f"`lightning_gp.manual.penalized_loss(self, loss_fn, batch, [{type(self).__name__}(...)])` "
                 f"before `self.manual_backward`."
             )
-        compiled = compiled_modules(pl_module) if getattr(self, "method", None) == "double_backward" else []
+        method = getattr(self, "method", None)
+        compiled = compiled_modules(pl_module) if method in ("double_backward", "auto") else []
         if compiled:
             where = ", ".join(f"`{n}`" if n else f"`{type(pl_module).__name__}` itself" for n in compiled)
+            if method == "auto":
+                self.resolve_method("finite_difference", f"torch.compile'd modules have no double backward ({where})")
+        if compiled and method == "double_backward":
             raise RuntimeError(
                 f"{type(self).__name__}(method='double_backward') differentiates a gradient, and torch.compile'd "
                 f"modules have no double backward ({where}). Use method='finite_difference', which needs two "

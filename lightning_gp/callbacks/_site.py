@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
@@ -72,6 +72,8 @@ class Probe:
     mask: Tensor | None
     owner: str
     base: Tensor | None = None  # the unperturbed input or target output of the latest pass
+    names: list[str] | None = None  # the target's names in the model (for messages)
+    sharing: list[str] | None = None  # other modules holding the target's parameters (tied weights)
 
     @contextlib.contextmanager
     def applied(self, delta: Delta, chain: bool = False) -> Iterator[tuple[Any, Callable[[], Tensor | None]]]:
@@ -89,12 +91,15 @@ class Probe:
             d_eff = d if self.mask is None else d * expand_mask(self.mask, self.x, "mask")
             yield replace_input(self.batch, self.path, self.x + d_eff.to(self.x.dtype)), (lambda: d)
         else:
-            with perturbed_output(self.module, delta, mask=self.mask, owner=self.owner, reuse=chain) as record:
+            with perturbed_output(self.module, delta, mask=self.mask, owner=self.owner, reuse=chain,
+                                  names=self.names) as record:
                 yield self.batch, (lambda: record.delta)
             if record.calls == 0:
                 raise RuntimeError(
                     f"{self.owner}: the target `{type(self.module).__name__}` did not run in `training_step`, "
-                    f"so there is no output to perturb. Pass a `target` the model calls on the batch."
+                    f"so there is no output to perturb. Pass a `target` the model calls on the batch"
+                    + (f"; these modules share its weight: {', '.join(f'`{n}`' for n in self.sharing)}."
+                       if self.sharing else ".")
                 )
             self.base = record.output
 
@@ -121,9 +126,20 @@ class Site:
     owner: str
     module: nn.Module | None = None
     resolved: bool = False
+    names: list[str] = field(default_factory=list)  # the target's names in the model
+    sharing: list[str] = field(default_factory=list)  # other modules holding its parameters (tied weights)
 
     def resolve(self, root: nn.Module) -> None:
         self.module = resolve_target(root, self.target, self.owner)
+        self.names.clear()
+        self.sharing.clear()
+        if self.module is not None:
+            own = {id(p) for p in self.module.parameters(recurse=False)}
+            for n, m in root.named_modules(remove_duplicate=False):
+                if m is self.module:
+                    self.names.append(n)
+                elif own and any(id(p) in own for p in m.parameters(recurse=False)):
+                    self.sharing.append(n)
         self.resolved = True
 
     def probe(self, root: nn.Module, batch: Any) -> Probe:
@@ -131,7 +147,7 @@ class Site:
             self.resolve(root)
         mask = self.mask(batch)
         if self.module is not None:
-            return Probe(batch, self.module, None, None, mask, self.owner)
+            return Probe(batch, self.module, None, None, mask, self.owner, names=self.names, sharing=self.sharing)
         x, path = resolve_input(batch, self.input_key, self.owner)
         if not x.is_floating_point():
             found = embedding_names(root)

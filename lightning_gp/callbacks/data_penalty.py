@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_gp._support import check_bool, check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, slice_batch
+from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import finite_difference_term
@@ -18,19 +19,14 @@ from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, check_penalty_shape
 from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
-from lightning_gp.functional.penalties import (
-    METHODS,
-    Method,
-    finite_difference_direction,
-    finite_difference_input_step_from_norms,
-)
+from lightning_gp.functional.penalties import finite_difference_direction, finite_difference_input_step_from_norms
 
 #: How ``training_step`` reduced the per-sample losses to its scalar loss.
 Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
-class DataGradientPenalty(SiteCallback, PenaltyCallback):
+class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
     r"""Adds ``weight · mean_i φ(‖∇ₓℓᵢ‖)`` to the loss, φ(n) = (n − center)^power (or max(0, ·) one-sided).
 
     ``power=1`` is ε‖∇ₓℓ‖ (first-order FGSM training), ``power=2`` double backpropagation (Drucker & LeCun).
@@ -45,17 +41,17 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
         target: use this layer's output instead of the batch input (dotted path or ``nn.Module``).
         mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
         every_n_steps: lazy regularization: the penalty on every k-th optimizer step with weight × k.
-        method: ``"double_backward"`` (exact) or ``"finite_difference"`` (one extra ordinary pass).
+        method: ``"double_backward"`` (exact), ``"finite_difference"`` (one extra ordinary pass), or ``"auto"``
+            (the first where the model has a double backward, decided at the first step; SDPA/compile have none).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduced the per-sample losses.
         step: relative input displacement of the finite difference.
-        check_finite: check each step's loss, penalty and gradients before the update (one host read a step).
+        check_finite: check each step's loss, penalty and gradients before the update.
         check_reduction: check ``loss_reduction`` on the two half-batches of the first penalized step.
 
     Raises:
         ValueError: a bad argument; a loss that acts as the other ``loss_reduction`` or ignores the input.
         TypeError: the selected input is not floating point.
-        FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf; every
-            rank raises.
+        FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf.
 
     Example:
         >>> from lightning_gp.manual import penalized_loss
@@ -82,7 +78,7 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
         target: Target = None,
         mask_key: str | None = None,
         every_n_steps: int = 1,
-        method: Method = "double_backward",
+        method: Method = "auto",
         loss_reduction: Reduction = "mean",
         step: float = 1e-2,
         check_finite: bool = True,
@@ -119,7 +115,8 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
             return inner(batch)
         probe = self.site.probe(ctx.module, batch)
         device = probe.x.device if probe.x is not None else next(ctx.module.parameters()).device
-        before = RNGState.capture(device) if self.method == "finite_difference" else None
+        method = self.resolved_method  # None: "auto", undecided until this step's graph is tried
+        before = RNGState.capture(device) if method != "double_backward" else None
         step, leaf = probe.run(inner, chain=True)  # δ: a zero leaf on the input (or the target's output)
         loss = step.loss
         n = probe.base.shape[0]
@@ -128,10 +125,17 @@ class DataGradientPenalty(SiteCallback, PenaltyCallback):
             self._check_reduction(ctx, batch, probe.base, loss)
         # Per-sample sum S = Σᵢ ℓᵢ: B·L for a mean-reduced loss, L itself for a summed one.
         per_sample_scale = float(n) if self.loss_reduction == "mean" else 1.0
-        if self.method == "double_backward":
+
+        def double_backward_penalty() -> Tensor:
             grad = self._input_grad(loss, leaf) * per_sample_scale
-            penalty = gradient_norm_penalty(grad, power=self.power, center=self.center,
-                                            one_sided=self.one_sided).mean()
+            return gradient_norm_penalty(grad, power=self.power, center=self.center, one_sided=self.one_sided).mean()
+
+        penalty = None
+        if method is None:
+            params = [p for p in ctx.module.parameters() if p.requires_grad]
+            method, penalty = self.decide_method(ctx, double_backward_penalty, params)
+        if method == "double_backward":
+            penalty = double_backward_penalty() if penalty is None else penalty
             step = step.add(weight * penalty)
         else:
             # ∇ₓL together with ∇L for every other leaf (the parameters) in one backward; the loss is

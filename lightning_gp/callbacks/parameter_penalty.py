@@ -9,19 +9,20 @@ import torch
 
 from lightning_gp._support import check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
-from lightning_gp.functional._autograd import finite_difference_term
+from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
+from lightning_gp.functional._autograd import autograd_leaves, displaced, finite_difference_term, linearised
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, grads_or_zeros
 from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional.gradients import squared_norm_sum
-from lightning_gp.functional.penalties import METHODS, Method, finite_difference_parameter_step
+from lightning_gp.functional.penalties import finite_difference_parameter_step
 
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
 Scope = Literal["local", "global"]
 SCOPES: tuple[str, ...] = get_args(Scope)
 
 
-class ParameterGradientPenalty(PenaltyCallback):
+class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
     r"""Adds ``weight · ‖∇θL‖²`` to the loss; its gradient is 2w·H·∇θL.
 
     With ``weight = γ/4`` for the SGD learning rate γ it cancels the leading discretisation error of
@@ -31,7 +32,9 @@ class ParameterGradientPenalty(PenaltyCallback):
     Args:
         weight: w ≥ 0.
         every_n_steps: lazy regularization: every k-th optimizer step with weight × k.
-        method: ``"double_backward"`` or ``"finite_difference"`` (a second pass at θ + h·∇θL, as in SAM).
+        method: ``"double_backward"``, ``"finite_difference"`` (a second pass at θ + h·∇θL, as in SAM, with the
+            parameters displaced in place and restored bit for bit), or ``"auto"``: double backward where the
+            model has one, else finite differences, decided at the first penalized step.
         scope: ``"local"`` (each DDP rank penalises its own gradient, as SAM does) or ``"global"`` (the
             gradient averaged over ranks inside the graph: the one-process result, one more collective).
         step: relative parameter displacement of the finite difference.
@@ -61,7 +64,7 @@ class ParameterGradientPenalty(PenaltyCallback):
         weight: float,
         *,
         every_n_steps: int = 1,
-        method: Method = "double_backward",
+        method: Method = "auto",
         scope: Scope = "local",
         step: float = 1e-3,
         check_finite: bool = True,
@@ -84,12 +87,19 @@ class ParameterGradientPenalty(PenaltyCallback):
                 f"to train, or remove the callback."
             )
         device = params[0].device
-        before = RNGState.capture(device) if self.method == "finite_difference" else None
+        method = self.resolved_method  # None: "auto", undecided until this step's graph is tried
+        before = RNGState.capture(device) if method != "double_backward" else None
         step = inner(batch)
         loss = step.loss
         if not loss.requires_grad:
             raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
-        double = self.method == "double_backward"
+        if method is None:
+            def local_penalty() -> torch.Tensor:
+                grads = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
+                return squared_norm_sum([g for g in grads if g is not None])
+
+            method, _ = self.decide_method(ctx, local_penalty, params)
+        double = method == "double_backward"
         if double:
             grads = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
         else:
@@ -114,12 +124,16 @@ class ParameterGradientPenalty(PenaltyCallback):
             g_norm = penalty.detach().sqrt()
             if g_norm > 0:
                 h = finite_difference_parameter_step(params, g_norm, self.step)
-                # One fused kernel per tensor (no h·g temporary); the graph to θ stays for the final backward.
-                perturbed = {n: torch.add(p, g.detach(), alpha=h) for (n, p), g in zip(named, grads, strict=True)}
-                with replayed_rng(before):  # the same dropout masks as the primary pass
-                    loss2 = ctx.extra_loss(batch, params=perturbed)
+                with displaced(params, [g.detach() for g in grads], h), replayed_rng(before):
+                    # θ + h·g in place (ties and aliases intact), the same dropout masks as the primary pass;
+                    # its gradients are taken before θ is put back, then enter the final backward linearised.
+                    loss2 = ctx.extra_loss(batch)
+                    leaves = autograd_leaves(loss2)
+                    grads2 = torch.autograd.grad(loss2, leaves, allow_unused=True)
+                at_displaced = linearised(loss2, [(v, g) for v, g in zip(leaves, grads2, strict=True)
+                                                  if g is not None])
                 # (2/h)·[L(θ + h g) − L(θ)], its −L(θ) part through the linearised loss (gradient: the local ∇L).
-                step = step.add(weight * finite_difference_term(loss2, step.surrogate, step=h, scale=2.0))
+                step = step.add(weight * finite_difference_term(at_displaced, step.surrogate, step=h, scale=2.0))
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1
         return step

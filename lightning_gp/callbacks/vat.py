@@ -13,6 +13,7 @@ from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, fro
 from lightning_gp.callbacks._batch import InputKey, resolve_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional._checks import check_positive_int
+from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
 from lightning_gp.interception import muted_logging
 
@@ -30,10 +31,8 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
 
     Args:
         epsilon: radius ε > 0 of r_vadv, per sample, in the l2 norm over all non-batch dims.
-        xi: the small step ξ > 0 of the power iteration, per sample. Default (None): ε_c^(1/3)·‖xᵢ‖, ε_c the
-            unit roundoff of the dtype the pass computes in (autocast included; ``functional.precision``), so
-            the difference the iteration takes survives float32 and bfloat16 (a fixed 1e-6 is below float32's
-            resolution of a unit-scale input, and gave directions at |cos| 0.0–0.8 to the exact one).
+        xi: the small step ξ > 0 of the power iteration; None: ε^(1/3)·‖xᵢ‖ per sample, ε the unit roundoff of
+            the dtype the pass computes in (:func:`lightning_gp.functional.vat.virtual_adversarial_xi`).
         power_iterations: ≥ 1.
         weight: α ≥ 0.
         target: perturb this layer's output (dotted path or module) instead of the batch input.
@@ -93,7 +92,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
 
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""
-        with muted_logging(ctx.module), frozen_norm_stats(ctx.module):
+        with muted_logging(ctx.module), frozen_norm_stats(ctx.module), forward_pass():
             if self.logits_fn is not None:
                 logits = self.logits_fn(ctx.module, batch)
             elif probe.module is None:

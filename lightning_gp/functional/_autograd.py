@@ -12,7 +12,8 @@ it like any other gradient) instead of being written into ``.grad``:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -86,19 +87,76 @@ def finite_difference_term(perturbed: Tensor, base: Tensor, *, step: float, scal
     return diff - diff.detach()
 
 
-#: What torch says when a graph has no double backward (torch.compile's aot_autograd, fused kernels).
-_NO_DOUBLE_BACKWARD = ("double backward", "donated buffer")
+#: What torch says when a graph has no double backward: torch.compile's aot_autograd, fused kernels such as
+#: ``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` (SDPA, the default attention of most Hugging
+#: Face model classes), custom autograd Functions whose backward is not differentiable.
+_NO_DOUBLE_BACKWARD = re.compile(r"double backward|donated buffer|derivative for .+ is not implemented")
 
 
-def no_double_backward_error(err: RuntimeError) -> RuntimeError | None:
+class NoDoubleBackwardError(RuntimeError):
+    """The model has no double backward (torch's message appended); ``method="finite_difference"`` has none."""
+
+
+def no_double_backward_error(err: RuntimeError) -> NoDoubleBackwardError | None:
     """A clear error for torch's "no double backward" (torch.compile's aot_autograd, fused kernels), or None."""
-    if not any(s in str(err) for s in _NO_DOUBLE_BACKWARD):
+    if isinstance(err, NoDoubleBackwardError):
+        return err
+    if not _NO_DOUBLE_BACKWARD.search(str(err)):
         return None
-    return RuntimeError(
+    return NoDoubleBackwardError(
         "This penalty differentiates a gradient (a double backward), which this model does not support: "
-        "torch.compile'd modules and fused attention kernels have none. Use method='finite_difference', "
-        f"which needs two ordinary passes instead. (torch: {str(err).splitlines()[0]})"
+        "torch.compile'd modules and fused attention kernels (SDPA) have none. Use method='finite_difference' "
+        f"(or 'auto'), which needs two ordinary passes instead. (torch: {str(err).splitlines()[0]})"
     )
+
+
+def supports_double_backward(value: Tensor, inputs: Sequence[Tensor]) -> bool | None:
+    """Whether ``value`` (built from gradients taken with ``create_graph=True``) can be differentiated w.r.t.
+    ``inputs``: runs that backward once, its result thrown away. None when ``value`` has no graph to try.
+
+    Raises:
+        RuntimeError: any error other than a missing double backward.
+    """
+    inputs = [t for t in inputs if t.requires_grad]
+    if not value.requires_grad or not inputs:
+        return None
+    try:
+        torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+    except RuntimeError as err:
+        if no_double_backward_error(err) is None:
+            raise
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def displaced(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: float) -> Iterator[None]:
+    """θ ← θ + α·d in place for the block, each parameter put back bit for bit after it.
+
+    In place on the tensors the model and the optimizer hold, so ties, aliases, ``requires_grad`` and sharded
+    parameters stay what they are (``torch.func.functional_call`` swaps attributes by name, and on a module
+    registered under several names it can leave a plain tensor behind). Through ``.data``: the version
+    counters do not move, so graphs built before the block (the clean pass's) can still run backward after
+    it. A graph built *inside* the block saw θ + α·d; take its gradients inside the block too.
+
+    Example::
+
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> with displaced([w], [torch.ones(2)], 0.5):
+        ...     inside = w.detach().clone()
+        >>> inside.tolist(), w.tolist()
+        ([1.5, 2.5], [1.0, 2.0])
+    """
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, d in zip(params, directions, strict=True):
+                p.data.add_(d.to(p.dtype), alpha=alpha)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.data.copy_(value)
 
 
 @contextlib.contextmanager

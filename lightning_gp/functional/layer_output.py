@@ -35,6 +35,25 @@ class OutputRecord:
     delta: Tensor | None = None
     calls: int = 0
     masks: list[Tensor] = field(default_factory=list)
+    last_pass: int | None = None  # the `forward_pass` of the latest call
+
+
+class _PassCount:
+    """How many :func:`forward_pass` blocks have begun (a process-wide count: passes never nest)."""
+
+    value = 0
+
+
+@contextlib.contextmanager
+def forward_pass() -> Iterator[None]:
+    """Marks one forward pass of a multi-pass block (``perturbed_output(reuse=True)``).
+
+    A target must run once per pass; with the passes marked, a second call inside one pass is refused
+    whatever its shape (T5's shared embedding in the encoder and the decoder: a decoder as long as the
+    encoder must not take the encoder's δ and mask), while calls in later passes take the same δ.
+    """
+    _PassCount.value += 1
+    yield
 
 
 def expand_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
@@ -59,7 +78,7 @@ def first_output(output: Any) -> Tensor:
 @contextlib.contextmanager
 def perturbed_output(
     module: nn.Module, delta: Tensor | Callable[[Tensor], Tensor] | None = None, *, mask: Tensor | None = None,
-    owner: str = "perturbed_output", reuse: bool = False,
+    owner: str = "perturbed_output", reuse: bool = False, names: list[str] | None = None,
 ) -> Iterator[OutputRecord]:
     """Add ``delta`` to ``module``'s output while the block runs; yields what the module produced.
 
@@ -71,7 +90,9 @@ def perturbed_output(
         owner: the name errors start with.
         reuse: the block runs several passes (those of nested callbacks, e.g. a finite difference inside
             adversarial training): the same δ is added at every call, each output shaped like the first;
-            ``record`` keeps the first call's output and δ.
+            ``record`` keeps the first call's output and δ. Each pass must be marked by :func:`forward_pass`;
+            unmarked calls count as one pass.
+        names: the module's names in the model, for error messages.
 
     Raises:
         TypeError: when the output is not a floating-point tensor.
@@ -97,7 +118,17 @@ def perturbed_output(
 
     def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
         record.calls += 1
-        if record.calls > 1 and reuse:
+        this_pass = _PassCount.value
+        if record.calls > 1 and (not reuse or this_pass == record.last_pass):
+            where = f" (registered as {', '.join(f'`{n}`' for n in names)})" if names else ""
+            raise RuntimeError(
+                f"{owner}: the target `{type(mod).__name__}`{where} runs more than once in one forward pass, so "
+                f"its output cannot take one perturbation per sample (a shared embedding called by an encoder and "
+                f"a decoder, a layer applied in a loop). Target a module that runs once per pass: give the call "
+                f"you mean a module of its own (the weight can stay shared)."
+            )
+        record.last_pass = this_pass
+        if record.calls > 1:
             out = first_output(output)
             if isinstance(out, Tensor) and out.shape == record.output.shape:
                 return _added(output, out, record.delta)
@@ -105,11 +136,6 @@ def perturbed_output(
             raise RuntimeError(
                 f"{owner}: the target `{type(mod).__name__}` ran again inside the perturbed step with an output "
                 f"of shape {shape}, not {tuple(record.output.shape)}; its perturbation cannot be applied there."
-            )
-        if record.calls > 1:
-            raise RuntimeError(
-                f"{owner}: the target `{type(mod).__name__}` ran more than once in one forward pass; a "
-                f"perturbation of its output needs one call per pass. Target a module that runs once."
             )
         out = first_output(output)
         if not isinstance(out, Tensor) or not out.is_floating_point():

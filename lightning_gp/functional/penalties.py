@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
-from lightning_gp.functional._autograd import finite_difference_term, linearised
+from lightning_gp.functional._autograd import displaced, finite_difference_term, linearised
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import (
     as_param_list,
@@ -340,22 +340,13 @@ def parameter_gradient_penalty_fd(
         fill = torch.zeros_like if norm == 0 else (lambda p: torch.full_like(p, math.nan))
         return PenaltyGradient(g_sq.detach(), tuple(fill(p) for p in params), loss.detach(), tuple(g))
     h = finite_difference_parameter_step(params, g_norm, step)
-    saved = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p.add_(gi, alpha=h)
-        with _second_pass(rng, module):
-            loss2 = check_scalar(loss_fn(), "loss_fn()")
-            if not loss2.requires_grad:
-                raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
-            # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss.
-            base = linearised(loss, list(zip(params, g, strict=True)))
-            term = finite_difference_term(loss2, base, step=h, scale=2.0)
-            g2 = torch.autograd.grad(term, params, allow_unused=True)
-            grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+    with displaced(params, g, h), _second_pass(rng, module):
+        loss2 = check_scalar(loss_fn(), "loss_fn()")
+        if not loss2.requires_grad:
+            raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
+        # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss.
+        base = linearised(loss, list(zip(params, g, strict=True)))
+        term = finite_difference_term(loss2, base, step=h, scale=2.0)
+        g2 = torch.autograd.grad(term, params, allow_unused=True)
+        grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
     return PenaltyGradient(g_sq.detach(), grads, loss.detach(), tuple(g))

@@ -1,0 +1,71 @@
+"""``method="auto"``: double backward where the model has one, finite differences where it has none.
+
+Decided once, at the first penalized step: the penalty's own double backward is tried on that step's graph
+(one extra backward, its result thrown away). SDPA attention (the default of most Hugging Face model classes),
+torch.compile'd modules and custom autograd Functions have no double backward; with ``"auto"`` they train by
+finite differences instead of failing inside Lightning's backward. The choice shows in the ``repr`` and in
+``lightning_gp``'s log; under DDP every rank takes finite differences if any rank lacks a double backward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+from lightning_gp.functional._autograd import NoDoubleBackwardError, supports_double_backward
+
+#: How a penalty callback takes the gradient of a gradient.
+Method = Literal["auto", "double_backward", "finite_difference"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+log = logging.getLogger("lightning_gp")
+
+
+class MethodChoice:
+    """Mixin of the callbacks with a ``method``: :attr:`resolved_method` and the first step's decision."""
+
+    method: str
+
+    @property
+    def resolved_method(self) -> str | None:
+        """``method``, or what ``"auto"`` chose (None until the first penalized step)."""
+        if self.method != "auto":
+            return self.method
+        return self.__dict__.get("_resolved")
+
+    def resolve_method(self, method: str, why: str) -> None:
+        """Fix what ``"auto"`` stands for from now on (no-op for an explicit ``method``)."""
+        if self.method == "auto" and self.__dict__.get("_resolved") is None:
+            self.__dict__["_resolved"] = method
+            log.info("%s(method='auto') uses %r: %s", type(self).__name__, method, why)
+
+    def decide_method(self, ctx: Any, build: Callable[[], Tensor], inputs: list[Tensor]) -> tuple[str, Tensor | None]:
+        """For ``"auto"`` still undecided: build the double-backward penalty and try differentiating it.
+
+        Returns the method and, where it is ``"double_backward"``, the penalty that was built (to be used).
+        """
+        value, works = None, None
+        try:
+            value = build()
+            works = supports_double_backward(value, inputs)
+        except NoDoubleBackwardError:
+            works = False
+        failed = torch.tensor([0.0 if works is not False else 1.0],
+                              device=inputs[0].device if inputs else None)
+        if ctx.reduce(failed, "max").item() > 0:  # any rank without a double backward: all ranks difference
+            self.resolve_method("finite_difference", "this model has no double backward (SDPA attention, "
+                                "torch.compile or a custom autograd Function); two ordinary passes instead")
+            return "finite_difference", None
+        if works:
+            self.resolve_method("double_backward", "the model has a double backward")
+        return "double_backward", value
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if self.method == "auto" and self.resolved_method is not None:
+            text = f"{text[:-1]}{', ' if not text.endswith('()') else ''}method='auto' -> {self.resolved_method!r})"
+        return text

@@ -1,0 +1,227 @@
+"""The models people bring: tiny Hugging Face model classes (local configs, SDPA attention by default).
+
+- Every input-space callback, the parameter penalty and flooding on every model of ``tests/hf_zoo.py``: it
+  trains (finite, moved parameters) or refuses with a message that names the layer and the fix.
+- Exactness on the classification models: each callback equals the hand-written loops of
+  ``tests/test_targets.py``, which run the reference module with *eager* attention, so the callbacks' default
+  ``method="auto"`` on SDPA (no double backward) is held against a hand-written finite-difference loop.
+- Parameter perturbations leave tied, aliased and resized models as they were: the same parameter objects,
+  the same ties, the same ``requires_grad``; and the finite difference agrees with the double backward.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_gp import (
+    AdversarialTraining,
+    DataGradientPenalty,
+    Flooding,
+    ParameterGradientPenalty,
+    VirtualAdversarialTraining,
+    penalized_loss,
+)
+from tests.hf_zoo import ZOO, HFModule, loader
+from tests.test_targets import (
+    Parts,
+    Problem,
+    SGDModule,
+    assert_same_training,
+    collate,
+    fit,
+    ref_data_fd,
+    ref_data_penalty,
+    ref_fgm,
+    ref_freelb,
+    ref_pgd,
+    ref_vat,
+    reference,
+    token_data,
+)
+
+QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+RUNS_TWICE = r"\(registered as `model.shared`, `model.encoder.embed_tokens`.*\) runs more than once in one forward pass"
+
+
+def methods(target: str) -> dict:
+    lf = lambda module, batch: module.logits(batch)  # noqa: E731
+    return {
+        "fgm": lambda: [AdversarialTraining(0.1, target=target)],
+        "pgd": lambda: [AdversarialTraining(0.1, steps=2, target=target)],
+        "freelb": lambda: [AdversarialTraining(0.1, steps=2, average_steps=True, target=target)],
+        "vat": lambda: [VirtualAdversarialTraining(0.1, target=target, logits_fn=lf)],
+        "data_auto": lambda: [DataGradientPenalty(0.1, target=target)],
+        "data_fd": lambda: [DataGradientPenalty(0.1, target=target, method="finite_difference")],
+        "param_auto": lambda: [ParameterGradientPenalty(0.1)],
+        "param_fd": lambda: [ParameterGradientPenalty(0.1, method="finite_difference")],
+        "flooding": lambda: [Flooding(10.0)],
+    }
+
+
+INPUT_SPACE = {"fgm", "pgd", "freelb", "vat", "data_auto", "data_fd"}
+CELLS = [(m, c) for m in ZOO for c in methods("")]
+
+
+@pytest.mark.parametrize(("model", "method"), CELLS, ids=[f"{m}-{c}" for m, c in CELLS])
+def test_every_model_trains_or_refuses_clearly(model, method):
+    zoo = ZOO[model]
+    module = HFModule(zoo)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = pl.Trainer(max_steps=1, callbacks=methods(zoo.embeddings)[method](), **QUIET)
+    if model == "t5_resized" and method in INPUT_SPACE:
+        # `shared` runs in the encoder and in the decoder: one rule for every callback, a refusal that names it
+        with pytest.raises(RuntimeError, match=RUNS_TWICE):
+            trainer.fit(module, loader(zoo))
+        return
+    trainer.fit(module, loader(zoo))
+    moved = [n for n, p in module.named_parameters() if not torch.equal(p, before[n])]
+    assert moved and all(torch.isfinite(p).all() for p in module.parameters())
+    if method in INPUT_SPACE:  # the embedding table upstream of the target trains
+        table = module.get_submodule(zoo.embeddings)
+        assert any(n.startswith(zoo.embeddings) for n in moved) or table.weight is not None
+
+
+def test_a_tied_module_that_does_not_run_names_the_ones_that_do():
+    zoo = ZOO["bart"]
+    trainer = pl.Trainer(max_steps=1, callbacks=[AdversarialTraining(0.1, target="model.model.shared")], **QUIET)
+    with pytest.raises(RuntimeError, match=r"did not run.*share its weight: .*`model.model.encoder.embed_tokens`"):
+        trainer.fit(HFModule(zoo), loader(zoo))
+
+
+# ---- exactness on the classification models -----------------------------------------------------------------
+
+class ZooClassifier(SGDModule):
+    """A zoo classifier on ``tests/test_targets.py``'s token data; ``attn`` picks its attention kernel."""
+
+    def __init__(self, name: str, dtype: torch.dtype = torch.float64, attn: str = "sdpa") -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            self.model = ZOO[name].build(attn, 0.0)
+        self.to(dtype)
+
+    def logits(self, batch):
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+
+
+def problem(name: str) -> Problem:
+    target = ZOO[name].embeddings
+
+    def parts(module: ZooClassifier, batch) -> Parts:
+        ids, mask, model = batch["input_ids"], batch["attention_mask"], module.model
+        return Parts(pre=lambda: module.get_submodule(target)(ids),
+                     post=lambda z: model(inputs_embeds=z, attention_mask=mask).logits, mask=mask,
+                     labels=batch["labels"])
+
+    return Problem(make=lambda dtype: ZooClassifier(name, dtype), data=token_data, batch=collate, parts=parts,
+                   target=target, logits_fn=lambda module, batch: module.logits(batch), table=f"{target}.weight")
+
+
+def exact_cases(target: str, reference_module: nn.Module) -> dict:
+    lf = lambda module, batch: module.logits(batch)  # noqa: E731
+    return {
+        "fgm": ([AdversarialTraining(0.5, adversarial_weight=0.5, target=target)], ref_fgm(0.5, 0.5)),
+        "pgd3": ([AdversarialTraining(0.5, steps=3, target=target)], ref_pgd(0.5, 3)),
+        "freelb3": ([AdversarialTraining(0.5, steps=3, average_steps=True, target=target)], ref_freelb(0.5, 3)),
+        "vat": ([VirtualAdversarialTraining(1.0, xi=1e-3, weight=2.0, target=target, logits_fn=lf)],
+                ref_vat(1.0, 2.0, xi=1e-3)),
+        # SDPA has no double backward: "auto" must take the finite difference, as a hand-written loop would
+        "data_auto": ([DataGradientPenalty(0.05, target=target)],
+                      ref_data_fd(0.05, lambda: list(reference_module.parameters()))),
+        "data_double_backward_eager": ([DataGradientPenalty(0.05, target=target, method="double_backward")],
+                                       ref_data_penalty(0.05)),
+    }
+
+
+EXACT = [(m, c) for m in ("roberta", "distilbert") for c in exact_cases("", nn.Module())]
+
+
+@pytest.mark.parametrize(("model", "case"), EXACT, ids=[f"{m}-{c}" for m, c in EXACT])
+def test_classifiers_match_hand_written_loops(model, case):
+    prob = problem(model)
+    expected = ZooClassifier(model, attn="eager")  # the reference: eager attention, plain torch
+    callbacks, objective = exact_cases(prob.target, expected)[case]
+    reference(prob, objective, module=expected)
+    attn = "eager" if case.endswith("_eager") else "sdpa"
+    _, got = fit(prob, callbacks, module=ZooClassifier(model, attn=attn))
+    if case == "data_auto":
+        assert callbacks[0].resolved_method == "finite_difference"
+        assert "method='auto' -> 'finite_difference'" in repr(callbacks[0])
+    assert_same_training(got, expected, prob, 1e-9)
+
+
+def test_auto_keeps_the_double_backward_where_the_model_has_one():
+    prob = problem("distilbert")
+    callback = DataGradientPenalty(0.05, target=prob.target)
+    fit(prob, [callback], module=ZooClassifier("distilbert", attn="eager"), steps=1)
+    assert callback.resolved_method == "double_backward"
+
+
+# ---- parameter perturbations leave the model as it was ----------------------------------------------------
+
+class Aliased(pl.LightningModule):
+    """A parameter registered on a parent and on its child (as Opacus' DP recurrent layers do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2, bias=False).double()
+        self.w = self.lin.weight
+        self.head = nn.Linear(2, 1).double()
+
+    def training_step(self, batch, batch_idx=0):
+        x, y = batch
+        return ((self.head(torch.tanh(self.lin(x))) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def structure(module: nn.Module) -> list[tuple]:
+    """Every name a parameter is reachable under, with the object's identity, type and requires_grad."""
+    return [(n, id(p), type(p), p.requires_grad) for n, p in module.named_parameters(remove_duplicate=False)]
+
+
+def _aliased_loader():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
+    return torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=8)
+
+
+@pytest.mark.parametrize("model", ["t5_resized", "bart", "gpt2_lm", "aliased"])
+def test_the_finite_difference_parameter_penalty_keeps_every_parameter_and_tie(model):
+    module = Aliased() if model == "aliased" else HFModule(ZOO[model], attn="eager")
+    module.model.get_submodule("lm_head").weight.requires_grad_(True) if model != "aliased" else None
+    before = structure(module)
+    data = _aliased_loader() if model == "aliased" else loader(ZOO[model])
+    pl.Trainer(max_steps=2, callbacks=[ParameterGradientPenalty(0.1, method="finite_difference")],
+               **QUIET).fit(module, data)
+    assert structure(module) == before
+    if model == "aliased":
+        assert module.w is module.lin.weight
+    else:
+        inner = module.model
+        assert inner.get_output_embeddings().weight is inner.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("model", ["t5_resized", "bart", "gpt2_lm", "aliased"])
+def test_the_finite_difference_parameter_penalty_converges_to_the_double_backward(model):
+    """Tied weights count once: ∇ of the finite-difference objective → ∇ of the double-backward one at first
+    order in the step (float64). A tie counted twice, or a parameter left displaced, is an O(1) error."""
+
+    def objective_grad(method: str, step: float) -> torch.Tensor:
+        module = Aliased() if model == "aliased" else HFModule(ZOO[model], attn="eager")
+        batch = next(iter(_aliased_loader() if model == "aliased" else loader(ZOO[model])))
+        penalty = ParameterGradientPenalty(0.5, method=method, step=step)
+        total = penalized_loss(module, lambda b, m=module: m.training_step(b), batch, [penalty])
+        return torch.cat([g.flatten() for g in torch.autograd.grad(total, list(module.parameters()))])
+
+    exact = objective_grad("double_backward", 1e-3)
+    errors = [float((objective_grad("finite_difference", h) - exact).norm() / exact.norm()) for h in (1e-4, 1e-5)]
+    assert errors[1] < 5e-3 and errors[1] < 0.2 * errors[0], errors
