@@ -129,6 +129,11 @@ class HFModule(pl.LightningModule):
         return {k: batch[k] for k in keys}
 
     def forward(self, batch):
+        """The model's output on a dict batch, or on the bare input tensor (ids or pixels) a monitor passes."""
+        if isinstance(batch, torch.Tensor):
+            key = "pixel_values" if self.zoo.kind == "vit" else "input_ids"
+            extra = {"decoder_input_ids": batch.flip(1)[:, : T - 2]} if self.zoo.kind == "s2s" else {}
+            return self.model(**{key: batch}, **extra)
         return self.model(**self.inputs(batch))
 
     def logits(self, batch):
@@ -143,11 +148,12 @@ class HFModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def batch(zoo: Zoo, n: int = B, dtype=torch.float64, seed: int = 1) -> dict:
+def batch(zoo: Zoo, n: int = B, dtype=torch.float64, seed: int = 1, padded: bool = True) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (n, T), generator=g)
     mask = torch.ones(n, T, dtype=torch.long)
-    mask[: n // 2, -2:] = 0  # right padding on half of the samples
+    if padded:
+        mask[: n // 2, -2:] = 0  # right padding on half of the samples
     out = dict(input_ids=ids, attention_mask=mask, labels=torch.randint(0, CLASSES, (n,), generator=g),
                lm_labels=torch.where(mask.bool(), ids, -100), decoder_input_ids=ids.flip(1)[:, : T - 2])
     if zoo.kind == "s2s":
@@ -158,7 +164,16 @@ def batch(zoo: Zoo, n: int = B, dtype=torch.float64, seed: int = 1) -> dict:
     return out
 
 
-def loader(zoo: Zoo, n: int = B, dtype=torch.float64, seed: int = 1) -> DataLoader:
-    data = batch(zoo, n, dtype, seed)
+def loader(zoo: Zoo, n: int = B, dtype=torch.float64, seed: int = 1, padded: bool = True) -> DataLoader:
+    data = batch(zoo, n, dtype, seed, padded)
     rows = [{k: v[i] for k, v in data.items()} for i in range(n)]
     return DataLoader(rows, batch_size=n)
+
+
+def per_sample_loss(outputs, batch) -> torch.Tensor:
+    """ℓᵢ of a zoo model's output: cross-entropy of the (B, C) logits, or of an LM's last position."""
+    logits = outputs.logits
+    if logits.ndim == 3:  # LM and seq2seq: the next token after the sequence, labelled by the first id
+        target = batch["input_ids"][:, 0] if "input_ids" in batch else batch["labels"]
+        return torch.nn.functional.cross_entropy(logits[:, -1], target, reduction="none")
+    return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")

@@ -214,22 +214,49 @@ def test_errors():
     assert per_sample_grad_norms(bn, x, lambda out: out.sum(1))[1].shape == (4,)
     with pytest.raises(ValueError, match=r"one value per sample, shape \(4,\)"):
         per_sample_grad_norms(nn.Linear(3, 2), x, lambda out: out)
-    with pytest.raises(ValueError, match="not the batch"):  # a (T, B, d) layout on a plain Linear
-        per_sample_grad_norms(
-            nn.Sequential(SwapBatch(), nn.Linear(3, 2)),
-            torch.randn(4, 5, 3),
-            lambda out: out.transpose(0, 1).sum((1, 2)),
-        )
     with pytest.raises(ValueError, match="no autograd graph"):
         per_sample_grad_norms(nn.Linear(3, 2), x, lambda out: out.detach().sum(1))
     with pytest.raises(ValueError, match="leading batch dimension"):
         per_sample_grad_norms(nn.Linear(3, 2), torch.tensor(1.0), lambda out: out)
-    dropout = Block()
-    dropout.attn.dropout = 0.5  # training mode: the attention's random mask cannot be replayed per sample
-    with pytest.raises(RuntimeError, match=r"'attn' \(MultiheadAttention\) draws random numbers"):
-        per_sample_grad_norms(dropout, torch.randn(3, 5, 16), lambda out: out.sum(1))
     with pytest.raises(RuntimeError, match="in place"):
         per_sample_grad_norms(InPlaceInput(), x, lambda out: out.sum(1))
+
+
+def _loop_norms(model, x, f):
+    """The reference: each sample alone (batch of one), its full gradient's norm."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(f(model(x[i:i + 1]))[0], params, allow_unused=True)
+        out.append(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("batch", [4, 5])  # 5: the sequence is as long as the batch
+def test_batch_second_data_is_measured_exactly(batch):
+    """A (T, B, d) layout on a plain Linear: the samples are in dimension 1. Read from autograd (the last
+    sample's gradient spills outside row B − 1), not from the sizes: T == B must not decide it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SwapBatch(), nn.Linear(3, 2)).double()
+    x = torch.randn(batch, 5, 3, dtype=torch.float64)
+    f = lambda out: out.transpose(0, 1).sum((1, 2))  # noqa: E731
+    torch.testing.assert_close(per_sample_grad_norms(model, x, f)[1], _loop_norms(model, x, f), rtol=1e-10, atol=0)
+
+
+def test_train_mode_attention_dropout_is_measured_with_the_pass_s_own_masks():
+    """Dropout inside MultiheadAttention: torch.func cannot replay it, the batched backward takes the masks the
+    forward drew; against the same forward's gradient of each sample (a fixed seed for both)."""
+    model = Block().double()
+    model.attn.dropout = 0.5
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    torch.manual_seed(7)
+    _, got = per_sample_grad_norms(model, x, lambda out: out.sum(1))
+    torch.manual_seed(7)
+    values = model(x).sum(1)
+    params = list(model.parameters())
+    want = torch.stack([torch.sqrt(sum(g.square().sum() for g in torch.autograd.grad(values[i], params,
+                        retain_graph=True, allow_unused=True) if g is not None)) for i in range(3)])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
 
 
 class SwapBatch(nn.Module):

@@ -20,11 +20,13 @@ from lightning_gp import (
     AdversarialTraining,
     DataGradientPenalty,
     Flooding,
+    GradientNormMonitor,
     ParameterGradientPenalty,
     VirtualAdversarialTraining,
     penalized_loss,
 )
-from tests.hf_zoo import ZOO, HFModule, loader
+from lightning_gp.functional import per_sample_grad_norms
+from tests.hf_zoo import ZOO, HFModule, batch, loader, per_sample_loss
 from tests.test_targets import (
     Parts,
     Problem,
@@ -225,3 +227,82 @@ def test_the_finite_difference_parameter_penalty_converges_to_the_double_backwar
     exact = objective_grad("double_backward", 1e-3)
     errors = [float((objective_grad("finite_difference", h) - exact).norm() / exact.norm()) for h in (1e-4, 1e-5)]
     assert errors[1] < 5e-3 and errors[1] < 0.2 * errors[0], errors
+
+
+# ---- per-sample norms on every model --------------------------------------------------------------------------
+
+def _input(zoo, data):
+    return data["pixel_values"] if zoo.kind == "vit" else data["input_ids"]
+
+
+def _loop_norms(module, zoo, data):
+    """The reference: each sample alone (a batch of one), the norm of its whole gradient, every parameter once."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    x, out = _input(zoo, data), []
+    for i in range(x.shape[0]):
+        one = {k: v[i:i + 1] for k, v in data.items()}
+        grads = torch.autograd.grad(per_sample_loss(module(x[i:i + 1]), one)[0], params, allow_unused=True)
+        out.append(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("n", [4, 6], ids=["B=4", "B=T=6"])  # B = T: a (T, T) bias must not pass for batched
+@pytest.mark.parametrize("model", list(ZOO))
+def test_per_sample_parameter_norms_equal_a_loop_over_samples(model, n):
+    zoo = ZOO[model]
+    module = HFModule(zoo).eval()
+    data = batch(zoo, n)
+    _, got = per_sample_grad_norms(module, _input(zoo, data), lambda out: per_sample_loss(out, data))
+    torch.testing.assert_close(got, _loop_norms(module, zoo, data), rtol=1e-9, atol=1e-12)
+
+
+FUSED_REFUSED = {"t5": "relative_attention_bias", "bart": "embed_positions", "opt": r"fc1.*not the batch",
+                 "t5_resized": "runs more than once"}
+
+
+@pytest.mark.parametrize("model", [m for m in ZOO if ZOO[m].kind in ("cls", "vit") or m in FUSED_REFUSED])
+def test_the_fused_monitor_equals_recompute_or_refuses_naming_the_layer(model):
+    """Fused mode reads the norms off the training step's backward; where a layer does not keep the samples
+    apart it refuses and names recompute, which measures any model (above). No padding: the recompute pass
+    calls the model on the ids alone, without the attention mask the training step passes."""
+    zoo = ZOO[model]
+    key = "pixel_values" if zoo.kind == "vit" else "input_ids"
+    values = {}
+    for mode in ("fused", "recompute"):
+        kw = {"loss_fn": per_sample_loss} if mode == "recompute" else {}
+        monitor = GradientNormMonitor(every_n_steps=1, mode=mode, input_key=key, target=zoo.embeddings,
+                                      histograms=False, **kw)
+        module = HFModule(zoo)
+        trainer = pl.Trainer(max_steps=1, callbacks=[monitor], **QUIET)
+        if mode == "fused" and model in FUSED_REFUSED:
+            with pytest.raises((ValueError, RuntimeError), match=FUSED_REFUSED[model]):
+                trainer.fit(module, loader(zoo, padded=False))
+            return
+        trainer.fit(module, loader(zoo, padded=False))
+        values[mode] = {k: float(v) for k, v in trainer.callback_metrics.items() if "param_per_sample" in k}
+    assert values["fused"] and values["fused"] == pytest.approx(values["recompute"], rel=1e-9)
+
+
+class AliasedNet(nn.Module):
+    """``self.w = self.lin.weight``: one parameter under two names, on a parent and on its child."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2, bias=False)
+        self.w = self.lin.weight
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x)))
+
+
+def test_an_aliased_parameter_counts_once():
+    """Was exactly 2× the true norm: the parent's replay and the child's closed form both counted it."""
+    model = AliasedNet().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    _, got = per_sample_grad_norms(model, x, lambda out: out[:, 0])
+    params = list(model.parameters())
+    want = torch.stack([torch.sqrt(sum(g.square().sum() for g in torch.autograd.grad(model(x[i:i + 1])[0, 0], params)))
+                        for i in range(5)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

@@ -74,6 +74,16 @@ def _cat(ts: list[Tensor], dim: int) -> Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 
 
+class UnbatchedLayer(ValueError):
+    """A layer's call does not keep the samples apart along the batch dimension (a (T, T) bias lookup, a
+    flattened (B·T, D) input, batch-second data): its closed form or ``torch.func`` replay does not apply.
+    ``unit`` names the module."""
+
+    def __init__(self, message: str, unit: str) -> None:
+        super().__init__(message)
+        self.unit = unit
+
+
 def _pairs(name: str, module: nn.Module, uses: list, batch: int) -> list[tuple[Tensor, Tensor]]:
     """(first input, output gradient) of each call whose output reached the loss, batch-checked."""
     out = []
@@ -82,9 +92,9 @@ def _pairs(name: str, module: nn.Module, uses: list, batch: int) -> list[tuple[T
             continue
         h, g = use.args[0].detach(), use.grads[0]
         if h.shape[0] != batch or g.shape[0] != batch:
-            raise ValueError(
+            raise UnbatchedLayer(
                 f"Layer '{name}' ({type(module).__name__}) got an input of shape {tuple(h.shape)}, whose "
-                f"first dimension is not the batch ({batch}). Per-sample norms need batch-first layers."
+                f"first dimension is not the batch ({batch}). Per-sample norms need batch-first layers.", name
             )
         out.append((h, g))
     return out
@@ -329,9 +339,9 @@ def mha_sq(name: str, module: nn.Module, uses: list, batch: int, names: set[str]
             use.grads[0] = torch.zeros_like(use.outputs[0])
         g0 = use.grads[0]
         if g0.ndim != 3 or g0.shape[0 if module.batch_first else 1] != batch:
-            raise ValueError(
+            raise UnbatchedLayer(
                 f"Layer '{name}' (MultiheadAttention) returned an output of shape {tuple(g0.shape)} without the "
-                f"batch ({batch}) in dimension {0 if module.batch_first else 1}; per-sample norms need batches."
+                f"batch ({batch}) in dimension {0 if module.batch_first else 1}; per-sample norms need batches.", name
             )
         inputs, grads = _replay_attention(module, use, batch)
         for j in range(4):

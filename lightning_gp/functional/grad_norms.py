@@ -13,6 +13,8 @@ gradients), which costs one small per-sample backward of that layer only.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_gp._compat import tensor_version, tree_flatten, tree_unflatten
 from lightning_gp.functional._checks import check_batched, check_bool, check_per_sample
-from lightning_gp.functional._norm_rules import linear_sq, outer_factors, row_sq, rule, tied_sq
+from lightning_gp.functional._norm_rules import UnbatchedLayer, linear_sq, outer_factors, row_sq, rule, tied_sq
 
 
 class PerSampleGradNorms(NamedTuple):
@@ -52,6 +54,7 @@ class _Use:
         self.outputs = [flat[i] for i in self.out_index]
         self.grads: dict[int, Tensor] = {}
         self.versions = tensor_versions((args, kwargs))
+        self.unbatched = False  # a call whose inputs are provably not the batch's (see GradNormRecorder)
 
     def store(self, i: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -115,6 +118,8 @@ def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: lis
     """Exact per-sample gradients {name: (B, ...)} of any layer by torch.func: vmap over samples of grad of
     ⟨layer(inp), g⟩; empty when no call reached the loss."""
     bd = _batch_dim(module)
+    if bd != 0:  # (T, B, ...) outputs next to (B, T, S) attention weights: no one batch dimension to vmap over
+        raise UnbatchedLayer(f"Layer '{name}' ({type(module).__name__}) is not batch-first.", name)
     total: dict[str, Tensor] = {}
     params = {k: p.detach() for k, p in params.items()}
     for use in uses:
@@ -127,21 +132,18 @@ def _fallback(name: str, module: nn.Module, params: dict[str, Tensor], uses: lis
             continue
         for g in grads.values():
             if g.ndim <= bd or g.shape[bd] != batch:
-                raise ValueError(
+                raise UnbatchedLayer(
                     f"Layer '{name}' ({type(module).__name__}) returned an output of shape {tuple(g.shape)} "
-                    f"without the batch ({batch}) in dimension {bd}; per-sample norms need batched layers."
+                    f"without the batch ({batch}) in dimension {bd}; per-sample norms need batched layers.", name
                 )
         inner = _sample_inner_product(module, flat, spec, pos, dims, bd)
         try:
             with torch.no_grad():  # grad still differentiates inside; no graph to the other parameters outside
                 per_sample = torch.func.vmap(torch.func.grad(inner), in_dims=(None, bd, *dims))(params, grads, *tensors)
-        except RuntimeError as err:
-            if "randomness" in str(err):
-                raise RuntimeError(
-                    f"Layer '{name}' ({type(module).__name__}) draws random numbers (dropout in training "
-                    f"mode), so its per-sample gradient cannot be replayed. Call `model.eval()` first."
-                ) from err
-            raise
+        except RuntimeError as err:  # recurrent layers, data-dependent control flow, dropout: no vmap replay
+            why = ("draws random numbers (dropout in training mode), so its per-sample gradient cannot be replayed"
+                   if "randomness" in str(err) else f"cannot be replayed per sample by torch.func ({err})")
+            raise UnbatchedLayer(f"Layer '{name}' ({type(module).__name__}) {why}.", name) from err
         total = {k: total[k] + v if k in total else v for k, v in per_sample.items()}
     return total
 
@@ -173,6 +175,17 @@ def _broadcast(module: nn.Module, uses: list[_Use], batch: int) -> bool:
     return batch > 1 and isinstance(module, nn.Embedding) and any(g.ndim and g.shape[0] == 1 for g in grads)
 
 
+def _expand_broadcast_lookup(mod: nn.Module, args: tuple, output: object, batch: int | None) -> tuple | None:
+    """An Embedding looked up once for the whole batch ((1, T) position ids, as GPT-2 and BERT do) is broadcast
+    over the samples by the next op. Its output expanded to the batch (a view: the op computes the same values)
+    makes that op's gradient per sample arrive at the embedding, so its closed form applies."""
+    if (type(mod) is not nn.Embedding or not batch or batch == 1 or not args or not isinstance(output, Tensor)
+            or not isinstance(args[0], Tensor) or args[0].ndim == 0 or args[0].shape[0] != 1):
+        return None
+    ids = args[0].expand(batch, *args[0].shape[1:])
+    return (ids, *args[1:]), output.expand(batch, *output.shape[1:])
+
+
 def _unit_of(name: str, uses: dict[str, list[_Use]], batch: int, modules: dict[str, nn.Module]) -> str | None:
     """The module whose recorded calls carry the per-sample gradient of ``name``'s parameters: ``name`` itself,
     or the nearest recorded ancestor when it never ran (its parameters were used by an enclosing module, e.g.
@@ -190,18 +203,36 @@ def parameter_units(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], 
 
     A parameter shared by several modules (tied weights) is listed under every unit that uses it.
     """
+    units = {name: _unit_of(name, uses, batch, modules) for name, mod in modules.items() if _own_params(mod)}
+    # A parameter held by a module that ran is measured there only: an ancestor replayed for a module that did
+    # not run (BART's and T5's `shared`, tied into embed_tokens modules that ran) would count it a second time.
+    measured = {id(p) for name, unit in units.items() if unit == name for p in _own_params(modules[name]).values()}
     groups: dict[str, dict[str, Tensor]] = {}
     for name, mod in modules.items():
         own = _own_params(mod)
-        unit = _unit_of(name, uses, batch, modules) if own else None
+        unit = units.get(name)
         if unit is None:
             continue
+        if unit != name:
+            own = {k: p for k, p in own.items() if id(p) not in measured}
+            if not own:
+                continue
         prefix = "" if unit == name else (name[len(unit) + 1 :] if unit else name) + "."
         params = groups.setdefault(unit, {})
         for k, p in own.items():
             if all(q is not p for q in params.values()):  # one name per parameter within a unit
                 params[prefix + k] = p
-    return groups
+    # A parameter aliased on a module and on its descendant (``self.w = self.lin.weight``): the ancestor's
+    # replay already differentiates the descendant's use, so the descendant does not count it again.
+    holders: dict[int, list[str]] = {}
+    for unit, params in groups.items():
+        for p in params.values():
+            holders.setdefault(id(p), []).append(unit)
+    for unit, params in groups.items():
+        for k, p in list(params.items()):
+            if any(u != unit and (u == "" or unit.startswith(u + ".")) for u in holders[id(p)]):
+                del params[k]
+    return {unit: params for unit, params in groups.items() if params}
 
 
 def closed_form_modules(modules: dict[str, nn.Module]) -> dict[str, nn.Module] | None:
@@ -239,7 +270,8 @@ def not_run(recorder: GradNormRecorder) -> list[str]:
             if not us and not name.startswith(ran) and _own_params(recorder.modules[name])]
 
 
-def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int) -> dict[str, Tensor]:
+def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], batch: int,
+                 skip: frozenset[int] = frozenset()) -> dict[str, Tensor]:
     """Assign every trainable parameter to a unit (a module that ran) and compute each unit's norms: a
     closed-form rule (`_norm_rules`) where there is one, ``torch.func`` otherwise.
 
@@ -247,9 +279,24 @@ def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], bat
     its norm has cross terms. A weight shared by Linear and Embedding layers only takes the Gram form over
     the positions of all their calls (:func:`~lightning_gp.functional._norm_rules.tied_sq`); otherwise the
     units' per-sample gradients are built (torch.func) and summed. Either way the shared parameter is
-    attributed to the first unit in ``model.named_modules()`` order that uses it.
+    attributed to the first unit in ``model.named_modules()`` order that uses it. Parameters whose ``id`` is in
+    ``skip`` are left out (measured by :func:`exact_squared_norms` instead); a unit left without any gets 0.
     """
+    for name, us in uses.items():
+        if any(u.unbatched for u in us):
+            raise UnbatchedLayer(f"Layer '{_name(name)}' ({type(modules[name]).__name__}) looks up ids that are not "
+                                 f"the batch's (position buckets shared by all samples).", _name(name))
     groups = parameter_units(modules, uses, batch)
+    empty = {}  # units whose every parameter is skipped: 0 here, their norms come from the exact route
+    if skip:
+        for unit, ps in list(groups.items()):
+            kept = {k: p for k, p in ps.items() if id(p) not in skip}
+            if not kept:
+                p0 = next(iter(ps.values()))
+                empty[_name(unit)] = torch.zeros(batch, dtype=p0.dtype, device=p0.device)
+                del groups[unit]
+            else:
+                groups[unit] = kept
     users: dict[int, list[str]] = {}
     for unit, params in groups.items():
         for p in params.values():
@@ -288,7 +335,8 @@ def _layer_norms(modules: dict[str, nn.Module], uses: dict[str, list[_Use]], bat
     for key, fs in factors.items():
         if fs:
             out[owner[key]] = out[owner[key]] + tied_sq(fs)
-    return out
+    order = {_name(n): i for i, n in enumerate(modules)}
+    return dict(sorted({**empty, **out}.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 class GradNormRecorder:
@@ -314,8 +362,11 @@ class GradNormRecorder:
         True
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, batch: int | None = None, batch_tensors: list[Tensor] | None = None) -> None:
         self.model = model
+        self.batch = batch  # when known: an Embedding looked up once as (1, ...) is expanded to it (see _hook)
+        # when given: token ids are batched only if they come from these (storage) or are expanded (stride 0)
+        self.batch_tensors = batch_tensors
         self.modules = dict(model.named_modules())
         self.uses: dict[str, list[_Use]] = {name: [] for name in self.modules}
         self._handles: list = []
@@ -351,25 +402,45 @@ class GradNormRecorder:
         self.stop()
 
     def _hook(self, name: str):
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
             if not torch.is_grad_enabled():
-                return  # a no-grad forward (validation, a metric) has no backward to record
+                return None  # a no-grad forward (validation, a metric) has no backward to record
+            expanded = _expand_broadcast_lookup(mod, args, output, self.batch)
+            if expanded is not None:
+                args, output = expanded
             use = _Use(args, kwargs, output)
+            use.unbatched = expanded is None and not self._ids_from_batch(mod, args)
             for i, out in zip(use.out_index, use.outputs, strict=True):
                 self._handles.append(out.register_hook(use.store(i)))
             self.uses[name].append(use)
+            return output if expanded is not None else None
 
         return hook
+
+    def _ids_from_batch(self, mod: nn.Module, args: tuple) -> bool:
+        """False for an Embedding whose ids are not the batch's: not a view of a batch tensor, not expanded over
+        the batch, and not the same in every row (T5's (T, T) relative-position buckets, also when T equals the
+        batch size). Ids made inside the model with one row per sample alike (RoBERTa's zero token types) pass."""
+        if self.batch_tensors is None or not isinstance(mod, nn.Embedding) or not args:
+            return True
+        ids = args[0]
+        if not isinstance(ids, Tensor) or ids.ndim < 2 or ids.stride(0) == 0:
+            return True
+        ptr = ids.untyped_storage().data_ptr()
+        if any(t.untyped_storage().data_ptr() == ptr for t in self.batch_tensors):
+            return True
+        return not bool((ids != ids[:1]).any())  # one host read, only for ids the model made itself
 
     def outputs(self) -> list[Tensor]:
         """Every recorded module output that requires grad, once each."""
         seen: set[int] = set()
         return [o for us in self.uses.values() for u in us for o in u.outputs if not (id(o) in seen or seen.add(id(o)))]
 
-    def layer_squared_norms(self, batch: int) -> dict[str, Tensor]:
-        """Per-sample squared norms of each layer's trainable parameters' gradient, keyed by module name."""
+    def layer_squared_norms(self, batch: int, skip: frozenset[int] = frozenset()) -> dict[str, Tensor]:
+        """Per-sample squared norms of each layer's trainable parameters' gradient, keyed by module name
+        (the parameters whose ``id`` is in ``skip`` left out)."""
         check_versions(self.uses)
-        return _layer_norms(self.modules, self.uses, batch)
+        return _layer_norms(self.modules, self.uses, batch, skip)
 
 
 def per_sample_grad_norms_by_layer(
@@ -419,11 +490,16 @@ def per_sample_grad_norms_by_layer(
 
 def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict | None,
              input_norms: bool) -> PerSampleGradNorms | None:
-    """One forward and backward with ``modules`` hooked (all when None); None when a hooked layer did not run."""
+    """One forward and backward with ``modules`` hooked (all when None); None when a hooked layer did not run.
+
+    Layers whose calls do not keep the samples apart along their batch dimension (checked from the gradient
+    of one sample's value, see :func:`unbatched_units`), and layers ``torch.func`` cannot replay (recurrent
+    layers, data-dependent control flow), are measured exactly by :func:`exact_squared_norms` instead.
+    """
     batch = inputs.shape[0]
     floating = inputs.is_floating_point() and input_norms
     x = inputs.detach().requires_grad_(True) if floating else inputs
-    recorder = GradNormRecorder(model)
+    recorder = GradNormRecorder(model, batch)
     if modules is not None:
         recorder.modules = modules
     with recorder:
@@ -440,16 +516,117 @@ def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict 
         # come from the recorder's tensor hooks, which stay right when a later op (ReLU(inplace=True))
         # overwrites an output in place.
         targets = [x] if floating else []
-        grads = torch.autograd.grad(values.sum(), targets + recorder.outputs(), allow_unused=True)
+        key = (tuple(inputs.shape), inputs.dtype, floating, tuple(recorder.modules))
+        known = _STRUCTURE.setdefault(model, {})
+        structure = known.get(key)  # (units for the exact route, does the input mix samples?)
+        keep = structure is None or bool(structure[0]) or structure[1]  # the graph, for the probe or the route
+        grads = torch.autograd.grad(values.sum(), targets + recorder.outputs(), allow_unused=True, retain_graph=keep)
+    if structure is None:  # once per model and input shape: the probe costs about half a backward
+        # after the recorder's hooks are gone: they would store the probe's gradients as the step's
+        unbatched, coupled = unbatched_units(recorder, values, x if floating else None)
+        structure = known[key] = (set(unbatched), coupled)
+    exact_units, coupled = structure
+    while True:  # units the closed forms and torch.func cannot take join the exact route (and are remembered)
+        skip = _unit_params(recorder, exact_units)
+        try:
+            layer = recorder.layer_squared_norms(batch, skip=frozenset(skip))
+            break
+        except UnbatchedLayer as err:
+            unit = _unit_named(recorder, err.unit)
+            if unit is None or unit in exact_units:
+                raise
+            exact_units.add(unit)
+            if not keep:  # the graph is gone: measure again, now keeping it for the exact route
+                return _measure(model, inputs, loss_fn, modules, input_norms)
+    if skip or coupled:
+        extra, x_sq = exact_squared_norms(values, recorder, skip, x if floating and coupled else None)
+        for label, sq in extra.items():
+            layer[label] = layer[label] + sq if label in layer else sq
     x_norms = (
         grads[0].reshape(batch, -1).norm(dim=1)
         if floating and grads[0] is not None
         else torch.full((batch,), math.nan if not floating else 0.0, device=inputs.device)
     )
-    layer = recorder.layer_squared_norms(batch)
+    if floating and coupled:
+        x_norms = x_sq.sqrt()
     zero = torch.zeros(batch, dtype=values.dtype, device=values.device)
     param_sq = sum(layer.values(), zero)
     return PerSampleGradNorms(x_norms, param_sq.sqrt(), layer, values.detach())
+
+
+#: model → {(input shape, dtype, input norms?, hooked modules): (units that mix samples, input mixes samples?)}
+_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def unbatched_units(recorder: GradNormRecorder, values: Tensor, x: Tensor | None) -> tuple[set[str], bool]:
+    """The units whose calls mix samples along their batch dimension, and whether the input does.
+
+    The structure is read from autograd, never from sizes that may coincide: the gradient of the last sample's
+    value may be non-zero only in that sample's slice of each batch-first output (a (T, T) relative-position
+    bias, a (B·T, D) flattened input, batch-second data or BatchNorm make it spill). One more backward, taken
+    once per model and input shape (the verdicts are kept, weakly, with the model).
+    """
+    batch = values.shape[0]
+    if batch < 2:
+        return set(), False
+    checked = [(name, use, i, out) for name, us in recorder.uses.items() if _own_params(recorder.modules[name])
+               for use in us for i, out in zip(use.out_index, use.outputs, strict=True)]
+    tensors = ([x] if x is not None else []) + [out for *_, out in checked]
+    if not tensors:
+        return set(), False
+    probe = torch.autograd.grad(values[-1], tensors, retain_graph=True, allow_unused=True)
+    coupled = x is not None and _spills(probe[0], 0, batch)
+    bad = set()
+    for (name, _use, i, _), g in zip(checked, probe[1 if x is not None else 0:], strict=True):
+        module = recorder.modules[name]
+        dim = 0 if (i == 1 and isinstance(module, nn.MultiheadAttention)) else _batch_dim(module)
+        if g is not None and _spills(g, dim, batch):
+            bad.add(name)
+    return bad, coupled
+
+
+def _spills(g: Tensor, dim: int, batch: int) -> bool:
+    """Whether a gradient of the last sample alone is non-zero outside its slice along ``dim``."""
+    if g.ndim <= dim or g.shape[dim] != batch:
+        return bool(g.ne(0).any())  # no batch dimension: any gradient at all comes from a broadcast
+    return bool(g.narrow(dim, 0, batch - 1).ne(0).any())
+
+
+def _unit_params(recorder: GradNormRecorder, units: set[str]) -> set[int]:
+    """ids of the trainable parameters of ``units`` (and of their submodules)."""
+    return {id(p) for name in units for p in recorder.modules[name].parameters() if p.requires_grad}
+
+
+def _unit_named(recorder: GradNormRecorder, label: str) -> str | None:
+    return next((n for n in recorder.modules if _name(n) == label), None)
+
+
+def exact_squared_norms(values: Tensor, recorder: GradNormRecorder, params: set[int],
+                        x: Tensor | None) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Per-sample squared gradient norms of the parameters ``params`` (ids), by one backward vmapped over the
+    samples' one-hot cotangents (``is_grads_batched``): exact for any model, with no assumption on where the
+    batch is; memory B × those parameters. Each parameter counts once, under the first module in
+    ``named_modules()`` order holding it. Also ‖∇ₓfᵢ‖² when ``x`` is given."""
+    owners: dict[int, tuple[str, Tensor]] = {}
+    for name, module in recorder.modules.items():
+        for p in module.parameters(recurse=False):
+            if id(p) in params and p.requires_grad:
+                owners.setdefault(id(p), (_name(name), p))
+    tensors = [p for _, p in owners.values()] + ([x] if x is not None else [])
+    batch = values.shape[0]
+    eye = torch.eye(batch, dtype=values.dtype, device=values.device)
+    with warnings.catch_warnings():  # ops without a batching rule run a slower loop: still exact, said in the docs
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        grads = torch.autograd.grad(values, tensors, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    out: dict[str, Tensor] = {}
+    for (label, p), g in zip(owners.values(), grads, strict=False):
+        sq = row_sq(g.reshape(batch, -1)) if g is not None else torch.zeros(batch, dtype=p.dtype, device=p.device)
+        out[label] = out[label] + sq if label in out else sq
+    x_sq = None
+    if x is not None:
+        g = grads[-1]
+        x_sq = row_sq(g.reshape(batch, -1)) if g is not None else torch.zeros(batch, dtype=x.dtype, device=x.device)
+    return out, x_sq
 
 
 def per_sample_grad_norms(

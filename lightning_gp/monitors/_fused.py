@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lightning_gp._compat import tensor_version
 from lightning_gp.functional.grad_norms import (
     GradNormRecorder,
+    UnbatchedLayer,
     check_versions,
     closed_form_modules,
     linear_squared_norms,
@@ -56,7 +57,8 @@ class FusedRecording:
     """
 
     def __init__(self, module: torch.nn.Module, inputs: Tensor, owner: str, tap: LinearTap | None = None,
-                 target: nn.Module | None = None, mask: Tensor | None = None) -> None:
+                 target: nn.Module | None = None, mask: Tensor | None = None,
+                 batch_tensors: list[Tensor] | None = None) -> None:
         self.inputs = inputs
         # With a target, ∇ is read off a zero δ added to the target's output (its `.grad` after backward)
         self.floating = target is None and inputs.is_floating_point()
@@ -76,7 +78,7 @@ class FusedRecording:
             tap.remove()
             tap = None
         self.tap = (tap or LinearTap(layers, owner)) if layers is not None else None
-        self.recorder = GradNormRecorder(module) if layers is None else None
+        self.recorder = GradNormRecorder(module, inputs.shape[0], batch_tensors) if layers is None else None
         self.restricted = layers is not None or _restrict_to_closed_forms(self.recorder)
         try:
             self.tap.start(inputs.shape[0]) if self.tap is not None else self.recorder.start()
@@ -144,7 +146,15 @@ class FusedRecording:
             else:
                 self.recorder.stop()
                 unused = self._unused_layers(owner) if self.restricted else []
-                squared = _layer_squared_norms(self.recorder, batch)
+                try:
+                    squared = _layer_squared_norms(self.recorder, batch)
+                except UnbatchedLayer as err:
+                    raise ValueError(
+                        f"{owner}(mode='fused') reads per-sample norms off the training step's own backward, which "
+                        f"needs every layer to keep the samples apart in its batch dimension: {err} Use "
+                        f"mode='recompute', which measures any model exactly (a batched backward where a layer "
+                        f"does not)."
+                    ) from err
                 names = list(squared)
                 layers = torch.stack(list(squared.values()), dim=1).sqrt() if squared else None
             if unused:  # layers that never ran: zero per-sample norms, under their own names

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gp._compat import tree_flatten
 from lightning_gp._logging import logger_step
 from lightning_gp._support import check_forward
 from lightning_gp.callbacks._base import PenaltyCallback
@@ -184,7 +185,8 @@ class GradientNormMonitor(Monitor):
         inputs = select_input(batch, self.input_key, type(self).__name__)
         mask = self.site.mask(batch) if self.site.module is not None else None
         self._recording = FusedRecording(self._module, inputs, type(self).__name__, self._linear_tap,
-                                         target=self.site.module, mask=mask)
+                                         target=self.site.module, mask=mask,
+                                         batch_tensors=[t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)])
         self._linear_tap = self._recording.tap
 
     @override
