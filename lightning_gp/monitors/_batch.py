@@ -52,6 +52,15 @@ def default_loss(outputs: Tensor, batch: Any) -> Tensor:
     Floating-point targets (a regression, or soft labels) are refused: cross-entropy against them is not
     what the step trains on, and with one output column it is identically 0 (every norm logged as 0).
     """
+    outputs = getattr(outputs, "logits", outputs)  # a Hugging Face model output
+    if not isinstance(outputs, Tensor) or outputs.ndim != 2:
+        shape = list(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ValueError(
+            f"The monitors' default per-sample loss is cross-entropy on (B, C) logits, but the model returned "
+            f"{shape} (a language model's (B, T, V) logits?). Pass your per-sample loss, e.g. for a causal LM "
+            f"`loss_fn=lambda out, batch: F.cross_entropy(out.logits[:, :-1].flatten(0, 1), "
+            f"batch['input_ids'][:, 1:].flatten(), reduction='none').view(len(out.logits), -1).mean(1)`."
+        )
     target = select_target(batch)
     if target.is_floating_point() or target.is_complex():
         raise ValueError(
