@@ -15,7 +15,8 @@ from torch import Tensor
 # nor in later releases so far); ``torch.utils._pytree`` is what torch.func itself uses.
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["compiled_modules", "merge_initial_hparams", "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
+__all__ = ["compiled_modules", "merge_initial_hparams", "metric_update_count", "set_metric_update_count",
+           "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
 
 
 def tensor_version(t: Tensor) -> int:
@@ -24,6 +25,18 @@ def tensor_version(t: Tensor) -> int:
     Autograd uses it to detect a saved tensor modified in place; torch has no public equivalent.
     """
     return t._version
+
+
+def metric_update_count(metric: Any) -> int:
+    """How many times a torchmetrics ``Metric`` was updated (``Metric.update_count``, backed by ``_update_count``)."""
+    return metric.update_count
+
+
+def set_metric_update_count(metric: Any, count: int) -> None:
+    """Set a ``Metric``'s update count back (``_update_count``: torchmetrics has no public setter), and drop its
+    cached ``compute()`` result (``_computed``), which an update would have dropped too."""
+    metric._update_count = count
+    metric._computed = None
 
 
 def merge_initial_hparams(module: Any, values: Mapping[str, Any]) -> None:

@@ -25,11 +25,11 @@ class Classifier(pl.LightningModule):
         layers += [nn.Linear(N_HIDDEN, N_HIDDEN), nn.ReLU(), nn.Linear(N_HIDDEN, N_OUT)]
         self.net = nn.Sequential(*layers)
         self.raise_at_call = raise_at_call
-        self.calls = 0
+        self._calls = 0  # every forward, the monitor's too (private: extra passes put public counters back)
 
     def forward(self, x):
-        self.calls += 1
-        if self.calls == self.raise_at_call:
+        self._calls += 1
+        if self._calls == self.raise_at_call:
             raise RuntimeError("boom")
         return self.net(x)
 

@@ -52,17 +52,19 @@ class Bert(SGDModule):
             torch.manual_seed(5)
             self.model = transformers.BertForSequenceClassification(config)
         self.to(dtype)
-        self.recorded: list | None = None  # (perturbed output, clean output, mask) of every pass, when a list
+        # (perturbed output, clean output, mask) of every pass, when a list; private, so that the callbacks do not put
+        # it back after their extra passes as they put back the user's public lists
+        self._recorded: list | None = None
 
     def _recording(self, batch):
         """While a pass runs: a hook registered *inside* the pass, so after the callback's own, that records
         the target's perturbed output next to the clean one (the table's rows)."""
-        if self.recorded is None:
+        if self._recorded is None:
             return None
         emb = self.model.bert.embeddings.word_embeddings
 
         def hook(mod, args, out):
-            self.recorded.append((out.detach().clone(), mod.weight[args[0]].detach().clone(),
+            self._recorded.append((out.detach().clone(), mod.weight[args[0]].detach().clone(),
                                   batch["attention_mask"]))
 
         return emb.register_forward_hook(hook)
@@ -143,15 +145,15 @@ def test_padded_positions_are_never_perturbed(callbacks):
     """Every pass's perturbed embedding equals the clean one bitwise at padded positions, and differs at
     real positions in some pass."""
     module = Bert()
-    module.recorded = []
+    module._recorded = []
     fit(BERT, callbacks(), module=module, steps=1)
     moved = 0
-    for out, clean, mask in module.recorded:
+    for out, clean, mask in module._recorded:
         pad = mask == 0
         assert pad.any()
         assert torch.equal(out[pad], clean[pad])
         moved += int(not torch.equal(out[~pad], clean[~pad]))
-    assert len(module.recorded) >= 2 and moved >= 1
+    assert len(module._recorded) >= 2 and moved >= 1
 
 
 # ---- DDP ---------------------------------------------------------------------------------------------------

@@ -8,10 +8,9 @@ training outermost, then the data, parameter and spectral penalties) and returns
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ from typing_extensions import override
 from lightning_gp._compat import compiled_modules
 from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
 from lightning_gp._logging import should_log
+from lightning_gp._module_state import untouched
 from lightning_gp._support import check_bool, check_number, check_strategy, init_repr
 from lightning_gp.functional._autograd import autograd_leaves, linearised
 from lightning_gp.functional._checks import check_positive_int
@@ -114,35 +114,6 @@ def extract_loss(output: Any, owners: str) -> Tensor:
     return loss.reshape(())
 
 
-#: The layers that keep running statistics (their Lazy variants subclass these).
-RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                      nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-
-
-@contextlib.contextmanager
-def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
-    """Restore the running statistics of every BatchNorm/InstanceNorm layer in training mode on exit.
-
-    Restored through ``.data`` on purpose: BatchNorm's backward node holds the running-stat tensors (it
-    does not use their values in training mode), and an ordinary in-place copy would bump their version
-    counter and make the primary pass's backward fail.
-    """
-    saved = [
-        (buf, buf.detach().clone())
-        for m in module.modules()
-        if isinstance(m, RUNNING_STAT_NORMS) and m.training and m.track_running_stats
-        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if buf is not None
-    ]
-    try:
-        yield
-    finally:
-        for buf, value in saved:
-            buf.data.copy_(value)
-
-
-
-
 class StepContext:
     """One training step as seen by the callbacks: the module, the user's step function and its arguments.
 
@@ -194,8 +165,9 @@ class StepContext:
         return Step(loss=loss, output=out)
 
     def extra_loss(self, batch: Any) -> Tensor:
-        """The raw loss of an extra pass: no other callback, no logging, BatchNorm statistics untouched."""
-        with muted_logging(self.module), frozen_norm_stats(self.module), forward_pass():
+        """The raw loss of an extra pass: no other callback, no logging, and what the step changes on the module
+        (buffers, metrics, counters: :mod:`lightning_gp._module_state`) put back after it."""
+        with muted_logging(self.module), untouched(self.module), forward_pass():
             out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
             raise SkipBatch

@@ -14,12 +14,13 @@ from lightning_gp.callbacks._batch import InputKey, slice_batch
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import gradient_norm_penalty
-from lightning_gp.functional._autograd import finite_difference_term
+from lightning_gp.functional._autograd import finite_difference_term, linearised_now
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, check_penalty_shape
 from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import finite_difference_direction, finite_difference_input_step_from_norms
+from lightning_gp.functional.precision import compute_dtype, difference_step
 
 #: How ``training_step`` reduced the per-sample losses to its scalar loss.
 Reduction = Literal["mean", "sum"]
@@ -44,7 +45,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         method: ``"double_backward"`` (exact), ``"finite_difference"`` (one extra ordinary pass), or ``"auto"``
             (the first where the model has a double backward, decided at the first step; SDPA/compile have none).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduced the per-sample losses.
-        step: relative input displacement of the finite difference.
+        step: relative input displacement of the finite difference; None: 1e-2, or ε^(2/3) of the compute dtype.
         check_finite: check each step's loss, penalty and gradients before the update.
         check_reduction: check ``loss_reduction`` on the two half-batches of the first penalized step.
 
@@ -80,7 +81,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         every_n_steps: int = 1,
         method: Method = "auto",
         loss_reduction: Reduction = "mean",
-        step: float = 1e-2,
+        step: float | None = None,
         check_finite: bool = True,
         check_reduction: bool = True,
     ) -> None:
@@ -98,7 +99,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         self.site = Site(target, input_key, mask_key, type(self).__name__)
         self.method = check_choice(method, "method", METHODS)
         self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
-        self.step = check_number(step, "step", owner, strict=True)
+        self.step = None if step is None else check_number(step, "step", owner, strict=True)
         if self.form():  # λ‖∇ₓℓ‖² and ε‖∇ₓℓ‖ side by side log under two names
             self.log_name = type(self).log_name + "/" + ",".join(
                 f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in self.form().items()
@@ -232,11 +233,13 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
                                "sum")
             stats = torch.stack([total[0], ctx.reduce(stats[1], "max")])
             count = float(total[1])
-        h = finite_difference_input_step_from_norms(stats[0] / count, stats[1], self.step)
+        step_rel = self.step if self.step is not None else difference_step(1e-2, compute_dtype(x), 2 / 3)
+        h = finite_difference_input_step_from_norms(stats[0] / count, stats[1], step_rel)
         penalty = phi.mean()
         if h == 0:  # φ is flat at every sample: nothing to difference
             return penalty, linearised_loss.new_zeros(())
         with replayed_rng(before):  # the same dropout masks as the primary pass
             loss2, _ = probe.run(ctx.extra_loss, h * direction.to(x.dtype))
+            loss2 = linearised_now(loss2)  # its backward now, unscaled (see linearised_now)
         # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L.
         return penalty, finite_difference_term(loss2, linearised_loss, step=h * n, scale=per_sample_scale)

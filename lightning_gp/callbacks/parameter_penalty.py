@@ -10,12 +10,13 @@ import torch
 from lightning_gp._support import check_number
 from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
-from lightning_gp.functional._autograd import autograd_leaves, displaced, finite_difference_term, linearised
+from lightning_gp.functional._autograd import displaced, finite_difference_term, linearised_now
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, grads_or_zeros
 from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import finite_difference_parameter_step
+from lightning_gp.functional.precision import compute_dtype, difference_step
 
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
 Scope = Literal["local", "global"]
@@ -37,7 +38,8 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             model has one, else finite differences, decided at the first penalized step.
         scope: ``"local"`` (each DDP rank penalises its own gradient, as SAM does) or ``"global"`` (the
             gradient averaged over ranks inside the graph: the one-process result, one more collective).
-        step: relative parameter displacement of the finite difference.
+        step: relative parameter displacement of the finite difference; None: 1e-3, or the unit roundoff of the
+            dtype the passes compute in where larger (bf16-mixed: 0.0078).
         check_finite: check every step's loss, penalty and gradients before the update.
 
     Raises:
@@ -66,13 +68,13 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         every_n_steps: int = 1,
         method: Method = "auto",
         scope: Scope = "local",
-        step: float = 1e-3,
+        step: float | None = None,
         check_finite: bool = True,
     ) -> None:
         super().__init__(weight, every_n_steps, check_finite)
         self.method = check_choice(method, "method", METHODS)
         self.scope = check_choice(scope, "scope", SCOPES)
-        self.step = check_number(step, "step", type(self).__name__, strict=True)
+        self.step = None if step is None else check_number(step, "step", type(self).__name__, strict=True)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)
@@ -123,15 +125,12 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             step = step.add(weight * penalty.detach())
             g_norm = penalty.detach().sqrt()
             if g_norm > 0:
-                h = finite_difference_parameter_step(params, g_norm, self.step)
+                step_rel = self.step if self.step is not None else difference_step(1e-3, compute_dtype(params[0]), 1.0)
+                h = finite_difference_parameter_step(params, g_norm, step_rel)
                 with displaced(params, [g.detach() for g in grads], h), replayed_rng(before):
                     # θ + h·g in place (ties and aliases intact), the same dropout masks as the primary pass;
                     # its gradients are taken before θ is put back, then enter the final backward linearised.
-                    loss2 = ctx.extra_loss(batch)
-                    leaves = autograd_leaves(loss2)
-                    grads2 = torch.autograd.grad(loss2, leaves, allow_unused=True)
-                at_displaced = linearised(loss2, [(v, g) for v, g in zip(leaves, grads2, strict=True)
-                                                  if g is not None])
+                    at_displaced = linearised_now(ctx.extra_loss(batch))
                 # (2/h)·[L(θ + h g) − L(θ)], its −L(θ) part through the linearised loss (gradient: the local ∇L).
                 step = step.add(weight * finite_difference_term(at_displaced, step.surrogate, step=h, scale=2.0))
         self.check_and_log(ctx, self.log_name, penalty)

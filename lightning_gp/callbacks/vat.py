@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gp._module_state import untouched
 from lightning_gp._support import check_forward, check_number
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext, frozen_norm_stats
+from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
 from lightning_gp.callbacks._batch import InputKey, resolve_input
 from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional._checks import check_positive_int
@@ -92,7 +93,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
 
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""
-        with muted_logging(ctx.module), frozen_norm_stats(ctx.module), forward_pass():
+        with muted_logging(ctx.module), untouched(ctx.module), forward_pass():
             if self.logits_fn is not None:
                 logits = self.logits_fn(ctx.module, batch)
             elif probe.module is None:

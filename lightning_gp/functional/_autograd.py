@@ -68,6 +68,19 @@ def linearised(loss: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
     return Linearised.apply(loss.detach(), tuple(g.detach() for _, g in pairs), *leaves)
 
 
+def linearised_now(loss: Tensor) -> Tensor:
+    """:func:`linearised` with ``loss``'s gradients taken now, w.r.t. every leaf of its graph (which is freed).
+
+    For a finite difference's second pass: its backward runs at once, unscaled, so it is free of a GradScaler's
+    scale (fp16 gradients of the pass scaled by 65536·(2/h) overflowed) and of parameters put back after it.
+    """
+    leaves = autograd_leaves(loss)
+    if not leaves:
+        return loss.detach()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return linearised(loss, [(v, g) for v, g in zip(leaves, grads, strict=True) if g is not None])
+
+
 def finite_difference_term(perturbed: Tensor, base: Tensor, *, step: float, scale: float = 1.0) -> Tensor:
     """The difference quotient as a term of value 0 whose gradient is ``scale · (∇perturbed − ∇base) / step``.
 
@@ -152,11 +165,15 @@ def displaced(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: flo
         with torch.no_grad():
             for p, d in zip(params, directions, strict=True):
                 p.data.add_(d.to(p.dtype), alpha=alpha)
+        # autocast caches each parameter's low-precision copy for the region: without this the displaced pass
+        # would reuse θ's copy (a zero difference under bf16-mixed), and the passes after it θ + α·d's
+        torch.clear_autocast_cache()
         yield
     finally:
         with torch.no_grad():
             for p, value in zip(params, saved, strict=True):
                 p.data.copy_(value)
+        torch.clear_autocast_cache()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "difference_scale"]
+__all__ = ["compute_dtype", "difference_scale", "difference_step"]
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -49,3 +49,20 @@ def difference_scale(dtype: torch.dtype) -> float:
         0.0049
     """
     return float(torch.finfo(dtype).eps) ** (1 / 3)
+
+
+def difference_step(base: float, dtype: torch.dtype, exponent: float) -> float:
+    """A finite difference's relative step for passes computing in ``dtype``: ``base`` (its float32 setting), or
+    ε^exponent where that is larger.
+
+    A step below the rounding of the gradients it differences measures rounding: in bfloat16 the parameter
+    penalty's term came out at cos 0.81 to the exact one with its float32 step 1e-3. The exponents are measured
+    (``tests/test_precision.py``): ε for the parameter penalty (bf16: 0.0078, cos 0.99, norm within 2 %), whose
+    truncation error grows fast with the step, and ε^(2/3) for the data penalty (bf16: 0.039, cos 0.998).
+
+    Example:
+
+        >>> difference_step(1e-3, torch.float32, 1.0), round(difference_step(1e-2, torch.bfloat16, 2 / 3), 3)
+        (0.001, 0.039)
+    """
+    return max(base, float(torch.finfo(dtype).eps) ** exponent)

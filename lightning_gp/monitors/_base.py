@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_gp._logging import logger_step, should_log
+from lightning_gp._module_state import untouched
 from lightning_gp._support import check_strategy, init_repr
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.loggers import log_scalars
@@ -39,7 +40,7 @@ def isolated(module: torch.nn.Module) -> Iterator[None]:
     flags = [(p, p.requires_grad) for p in module.parameters()]
     devices = [d for d in {p.device for p in module.parameters()} if d.type == "cuda"]
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), untouched(module):
             module.eval()
             yield
     finally:
