@@ -33,6 +33,23 @@ def check_strategy(trainer: pl.Trainer, owner: str) -> None:
         )
 
 
+def check_batch_step(pl_module: pl.LightningModule, owner: str) -> None:
+    """Refuse ``training_step(self, dataloader_iter)``: the step draws its own batches, so a callback can neither
+    see the batch nor run the step on it again.
+
+    Raises:
+        RuntimeError: naming the step's signature and the two ways that work.
+    """
+    if "dataloader_iter" in inspect.signature(pl_module.training_step).parameters:
+        raise RuntimeError(
+            f"{owner} needs the batch of each step, but `{type(pl_module).__name__}.training_step(self, "
+            f"dataloader_iter)` draws its own batches inside the step, where {owner} can neither see them nor run "
+            f"the step again. Take the batch as `training_step(self, batch, batch_idx)`, or, keeping the iterator, "
+            f"return `lightning_gp.manual.penalized_loss(self, loss_fn, batch, [...])` on the batch your step draws "
+            f"(and remove {owner} from the Trainer)."
+        )
+
+
 def init_repr(obj: Any) -> str:
     """``Class(arg=value, ...)`` from the constructor's parameters that differ from their defaults.
 

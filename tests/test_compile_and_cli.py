@@ -172,3 +172,23 @@ def test_the_default_method_takes_finite_differences_on_a_compiled_model(make):
     assert callback.resolved_method == "finite_difference"
     assert "method='auto' -> 'finite_difference'" in repr(callback)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_inductor_with_a_warm_cache_trains_both_finite_difference_penalties():
+    """The real default backend, compiled twice (the second fit finds the inductor cache warm), with the
+    finite-difference penalties that `method='auto'` picks for a compiled module."""
+
+    class Compiled(Net):
+        def __init__(self):
+            super().__init__(torch.compile(mlp().float()))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x.float()), y)
+
+    for _ in range(2):
+        for make in (lambda: DataGradientPenalty(0.5), lambda: ParameterGradientPenalty(0.1)):
+            callback = make()
+            module = run(Compiled(), [callback], steps=3)
+            assert callback.resolved_method == "finite_difference"
+            assert all(torch.isfinite(p).all() for p in module.parameters())

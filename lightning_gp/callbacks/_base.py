@@ -26,7 +26,7 @@ from lightning_gp._compat import compiled_modules
 from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
 from lightning_gp._logging import should_log
 from lightning_gp._module_state import untouched
-from lightning_gp._support import check_bool, check_number, check_strategy, init_repr
+from lightning_gp._support import check_batch_step, check_bool, check_number, check_strategy, init_repr
 from lightning_gp.functional._autograd import autograd_leaves, linearised
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional.layer_output import forward_pass
@@ -64,10 +64,11 @@ class Step:
         extra = term if self.extra is None else self.extra + term
         return Step(loss=self.loss, output=self.output, extra=extra, surrogate=self.surrogate, grads=self.grads)
 
-    def loss_grads(self) -> Step:
+    def loss_grads(self, retain: bool = True) -> Step:
         """This step with ∇L w.r.t. every autograd leaf of the loss, and the loss linearised (see above).
 
-        One backward through the loss's graph (``retain_graph``: other terms may still need it), for all
+        One backward through the loss's graph (``retain``: whether an outer callback still differentiates the
+        loss; a compiled backward with donated buffers allows no ``retain_graph``), for all
         leaves at once — the parameters, the input leaf of a data penalty, any other tensor the loss depends
         on — so the final backward deposits exactly the gradients the loss's own graph would have, into the
         same tensors (parameters the loss does not use stay without a gradient, as before). A no-op when a
@@ -76,7 +77,7 @@ class Step:
         if self.grads is not None:
             return self
         leaves = autograd_leaves(self.loss)
-        grads = torch.autograd.grad(self.loss, leaves, retain_graph=True, allow_unused=True) if leaves else ()
+        grads = torch.autograd.grad(self.loss, leaves, retain_graph=retain, allow_unused=True) if leaves else ()
         pairs = {id(v): (v, g) for v, g in zip(leaves, grads, strict=True) if g is not None}
         surrogate = linearised(self.loss, list(pairs.values()))
         return Step(loss=self.loss, output=self.output, extra=self.extra, surrogate=surrogate, grads=pairs)
@@ -126,6 +127,7 @@ class StepContext:
                  values: StepValues | None = None) -> None:
         self.module = module
         self.values = values  # the step's record for the finiteness check (None: check each value at once)
+        self.members: list[PenaltyCallback] = []  # the chain, outermost first (set by run_chain)
         self.step_fn = step_fn
         self.rest_args = args[1:]
         self.kwargs = kwargs
@@ -152,6 +154,12 @@ class StepContext:
         if self.world_size == 1:
             return tensor
         return self.strategy.all_gather(tensor, sync_grads=True).mean(dim=0)
+
+    def loss_graph_needed_outside(self, member: PenaltyCallback) -> bool:
+        """Whether a callback outer to ``member`` differentiates the loss's own graph after ``member`` returns
+        (adversarial training, a double-backward penalty): then ``member`` must retain it."""
+        outer = self.members[: self.members.index(member)] if member in self.members else self.members
+        return any(m.needs_loss_graph for m in outer)
 
     def primary(self, batch: Any) -> Step:
         """The user's step, as Lightning would run it (it logs, it updates BatchNorm statistics)."""
@@ -194,6 +202,7 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Pena
         kwargs = dict(kwargs)
         args = (kwargs.pop("batch"),)
     ctx = StepContext(module, step_fn, args, kwargs, global_step, owners, strategy, values)
+    ctx.members = members
 
     def build(i: int) -> Callable[[Any], Step]:
         if i == len(members):
@@ -231,6 +240,8 @@ class PenaltyCallback(Callback):
 
     #: Nesting position in the shared wrapper (smaller = outer).
     order = 10
+    #: Whether :meth:`apply` differentiates the loss of the inner chain through its graph (after it returned).
+    needs_loss_graph = False
     #: ``penalty/<log_name>`` in the logs.
     log_name = "penalty"
 
@@ -240,7 +251,7 @@ class PenaltyCallback(Callback):
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
         self.check_finite = check_bool(check_finite, "check_finite", owner)
         self.applied = 0  # how many steps carried the term (the schedule itself follows trainer.global_step)
-        self._epoch_values: dict[str, list[tuple[Tensor, int]]] = {}
+        self._epoch_values: dict[str, tuple[Tensor, int]] = {}  # name → (Σ value·samples, Σ samples): O(1)
 
     def __repr__(self) -> str:
         return init_repr(self)
@@ -267,6 +278,7 @@ class PenaltyCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
+        check_batch_step(pl_module, type(self).__name__)
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 f"{type(self).__name__} works with automatic optimization. `{type(pl_module).__name__}` uses "
@@ -319,9 +331,10 @@ class PenaltyCallback(Callback):
         """Put the epoch mean of every value as ``<name>_epoch`` (weighted by samples, over all ranks) into
         ``callback_metrics``, so ``EarlyStopping``/``ModelCheckpoint`` can monitor it whatever
         ``log_every_n_steps`` is. Not sent to the loggers, which keep one row per step."""
-        for name, values in self._epoch_values.items():
-            pl.LightningModule.log(pl_module, f"{name}_epoch", epoch_mean(values), on_step=False, on_epoch=True,
-                                   logger=False)
+        if not trainer.barebones:  # barebones forbids self.log
+            for name, (total, count) in self._epoch_values.items():
+                pl.LightningModule.log(pl_module, f"{name}_epoch", epoch_mean(total, count), on_step=False,
+                                       on_epoch=True, logger=False, batch_size=count)
         self._epoch_values = {}
 
     # -- per step ---------------------------------------------------------------------------------------
@@ -397,19 +410,24 @@ class PenaltyCallback(Callback):
         ranks take the same decision, so ``sync_dist`` cannot deadlock.
         """
         module = ctx.module
-        if not isinstance(module, pl.LightningModule) or ctx.strategy is None:
-            return  # outside a Trainer (manual use): nothing to log to
+        if not isinstance(module, pl.LightningModule) or ctx.strategy is None or module.trainer.barebones:
+            return  # outside a Trainer (manual use), or barebones (which forbids self.log): nothing to log to
         value = value.detach()
-        self._epoch_values.setdefault(name, []).append((value, batch_size or 1))
-        if should_log(module.trainer):
-            pl.LightningModule.log(module, name, value, on_step=True, on_epoch=False, sync_dist=True,
-                                   batch_size=batch_size)
+        n = batch_size or 1
+        epoch = module.trainer.current_epoch
+        if self.__dict__.get("_values_epoch") != epoch:  # no epoch hook under `penalized_loss`: reset here
+            self.__dict__["_values_epoch"] = epoch
+            self._epoch_values = {}
+        total, count = self._epoch_values.get(name, (0.0, 0))
+        # a running sum, not a list: `penalized_loss` under manual optimization has no epoch hook to clear it
+        self._epoch_values[name] = (total + value.float() * n, count + n)
+        if should_log(module.trainer):  # batch_size given: a `training_step(self, dataloader_iter)` needs it
+            pl.LightningModule.log(module, name, value, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
 
 
-def epoch_mean(values: list[tuple[Tensor, int]]) -> Tensor:
-    """The sample-weighted mean of ``(value, samples)`` pairs over all ranks (a torchmetrics ``MeanMetric``)."""
-    metric = MeanMetric(sync_on_compute=True).to(values[0][0].device)
-    stacked = torch.stack([v.float() for v, _ in values])
-    weights = torch.tensor([n for _, n in values], dtype=stacked.dtype, device=stacked.device)
-    metric.update(stacked, weights)
+def epoch_mean(total: Tensor, count: int) -> Tensor:
+    """The sample-weighted mean over all ranks of values whose weighted sum on this rank is ``total`` over
+    ``count`` samples (a torchmetrics ``MeanMetric``: two summed states, so ranks weigh by their samples)."""
+    metric = MeanMetric(sync_on_compute=True).to(total.device)
+    metric.update(total / count, torch.tensor(float(count), device=total.device))
     return metric.compute()

@@ -113,7 +113,14 @@ def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, 
     except (KeyError, IndexError, TypeError, AttributeError) as err:
         raise ValueError(f"{where} cannot be resolved in the batch: {err!r}. Batch: {describe(batch)}.") from None
     if not isinstance(node, Tensor):
-        raise ValueError(f"{where} selects a {type(node).__name__}, not a tensor. Batch: {describe(batch)}.")
+        nested = ""
+        if isinstance(batch, (list, tuple, Mapping)):  # a batch of batches: several train loaders, combined
+            first = next(iter(batch.values() if isinstance(batch, Mapping) else batch), None)
+            if isinstance(first, (list, tuple, Mapping)):
+                nested = (" The batch holds several loaders' batches (a list or dict of train dataloaders): pass "
+                          "the input's full path, e.g. `input_key=lambda batch: batch[0][0]` for the first "
+                          "loader's input.")
+        raise ValueError(f"{where} selects a {type(node).__name__}, not a tensor.{nested} Batch: {describe(batch)}.")
     return node, path
 
 

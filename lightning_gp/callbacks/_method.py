@@ -31,6 +31,11 @@ class MethodChoice:
     method: str
 
     @property
+    def needs_loss_graph(self) -> bool:
+        """A double backward differentiates the loss's graph (while undecided, "auto" may)."""
+        return self.resolved_method != "finite_difference"
+
+    @property
     def resolved_method(self) -> str | None:
         """``method``, or what ``"auto"`` chose (None until the first penalized step)."""
         if self.method != "auto":

@@ -57,6 +57,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
     """
 
     order = 0
+    needs_loss_graph = True  # FreeLB and a clean first pass differentiate the primary loss after the chain
 
     def __init__(
         self,

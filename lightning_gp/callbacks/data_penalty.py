@@ -142,7 +142,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
             # ∇ₓL together with ∇L for every other leaf (the parameters) in one backward; the loss is
             # linearised (see `Step.loss_grads`), so the final backward runs through the second pass's graph
             # only, as a hand-written loop would: two backward passes per step, not three.
-            step = step.loss_grads() if loss.requires_grad else step
+            step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self)) if loss.requires_grad else step
             grad = self._missing_input(step.grad_of(leaf) if step.grads is not None else None) * per_sample_scale
             penalty, term = self._finite_difference(
                 ctx, probe=probe, grad=grad, linearised_loss=step.surrogate, before=before,

@@ -107,7 +107,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         else:
             # ∇L for every leaf of the loss in one backward; the loss is linearised (see `Step.loss_grads`), so
             # the final backward runs through the second pass's graph only, as a hand-written loop would.
-            step = step.loss_grads()
+            step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self))
             grads = [step.grad_of(p) for p in params]
         grads = grads_or_zeros(grads, params, what="the loss returned by `training_step`", wrt="parameters")
         world = ctx.world_size

@@ -313,7 +313,8 @@ class WGANGPMixin:
     def _wgan_should_log(self) -> bool:
         # `self.log` costs about as much as a small critic step, so log only on the batches whose metrics
         # the Trainer writes to its loggers (every `log_every_n_steps`), as Lightning itself would.
-        return should_log(self._wgan_trainer())
+        trainer = self._wgan_trainer()
+        return should_log(trainer) and not (trainer is not None and trainer.barebones)  # barebones forbids self.log
 
     def _log(self, name: str, value: Tensor) -> None:
         self.log(f"wgan/{name}", value.detach().float(), on_step=True, on_epoch=False, prog_bar=False)

@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_gp._logging import logger_step, should_log
 from lightning_gp._module_state import untouched
-from lightning_gp._support import check_strategy, init_repr
+from lightning_gp._support import check_batch_step, check_strategy, init_repr
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.loggers import log_scalars
 from lightning_gp.metrics import PerSampleMeanMax
@@ -58,6 +58,9 @@ class Monitor(Callback):
     the module has. ``every_n_steps=None`` follows the trainer's ``log_every_n_steps``.
     """
 
+    #: Whether the monitor measures on the step's batch (``training_step(self, dataloader_iter)`` hides it).
+    needs_batch = True
+
     def __init__(self, every_n_steps: int | None) -> None:
         if every_n_steps is not None:
             check_positive_int(every_n_steps, "every_n_steps")
@@ -84,6 +87,8 @@ class Monitor(Callback):
         self._epoch = {}
         if stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            if self.needs_batch:
+                check_batch_step(pl_module, type(self).__name__)
         if self.every_n_steps is None:
             self._interval = trainer.log_every_n_steps or FALLBACK_INTERVAL
 
@@ -118,10 +123,12 @@ class Monitor(Callback):
         for key, value in self.last_logged.items():
             self._epoch.setdefault(key, []).append(value)
         every = trainer.log_every_n_steps
+        if trainer.barebones:  # which forbids self.log and has no logger: `last_logged` holds the values
+            return
         if every and every % self._interval == 0 and step == logger_step(trainer) and should_log(trainer):
             module = trainer.lightning_module
             for key, value in self.last_logged.items():  # the class's method: a user's `log` override sees only theirs
-                pl.LightningModule.log(module, key, value, on_step=True, on_epoch=False)
+                pl.LightningModule.log(module, key, value, on_step=True, on_epoch=False, batch_size=1)
         else:
             log_scalars(trainer, self.last_logged, step)
 
@@ -131,8 +138,9 @@ class Monitor(Callback):
         into ``callback_metrics``, so that ``EarlyStopping``/``ModelCheckpoint`` can monitor it whatever
         ``log_every_n_steps`` is. Not sent to the loggers, which keep one row per step."""
         epoch, self._epoch = self._epoch, {}
-        if epoch:
+        if epoch and not trainer.barebones:
             values = {f"{k}_epoch": max(v) if k.endswith("_max") else sum(v) / len(v) for k, v in epoch.items()}
             for key, value in values.items():  # the class's method: a user's override of `log` sees only theirs
-                pl.LightningModule.log(pl_module, key, value, on_step=False, on_epoch=True, logger=False)
+                # batch_size: the value is already the epoch's (and a dataloader_iter step has no batch to infer)
+                pl.LightningModule.log(pl_module, key, value, on_step=False, on_epoch=True, logger=False, batch_size=1)
 

@@ -53,6 +53,8 @@ class SpectralNormMonitor(Monitor):
         {'lipschitz/sigma/0': 3.0, 'lipschitz/sigma/2': 1.4142, 'lipschitz/upper_bound': 4.2426}
     """
 
+    needs_batch = False  # it reads the weights only
+
     def __init__(self, *, every_n_steps: int | None = None, n_iter: int = 10) -> None:
         super().__init__(every_n_steps)
         self.n_iter = check_positive_int(n_iter, "n_iter")
