@@ -6,7 +6,8 @@ these changes upstream, ``tests/test_compat.py`` fails and names it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -15,8 +16,9 @@ from torch import Tensor
 # nor in later releases so far); ``torch.utils._pytree`` is what torch.func itself uses.
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["compiled_modules", "merge_initial_hparams", "metric_update_count", "set_metric_update_count",
-           "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
+__all__ = ["compiled_modules", "fabric_autocast_dtype", "fabric_internal_gradients", "merge_initial_hparams",
+           "metric_update_count", "set_metric_update_count", "tensor_version", "tree_flatten", "tree_map",
+           "tree_unflatten"]
 
 
 def tensor_version(t: Tensor) -> int:
@@ -37,6 +39,45 @@ def set_metric_update_count(metric: Any, count: int) -> None:
     cached ``compute()`` result (``_computed``), which an update would have dropped too."""
     metric._update_count = count
     metric._computed = None
+
+
+def fabric_autocast_dtype(module: Any) -> Any:
+    """The autocast dtype of a Fabric-wrapped module under ``bf16-mixed``/``16-mixed``, else None.
+
+    Fabric enters autocast inside the wrapped module's forward only, so code around the forward cannot see it
+    with ``torch.is_autocast_enabled``; the wrapper keeps its strategy (``_FabricModule._strategy``), whose
+    precision plugin is public.
+    """
+    from lightning.fabric.plugins.precision.amp import MixedPrecision
+    from lightning.fabric.wrappers import _FabricModule
+
+    if not isinstance(module, _FabricModule):
+        return None
+    precision = module._strategy.precision
+    if not isinstance(precision, MixedPrecision):
+        return None
+    import torch
+
+    return torch.bfloat16 if precision.precision == "bf16-mixed" else torch.float16
+
+
+@contextlib.contextmanager
+def fabric_internal_gradients() -> Iterator[None]:
+    """Let gradients taken inside the block pass Fabric's guard on its wrapped modules' outputs.
+
+    Under precisions whose backward Fabric must run (``bf16-mixed``), a ``_FabricModule`` hooks its outputs and
+    raises "call `fabric.backward(loss)`" on any other backward; ``fabric.backward`` sets
+    ``lightning.fabric.wrappers._in_fabric_backward`` around its own. The penalties' internal gradients (an input
+    gradient, a finite difference's second pass) are not the training backward, so they set it too.
+    """
+    import lightning.fabric.wrappers as wrappers
+
+    previous = wrappers._in_fabric_backward
+    wrappers._in_fabric_backward = True
+    try:
+        yield
+    finally:
+        wrappers._in_fabric_backward = previous
 
 
 def merge_initial_hparams(module: Any, values: Mapping[str, Any]) -> None:

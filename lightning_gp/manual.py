@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_gp._compat import fabric_internal_gradients
 from lightning_gp._logging import attached_trainer
 from lightning_gp.callbacks._base import PenaltyCallback, extract_loss, run_chain
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
@@ -78,7 +79,8 @@ def penalized_loss(
         if not isinstance(p, PenaltyCallback):
             raise TypeError(f"`penalties` must hold lightning_gp callbacks, got {type(p).__name__}.")
     strategy = trainer.strategy if trainer is not None else None
-    out = run_chain(module, loss_fn, list(penalties), (batch,), {}, global_step, strategy)
+    with fabric_internal_gradients():  # a Fabric-wrapped module: its guard is for the training backward only
+        out = run_chain(module, loss_fn, list(penalties), (batch,), {}, global_step, strategy)
     return extract_loss(out, "penalized_loss")
 
 

@@ -48,3 +48,38 @@ def test_merge_initial_hparams_keeps_the_users_values_and_logger_choice():
     assert module.hparams["lr"] == 0.5 and module.hparams_initial["lr"] == 0.5
     assert module.hparams_initial["n_critic"] == 5
     assert module._log_hyperparams is False
+
+
+def test_fabric_s_backward_guard_flag_exists_and_is_restored():
+    import lightning.fabric.wrappers as wrappers
+
+    from lightning_gp._compat import fabric_internal_gradients
+
+    assert hasattr(wrappers, "_in_fabric_backward"), "Fabric renamed its guard flag: _compat needs a new route"
+    before = wrappers._in_fabric_backward
+    with fabric_internal_gradients():
+        assert wrappers._in_fabric_backward is True
+    assert wrappers._in_fabric_backward == before
+
+
+def test_metric_update_count_accessors():
+    import torchmetrics
+
+    from lightning_gp._compat import metric_update_count, set_metric_update_count
+
+    metric = torchmetrics.SumMetric()
+    metric.update(torch.tensor(2.0))
+    assert metric_update_count(metric) == 1
+    set_metric_update_count(metric, 0)
+    assert metric.update_count == 0
+
+
+def test_fabric_autocast_dtype_reads_the_wrapped_module_s_precision():
+    from lightning.fabric import Fabric
+
+    from lightning_gp._compat import fabric_autocast_dtype
+
+    for precision, want in [("bf16-mixed", torch.bfloat16), ("32-true", None)]:
+        model = Fabric(accelerator="cpu", devices=1, precision=precision).setup(torch.nn.Linear(2, 2))
+        assert fabric_autocast_dtype(model) == want
+    assert fabric_autocast_dtype(torch.nn.Linear(2, 2)) is None

@@ -12,6 +12,7 @@ from lightning_gp.functional.grad_norms import (
     per_sample_grad_norms,
     per_sample_grad_norms_by_layer,
 )
+from tests.test_layer_zoo import loop
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -222,16 +223,6 @@ def test_errors():
         per_sample_grad_norms(InPlaceInput(), x, lambda out: out.sum(1))
 
 
-def _loop_norms(model, x, f):
-    """The reference: each sample alone (batch of one), its full gradient's norm."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(x.shape[0]):
-        grads = torch.autograd.grad(f(model(x[i:i + 1]))[0], params, allow_unused=True)
-        out.append(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("batch", [4, 5])  # 5: the sequence is as long as the batch
 def test_batch_second_data_is_measured_exactly(batch):
     """A (T, B, d) layout on a plain Linear: the samples are in dimension 1. Read from autograd (the last
@@ -240,7 +231,7 @@ def test_batch_second_data_is_measured_exactly(batch):
     model = nn.Sequential(SwapBatch(), nn.Linear(3, 2)).double()
     x = torch.randn(batch, 5, 3, dtype=torch.float64)
     f = lambda out: out.transpose(0, 1).sum((1, 2))  # noqa: E731
-    torch.testing.assert_close(per_sample_grad_norms(model, x, f)[1], _loop_norms(model, x, f), rtol=1e-10, atol=0)
+    torch.testing.assert_close(per_sample_grad_norms(model, x, f)[1], loop(model, x, f), rtol=1e-10, atol=0)
 
 
 def test_train_mode_attention_dropout_is_measured_with_the_pass_s_own_masks():

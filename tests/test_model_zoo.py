@@ -1,7 +1,10 @@
 """The models people bring: tiny Hugging Face model classes (local configs, SDPA attention by default).
 
-- Every input-space callback, the parameter penalty and flooding on every model of ``tests/hf_zoo.py``: it
-  trains (finite, moved parameters) or refuses with a message that names the layer and the fix.
+- Every input-space callback, the parameter penalty and flooding on every model of ``tests/hf_zoo.py``, with SDPA
+  and with eager attention and dropout: it trains (finite, moved parameters) or refuses with a message that
+  names the layer and the fix. The parameter penalty and flooding equal hand-written loops on every model.
+- Per-sample norms (functional and both monitor modes) on every model against a loop over samples, with B = 4
+  and B = T.
 - Exactness on seven models (classifiers, causal LMs at their last position, seq2seq): each callback equals the
   hand-written loops of ``tests/test_targets.py`` on the same kernels, so the callbacks' default
   ``method="auto"`` on SDPA (no double backward) is held against a hand-written finite-difference loop, and the
@@ -341,3 +344,60 @@ def test_messages_point_to_the_fix():
     recompute = GradientNormMonitor(every_n_steps=1, input_key="input_ids", target=llama.embeddings, histograms=False)
     with pytest.raises(ValueError, match=r"returned \[4, 6, 40\] \(a language model's.*Pass your per-sample loss"):
         pl.Trainer(max_steps=1, callbacks=[recompute], **QUIET).fit(HFModule(llama), loader(llama))
+
+
+# ---- the parameter penalty and flooding on every model, against hand-written loops -------------------------------
+
+def _sgd_reference(module: HFModule, zoo, objective_grads, steps: int = 3, lr: float = 0.1) -> None:
+    data = next(iter(loader(zoo)))
+    params = [p for p in module.parameters() if p.requires_grad]
+    for _ in range(steps):
+        grads = objective_grads(module, data, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p -= lr * g
+
+
+def _param_fd_grads(weight: float, rel: float = 1e-3):
+    """g + 2w·(∇L(θ + h·g) − g)/h, h = rel·‖θ‖/‖g‖, the parameters moved by hand and put back."""
+    def grads(module, data, params):
+        g = torch.autograd.grad(module.training_step(data), params)
+        g_norm = torch.sqrt(sum(x.square().sum() for x in g))
+        h = float(rel * torch.sqrt(sum(p.detach().square().sum() for p in params)) / g_norm)
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, x in zip(params, g, strict=True):
+                p += h * x
+        g2 = torch.autograd.grad(module.training_step(data), params)
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+        return [a + 2 * weight * (b - a) / h for a, b in zip(g, g2, strict=True)]
+    return grads
+
+
+def _flooding_grads(level: float):
+    def grads(module, data, params):
+        loss = module.training_step(data)
+        return torch.autograd.grad((loss - level).abs() + level, params)
+    return grads
+
+
+@pytest.mark.parametrize("case", ["parameter_finite_difference", "flooding_below", "flooding_above"])
+@pytest.mark.parametrize("model", list(ZOO))
+def test_parameter_penalty_and_flooding_match_hand_written_loops(model, case):
+    zoo = ZOO[model]
+    if case == "parameter_finite_difference":
+        callback, objective = ParameterGradientPenalty(0.05, method="finite_difference"), _param_fd_grads(0.05)
+    else:
+        level = 100.0 if case == "flooding_below" else 0.0  # below the flood level the step ascends
+        callback, objective = Flooding(level), _flooding_grads(level)
+    expected = HFModule(zoo)
+    _sgd_reference(expected, zoo, objective)
+    got = HFModule(zoo)
+    pl.Trainer(max_steps=3, callbacks=[callback], **QUIET).fit(got, loader(zoo))
+    initial = HFModule(zoo).state_dict()
+    worst = max(((v - expected.state_dict()[k]).abs().max().item(), k) for k, v in got.state_dict().items())
+    # the difference quotient amplifies two op orders' float64 rounding by about 1/h
+    assert worst[0] <= (1e-7 if case == "parameter_finite_difference" else 1e-12), worst
+    assert max((v - initial[k]).abs().max() for k, v in expected.state_dict().items()) > 1e-4  # it trained

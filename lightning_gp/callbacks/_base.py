@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_gp._compat import compiled_modules
+from lightning_gp._compat import compiled_modules, fabric_autocast_dtype
 from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
 from lightning_gp._logging import should_log
 from lightning_gp._module_state import untouched
@@ -30,6 +30,7 @@ from lightning_gp._support import check_batch_step, check_bool, check_number, ch
 from lightning_gp.functional._autograd import autograd_leaves, linearised
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional.layer_output import forward_pass
+from lightning_gp.functional.precision import compute_dtype
 from lightning_gp.interception import StepInterceptor, muted_logging
 
 
@@ -128,6 +129,7 @@ class StepContext:
         self.module = module
         self.values = values  # the step's record for the finiteness check (None: check each value at once)
         self.members: list[PenaltyCallback] = []  # the chain, outermost first (set by run_chain)
+        self.autocast_hint = fabric_autocast_dtype(module)  # Fabric's autocast lives inside the forward only
         self.step_fn = step_fn
         self.rest_args = args[1:]
         self.kwargs = kwargs
@@ -154,6 +156,15 @@ class StepContext:
         if self.world_size == 1:
             return tensor
         return self.strategy.all_gather(tensor, sync_grads=True).mean(dim=0)
+
+    def compute_dtype(self, t: Tensor) -> torch.dtype:
+        """The dtype the step's passes compute ``t``'s kind of values in (:func:`functional.precision.compute_dtype`,
+        with the autocast of a Fabric ``bf16-mixed``/``16-mixed`` module, which is active only inside its forward)."""
+        dtype = compute_dtype(t)
+        hint = self.autocast_hint
+        if hint is not None and dtype.is_floating_point and torch.finfo(hint).eps > torch.finfo(dtype).eps:
+            return hint
+        return dtype
 
     def loss_graph_needed_outside(self, member: PenaltyCallback) -> bool:
         """Whether a callback outer to ``member`` differentiates the loss's own graph after ``member`` returns

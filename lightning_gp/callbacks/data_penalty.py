@@ -20,7 +20,7 @@ from lightning_gp.functional._checks import check_choice, check_penalty_shape
 from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import finite_difference_direction, finite_difference_input_step_from_norms
-from lightning_gp.functional.precision import compute_dtype, difference_step
+from lightning_gp.functional.precision import difference_step
 
 #: How ``training_step`` reduced the per-sample losses to its scalar loss.
 Reduction = Literal["mean", "sum"]
@@ -233,7 +233,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
                                "sum")
             stats = torch.stack([total[0], ctx.reduce(stats[1], "max")])
             count = float(total[1])
-        step_rel = self.step if self.step is not None else difference_step(1e-2, compute_dtype(x), 2 / 3)
+        step_rel = self.step if self.step is not None else difference_step(1e-2, ctx.compute_dtype(x), 2 / 3)
         h = finite_difference_input_step_from_norms(stats[0] / count, stats[1], step_rel)
         penalty = phi.mean()
         if h == 0:  # φ is flat at every sample: nothing to difference

@@ -16,7 +16,7 @@ from lightning_gp.functional._checks import check_choice, grads_or_zeros
 from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import finite_difference_parameter_step
-from lightning_gp.functional.precision import compute_dtype, difference_step
+from lightning_gp.functional.precision import difference_step
 
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
 Scope = Literal["local", "global"]
@@ -125,8 +125,8 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             step = step.add(weight * penalty.detach())
             g_norm = penalty.detach().sqrt()
             if g_norm > 0:
-                step_rel = self.step if self.step is not None else difference_step(1e-3, compute_dtype(params[0]), 1.0)
-                h = finite_difference_parameter_step(params, g_norm, step_rel)
+                rel = self.step if self.step is not None else difference_step(1e-3, ctx.compute_dtype(params[0]), 1.0)
+                h = finite_difference_parameter_step(params, g_norm, rel)
                 with displaced(params, [g.detach() for g in grads], h), replayed_rng(before):
                     # θ + h·g in place (ties and aliases intact), the same dropout masks as the primary pass;
                     # its gradients are taken before θ is put back, then enter the final backward linearised.

@@ -124,7 +124,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         d = virtual_adversarial_direction(
             kl_at, probe.base, xi=self.xi, power_iterations=self.power_iterations, masked=probe.masked,
             generator=self.step_generator(ctx), owner=type(self).__name__,
-            what="target output" if self.target is not None else "input",
+            what="target output" if self.target is not None else "input", dtype=ctx.compute_dtype(probe.base),
         )
         vat = kl_at(self.epsilon * d)
         self.check_and_log(ctx, self.log_name, vat, batch_size=clean.shape[0])

@@ -36,7 +36,7 @@ def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=-1).mean()
 
 
-def virtual_adversarial_xi(base: Tensor) -> Tensor:
+def virtual_adversarial_xi(base: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """The default ξᵢ = ε_c^(1/3)·‖xᵢ‖, shaped to broadcast over ``base`` (ε_c: :func:`difference_scale` of the
     dtype the pass computes in). A zero sample takes the batch's mean norm, an all-zero batch 1.
 
@@ -53,7 +53,7 @@ def virtual_adversarial_xi(base: Tensor) -> Tensor:
     nonzero = norms > 0
     fill = norms.sum() / nonzero.sum().clamp_min(1)
     norms = torch.where(nonzero, norms, torch.where(fill > 0, fill, torch.ones_like(fill)))
-    xi = difference_scale(compute_dtype(base)) * norms
+    xi = difference_scale(dtype or compute_dtype(base)) * norms
     return xi.reshape(-1, *([1] * (base.ndim - 1))).to(base.dtype)
 
 
@@ -67,6 +67,7 @@ def virtual_adversarial_direction(
     masked: Callable[[Tensor], Tensor] | None = None,
     owner: str = "virtual_adversarial_direction",
     what: str = "perturbation",
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Unit direction dᵢ per sample that ``power_iterations`` steps bring towards the KL's top eigenvector.
 
@@ -78,6 +79,7 @@ def virtual_adversarial_direction(
         generator: draws the random start (a resumed run draws the same one).
         masked: zeroes the padded positions of an input-shaped tensor (they are never perturbed).
         owner, what: name the caller and the perturbed tensor in the error message.
+        dtype: the dtype the passes compute in, for the default ξ (default: ``base``'s, or autocast's).
 
     Raises:
         ValueError: the KL does not depend on r.
@@ -95,7 +97,7 @@ def virtual_adversarial_direction(
     masked = masked or (lambda t: t)
     base = base.detach()
     if xi is None:
-        xi = virtual_adversarial_xi(masked(base))
+        xi = virtual_adversarial_xi(masked(base), dtype)
     start = torch.randn(base.shape, generator=generator, device=base.device, dtype=base.dtype)
     d = ascent_direction(masked(start), "l2")
     for _ in range(power_iterations):
