@@ -222,7 +222,7 @@ def test_output_not_per_sample():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"`fn\(inputs\)` must hold one value per sample.*got shape \(4, 2\)"):
         data_gradient_penalty_fd(model, x.detach(), model)
-    with pytest.raises(ValueError, match=r"`critic` must return one score per sample, got shape \(8, 2\)"):
+    with pytest.raises(ValueError, match=r"`critic\(x\)` must hold one value per sample.*got shape \(8, 2\)"):
         difference_penalty(model, torch.randn(4, 3), torch.randn(4, 3))
 
 

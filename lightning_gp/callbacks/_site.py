@@ -57,6 +57,16 @@ def resolve_target(root: nn.Module, target: Target, owner: str) -> nn.Module | N
         ) from None
 
 
+def check_samples(x: Tensor, owner: str) -> None:
+    """An empty batch has no per-sample term to add: say so (its mean loss is NaN, which would be blamed on the
+    penalty's weight)."""
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{owner}: the batch is empty (0 samples), so there is no per-sample term to add, and its mean loss is "
+            f"NaN. Keep empty batches out of training (a sampler that yields none, or `drop_last=True`)."
+        )
+
+
 def embedding_names(root: nn.Module) -> list[str]:
     return [n for n, m in root.named_modules() if isinstance(m, nn.Embedding)]
 
@@ -102,6 +112,7 @@ class Probe:
                        if self.sharing else ".")
                 )
             self.base = record.output
+            check_samples(self.base, self.owner)
 
     def masked(self, t: Tensor) -> Tensor:
         """``t`` (input- or output-shaped) with the padded positions zeroed."""
@@ -160,6 +171,7 @@ class Site:
         if x.ndim == 0:
             raise ValueError(f"{self.owner}: the input selected by `input_key={self.input_key!r}` has no batch "
                              f"dimension.")
+        check_samples(x, self.owner)
         return Probe(batch, None, path, x, mask, self.owner, base=x)
 
     def mask(self, batch: Any) -> Tensor | None:

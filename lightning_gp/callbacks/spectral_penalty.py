@@ -65,8 +65,16 @@ class SpectralNormPenalty(PenaltyCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        vectors = state_dict.get("vectors", {})
+        for key, u in vectors.items():  # one NaN vector would make every later σ NaN, steps after the resume
+            if not torch.isfinite(u).all():
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint's state `vectors[{key!r}]` holds NaN/Inf, so σ of that "
+                    f"layer would be NaN from the first step on. Delete that entry from the checkpoint's callback "
+                    f"state (its layer then starts cold), or resume from an earlier checkpoint."
+                )
         super().load_state_dict(state_dict)
-        self.vectors = {k: v.clone() for k, v in state_dict.get("vectors", {}).items()}
+        self.vectors = {k: v.clone() for k, v in vectors.items()}
         self._fitted = False
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:

@@ -215,11 +215,8 @@ def difference_penalty(
                          f"{type(alpha).__name__}. Pass e.g. `(torch.rand(B), torch.rand(B))`.")
     real, fake = real.detach(), fake.detach()
     x1, x2 = interpolate(real, fake, a1), interpolate(real, fake, a2)
-    scores = _call(critic, torch.cat([x1, x2]))
-    scores = scores.reshape(2 * batch, -1)
-    if scores.shape[1] != 1:
-        raise ValueError(f"`critic` must return one score per sample, got shape {tuple(scores.shape)}.")
-    d1, d2 = scores[:batch, 0], scores[batch:, 0]
+    scores = check_per_sample(_call(critic, torch.cat([x1, x2])), 2 * batch, "critic(x)")
+    d1, d2 = scores[:batch], scores[batch:]
     dist = per_sample_norm(x1 - x2)
     valid = ~(dist <= 1e-12)  # a NaN distance (NaN samples) stays in the mean, visibly
     slope = (d1 - d2).abs() / torch.where(valid, dist, torch.ones_like(dist))
