@@ -5,8 +5,8 @@
   names the layer and the fix. The parameter penalty and flooding equal hand-written loops on every model.
 - Per-sample norms (functional and both monitor modes) on every model against a loop over samples, with B = 4
   and B = T.
-- Exactness on seven models (classifiers, causal LMs at their last position, seq2seq): each callback equals the
-  hand-written loops of ``tests/test_targets.py`` on the same kernels, so the callbacks' default
+- Exactness on nine models (classifiers, causal LMs at their last position, seq2seq, ViT on its pixels): each
+  callback equals the hand-written loops of ``tests/test_targets.py`` on the same kernels, so the callbacks' default
   ``method="auto"`` on SDPA (no double backward) is held against a hand-written finite-difference loop, and the
   double backward against an eager-attention loop.
 - Parameter perturbations leave tied, aliased and resized models as they were: the same parameter objects,
@@ -121,6 +121,8 @@ class ZooClassifier(SGDModule):
         return logits if logits.ndim == 2 else logits[:, -1]
 
     def logits(self, batch):
+        if self.kind == "vit":
+            return self.head(self.model(pixel_values=batch["pixel_values"]))
         return self.head(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     **self.extra(batch)))
 
@@ -128,7 +130,28 @@ class ZooClassifier(SGDModule):
         return F.cross_entropy(self.logits(batch), batch["labels"])
 
 
+def unpadded_token_data(n: int) -> list[dict]:
+    """``token_data`` without padding: GPT-2's classifier pools the last non-pad token of its ids, which the
+    ``inputs_embeds`` path of the reference cannot see."""
+    return [dict(s, input_ids=s["input_ids"].clamp_min(1), attention_mask=torch.ones_like(s["attention_mask"]))
+            for s in token_data(n)]
+
+
+def pixel_data(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    return [{"pixel_values": torch.randn(3, 8, 8, generator=g, dtype=torch.float64),
+             "labels": torch.randint(0, 3, (), generator=g)} for _ in range(n)]
+
+
 def problem(name: str) -> Problem:
+    if ZOO[name].kind == "vit":  # the pixels themselves: the batch input, no layer target
+        def pixel_parts(module: ZooClassifier, batch) -> Parts:
+            return Parts(pre=lambda: batch["pixel_values"], post=lambda z: module.head(module.model(pixel_values=z)),
+                         mask=None, labels=batch["labels"])
+
+        return Problem(make=lambda dtype: ZooClassifier(name, dtype), data=pixel_data, batch=collate,
+                       parts=pixel_parts, target=None, logits_fn=lambda module, batch: module.logits(batch),
+                       table="model.vit.embeddings.patch_embeddings.projection.weight")
     target = ZOO[name].embeddings
 
     def parts(module: ZooClassifier, batch) -> Parts:
@@ -137,27 +160,29 @@ def problem(name: str) -> Problem:
                      post=lambda z: module.head(model(inputs_embeds=z, attention_mask=mask, **module.extra(batch))),
                      mask=mask, labels=batch["labels"])
 
-    return Problem(make=lambda dtype: ZooClassifier(name, dtype), data=token_data, batch=collate, parts=parts,
+    data = unpadded_token_data if name == "gpt2_cls" else token_data
+    return Problem(make=lambda dtype: ZooClassifier(name, dtype), data=data, batch=collate, parts=parts,
                    target=target, logits_fn=lambda module, batch: module.logits(batch), table=f"{target}.weight")
 
 
-def exact_cases(target: str, reference_module: nn.Module, data_weight: float = 0.05) -> dict:
+def exact_cases(target: str | None, reference_module: nn.Module, data_weight: float = 0.05) -> dict:
     lf = lambda module, batch: module.logits(batch)  # noqa: E731
+    site = dict(target=target) if target is not None else dict(input_key="pixel_values")
     return {
-        "fgm": ([AdversarialTraining(0.5, adversarial_weight=0.5, target=target)], ref_fgm(0.5, 0.5)),
-        "pgd3": ([AdversarialTraining(0.5, steps=3, target=target)], ref_pgd(0.5, 3)),
-        "freelb3": ([AdversarialTraining(0.5, steps=3, average_steps=True, target=target)], ref_freelb(0.5, 3)),
-        "vat": ([VirtualAdversarialTraining(1.0, xi=1e-3, weight=2.0, target=target, logits_fn=lf)],
+        "fgm": ([AdversarialTraining(0.5, adversarial_weight=0.5, **site)], ref_fgm(0.5, 0.5)),
+        "pgd3": ([AdversarialTraining(0.5, steps=3, **site)], ref_pgd(0.5, 3)),
+        "freelb3": ([AdversarialTraining(0.5, steps=3, average_steps=True, **site)], ref_freelb(0.5, 3)),
+        "vat": ([VirtualAdversarialTraining(1.0, xi=1e-3, weight=2.0, logits_fn=lf, **site)],
                 ref_vat(1.0, 2.0, xi=1e-3)),
         # SDPA has no double backward: "auto" must take the finite difference, as a hand-written loop would
-        "data_auto": ([DataGradientPenalty(data_weight, target=target)],
+        "data_auto": ([DataGradientPenalty(data_weight, **site)],
                       ref_data_fd(data_weight, lambda: list(reference_module.parameters()))),
-        "data_double_backward_eager": ([DataGradientPenalty(data_weight, target=target, method="double_backward")],
+        "data_double_backward_eager": ([DataGradientPenalty(data_weight, method="double_backward", **site)],
                                        ref_data_penalty(data_weight)),
     }
 
 
-EXACT_MODELS = ("roberta", "distilbert", "gpt2_lm", "llama", "opt", "t5", "bart")
+EXACT_MODELS = ("roberta", "distilbert", "gpt2_cls", "gpt2_lm", "llama", "opt", "t5", "bart", "vit")
 EXACT = [(m, c) for m in EXACT_MODELS for c in exact_cases("", nn.Module())]
 
 
