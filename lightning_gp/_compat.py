@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 # torch has no public pytree module in the versions we support (``torch.utils.pytree`` is not in 2.6,
@@ -56,8 +57,6 @@ def fabric_autocast_dtype(module: Any) -> Any:
     precision = module._strategy.precision
     if not isinstance(precision, MixedPrecision):
         return None
-    import torch
-
     return torch.bfloat16 if precision.precision == "bf16-mixed" else torch.float16
 
 

@@ -95,15 +95,16 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         loss = step.loss
         if not loss.requires_grad:
             raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
+        tried: list = []  # the gradients "auto" built to try the double backward, used when it works
         if method is None:
             def local_penalty() -> torch.Tensor:
-                grads = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
-                return squared_norm_sum([g for g in grads if g is not None])
+                tried[:] = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
+                return squared_norm_sum([g for g in tried if g is not None])
 
             method, _ = self.decide_method(ctx, local_penalty, params)
         double = method == "double_backward"
         if double:
-            grads = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
+            grads = tried or autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
         else:
             # ∇L for every leaf of the loss in one backward; the loss is linearised (see `Step.loss_grads`), so
             # the final backward runs through the second pass's graph only, as a hand-written loop would.
