@@ -1,13 +1,8 @@
-"""When to log, and the trainer of a module: the package's only reads of Lightning internals.
+"""When to log, at which step, and the trainer of a module.
 
-Lightning has no public API for two facts the package needs, so they are read here and nowhere else, and
-``tests/test_strategies_and_internals.py`` fails loudly if a Lightning release moves them:
-
-- ``trainer._logger_connector.should_update_logs``: whether this step's ``on_step`` metrics will be written
-  to the loggers (every ``log_every_n_steps``). A ``self.log`` call costs 1–2 ms in Lightning 2.6, as much as
-  a small model's step, and a value logged on another step is overwritten unread.
-- ``trainer.fit_loop.epoch_loop._batches_that_stepped``: the step Lightning's loggers write at (optimizer
-  steps, counted once per batch however many optimizers). Lightning's own ``LearningRateMonitor`` reads it.
+A ``self.log`` call costs 1–2 ms in Lightning 2.6, as much as a small model's step, and a value logged on a
+step the loggers do not write is overwritten unread, so the package logs on the written steps only. The two
+facts come from Lightning internals, read in :mod:`lightning_gp._lightning_private`.
 """
 
 from __future__ import annotations
@@ -15,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+
+from lightning_gp._lightning_private import batches_that_stepped, will_write_logs
 
 
 def should_log(trainer: pl.Trainer | None) -> bool:
@@ -32,12 +29,12 @@ def should_log(trainer: pl.Trainer | None) -> bool:
     """
     if trainer is None:
         return False
-    return bool(trainer._logger_connector.should_update_logs) or bool(trainer.fast_dev_run)
+    return will_write_logs(trainer) or bool(trainer.fast_dev_run)
 
 
 def logger_step(trainer: pl.Trainer) -> int:
     """The step at which the Trainer's loggers write this batch's metrics (optimizer steps so far)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    return batches_that_stepped(trainer)
 
 
 def attached_trainer(module: Any) -> pl.Trainer | None:

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_gp._compat import metric_update_count, set_metric_update_count
+from lightning_gp._lightning_private import metric_update_count, set_metric_update_count
 
 _PLAIN = (int, float, bool, str, type(None))
 

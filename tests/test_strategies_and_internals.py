@@ -15,9 +15,9 @@ from lightning_gp import (
     SpectralNormMonitor,
     SpectralNormPenalty,
 )
-from lightning_gp._compat import tensor_version
 from lightning_gp._logging import logger_step, should_log
-from lightning_gp._support import check_strategy
+from lightning_gp._setup_checks import check_strategy
+from lightning_gp.functional._torch_private import tensor_version
 from tests.test_callbacks_exactness import make_net
 from tests.test_callbacks_features import Module, fit
 
@@ -81,7 +81,7 @@ class Probe(pl.Callback):
 
 def test_the_lightning_internals_we_read_still_exist_and_mean_what_we_need():
     """Fails loudly if a Lightning release moves `_logger_connector.should_update_logs` or
-    `fit_loop.epoch_loop._batches_that_stepped` (lightning_gp/_logging.py reads them, nowhere else)."""
+    `fit_loop.epoch_loop._batches_that_stepped` (lightning_gp/_lightning_private.py reads them, nowhere else)."""
     probe = Probe()
     fit(Module(make_net()), [probe], steps=6, log_every_n_steps=3)
     # in on_train_batch_end: the logger step is the 0-based step of this batch, one behind global_step
@@ -102,11 +102,11 @@ def test_the_torch_internal_we_read_still_exists():
 
 def test_compiled_modules_finds_what_torch_and_lightning_compile():
     """Fails loudly if torch's compiled wrapper stops keeping `_orig_mod`, or Lightning's `from_compiled`
-    stops setting `_compiler_ctx` (lightning_gp/_compat.py reads them, nowhere else)."""
+    stops setting `_compiler_ctx` (read in lightning_gp/_lightning_private.py and functional/_torch_private.py)."""
     import torch
     from lightning.pytorch.utilities.compile import from_compiled
 
-    from lightning_gp._compat import compiled_modules
+    from lightning_gp._lightning_private import compiled_modules
 
     module = Module(torch.compile(make_net(), backend="eager"))
     assert compiled_modules(module) == ["net"]

@@ -1,237 +1,33 @@
-"""What the penalty callbacks share: the step they change, its extra passes, scheduling, checks and logs.
+"""The Callback base of the loss-changing callbacks: wiring, scheduling, checkpoint state and logging.
 
-The callbacks register with :class:`lightning_gp.interception.StepInterceptor`, the one wrapper of
-``training_step``; it calls :func:`run_chain`, which nests the members in a fixed order (adversarial
-training outermost, then the data, parameter and spectral penalties) and returns the output with
-"loss" = loss + every term. Design notes: ``docs/design/interception.md``.
+A callback registers with :class:`lightning_gp.interception.StepInterceptor`, the one wrapper of
+``training_step``, whose runner is :func:`lightning_gp._chain.run_chain`; the objective's algebra is
+:mod:`lightning_gp._objective`. Design notes: ``docs/design/interception.md``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import Strategy
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_gp._compat import compiled_modules, fabric_autocast_dtype
+from lightning_gp._arguments import check_bool, check_number, init_repr
+from lightning_gp._chain import StepContext, run_chain
 from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
+from lightning_gp._lightning_private import callback_state_key, compiled_modules
 from lightning_gp._logging import should_log
-from lightning_gp._module_state import untouched
-from lightning_gp._support import check_batch_step, check_bool, check_number, check_strategy, init_repr
-from lightning_gp.functional._autograd import autograd_leaves, linearised
+from lightning_gp._objective import Step
+from lightning_gp._setup_checks import check_batch_step, check_strategy
 from lightning_gp.functional._checks import check_positive_int
-from lightning_gp.functional.layer_output import forward_pass
-from lightning_gp.functional.precision import compute_dtype
-from lightning_gp.interception import StepInterceptor, muted_logging
-
-
-@dataclass
-class Step:
-    """What a training step produced: the raw loss, the terms the callbacks added, the user's output.
-
-    The objective to backpropagate is ``stand_in + extra``. ``stand_in`` stands for the raw loss: the loss
-    itself, or, once a finite-difference callback has taken ∇L w.r.t. every autograd leaf of the loss
-    (:meth:`loss_grads`), the linearised loss (:func:`linearised`: Σ⟨v, ∇ᵥL⟩ with detached gradients, plus
-    a constant): the same value and the same gradient, but the final backward no longer runs through the
-    loss's graph a second time (that graph's backward was already done once to get the gradients).
-    """
-
-    loss: Tensor
-    output: Any
-    extra: Tensor | None = None
-    surrogate: Tensor | None = None
-    grads: dict[int, tuple[Tensor, Tensor]] | None = None  # id(leaf) → (leaf, ∇_leaf L), see loss_grads
-
-    @property
-    def stand_in(self) -> Tensor:
-        """A tensor with the loss's value and the loss's gradient (the loss itself until it is linearised)."""
-        return self.loss if self.surrogate is None else self.surrogate
-
-    @property
-    def objective(self) -> Tensor:
-        return self.stand_in if self.extra is None else self.stand_in + self.extra
-
-    def add(self, term: Tensor) -> Step:
-        """This step with ``term`` added to the objective."""
-        extra = term if self.extra is None else self.extra + term
-        return Step(loss=self.loss, output=self.output, extra=extra, surrogate=self.surrogate, grads=self.grads)
-
-    def loss_grads(self, retain: bool = True) -> Step:
-        """This step with ∇L w.r.t. every autograd leaf of the loss, and the loss linearised (see above).
-
-        One backward through the loss's graph (``retain``: whether an outer callback still differentiates the
-        loss; a compiled backward with donated buffers allows no ``retain_graph``), for all
-        leaves at once — the parameters, the input leaf of a data penalty, any other tensor the loss depends
-        on — so the final backward deposits exactly the gradients the loss's own graph would have, into the
-        same tensors (parameters the loss does not use stay without a gradient, as before). A no-op when a
-        callback already did it.
-        """
-        if self.grads is not None:
-            return self
-        leaves = autograd_leaves(self.loss)
-        grads = torch.autograd.grad(self.loss, leaves, retain_graph=retain, allow_unused=True) if leaves else ()
-        pairs = {id(v): (v, g) for v, g in zip(leaves, grads, strict=True) if g is not None}
-        surrogate = linearised(self.loss, list(pairs.values()))
-        return Step(loss=self.loss, output=self.output, extra=self.extra, surrogate=surrogate, grads=pairs)
-
-    def grad_of(self, tensor: Tensor) -> Tensor | None:
-        """∇L w.r.t. ``tensor`` (after :meth:`loss_grads`); None when the loss does not depend on it."""
-        assert self.grads is not None
-        pair = self.grads.get(id(tensor))
-        return None if pair is None else pair[1]
-
-    def finalize(self) -> Any:
-        if isinstance(self.output, Mapping):
-            out = dict(self.output)
-            out["loss"] = self.objective
-            return out
-        return self.objective
-
-
-def extract_loss(output: Any, owners: str) -> Tensor:
-    """The scalar loss in a ``training_step`` output (a tensor or a mapping with "loss"), or a clear error."""
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if loss is None:
-        raise ValueError(
-            f"`training_step` returned {'a dict without a loss' if isinstance(output, Mapping) else 'None'}, "
-            f"but {owners} must add a penalty to the loss. Return the loss tensor (or a dict with key "
-            f"'loss'); to skip a batch, remove the callback or return a zero loss."
-        )
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"`training_step` returned a loss of type {type(loss).__name__}; {owners} needs a tensor.")
-    if loss.numel() != 1:
-        raise ValueError(
-            f"`training_step` returned a loss of shape {tuple(loss.shape)}; {owners} needs a scalar "
-            f"(the batch mean, e.g. `F.cross_entropy(logits, y)`)."
-        )
-    return loss.reshape(())
-
-
-class StepContext:
-    """One training step as seen by the callbacks: the module, the user's step function and its arguments.
-
-    ``strategy`` is the Trainer's (None outside a Trainer): collectives go through it (:meth:`reduce`,
-    :meth:`broadcast`, :meth:`all_gather`), and without it they are the identity.
-    """
-
-    def __init__(self, module: nn.Module, step_fn: Callable[..., Any], args: tuple, kwargs: dict,
-                 global_step: int, owners: str, strategy: Strategy | None = None,
-                 values: StepValues | None = None) -> None:
-        self.module = module
-        self.values = values  # the step's record for the finiteness check (None: check each value at once)
-        self.members: list[PenaltyCallback] = []  # the chain, outermost first (set by run_chain)
-        self.autocast_hint = fabric_autocast_dtype(module)  # Fabric's autocast lives inside the forward only
-        self.step_fn = step_fn
-        self.rest_args = args[1:]
-        self.kwargs = kwargs
-        self.global_step = global_step
-        self.owners = owners
-        self.strategy = strategy
-
-    @property
-    def world_size(self) -> int:
-        return 1 if self.strategy is None else self.strategy.world_size
-
-    def reduce(self, tensor: Tensor, op: Literal["sum", "max"]) -> Tensor:
-        """``tensor`` summed (or maxed) over the ranks; a new tensor."""
-        if self.world_size == 1:
-            return tensor
-        return self.strategy.reduce(tensor.clone(), reduce_op=op)
-
-    def broadcast(self, tensor: Tensor) -> Tensor:
-        """Rank 0's ``tensor`` on every rank (every rank takes rank 0's decision)."""
-        return tensor if self.world_size == 1 else self.strategy.broadcast(tensor, src=0)
-
-    def mean_over_ranks(self, tensor: Tensor) -> Tensor:
-        """The mean of ``tensor`` over the ranks, differentiable: the backward sends each rank its share."""
-        if self.world_size == 1:
-            return tensor
-        return self.strategy.all_gather(tensor, sync_grads=True).mean(dim=0)
-
-    def compute_dtype(self, t: Tensor) -> torch.dtype:
-        """The dtype the step's passes compute ``t``'s kind of values in (:func:`functional.precision.compute_dtype`,
-        with the autocast of a Fabric ``bf16-mixed``/``16-mixed`` module, which is active only inside its forward)."""
-        dtype = compute_dtype(t)
-        hint = self.autocast_hint
-        if hint is not None and dtype.is_floating_point and torch.finfo(hint).eps > torch.finfo(dtype).eps:
-            return hint
-        return dtype
-
-    def loss_graph_needed_outside(self, member: PenaltyCallback) -> bool:
-        """Whether a callback outer to ``member`` differentiates the loss's own graph after ``member`` returns
-        (adversarial training, a double-backward penalty): then ``member`` must retain it."""
-        outer = self.members[: self.members.index(member)] if member in self.members else self.members
-        return any(m.needs_loss_graph for m in outer)
-
-    def primary(self, batch: Any) -> Step:
-        """The user's step, as Lightning would run it (it logs, it updates BatchNorm statistics)."""
-        with forward_pass():
-            out = self.step_fn(batch, *self.rest_args, **self.kwargs)
-        if out is None:
-            raise SkipBatch
-        loss = extract_loss(out, self.owners)
-        if self.values is not None:
-            self.values.add_loss(loss)
-        return Step(loss=loss, output=out)
-
-    def extra_loss(self, batch: Any) -> Tensor:
-        """The raw loss of an extra pass: no other callback, no logging, and what the step changes on the module
-        (buffers, metrics, counters: :mod:`lightning_gp._module_state`) put back after it."""
-        with muted_logging(self.module), untouched(self.module), forward_pass():
-            out = self.step_fn(batch, *self.rest_args, **self.kwargs)
-        if out is None:
-            raise SkipBatch
-        return extract_loss(out, self.owners)
-
-
-class SkipBatch(Exception):
-    """``training_step`` returned None (Lightning's way to skip a batch): the chain stops and returns None."""
-
-
-def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[PenaltyCallback], args: tuple,
-              kwargs: dict, global_step: int, strategy: Strategy | None = None,
-              values: StepValues | None = None) -> Any:
-    """Run ``step_fn`` with every member's term added; returns the output with "loss" = the objective.
-
-    A pass of ``training_step`` that returns None skips the batch, as in Lightning: no term, no further
-    pass, no log, and None is returned.
-    """
-    members = sorted(members, key=lambda m: m.order)
-    owners = " and ".join(type(m).__name__ for m in members) or "lightning_gp"
-    if not args and "batch" not in kwargs:
-        raise TypeError("`training_step` was called without a batch.")
-    if not args:
-        kwargs = dict(kwargs)
-        args = (kwargs.pop("batch"),)
-    ctx = StepContext(module, step_fn, args, kwargs, global_step, owners, strategy, values)
-    ctx.members = members
-
-    def build(i: int) -> Callable[[Any], Step]:
-        if i == len(members):
-            return ctx.primary
-        member, inner = members[i], build(i + 1)
-        return lambda batch: member.apply(ctx, batch, inner)
-
-    mark = None if values is None else (len(values.losses), len(values.values))
-    try:
-        step = build(0)(args[0])
-    except SkipBatch:
-        if values is not None:  # nothing of a skipped batch is checked: it never reaches a backward
-            del values.losses[mark[0]:], values.values[mark[1]:]
-            values.pending = bool(values.losses or values.values)
-        return None
-    if values is not None:
-        values.batches.append(args[0])
-    return step.finalize()
+from lightning_gp.interception import StepInterceptor
 
 
 def _run_intercepted(interceptor: StepInterceptor, step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -249,6 +45,9 @@ def _run_intercepted(interceptor: StepInterceptor, step_fn: Callable[..., Any], 
 class PenaltyCallback(Callback):
     """Base of the loss-changing callbacks: registers with the interceptor, schedules, checks and logs."""
 
+    #: Marks a callback that adds a term to the loss ``training_step`` returns (monitors that read that loss's
+    #: backward refuse to share a Trainer with one).
+    adds_to_loss = True
     #: Nesting position in the shared wrapper (smaller = outer).
     order = 10
     #: Whether :meth:`apply` differentiates the loss of the inner chain through its graph (after it returned).
@@ -275,7 +74,7 @@ class PenaltyCallback(Callback):
         key = self.__dict__.get("_state_key")
         if key is None:
             fields = self.state_key_fields()
-            key = self._generate_state_key(**fields) if fields else type(self).__qualname__
+            key = callback_state_key(self, **fields) if fields else type(self).__qualname__
             self.__dict__["_state_key"] = key
         return key
 

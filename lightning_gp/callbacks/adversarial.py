@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._support import check_bool, check_number
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
-from lightning_gp.callbacks._batch import InputKey, replace_input
-from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
+from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._batch import InputKey, replace_input
+from lightning_gp._chain import StepContext
+from lightning_gp._objective import Step
+from lightning_gp._site import Probe, Site, SiteCallback, Target
+from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import fgsm, pgd
 from lightning_gp.functional._checks import check_choice, check_clamp, check_positive_int
 from lightning_gp.functional.adversarial import NORMS, Norm, ascent_direction, project, random_start
@@ -160,9 +162,9 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         if a < 1:
             step = inner(batch)  # primary: clean
             adv_loss = ctx.extra_loss(adv_batch)
-            # (1 − a)·L_clean + a·L_adv, with the inner callbacks' penalties kept at full weight. `stand_in`
+            # (1 − a)·L_clean + a·L_adv, with the inner callbacks' penalties kept at full weight. `loss_in_objective`
             # has the clean loss's value and gradient (possibly without its graph, see `Step`).
-            return step.add(a * (adv_loss - step.stand_in)), adv_loss, step.loss
+            return step.add(a * (adv_loss - step.loss_in_objective)), adv_loss, step.loss
         step = inner(adv_batch)  # primary: adversarial
         return step, step.loss, clean_loss
 
@@ -206,8 +208,8 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
                 loss, delta = probe.run(ctx.extra_loss, delta.requires_grad_(True))
                 losses.append(loss)
         if self.average_steps:  # the mean of the K losses, the first with the inner callbacks' terms
-            rest = sum(losses[1:]) if k > 1 else first.stand_in.new_zeros(())
-            result = first.add(rest / k - (1 - 1 / k) * first.stand_in)
+            rest = sum(losses[1:]) if k > 1 else first.loss_in_objective.new_zeros(())
+            result = first.add(rest / k - (1 - 1 / k) * first.loss_in_objective)
             return result, torch.stack([v.detach() for v in losses]).mean(), clean_loss
         if a == 1:
             step, _ = probe.run(inner, delta, chain=True)  # primary: adversarial
@@ -216,7 +218,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             first, _ = probe.run(inner, lambda like: like.detach().new_zeros(like.shape), chain=True)
             clean_loss = first.loss.detach()
         adv_loss, _ = probe.run(ctx.extra_loss, delta)
-        return first.add(a * (adv_loss - first.stand_in)), adv_loss, clean_loss
+        return first.add(a * (adv_loss - first.loss_in_objective)), adv_loss, clean_loss
 
     def _step(self, probe: Probe, delta: Tensor, grad: Tensor, alpha: float) -> Tensor:
         """One ascent step on δ, projected onto the ε-ball and, for a batch input, into ``clamp``."""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_gp._support import check_bool, check_number
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
-from lightning_gp.callbacks._batch import InputKey, slice_batch
+from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._batch import InputKey, slice_batch
+from lightning_gp._chain import StepContext
+from lightning_gp._objective import REDUCTIONS, Reduction, Step
+from lightning_gp._site import Probe, Site, SiteCallback, Target
+from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
-from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import finite_difference_term, linearised_now
 from lightning_gp.functional._autograd import grad as autograd_grad
@@ -21,10 +23,6 @@ from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import finite_difference_direction, finite_difference_input_step_from_norms
 from lightning_gp.functional.precision import difference_step
-
-#: How ``training_step`` reduced the per-sample losses to its scalar loss.
-Reduction = Literal["mean", "sum"]
-REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
@@ -145,7 +143,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
             step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self)) if loss.requires_grad else step
             grad = self._missing_input(step.grad_of(leaf) if step.grads is not None else None) * per_sample_scale
             penalty, term = self._finite_difference(
-                ctx, probe=probe, grad=grad, linearised_loss=step.surrogate, before=before,
+                ctx, probe=probe, grad=grad, linearised_loss=step.linearised_loss, before=before,
                 per_sample_scale=per_sample_scale,
             )
             step = step.add(weight * penalty + weight * term)
@@ -219,7 +217,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
     ) -> tuple[Tensor, Tensor]:
         """Returns (penalty value, surrogate term whose value is 0 and whose θ-gradient ≈ ∇θ penalty).
 
-        ``linearised_loss`` has the gradient of the primary loss without its graph (``Step.surrogate``).
+        ``linearised_loss`` has the gradient of the primary loss without its graph (``Step.linearised_loss``).
         """
         phi, direction = finite_difference_direction(grad, power=self.power, center=self.center,
                                                       one_sided=self.one_sided)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lightning_gp._support import check_number
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
+from lightning_gp._arguments import check_number
+from lightning_gp._chain import StepContext
+from lightning_gp._objective import Step
+from lightning_gp.callbacks._base import PenaltyCallback
 
 
 class Flooding(PenaltyCallback):
@@ -43,9 +45,9 @@ class Flooding(PenaltyCallback):
         step = inner(batch)
         loss = step.loss
         # |L − b| + b = L above b and 2b − L below: the term added to the objective is max(0, 2(b − L)),
-        # whose gradient below b is −2∇L (with the loss's own ∇L through `stand_in`: the flooded −∇L).
+        # whose gradient below b is −2∇L (with the loss's own ∇L through `loss_in_objective`: the flooded −∇L).
         # No host sync: the branch is a clamp.
-        term = (2.0 * (self.level - step.stand_in)).clamp_min(0.0)
+        term = (2.0 * (self.level - step.loss_in_objective)).clamp_min(0.0)
         self.record(ctx, "flooding/loss", loss, None)
         self.record(ctx, "flooding/flooded", (loss.detach() < self.level).to(loss.dtype), None)
         self.applied += 1

@@ -7,8 +7,10 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from lightning_gp._support import check_number
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
+from lightning_gp._arguments import check_number
+from lightning_gp._chain import StepContext
+from lightning_gp._objective import Step
+from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
 from lightning_gp.functional._autograd import displaced, finite_difference_term, linearised_now
 from lightning_gp.functional._autograd import grad as autograd_grad
@@ -133,7 +135,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
                     # its gradients are taken before θ is put back, then enter the final backward linearised.
                     at_displaced = linearised_now(ctx.extra_loss(batch))
                 # (2/h)·[L(θ + h g) − L(θ)], its −L(θ) part through the linearised loss (gradient: the local ∇L).
-                step = step.add(weight * finite_difference_term(at_displaced, step.surrogate, step=h, scale=2.0))
+                step = step.add(weight * finite_difference_term(at_displaced, step.linearised_loss, step=h, scale=2.0))
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1
         return step

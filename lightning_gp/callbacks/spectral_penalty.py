@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_gp._support import vectors_fit
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
+from lightning_gp._chain import StepContext
+from lightning_gp._objective import Step
+from lightning_gp._setup_checks import vectors_fit
+from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import spectral_norm_penalty
 from lightning_gp.functional._checks import check_positive_int
 

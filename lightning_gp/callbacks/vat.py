@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_gp._arguments import check_number
+from lightning_gp._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
+from lightning_gp._chain import StepContext
 from lightning_gp._module_state import untouched
-from lightning_gp._support import check_forward, check_number
-from lightning_gp.callbacks._base import PenaltyCallback, Step, StepContext
-from lightning_gp.callbacks._batch import InputKey, resolve_input
-from lightning_gp.callbacks._site import Probe, Site, SiteCallback, Target
+from lightning_gp._objective import Step
+from lightning_gp._setup_checks import check_forward
+from lightning_gp._site import Probe, Site, SiteCallback, Target
+from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
 from lightning_gp.interception import muted_logging
 
+#: What ``pl_module(...)`` is called on when the perturbation sits on a layer: a token model's ids first.
+MODEL_INPUT_KEYS = ("input_ids", *DEFAULT_KEYS)
 #: ``logits_fn(pl_module, batch)`` → logits (B, C).
 LogitsFn = Callable[[Any, Any], Tensor]
 
@@ -97,9 +102,10 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
             if self.logits_fn is not None:
                 logits = self.logits_fn(ctx.module, batch)
             elif probe.module is None:
-                logits = ctx.module(_at(batch, probe.path))
+                logits = ctx.module(value_at(batch, probe.path))
             else:
-                logits = ctx.module(_model_input(batch, self.input_key))
+                logits = ctx.module(resolve_input(batch, self.input_key, type(self).__name__, computed=True,
+                                                    default_keys=MODEL_INPUT_KEYS, whole_batch=True)[0])
         logits = getattr(logits, "logits", logits)  # Hugging Face model outputs
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -131,20 +137,3 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         self.applied += 1
         return step.add(weight * vat)
 
-
-def _at(batch: Any, path: tuple) -> Any:
-    for key in path:
-        batch = batch[key]
-    return batch
-
-
-def _model_input(batch: Any, input_key: InputKey) -> Any:
-    """What ``pl_module(...)`` is called on when the perturbation is on a layer: the ``input_key`` entry,
-    else a dict batch's ``"input_ids"``, a tuple's first element, or the batch itself."""
-    if input_key is not None:
-        return resolve_input(batch, input_key, "VirtualAdversarialTraining")[0]
-    if isinstance(batch, Mapping) and "input_ids" in batch:
-        return batch["input_ids"]
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    return batch

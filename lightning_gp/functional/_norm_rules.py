@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gp.functional._torch_private import qkv_same_embed_dim, reversed_padding
+
 LINEAR_LAYERS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)  # the latter: attention's out_proj
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -107,9 +109,9 @@ def unfold(module: nn.Module, x: Tensor) -> Tensor:
     ``unfold2d``; about twice as fast as ``F.unfold``, and 1-d and 3-d alike). No transpose follows, so nothing
     is copied again later.
     """
-    if any(module._reversed_padding_repeated_twice):
+    if any(reversed_padding(module)):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        x = F.pad(x, reversed_padding(module), mode=mode)
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     size = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(x.shape[2:], kernel, stride, dilation, strict=True)]
     st = x.stride()
@@ -160,7 +162,7 @@ def _conv_by_offsets(module: nn.Module, pairs: list[tuple[Tensor, Tensor]], batc
     groups, st = module.groups, None
     slices: dict[tuple, Tensor] = {}
     for x, g in pairs:
-        pad = list(module._reversed_padding_repeated_twice)
+        pad = list(reversed_padding(module))
         pad[-1] += 1  # one more row (plane) at the end: the last windows run up to k - 1 elements past the grid
         xp = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
         grid, size = xp.shape[2:], g.shape[2:]
@@ -296,7 +298,7 @@ def _replay_attention(module: nn.MultiheadAttention, use: object, batch: int) ->
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     e, heads = module.embed_dim, module.num_heads
     dtype = query.dtype  # the records' (float32 for half-precision records), also for bfloat16 parameters
-    if module._qkv_same_embed_dim:
+    if qkv_same_embed_dim(module):
         wq, wk, wv = module.in_proj_weight.detach().to(dtype).chunk(3)
     else:
         wq, wk, wv = (w.detach().to(dtype) for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))

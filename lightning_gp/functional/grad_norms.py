@@ -21,9 +21,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_gp._compat import tensor_version, tree_flatten, tree_unflatten
 from lightning_gp.functional._checks import check_batched, check_bool, check_per_sample
+from lightning_gp.functional._layers import BATCH_NORM_LAYERS
 from lightning_gp.functional._norm_rules import UnbatchedLayer, linear_sq, outer_factors, row_sq, rule, tied_sq
+from lightning_gp.functional._torch_private import tensor_version, tree_flatten, tree_unflatten
 
 
 class PerSampleGradNorms(NamedTuple):
@@ -374,7 +375,7 @@ class GradNormRecorder:
     def start(self) -> GradNormRecorder:
         """Clear earlier records and hook every module; returns ``self``. Raises ValueError on train-mode BatchNorm."""
         for name, mod in self.modules.items():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+            if isinstance(mod, BATCH_NORM_LAYERS) and mod.training:
                 raise ValueError(
                     f"Module '{_name(name)}' ({type(mod).__name__}) is in training mode and mixes the samples "
                     f"of a batch, so per-sample gradients are not defined. Call `model.eval()` first."

@@ -26,6 +26,7 @@ from lightning_gp.functional._checks import (
     check_non_empty_batch,
     check_per_sample,
 )
+from lightning_gp.functional._layers import DROPOUT_LAYERS
 from lightning_gp.functional.grad_norms import linear_squared_norms
 
 # Modules whose per-sample Jacobian is diagonal: they may sit between the Linear layers of a chain.
@@ -35,7 +36,7 @@ ELEMENTWISE = (
     nn.PReLU,
 )  # fmt: skip
 # Modules that do not change values (Dropout only in eval mode; Flatten only of the non-batch dimensions).
-PASS_THROUGH = (nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd)
+PASS_THROUGH = (nn.Identity, nn.Flatten, *DROPOUT_LAYERS)
 
 
 class MLPInequality(NamedTuple):
@@ -96,7 +97,7 @@ def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(child, nn.Sequential):
                 walk(full + ".", child)
             elif isinstance(child, (nn.Linear, *ELEMENTWISE, *PASS_THROUGH)):
-                if isinstance(child, nn.modules.dropout._DropoutNd) and child.training:
+                if isinstance(child, DROPOUT_LAYERS) and child.training:
                     raise ValueError(
                         f"Module '{full}' ({type(child).__name__}) is in training mode: its random mask "
                         f"makes f stochastic. Call `model.eval()` before `mlp_inequality`."

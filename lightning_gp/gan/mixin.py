@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gp._compat import merge_initial_hparams
+from lightning_gp._arguments import check_number
+from lightning_gp._batch import resolve_input
 from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
+from lightning_gp._lightning_private import merge_initial_hparams
 from lightning_gp._logging import should_log
-from lightning_gp._support import check_number
-from lightning_gp.callbacks._batch import resolve_input
 from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._checks import check_choice, check_per_sample, check_positive_int
 from lightning_gp.functional._rng import forked_rng

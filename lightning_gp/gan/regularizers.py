@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from lightning_gp.functional._autograd import linearised
-from lightning_gp.functional._layers import LINEAR_MAP_LAYERS
+from lightning_gp.functional._layers import LINEAR_MAP_LAYERS, batch_norms
 from lightning_gp.functional.gan import (
     difference_penalty,
     r1_penalty,
@@ -36,7 +36,6 @@ REGULARIZERS: tuple[str, ...] = get_args(Regularizer)
 PENALTIES: tuple[str, ...] = get_args(Penalty)
 GRADIENT_PENALTIES: tuple[str, ...] = get_args(GradientPenalty)
 #: Layers that couple the samples of a batch (their output for one sample depends on the others).
-_BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm,)
 
 
 class PenaltyTerm(NamedTuple):
@@ -177,15 +176,14 @@ def check_no_batch_norm(critic: nn.Module) -> None:
         ...
         ValueError: The critic's layer '1' is BatchNorm1d, ...
     """
-    for layer_name, module in critic.named_modules():
-        if isinstance(module, _BATCH_COUPLED):
-            raise ValueError(
-                f"The critic's layer {layer_name or '<root>'!r} is {type(module).__name__}, which normalizes "
-                "each sample with statistics of the whole batch. The gradient penalty is defined per sample "
-                "(‖∇D(x̂ᵢ)‖ must depend on x̂ᵢ alone), and BatchNorm makes it depend on the other samples "
-                "(Gulrajani et al. 2017, §4). Replace it by nn.LayerNorm or nn.InstanceNorm "
-                "(e.g. nn.GroupNorm(1, C) as a LayerNorm for conv features), or drop it."
-            )
+    for layer_name, module in batch_norms(critic, training_only=False):
+        raise ValueError(
+            f"The critic's layer {layer_name or '<root>'!r} is {type(module).__name__}, which normalizes "
+            "each sample with statistics of the whole batch. The gradient penalty is defined per sample "
+            "(‖∇D(x̂ᵢ)‖ must depend on x̂ᵢ alone), and BatchNorm makes it depend on the other samples "
+            "(Gulrajani et al. 2017, §4). Replace it by nn.LayerNorm or nn.InstanceNorm "
+            "(e.g. nn.GroupNorm(1, C) as a LayerNorm for conv features), or drop it."
+        )
 
 
 def apply_spectral_normalization(critic: nn.Module) -> list[str]:

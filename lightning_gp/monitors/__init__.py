@@ -2,7 +2,7 @@
 
 Each is a thin adapter over `lightning_gp.functional`; reductions across DDP ranks use
 `lightning_gp.metrics.PerSampleMeanMax`; scalars reach every Lightning logger and W&B also gets
-histograms, tables and charts (`lightning_gp.loggers`).
+histograms, tables and charts (`lightning_gp._log_writer`).
 """
 
 from lightning_gp.monitors.gradient_norm import GradientNormMonitor

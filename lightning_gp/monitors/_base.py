@@ -22,11 +22,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_gp._arguments import init_repr
+from lightning_gp._log_writer import log_scalars
 from lightning_gp._logging import logger_step, should_log
 from lightning_gp._module_state import untouched
-from lightning_gp._support import check_batch_step, check_strategy, init_repr
+from lightning_gp._setup_checks import check_batch_step, check_strategy
 from lightning_gp.functional._checks import check_positive_int
-from lightning_gp.loggers import log_scalars
 from lightning_gp.metrics import PerSampleMeanMax
 
 #: Interval used when ``every_n_steps=None`` and the trainer logs nothing (``log_every_n_steps=0``).

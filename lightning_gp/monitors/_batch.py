@@ -1,7 +1,6 @@
 """The targets of a batch for the monitors' default per-sample loss.
 
-The input is found by `lightning_gp.callbacks._batch.resolve_input`, and a batch's first samples
-taken by `slice_batch`, shared with the penalty callbacks so
+The input is found by :func:`lightning_gp._batch.resolve_input`, as for the penalty callbacks, so
 ``input_key`` means the same everywhere.
 """
 
@@ -13,23 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp.callbacks._batch import InputKey, describe, resolve_input
+from lightning_gp._batch import describe
 
 #: Dict keys tried, in order, for the targets of the default loss.
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
-
-
-def select_input(batch: Any, input_key: InputKey, owner: str) -> Tensor:
-    """The model input in ``batch``: `resolve_input`'s rules for
-    ``None``, an index or a key; a callable may also *compute* the input (a monitor replaces nothing)."""
-    if callable(input_key):
-        out = input_key(batch)
-        if not isinstance(out, Tensor):
-            raise ValueError(
-                f"`{owner}(input_key=...)` returned {type(out).__name__}, not a tensor. Batch: {describe(batch)}."
-            )
-        return out
-    return resolve_input(batch, input_key, owner)[0]
 
 
 def select_target(batch: Any) -> Tensor:

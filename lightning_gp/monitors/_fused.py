@@ -20,7 +20,8 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_gp._compat import tensor_version
+from lightning_gp.functional._layers import BATCH_NORM_LAYERS, batch_norms
+from lightning_gp.functional._torch_private import tensor_version
 from lightning_gp.functional.grad_norms import (
     GradNormRecorder,
     UnbatchedLayer,
@@ -375,10 +376,10 @@ class LinearTap:
 def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
     """``{name: layer}`` of the modules owning trainable parameters when all are plain ``nn.Linear`` (an MLP);
     None otherwise, and when a BatchNorm is in training mode (the general recorder then raises its error)."""
+    if batch_norms(module):
+        return None
     layers, seen = {}, set()
     for name, m in module.named_modules():
-        if isinstance(m, TRAIN_MODE_BATCHNORMS) and m.training:
-            return None
         if any(p.requires_grad for p in m.parameters(recurse=False)):
             if type(m) is not nn.Linear or any(id(p) in seen for p in m.parameters(recurse=False)):
                 return None  # not a plain Linear, or tied weights (their uses add up): the general recorder
@@ -387,8 +388,6 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
     return layers or None
 
 
-#: BatchNorm layers, which couple the samples in training mode (their Lazy variants subclass these).
-TRAIN_MODE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 
@@ -398,7 +397,7 @@ def _restrict_to_closed_forms(recorder: GradNormRecorder) -> bool:
     needed to replay other layers through ``torch.func``. Not done when a train-mode BatchNorm is present, so
     that ``start`` still raises its error.
     """
-    if any(isinstance(m, TRAIN_MODE_BATCHNORMS) and m.training for m in recorder.modules.values()):
+    if any(isinstance(m, BATCH_NORM_LAYERS) and m.training for m in recorder.modules.values()):
         return False
     keep = closed_form_modules(recorder.modules)
     if keep is None:

@@ -11,21 +11,20 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._compat import tree_flatten
+from lightning_gp._batch import InputKey, resolve_input
+from lightning_gp._log_writer import define_summaries, log_histograms, wandb_runs
 from lightning_gp._logging import logger_step
-from lightning_gp._support import check_forward
-from lightning_gp.callbacks._base import PenaltyCallback
-from lightning_gp.callbacks._batch import InputKey
-from lightning_gp.callbacks._site import Site, Target
-from lightning_gp.callbacks.data_penalty import REDUCTIONS, Reduction
+from lightning_gp._objective import REDUCTIONS, Reduction
+from lightning_gp._setup_checks import check_forward
+from lightning_gp._site import Site, Target
 from lightning_gp.functional._checks import check_per_sample
+from lightning_gp.functional._torch_private import tree_flatten
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
 from lightning_gp.functional.gradients import tensor_norms
 from lightning_gp.functional.layer_output import per_sample_output_gradient_norms
 from lightning_gp.interception import StepInterceptor
-from lightning_gp.loggers import define_summaries, log_histograms, wandb_runs
 from lightning_gp.monitors._base import Monitor, isolated
-from lightning_gp.monitors._batch import default_loss, select_input
+from lightning_gp.monitors._batch import default_loss
 from lightning_gp.monitors._fused import FusedRecording, LinearTap, grad_scale, per_sample_factor
 
 #: ``loss_fn(outputs, batch)`` → per-sample losses, shape (B,).
@@ -132,7 +131,7 @@ class GradientNormMonitor(Monitor):
                 f"{name}(mode='fused') reads the gradients of Lightning's automatic-optimization backward; "
                 f"`{type(pl_module).__name__}` uses manual optimization. Use mode='recompute'."
             )
-        penalties = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, PenaltyCallback)]
+        penalties = [type(cb).__name__ for cb in trainer.callbacks if getattr(cb, "adds_to_loss", False)]
         if penalties:
             raise RuntimeError(
                 f"{name}(mode='fused') measures the backward of the loss `training_step` returns, but "
@@ -159,7 +158,7 @@ class GradientNormMonitor(Monitor):
             return
         self._pending_step = logger_step(trainer)
         self._global_step_at_start = trainer.global_step
-        inputs = select_input(batch, self.input_key, type(self).__name__)
+        inputs = resolve_input(batch, self.input_key, type(self).__name__, computed=True)[0]
         per_sample, hist = self.measure(pl_module, inputs, batch)
         if self.histograms:
             log_histograms(trainer, hist, self._pending_step)
@@ -182,7 +181,7 @@ class GradientNormMonitor(Monitor):
             return
         self._armed = False
         self._close()
-        inputs = select_input(batch, self.input_key, type(self).__name__)
+        inputs = resolve_input(batch, self.input_key, type(self).__name__, computed=True)[0]
         mask = self.site.mask(batch) if self.site.module is not None else None
         self._recording = FusedRecording(self._module, inputs, type(self).__name__, self._linear_tap,
                                          target=self.site.module, mask=mask,

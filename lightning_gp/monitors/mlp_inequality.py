@@ -10,13 +10,13 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_gp._batch import InputKey, resolve_input, slice_batch
+from lightning_gp._log_writer import define_summaries, log_inequality
 from lightning_gp._logging import logger_step
-from lightning_gp.callbacks._batch import InputKey, slice_batch
 from lightning_gp.functional._checks import check_per_sample, check_positive_int
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
-from lightning_gp.loggers import define_summaries, log_inequality
 from lightning_gp.monitors._base import Monitor, isolated
-from lightning_gp.monitors._batch import default_loss, select_input
+from lightning_gp.monitors._batch import default_loss
 from lightning_gp.monitors.gradient_norm import PerSampleLoss
 
 PREFIX = "mlp_inequality"
@@ -118,7 +118,7 @@ class MLPInequalityMonitor(Monitor):
             return
         step = logger_step(trainer)
         name, chain = self._chain(pl_module)
-        inputs = select_input(batch, self.input_key, type(self).__name__)
+        inputs = resolve_input(batch, self.input_key, type(self).__name__, computed=True)[0]
         values, result = self.measure(chain, inputs, batch, prefix=f"{name}.")
         self._log(trainer, values, step)
         if self.tables:

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_gp._log_writer import define_summaries
 from lightning_gp._logging import logger_step
-from lightning_gp._support import vectors_fit
+from lightning_gp._setup_checks import vectors_fit
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional._layers import LINEAR_MAP_LAYERS
 from lightning_gp.functional.spectral import spectral_norm
-from lightning_gp.loggers import define_summaries
 from lightning_gp.monitors._base import Monitor
 
 #: Layers whose weight is a linear map of the layer's input (conv kernels as their reshaped matrix).

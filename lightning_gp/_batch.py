@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch  # noqa: F401  (the docstring example)
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
@@ -63,12 +64,31 @@ def _get(node: Any, key: Any) -> Any:
     return node[key]
 
 
-def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, tuple]:
-    """Return the input tensor and its path in ``batch``.
+def value_at(batch: Any, path: tuple) -> Any:
+    """The entry of ``batch`` at ``path`` (a tuple of indices, keys and dataclass field names)."""
+    for key in path:
+        batch = _get(batch, key)
+    return batch
+
+
+def resolve_input(
+    batch: Any, input_key: InputKey, owner: str, *, computed: bool = False,
+    default_keys: tuple[str, ...] = DEFAULT_KEYS, whole_batch: bool = False,
+) -> tuple[Tensor, tuple | None]:
+    """Return the input tensor and its path in ``batch`` (the one place a batch's input is found).
 
     Defaults (``input_key=None``): a tensor batch is the input; a tuple/list's first element; a mapping's
-    first key among ``DEFAULT_KEYS``. An ``int``/``str`` indexes the batch; a callable maps the batch to a
-    tensor that must be *part of* the batch (it is found by identity, so it can be replaced).
+    first key among ``default_keys``. An ``int``/``str`` indexes the batch; a callable maps the batch to a
+    tensor that must be *part of* the batch (it is found by identity, so it can be replaced). With
+    ``computed`` a callable may compute a new tensor (a monitor replaces nothing): its path is None. With
+    ``whole_batch``, a batch whose input the defaults cannot find is itself the input (what a module is called
+    on: a LightningModule's ``forward`` may take the whole dict), path ``()``.
+
+    Example::
+
+        >>> x, y = torch.zeros(4, 3), torch.zeros(4)
+        >>> resolve_input({"x": x, "y": y}, None, "Callback")[1], resolve_input((x, y), 1, "Callback")[1]
+        (('x',), (1,))
     """
     where = f"`{owner}(input_key={input_key!r})`"
     try:
@@ -77,15 +97,16 @@ def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, 
                 return batch, ()
             if isinstance(batch, (tuple, list)) and len(batch) > 0:
                 path: tuple = (0,)
+            elif isinstance(batch, Mapping) and any(k in batch for k in default_keys):
+                path = (next(k for k in default_keys if k in batch),)
+            elif whole_batch:
+                return batch, ()
             elif isinstance(batch, Mapping):
-                key = next((k for k in DEFAULT_KEYS if k in batch), None)
-                if key is None:
-                    raise ValueError(
-                        f"{where} cannot tell which entry of the batch is the input: the batch is a mapping "
-                        f"with keys {list(batch)} and none of {list(DEFAULT_KEYS)}. Batch: {describe(batch)}. "
-                        f"Pass `input_key=<key>`."
-                    )
-                path = (key,)
+                raise ValueError(
+                    f"{where} cannot tell which entry of the batch is the input: the batch is a mapping "
+                    f"with keys {list(batch)} and none of {list(default_keys)}. Batch: {describe(batch)}. "
+                    f"Pass `input_key=<key>`."
+                )
             else:
                 raise ValueError(
                     f"{where} cannot tell which part of the batch is the input. Batch: {describe(batch)}. "
@@ -98,6 +119,8 @@ def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, 
                     f"{where} returned {type(value).__name__}, not a tensor. Batch: {describe(batch)}."
                 )
             found = _find(batch, value, ())
+            if found is None and computed:
+                return value, None
             if found is None:
                 raise ValueError(
                     f"{where} returned a tensor that is not an element of the batch (a new tensor computed "
@@ -107,9 +130,7 @@ def resolve_input(batch: Any, input_key: InputKey, owner: str) -> tuple[Tensor, 
             path = found
         else:
             path = (input_key,)
-        node = batch
-        for key in path:
-            node = _get(node, key)
+        node = value_at(batch, path)
     except (KeyError, IndexError, TypeError, AttributeError) as err:
         raise ValueError(f"{where} cannot be resolved in the batch: {err!r}. Batch: {describe(batch)}.") from None
     if not isinstance(node, Tensor):

@@ -1,7 +1,8 @@
-"""The few torch/Lightning internals lightning-gp relies on, each behind one accessor, each with a test.
+"""Every private name of Lightning (and torchmetrics) that lightning-gp reads, each behind one accessor.
 
-Nothing else in the package touches a private attribute or module of torch or Lightning; when one of
-these changes upstream, ``tests/test_compat.py`` fails and names it.
+Lightning has no public API for these facts; nothing else in the package touches a private attribute or
+module of Lightning, and ``tests/test_private_names.py`` fails and names the accessor when a release moves
+one. torch's private names live in :mod:`lightning_gp.functional._torch_private`.
 """
 
 from __future__ import annotations
@@ -11,23 +12,24 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
 
-# torch has no public pytree module in the versions we support (``torch.utils.pytree`` is not in 2.6,
-# nor in later releases so far); ``torch.utils._pytree`` is what torch.func itself uses.
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from lightning_gp.functional._torch_private import compiled_original
 
-__all__ = ["compiled_modules", "fabric_autocast_dtype", "fabric_internal_gradients", "merge_initial_hparams",
-           "metric_update_count", "set_metric_update_count", "tensor_version", "tree_flatten", "tree_map",
-           "tree_unflatten"]
+__all__ = ["batches_that_stepped", "callback_state_key", "compiled_modules", "fabric_autocast_dtype",
+           "fabric_internal_gradients", "merge_initial_hparams", "metric_update_count", "set_metric_update_count",
+           "will_write_logs"]
 
 
-def tensor_version(t: Tensor) -> int:
-    """The tensor's version counter, bumped by every in-place operation (``Tensor._version``).
+def will_write_logs(trainer: Any) -> bool:
+    """Whether this step's ``on_step`` metrics will be written to the loggers (every ``log_every_n_steps``):
+    ``trainer._logger_connector.should_update_logs``."""
+    return bool(trainer._logger_connector.should_update_logs)
 
-    Autograd uses it to detect a saved tensor modified in place; torch has no public equivalent.
-    """
-    return t._version
+
+def batches_that_stepped(trainer: Any) -> int:
+    """The step Lightning's loggers write at (optimizer steps, counted once per batch however many optimizers):
+    ``trainer.fit_loop.epoch_loop._batches_that_stepped``, which Lightning's own ``LearningRateMonitor`` reads."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def metric_update_count(metric: Any) -> int:
@@ -98,10 +100,16 @@ def merge_initial_hparams(module: Any, values: Mapping[str, Any]) -> None:
 def compiled_modules(root: Any) -> list[str]:
     """Names of the ``torch.compile``d modules in ``root`` ("" for ``root`` itself when Lightning compiled it).
 
-    torch's compiled wrapper (``OptimizedModule``) keeps the original as ``_orig_mod``; Lightning's
-    ``from_compiled`` (a compiled LightningModule given to ``Trainer.fit``) sets ``_compiler_ctx``.
+    torch's compiled wrapper is found by :func:`~lightning_gp.functional._torch_private.compiled_original`;
+    Lightning's ``from_compiled`` (a compiled LightningModule given to ``Trainer.fit``) sets ``_compiler_ctx``.
     """
-    names = [name for name, m in root.named_modules() if hasattr(m, "_orig_mod")]
+    names = [name for name, m in root.named_modules() if compiled_original(m) is not None]
     if getattr(root, "_compiler_ctx", None) is not None and "" not in names:
         names.insert(0, "")
     return names
+
+
+def callback_state_key(callback: Any, **fields: Any) -> str:
+    """A callback's checkpoint key from its class and ``fields``, as Lightning's own callbacks build theirs
+    (``Callback._generate_state_key``, what ``EarlyStopping`` and ``ModelCheckpoint`` call)."""
+    return callback._generate_state_key(**fields)

@@ -1,0 +1,154 @@
+"""One training step run through the penalty callbacks: the step's context, its passes, and the chain.
+
+:class:`~lightning_gp.interception.StepInterceptor`, the one wrapper of ``training_step``, calls
+:func:`run_chain`, which nests the members in a fixed order (adversarial training outermost, then the data,
+parameter and spectral penalties) and returns the output with "loss" = loss + every term. The members are
+duck-typed (:class:`ChainMember`): anything with ``order``, ``needs_loss_graph`` and ``apply``.
+Design notes: ``docs/design/interception.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import torch
+from lightning.pytorch.strategies import Strategy
+from torch import Tensor, nn
+
+from lightning_gp._finite import StepValues
+from lightning_gp._lightning_private import fabric_autocast_dtype
+from lightning_gp._module_state import untouched
+from lightning_gp._objective import Step, extract_loss
+from lightning_gp.functional.layer_output import forward_pass
+from lightning_gp.functional.precision import compute_dtype
+from lightning_gp.interception import muted_logging
+
+
+class ChainMember(Protocol):
+    """What :func:`run_chain` needs of a member (the penalty callbacks)."""
+
+    order: int
+    needs_loss_graph: bool
+
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step: ...
+
+
+class StepContext:
+    """One training step as seen by the callbacks: the module, the user's step function and its arguments.
+
+    ``strategy`` is the Trainer's (None outside a Trainer): collectives go through it (:meth:`reduce`,
+    :meth:`broadcast`, :meth:`all_gather`), and without it they are the identity.
+    """
+
+    def __init__(self, module: nn.Module, step_fn: Callable[..., Any], args: tuple, kwargs: dict,
+                 global_step: int, owners: str, strategy: Strategy | None = None,
+                 values: StepValues | None = None) -> None:
+        self.module = module
+        self.values = values  # the step's record for the finiteness check (None: check each value at once)
+        self.members: list[ChainMember] = []  # the chain, outermost first (set by run_chain)
+        self.autocast_hint = fabric_autocast_dtype(module)  # Fabric's autocast lives inside the forward only
+        self.step_fn = step_fn
+        self.rest_args = args[1:]
+        self.kwargs = kwargs
+        self.global_step = global_step
+        self.owners = owners
+        self.strategy = strategy
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.strategy is None else self.strategy.world_size
+
+    def reduce(self, tensor: Tensor, op: Literal["sum", "max"]) -> Tensor:
+        """``tensor`` summed (or maxed) over the ranks; a new tensor."""
+        if self.world_size == 1:
+            return tensor
+        return self.strategy.reduce(tensor.clone(), reduce_op=op)
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """Rank 0's ``tensor`` on every rank (every rank takes rank 0's decision)."""
+        return tensor if self.world_size == 1 else self.strategy.broadcast(tensor, src=0)
+
+    def mean_over_ranks(self, tensor: Tensor) -> Tensor:
+        """The mean of ``tensor`` over the ranks, differentiable: the backward sends each rank its share."""
+        if self.world_size == 1:
+            return tensor
+        return self.strategy.all_gather(tensor, sync_grads=True).mean(dim=0)
+
+    def compute_dtype(self, t: Tensor) -> torch.dtype:
+        """The dtype the step's passes compute ``t``'s kind of values in (:func:`functional.precision.compute_dtype`,
+        with the autocast of a Fabric ``bf16-mixed``/``16-mixed`` module, which is active only inside its forward)."""
+        dtype = compute_dtype(t)
+        hint = self.autocast_hint
+        if hint is not None and dtype.is_floating_point and torch.finfo(hint).eps > torch.finfo(dtype).eps:
+            return hint
+        return dtype
+
+    def loss_graph_needed_outside(self, member: ChainMember) -> bool:
+        """Whether a callback outer to ``member`` differentiates the loss's own graph after ``member`` returns
+        (adversarial training, a double-backward penalty): then ``member`` must retain it."""
+        outer = self.members[: self.members.index(member)] if member in self.members else self.members
+        return any(m.needs_loss_graph for m in outer)
+
+    def primary(self, batch: Any) -> Step:
+        """The user's step, as Lightning would run it (it logs, it updates BatchNorm statistics)."""
+        with forward_pass():
+            out = self.step_fn(batch, *self.rest_args, **self.kwargs)
+        if out is None:
+            raise SkipBatch
+        loss = extract_loss(out, self.owners)
+        if self.values is not None:
+            self.values.add_loss(loss)
+        return Step(loss=loss, output=out)
+
+    def extra_loss(self, batch: Any) -> Tensor:
+        """The raw loss of an extra pass: no other callback, no logging, and what the step changes on the module
+        (buffers, metrics, counters: :mod:`lightning_gp._module_state`) put back after it."""
+        with muted_logging(self.module), untouched(self.module), forward_pass():
+            out = self.step_fn(batch, *self.rest_args, **self.kwargs)
+        if out is None:
+            raise SkipBatch
+        return extract_loss(out, self.owners)
+
+
+class SkipBatch(Exception):
+    """``training_step`` returned None (Lightning's way to skip a batch): the chain stops and returns None."""
+
+
+def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[ChainMember], args: tuple,
+              kwargs: dict, global_step: int, strategy: Strategy | None = None,
+              values: StepValues | None = None) -> Any:
+    """Run ``step_fn`` with every member's term added; returns the output with "loss" = the objective.
+
+    A pass of ``training_step`` that returns None skips the batch, as in Lightning: no term, no further
+    pass, no log, and None is returned.
+    """
+    members = sorted(members, key=lambda m: m.order)
+    owners = " and ".join(type(m).__name__ for m in members) or "lightning_gp"
+    if not args and "batch" not in kwargs:
+        raise TypeError("`training_step` was called without a batch.")
+    if not args:
+        kwargs = dict(kwargs)
+        args = (kwargs.pop("batch"),)
+    ctx = StepContext(module, step_fn, args, kwargs, global_step, owners, strategy, values)
+    ctx.members = members
+
+    def build(i: int) -> Callable[[Any], Step]:
+        if i == len(members):
+            return ctx.primary
+        member, inner = members[i], build(i + 1)
+        return lambda batch: member.apply(ctx, batch, inner)
+
+    mark = None if values is None else (len(values.losses), len(values.values))
+    try:
+        step = build(0)(args[0])
+    except SkipBatch:
+        if values is not None:  # nothing of a skipped batch is checked: it never reaches a backward
+            del values.losses[mark[0]:], values.values[mark[1]:]
+            values.pending = bool(values.losses or values.values)
+        return None
+    if values is not None:
+        values.batches.append(args[0])
+    return step.finalize()
+
+

@@ -1,0 +1,141 @@
+"""Logging adapters of the monitors: scalars to every Lightning logger, rich media to W&B only.
+
+Scalars go through ``Logger.log_metrics`` of each logger in ``trainer.loggers`` (CSV, TensorBoard, W&B,
+...), at Lightning's own step, the way `LearningRateMonitor` logs;
+Lightning loggers write from global rank 0 only. What only W&B can show — ``define_metric`` summaries,
+histograms, tables, the lhs-against-rhs scatter and images — is sent only from global rank 0 and only to
+`WandbLogger` s; with no W&B logger these functions do nothing, so the
+monitors work unchanged with any other logger, or none.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+#: The x-axis Lightning's WandbLogger defines for every metric; media logged here use it too.
+STEP_KEY = "trainer/global_step"
+
+#: Points drawn along lhs = rhs in the interactive scatter (W&B's built-in scatter cannot draw a line).
+IDENTITY_POINTS = 25
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, Tensor | float], step: int) -> None:
+    """Send ``metrics`` to every logger of the trainer at ``step`` (loggers write from rank 0 only)."""
+    if not metrics:
+        return
+    values = {k: float(v) for k, v in metrics.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=step)
+
+
+def wandb_runs(trainer: pl.Trainer) -> list[Any]:
+    """The ``wandb`` runs of the trainer's WandbLoggers, on global rank 0; ``[]`` everywhere else."""
+    if not trainer.is_global_zero:
+        return []
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def define_summaries(trainer: pl.Trainer, summaries: Mapping[str, str]) -> None:
+    """``run.define_metric(key, summary=...)`` for each ``{key: "max" | "min" | "mean" | "last"}``.
+
+    The run's summary then shows e.g. the largest MLP-inequality ratio of the whole run rather than the
+    last one. The step axis stays Lightning's ``trainer/global_step``.
+    """
+    for run in wandb_runs(trainer):
+        for key, summary in summaries.items():
+            run.define_metric(key, summary=summary, step_metric=STEP_KEY)
+
+
+def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int) -> None:
+    """A ``wandb.Histogram`` of each 1-d tensor of values (this rank's samples), one history row."""
+    runs = wandb_runs(trainer)
+    if not runs or not values:
+        return
+    import wandb
+
+    row: dict[str, Any] = {k: wandb.Histogram(_numpy(v)) for k, v in values.items()}
+    row[STEP_KEY] = step
+    for run in runs:
+        run.log(row)
+
+
+def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, ratio: Tensor, step: int) -> None:
+    """Per-sample MLP-inequality values as a W&B table, a scatter of lhs against rhs, and a PNG image.
+
+    - ``<prefix>/samples``: table with columns step, sample, lhs, rhs, ratio.
+    - ``<prefix>/lhs_vs_rhs``: W&B's interactive scatter; W&B's built-in chart cannot draw a line, so its
+      table carries, besides the samples (``kind="sample"``), points along lhs = rhs (``kind="lhs = rhs"``):
+      every sample must lie on or below them.
+    - ``<prefix>/lhs_vs_rhs_image``: the same on log-log axes with the line drawn (needs matplotlib; skipped
+      with a warning when it is missing).
+    """
+    runs = wandb_runs(trainer)
+    if not runs:
+        return
+    import wandb
+
+    lhs, rhs, ratio = _numpy(lhs), _numpy(rhs), _numpy(ratio)
+    samples = wandb.Table(
+        columns=["step", "sample", "lhs", "rhs", "ratio"],
+        data=[[step, i, float(a), float(b), float(r)] for i, (a, b, r) in enumerate(zip(lhs, rhs, ratio, strict=True))],
+    )
+    top = float(max(lhs.max(initial=0.0), rhs.max(initial=0.0)))
+    line = [[top * k / (IDENTITY_POINTS - 1)] * 2 + ["lhs = rhs"] for k in range(IDENTITY_POINTS)]
+    points = [[float(b), float(a), "sample"] for a, b in zip(lhs, rhs, strict=True)]
+    scatter_table = wandb.Table(columns=["rhs", "lhs", "kind"], data=points + line)
+    row: dict[str, Any] = {
+        f"{prefix}/samples": samples,
+        f"{prefix}/lhs_vs_rhs": wandb.plot.scatter(
+            scatter_table, "rhs", "lhs", title=f"MLP inequality at step {step}: lhs ≤ rhs"
+        ),
+        STEP_KEY: step,
+    }
+    image = _scatter_png(lhs, rhs, step)
+    if image is not None:
+        row[f"{prefix}/lhs_vs_rhs_image"] = wandb.Image(image, caption=f"step {step}")
+    for run in runs:
+        run.log(row)
+
+
+def _numpy(t: Tensor | Sequence[float]):
+    return torch.as_tensor(t).detach().to("cpu", torch.float64).numpy()
+
+
+_warned_matplotlib = False
+
+
+def _scatter_png(lhs, rhs, step: int):
+    """A PIL image of lhs against rhs on log-log axes with the line lhs = rhs, or None without matplotlib."""
+    global _warned_matplotlib
+    try:
+        from matplotlib.figure import Figure
+        from PIL import Image
+    except ImportError:
+        if not _warned_matplotlib:
+            rank_zero_warn("matplotlib is not installed: the lhs-against-rhs image is not logged to W&B.")
+            _warned_matplotlib = True
+        return None
+    # A Figure without pyplot: no global backend state, safe in any thread or headless process.
+    fig = Figure(figsize=(4.2, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    keep = (lhs > 0) & (rhs > 0)  # log axes; a zero-gradient sample has lhs = rhs = 0 and sits on the line
+    ax.scatter(rhs[keep], lhs[keep], s=10, alpha=0.7, label="samples")
+    if keep.any():
+        lo = min(lhs[keep].min(), rhs[keep].min())
+        hi = max(lhs[keep].max(), rhs[keep].max())
+        ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="lhs = rhs")
+    ax.set(xscale="log", yscale="log", xlabel="rhs = ‖∇θf‖²", ylabel="lhs", title=f"MLP inequality, step {step}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    return Image.open(buf)

@@ -1,0 +1,104 @@
+"""The package's layers and where it reads private names of torch and Lightning, stated as tests.
+
+- ``lightning_gp/functional/`` is pure torch: it imports nothing of the package outside itself, and no Lightning.
+- ``monitors/`` and ``gan/`` import no ``callbacks/``: what they share (the batch and site model, the step model)
+  lives beside ``interception.py``.
+- A private name of torch is read only in ``functional/_torch_private.py``; one of Lightning (or torchmetrics)
+  only in ``_lightning_private.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lightning_gp"
+FILES = sorted(PACKAGE.rglob("*.py"))
+TORCH_PRIVATE = PACKAGE / "functional" / "_torch_private.py"
+LIGHTNING_PRIVATE = PACKAGE / "_lightning_private.py"
+
+
+def _rel(path: pathlib.Path) -> str:
+    return path.relative_to(PACKAGE.parent).as_posix()
+
+
+def _imports(path: pathlib.Path) -> list[str]:
+    """Every module ``path`` imports, at the top or inside a function."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+            out += [f"{node.module}.{alias.name}" for alias in node.names]
+    return out
+
+
+def _in(path: pathlib.Path, folder: str) -> bool:
+    return _rel(path).startswith(f"lightning_gp/{folder}/")
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if _in(p, "functional")], ids=_rel)
+def test_functional_imports_only_itself_and_torch(path):
+    bad = [m for m in _imports(path) if (m.startswith("lightning_gp") and not m.startswith("lightning_gp.functional"))
+           or m.split(".")[0] in ("lightning", "lightning_utilities", "torchmetrics", "wandb")]
+    assert not bad, f"{_rel(path)} imports {bad}: the functional layer is pure torch"
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if _in(p, "monitors") or _in(p, "gan")], ids=_rel)
+def test_monitors_and_gan_import_no_callbacks(path):
+    bad = [m for m in _imports(path) if m.startswith("lightning_gp.callbacks")]
+    assert not bad, f"{_rel(path)} imports {bad}: shared plumbing belongs beside interception.py"
+
+
+def _package_names() -> set[str]:
+    """Every name the package itself defines: functions, classes, arguments, and attributes it assigns."""
+    names: set[str] = set()
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+                names.add(node.value)  # `self.__dict__["_draw"]`, `setattr(obj, "_x", ...)`
+    return names
+
+
+def _foreign_private(path: pathlib.Path, own: set[str]) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            name = node.attr
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found += [f"import from {node.module}" for part in node.module.split(".") if part.startswith("_")
+                      and not part.startswith("__") and not node.module.startswith("lightning_gp")]
+            found += [f"import {a.name}" for a in node.names if a.name.startswith("_") and not
+                      node.module.startswith("lightning_gp") and not a.name.startswith("__")]
+            continue
+        else:
+            continue
+        if name.startswith("_") and not name.startswith("__") and name not in own:
+            found.append(f"line {node.lineno}: .{name}")
+    return found
+
+
+def test_private_names_of_torch_and_lightning_are_read_in_one_module_each():
+    own = _package_names()
+    offenders = {_rel(p): bad for p in FILES if p not in (TORCH_PRIVATE, LIGHTNING_PRIVATE)
+                 and (bad := _foreign_private(p, own))}
+    assert not offenders, f"private names of torch/Lightning read outside the two accessor modules: {offenders}"
+
+
+def test_the_accessor_modules_do_read_private_names():
+    """The check above can fail: it finds the names the two accessor modules read."""
+    own = _package_names()
+    assert any("_version" in s for s in _foreign_private(TORCH_PRIVATE, own))
+    assert any("_batches_that_stepped" in s for s in _foreign_private(LIGHTNING_PRIVATE, own))
+    assert not any(_rel(LIGHTNING_PRIVATE) == _rel(p) for p in FILES if _in(p, "functional"))
