@@ -53,11 +53,6 @@ class StepValues:
         self.losses, self.values, self.batches, self.pending = [], [], [], False
 
 
-def grad_scaler(trainer: Any) -> Any:
-    """The precision plugin's ``GradScaler`` (``precision="16-mixed"``), or None."""
-    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-
-
 def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strategy: Any = None,
                scaled: bool = False, grad_names: Callable[[], Sequence[str]] | Sequence[str] = (),
                owners: str = "lightning_gp",

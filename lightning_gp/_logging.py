@@ -1,4 +1,4 @@
-"""When to log, at which step, and the trainer of a module.
+"""When to log, and at which step.
 
 A ``self.log`` call costs 1–2 ms in Lightning 2.6, as much as a small model's step, and a value logged on a
 step the loggers do not write is overwritten unread, so the package logs on the written steps only. The two
@@ -6,8 +6,6 @@ facts come from Lightning internals, read in :mod:`lightning_gp._lightning_priva
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import lightning.pytorch as pl
 
@@ -35,13 +33,3 @@ def should_log(trainer: pl.Trainer | None) -> bool:
 def logger_step(trainer: pl.Trainer) -> int:
     """The step at which the Trainer's loggers write this batch's metrics (optimizer steps so far)."""
     return batches_that_stepped(trainer)
-
-
-def attached_trainer(module: Any) -> pl.Trainer | None:
-    """``module.trainer`` for a LightningModule attached to a Trainer, else None (public API only)."""
-    if not isinstance(module, pl.LightningModule):
-        return None
-    try:
-        return module.trainer
-    except RuntimeError:  # "... is not attached to a `Trainer`"
-        return None

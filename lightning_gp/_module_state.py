@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_gp._lightning_private import metric_update_count, set_metric_update_count
+from lightning_gp.functional._state import BufferSnapshot
 
 _PLAIN = (int, float, bool, str, type(None))
 
@@ -50,9 +51,7 @@ class ModuleState:
     """A snapshot of what :mod:`lightning_gp._module_state` restores (see there)."""
 
     def __init__(self, module: nn.Module) -> None:
-        # Buffers through ``.data`` on restore: a backward node may hold them (BatchNorm's does, without using
-        # their values in training mode), and an ordinary in-place copy would bump their version counter.
-        self.buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        self.buffers = BufferSnapshot(module)
         self.metrics = [(m, {k: _copy(v) for k, v in m.metric_state.items()}, metric_update_count(m))
                         for m in module.modules() if isinstance(m, Metric)]
         self.attributes: list[tuple[Any, str, Any]] = []
@@ -68,8 +67,7 @@ class ModuleState:
                     self.attributes.append((m, name, _Contents(value)))
 
     def restore(self) -> None:
-        for buf, value in self.buffers:  # every one: BatchNorm's kernel updates its statistics without a version bump
-            buf.data.copy_(value)
+        self.buffers.restore()
         for metric, states, count in self.metrics:
             for name, value in states.items():
                 setattr(metric, name, _copy(value))

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from lightning_gp._chain import run_chain
 from lightning_gp._lightning_private import fabric_internal_gradients
-from lightning_gp._logging import attached_trainer
 from lightning_gp._objective import extract_loss
+from lightning_gp._trainer import attached_trainer
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
 

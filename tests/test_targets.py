@@ -29,6 +29,7 @@ from lightning_gp.callbacks import (
     ParameterGradientPenalty,
     VirtualAdversarialTraining,
 )
+from lightning_gp.functional._rng import seeded_generator
 
 STEPS, BATCH, LR = 3, 6, 0.5
 VOCAB, LENGTH, CLASSES = 30, 8, 3
@@ -283,7 +284,7 @@ def ref_freelb(eps: float, k: int):
 def vat_generator(step: int, micro: int = 0, rank: int = 0, initial_seed: int | None = None) -> torch.Generator:
     """The documented seed of the callback's generator: (initial seed, rank, global step, micro-batch, order)."""
     seed = torch.initial_seed() if initial_seed is None else initial_seed
-    return torch.Generator().manual_seed(hash((seed, rank, step, micro, VAT_ORDER)) % (2**63))
+    return seeded_generator("cpu", seed, rank, step, micro, VAT_ORDER)
 
 
 def ref_vat(eps: float, weight: float, *, xi: float = 1e-6, iterations: int = 1, rank: int = 0,

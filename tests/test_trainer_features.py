@@ -133,5 +133,5 @@ def test_the_epoch_buffer_of_penalized_loss_stays_bounded():
 
     module = Manual()
     pl.Trainer(max_steps=20, **QUIET).fit(module, DataLoader(data(), batch_size=2))
-    total, count = module.penalty._epoch_values["penalty/data_gradient"]
+    total, count = module.penalty._epoch._values["penalty/data_gradient"]
     assert total.numel() == 1 and count == 2 * 4  # one scalar, for the 4 steps of the second epoch so far

@@ -16,17 +16,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_gp._arguments import check_bool, check_number, init_repr
 from lightning_gp._chain import StepContext, run_chain
-from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
+from lightning_gp._epoch import EpochAggregate
+from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import callback_state_key, compiled_modules
 from lightning_gp._logging import should_log
 from lightning_gp._objective import Step
 from lightning_gp._setup_checks import check_batch_step, check_strategy
+from lightning_gp._trainer import grad_scaler
 from lightning_gp.functional._checks import check_positive_int
+from lightning_gp.functional._rng import seeded_generator
 from lightning_gp.interception import StepInterceptor
 
 
@@ -61,7 +63,7 @@ class PenaltyCallback(Callback):
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
         self.check_finite = check_bool(check_finite, "check_finite", owner)
         self.applied = 0  # how many steps carried the term (the schedule itself follows trainer.global_step)
-        self._epoch_values: dict[str, tuple[Tensor, int]] = {}  # name → (Σ value·samples, Σ samples): O(1)
+        self._epoch = EpochAggregate()  # the sample-weighted epoch mean of every logged value
 
     def __repr__(self) -> str:
         return init_repr(self)
@@ -122,7 +124,7 @@ class PenaltyCallback(Callback):
         interceptor = StepInterceptor.of(pl_module)
         if interceptor is not None:
             interceptor.unregister(self)
-        self._epoch_values = {}
+        self._epoch.reset()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -134,7 +136,7 @@ class PenaltyCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_values = {}
+        self._epoch.reset()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -142,10 +144,10 @@ class PenaltyCallback(Callback):
         ``callback_metrics``, so ``EarlyStopping``/``ModelCheckpoint`` can monitor it whatever
         ``log_every_n_steps`` is. Not sent to the loggers, which keep one row per step."""
         if not trainer.barebones:  # barebones forbids self.log
-            for name, (total, count) in self._epoch_values.items():
-                pl.LightningModule.log(pl_module, f"{name}_epoch", epoch_mean(total, count), on_step=False,
-                                       on_epoch=True, logger=False, batch_size=count)
-        self._epoch_values = {}
+            for name, value in self._epoch.compute().items():
+                pl.LightningModule.log(pl_module, f"{name}_epoch", value, on_step=False, on_epoch=True, logger=False,
+                                       batch_size=1)
+        self._epoch.reset()
 
     # -- per step ---------------------------------------------------------------------------------------
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
@@ -174,8 +176,7 @@ class PenaltyCallback(Callback):
         self.__dict__["_draw"] = (ctx.global_step, index)
         rank = ctx.strategy.global_rank if ctx.strategy is not None else 0
         device = next((p.device for p in ctx.module.parameters()), torch.device("cpu"))
-        seed = hash((torch.initial_seed(), rank, ctx.global_step, index, self.order)) % (2**63)
-        return torch.Generator(device=device).manual_seed(seed)
+        return seeded_generator(device, torch.initial_seed(), rank, ctx.global_step, index, self.order)
 
     def check_and_log(self, ctx: StepContext, name: str, value: Tensor, batch_size: int | None = None) -> None:
         """Check ``value`` for NaN/Inf (with ``check_finite``), then :meth:`record`.
@@ -227,17 +228,8 @@ class PenaltyCallback(Callback):
         epoch = module.trainer.current_epoch
         if self.__dict__.get("_values_epoch") != epoch:  # no epoch hook under `penalized_loss`: reset here
             self.__dict__["_values_epoch"] = epoch
-            self._epoch_values = {}
-        total, count = self._epoch_values.get(name, (0.0, 0))
+            self._epoch.reset()
         # a running sum, not a list: `penalized_loss` under manual optimization has no epoch hook to clear it
-        self._epoch_values[name] = (total + value.float() * n, count + n)
+        self._epoch.update(name, value, weight=n)
         if should_log(module.trainer):  # batch_size given: a `training_step(self, dataloader_iter)` needs it
             pl.LightningModule.log(module, name, value, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
-
-
-def epoch_mean(total: Tensor, count: int) -> Tensor:
-    """The sample-weighted mean over all ranks of values whose weighted sum on this rank is ``total`` over
-    ``count`` samples (a torchmetrics ``MeanMetric``: two summed states, so ranks weigh by their samples)."""
-    metric = MeanMetric(sync_on_compute=True).to(total.device)
-    metric.update(total / count, torch.tensor(float(count), device=total.device))
-    return metric.compute()

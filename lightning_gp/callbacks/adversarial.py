@@ -16,7 +16,7 @@ from lightning_gp._site import Probe, Site, SiteCallback, Target
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import fgsm, pgd
 from lightning_gp.functional._checks import check_choice, check_clamp, check_positive_int
-from lightning_gp.functional.adversarial import NORMS, Norm, ascent_direction, project, random_start
+from lightning_gp.functional.adversarial import NORMS, Norm, default_step_size, pgd_step, random_start
 from lightning_gp.functional.layer_output import expand_mask
 
 
@@ -112,9 +112,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         """The step length used: ``step_size``, or its default for ``steps`` and ``random_start``."""
         if self.step_size is not None:
             return self.step_size
-        if self.steps == 1:
-            return 1.25 * self.epsilon if self.random_start else self.epsilon
-        return 2.5 * self.epsilon / self.steps
+        return default_step_size(self.epsilon, self.steps, self.random_start)
 
     def attack(self, ctx: StepContext, batch: Any, x: Tensor, path: tuple) -> tuple[Tensor, Tensor | None]:
         """The adversarial input, and the clean loss if the attack happened to compute it (batch input)."""
@@ -222,11 +220,11 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
 
     def _step(self, probe: Probe, delta: Tensor, grad: Tensor, alpha: float) -> Tensor:
         """One ascent step on δ, projected onto the ε-ball and, for a batch input, into ``clamp``."""
-        delta = project(delta + alpha * ascent_direction(grad, self.norm), self.epsilon, self.norm)
-        if self.clamp is not None and probe.x is not None:
+        common = dict(epsilon=self.epsilon, step_size=alpha, norm=self.norm)
+        if self.clamp is not None and probe.x is not None:  # a batch input: clamp x + δ into its range
             x = probe.x.detach()
-            delta = (x + delta).clamp(*self.clamp) - x
-        return delta
+            return pgd_step(x + delta, grad, origin=x, clamp=self.clamp, **common) - x
+        return pgd_step(delta, grad, **common)
 
     def _no_path(self) -> str:
         where = f"the output of `target={self.target!r}`" if self.target is not None else "the input"

@@ -16,12 +16,15 @@ from lightning_gp._site import Probe, Site, SiteCallback, Target
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
 from lightning_gp.functional import gradient_norm_penalty
-from lightning_gp.functional._autograd import finite_difference_term, linearised_now
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, check_penalty_shape
-from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
+from lightning_gp.functional._rng import RNGState, forked_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
-from lightning_gp.functional.penalties import finite_difference_direction, finite_difference_input_step_from_norms
+from lightning_gp.functional.penalties import (
+    finite_difference_direction,
+    finite_difference_input_step_from_norms,
+    input_difference,
+)
 from lightning_gp.functional.precision import difference_step
 
 
@@ -233,11 +236,8 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
             count = float(total[1])
         step_rel = self.step if self.step is not None else difference_step(1e-2, ctx.compute_dtype(x), 2 / 3)
         h = finite_difference_input_step_from_norms(stats[0] / count, stats[1], step_rel)
-        penalty = phi.mean()
-        if h == 0:  # φ is flat at every sample: nothing to difference
-            return penalty, linearised_loss.new_zeros(())
-        with replayed_rng(before):  # the same dropout masks as the primary pass
-            loss2, _ = probe.run(ctx.extra_loss, h * direction.to(x.dtype))
-            loss2 = linearised_now(loss2)  # its backward now, unscaled (see linearised_now)
-        # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L.
-        return penalty, finite_difference_term(loss2, linearised_loss, step=h * n, scale=per_sample_scale)
+        # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L; the same dropout masks as
+        # the primary pass, and ctx.extra_loss puts the module's state back.
+        term = input_difference(lambda delta: probe.run(ctx.extra_loss, delta)[0], direction.to(x.dtype),
+                                linearised_loss, h=h, rng=before, scale=per_sample_scale / n)
+        return phi.mean(), term

@@ -12,12 +12,11 @@ from lightning_gp._chain import StepContext
 from lightning_gp._objective import Step
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
-from lightning_gp.functional._autograd import displaced, finite_difference_term, linearised_now
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, grads_or_zeros
-from lightning_gp.functional._rng import RNGState, replayed_rng
+from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.gradients import squared_norm_sum
-from lightning_gp.functional.penalties import finite_difference_parameter_step
+from lightning_gp.functional.penalties import parameter_difference
 from lightning_gp.functional.precision import difference_step
 
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
@@ -126,16 +125,12 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             step = step.add(weight * penalty)
         else:
             step = step.add(weight * penalty.detach())
-            g_norm = penalty.detach().sqrt()
-            if g_norm > 0:
-                rel = self.step if self.step is not None else difference_step(1e-3, ctx.compute_dtype(params[0]), 1.0)
-                h = finite_difference_parameter_step(params, g_norm, rel)
-                with displaced(params, [g.detach() for g in grads], h), replayed_rng(before):
-                    # θ + h·g in place (ties and aliases intact), the same dropout masks as the primary pass;
-                    # its gradients are taken before θ is put back, then enter the final backward linearised.
-                    at_displaced = linearised_now(ctx.extra_loss(batch))
-                # (2/h)·[L(θ + h g) − L(θ)], its −L(θ) part through the linearised loss (gradient: the local ∇L).
-                step = step.add(weight * finite_difference_term(at_displaced, step.linearised_loss, step=h, scale=2.0))
+            rel = self.step if self.step is not None else difference_step(1e-3, ctx.compute_dtype(params[0]), 1.0)
+            # (2/h)·[L(θ + h g) − L(θ)] at θ + h·g in place, with the primary pass's dropout masks; its −L(θ) part
+            # through the linearised loss (gradient: the local ∇L). ctx.extra_loss puts the module's state back.
+            term = parameter_difference(lambda: ctx.extra_loss(batch), params, grads, step.linearised_loss,
+                                        step=rel, grad_norm=penalty.detach().sqrt(), rng=before)
+            step = step.add(weight * term)
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1
         return step

@@ -67,12 +67,44 @@ def project(delta: Tensor, epsilon: float, norm: Norm) -> Tensor:
     return delta * _expand(factor, delta)
 
 
+def default_step_size(epsilon: float, steps: int, random_start: bool) -> float:
+    """The step length when none is given: ε for FGSM, 1.25·ε for FGSM from a random start (Wong et al. 2020),
+    2.5·ε/steps for PGD (Madry et al. 2018).
+
+    Example::
+
+        >>> default_step_size(0.1, 1, False), default_step_size(0.1, 1, True), default_step_size(0.1, 10, True)
+        (0.1, 0.125, 0.025)
+    """
+    if steps == 1:
+        return 1.25 * epsilon if random_start else epsilon
+    return 2.5 * epsilon / steps
+
+
+def pgd_step(point: Tensor, grad: Tensor, *, epsilon: float, step_size: float, norm: Norm,
+             origin: Tensor | None = None, clamp: tuple[float, float] | None = None) -> Tensor:
+    """One projected ascent step: ``point`` + α·(g/‖g‖ or sign g), projected onto the ε-ball around ``origin``
+    (0 when None: ``point`` is then the perturbation δ itself), then into ``clamp``.
+
+    The one PGD step of the package (:func:`pgd`, FreeLB, PGD on a layer's output), in torchattacks' order of
+    operations on an input (step, project the difference to the origin, clamp).
+
+    Example::
+
+        >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), epsilon=1.0, step_size=2.0, norm="l2")
+        tensor([[0.6000, 0.8000]])
+    """
+    moved = point + step_size * ascent_direction(grad, norm)
+    out = project(moved, epsilon, norm) if origin is None else origin + project(moved - origin, epsilon, norm)
+    return out if clamp is None else out.clamp(*clamp)
+
+
 def random_start(x: Tensor, epsilon: float, norm: Norm, *, mask: Tensor | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
     """A uniform random point of the ε-ball around 0, shaped like ``x``; zero where ``mask`` (broadcast to
-    ``x``) is 0. ``generator`` makes it a function of the generator's seed."""
+    ``x``) is 0. ``generator`` makes it a function of the generator's seed. The l∞ draw is torchattacks'."""
     if norm == "linf":
-        delta = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * (2 * epsilon) - epsilon
+        delta = torch.empty_like(x).uniform_(-epsilon, epsilon, generator=generator)
         return delta if mask is None else delta * mask
     # Uniform in the l2 ball: a Gaussian direction and radius ε·U^(1/d).
     direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -84,10 +116,7 @@ def random_start(x: Tensor, epsilon: float, norm: Norm, *, mask: Tensor | None =
     return direction * _expand(radius, x)
 
 
-def _random_start(x: Tensor, epsilon: float, norm: Norm, generator: torch.Generator | None) -> Tensor:
-    if norm == "linf":  # torchattacks' draw, kept bit for bit
-        return torch.empty_like(x).uniform_(-epsilon, epsilon, generator=generator)
-    return random_start(x, epsilon, norm, generator=generator)
+_draw_start = random_start  # `pgd`'s argument `random_start` shadows the function
 
 
 def _check_common(loss_fn: object, inputs: Tensor, epsilon: float, norm: Norm, clamp: object, random_start: object,
@@ -160,16 +189,14 @@ def pgd(
     x0 = inputs.detach()
     if x0.shape[0] == 0:  # an empty batch: nothing to perturb
         return x0.clone()
-    x_adv = x0 + _random_start(x0, epsilon, norm, generator) if random_start else x0.clone()
+    x_adv = x0 + _draw_start(x0, epsilon, norm, generator=generator) if random_start else x0.clone()
     if clamp is not None:
         x_adv = x_adv.clamp(*clamp)
     # Iterate on x_adv itself, in torchattacks' order of operations (step, project x_adv − x0, clamp
     # x0 + δ): carrying δ instead rounds differently and drifts from torchattacks.PGD by an ulp.
     for _ in range(steps):
         grad = _loss_gradient(loss_fn, x_adv)
-        x_adv = x0 + project(x_adv + step_size * ascent_direction(grad, norm) - x0, epsilon, norm)
-        if clamp is not None:
-            x_adv = x_adv.clamp(*clamp)
+        x_adv = pgd_step(x_adv, grad, epsilon=epsilon, step_size=step_size, norm=norm, origin=x0, clamp=clamp)
     return x_adv.detach()
 
 
@@ -203,7 +230,7 @@ def fgsm(
     """
     epsilon, clamp = _check_common(loss_fn, inputs, epsilon, norm, clamp, random_start, generator)
     if step_size is None:
-        step_size = 1.25 * epsilon if random_start else epsilon
+        step_size = default_step_size(epsilon, 1, random_start)
     else:
         step_size = check_finite(step_size, "step_size", hint="Leave it None for ε (1.25·ε with random_start).")
     if epsilon == 0 or step_size == 0 or inputs.shape[0] == 0:

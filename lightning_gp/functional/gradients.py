@@ -49,6 +49,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def upcast(value: object) -> object:
+    """A half-precision tensor in :func:`accumulation_dtype` (float32); anything else as it is."""
+    if isinstance(value, Tensor) and value.dtype != accumulation_dtype(value.dtype):
+        return value.to(accumulation_dtype(value.dtype))
+    return value
+
+
 def squared_norms(t: Tensor) -> Tensor:
     """Σ of squares over every non-batch dimension, shape (B,), in float32 for half inputs (no overflow).
 

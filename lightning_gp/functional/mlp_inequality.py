@@ -27,6 +27,7 @@ from lightning_gp.functional._checks import (
     check_per_sample,
 )
 from lightning_gp.functional._layers import DROPOUT_LAYERS
+from lightning_gp.functional._rng import seeded_generator
 from lightning_gp.functional.grad_norms import linear_squared_norms
 
 # Modules whose per-sample Jacobian is diagonal: they may sit between the Linear layers of a chain.
@@ -269,7 +270,7 @@ def _power(jac: _Chain | _Generic, seed: Tensor, layers: int, tol: float, max_it
     if bool((norm == 0).any()):
         # ∇ₓf = 0 (e.g. all ReLUs dead): any start will do, but never draw from the global RNG, whose
         # state the training run owns (dropout masks would change).
-        gen = torch.Generator(device=v.device).manual_seed(0)
+        gen = seeded_generator(v.device, 0)
         rand = torch.randn(v.shape, generator=gen, device=v.device, dtype=v.dtype)
         v = torch.where(norm > 0, v, rand)
         norm = v.norm(dim=1, keepdim=True)

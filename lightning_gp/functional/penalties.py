@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
-from lightning_gp.functional._autograd import displaced, finite_difference_term, linearised
+from lightning_gp.functional._autograd import displaced, finite_difference_term, linearised, linearised_now
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import (
     as_param_list,
@@ -28,6 +28,7 @@ from lightning_gp.functional._checks import (
     grads_or_zeros,
 )
 from lightning_gp.functional._rng import RNGState, replayed_rng
+from lightning_gp.functional._state import restored_buffers
 from lightning_gp.functional.gradients import input_gradient, safe_sqrt, squared_norm_sum, squared_norms
 
 Params = nn.Module | Iterable[Tensor] | Tensor
@@ -92,27 +93,9 @@ def _check_callable(fn: object, name: str, maps: str) -> None:
         raise TypeError(f"`{name}` must be a callable mapping {maps}, got {type(fn).__name__}.")
 
 
-def _rng_devices(*tensors: Tensor) -> list[RNGState]:
+def _rng_state(*tensors: Tensor) -> RNGState:
     """The random state of every device the tensors live on (the CPU generator always included)."""
-    devices = {t.device for t in tensors if t.device.type != "cpu"} or {torch.device("cpu")}
-    return [RNGState.capture(d) for d in devices]
-
-
-@contextlib.contextmanager
-def _second_pass(states: list[RNGState], params: object) -> Iterator[None]:
-    """The difference's second pass: the random states of the first replayed (the same dropout masks), and, when
-    ``params`` is a module, its buffers put back after (BatchNorm's running statistics see one pass, not two)."""
-    buffers = list(params.buffers()) if isinstance(params, nn.Module) else []
-    saved = [b.detach().clone() for b in buffers]
-    with contextlib.ExitStack() as stack:
-        for state in states:
-            stack.enter_context(replayed_rng(state))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, value in zip(buffers, saved, strict=True):
-                    b.copy_(value)
+    return RNGState.capture(*{t.device for t in tensors})
 
 
 def data_gradient_penalty(
@@ -222,10 +205,10 @@ def data_gradient_penalty_fd(
     _check_callable(fn, "fn", "a batch to per-sample values")
     check_floating_input(inputs, "inputs", requires_grad=False)
     check_non_empty_batch(inputs, "inputs", "data_gradient_penalty_fd")
-    module, params = params, as_param_list(params)
+    module, params = (params if isinstance(params, nn.Module) else None), as_param_list(params)
     x = inputs.detach().requires_grad_(True)
     batch = x.shape[0]
-    rng = _rng_devices(x, *params)  # the second pass replays the first's dropout masks
+    rng = _rng_state(x, *params)  # the second pass replays the first's dropout masks
     out = check_per_sample(fn(x), batch, "fn(inputs)")
     # Differentiate the *mean*: its parameter gradient is the one training needs, with no extra pass
     # over the parameters to rescale it; the per-sample input gradients are then B·∇ₓmean.
@@ -237,19 +220,18 @@ def data_gradient_penalty_fd(
     phi, direction = finite_difference_direction(first[0] * batch, power=power, center=center, one_sided=one_sided)
 
     h = finite_difference_input_step(x.detach(), direction, step)
-    if h == 0:  # every φ'(‖gᵢ‖) is zero: the penalty is flat here
-        grads = tuple(torch.zeros_like(p) for p in params)
-    else:
-        with _second_pass(rng, module):
-            out2 = check_per_sample(fn(x.detach() + h * direction), batch, "fn(inputs)")
-            if not out2.requires_grad:
-                raise ValueError("`fn(inputs)` does not depend on `params` (it has no autograd graph).")
-            # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h: one backward through the second pass, the base gradient
-            # entering through the linearised mean (1/h folded into the backward seed).
-            base_mean = linearised(out.mean(), list(zip(params, base, strict=True)))
-            term = finite_difference_term(out2.mean(), base_mean, step=h)
-            second = torch.autograd.grad(term, params, allow_unused=True)
-            grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
+
+    def mean_at(delta: Tensor) -> Tensor:
+        out2 = check_per_sample(fn(x.detach() + delta), batch, "fn(inputs)")
+        if not out2.requires_grad:
+            raise ValueError("`fn(inputs)` does not depend on `params` (it has no autograd graph).")
+        return out2.mean()
+
+    # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h, the base gradient entering through the linearised mean
+    base_mean = linearised(out.mean(), list(zip(params, base, strict=True)))
+    term = input_difference(mean_at, direction, base_mean, h=h, rng=rng, module=module)
+    second = torch.autograd.grad(term, params, allow_unused=True)
+    grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
     penalty = phi.detach().mean() + _poison(out)
     return PenaltyGradient(penalty=penalty, grads=grads, output=out.detach(), output_grads=tuple(base))
 
@@ -299,6 +281,56 @@ def finite_difference_parameter_step(params: list[Tensor], grad_norm: Tensor, st
     return float(step * (theta_norm if theta_norm > 0 else 1.0) / grad_norm)
 
 
+def input_difference(
+    loss_at: Callable[[Tensor], Tensor], direction: Tensor, base: Tensor, *, h: float,
+    rng: RNGState | None = None, module: nn.Module | None = None, scale: float = 1.0,
+) -> Tensor:
+    """The input-side difference quotient, as a term of value 0 whose gradient is (scale/h)·(∇L(x + h·d) − ∇base).
+
+    The one finite-difference term of the data penalties (functional, callback and mixin alike). ``loss_at(δ)``
+    is the loss with the input moved by δ = h·d; its gradient is taken at once (:func:`linearised_now`),
+    with the random state ``rng`` of the first pass replayed (the same dropout masks) and ``module``'s buffers put
+    back after. ``h = 0`` (φ flat at every sample) gives a zero term; a NaN ``h`` a NaN one.
+    """
+    if h == 0:
+        return base * 0
+    with _second_pass(rng, module):
+        at = linearised_now(loss_at(h * direction))
+    return finite_difference_term(at, base, step=h, scale=scale)
+
+
+def parameter_difference(
+    loss_at: Callable[[], Tensor], params: list[Tensor], grads: list[Tensor], base: Tensor, *, step: float,
+    grad_norm: Tensor | None = None, rng: RNGState | None = None, module: nn.Module | None = None,
+    scale: float = 2.0,
+) -> Tensor:
+    """The parameter-side difference quotient, a term of value 0 whose gradient is (scale/h)·(∇L(θ + h·g) − ∇base).
+
+    The one finite-difference term of the parameter penalty (functional and callback). θ moves in place by
+    h·g, h = ``step``·‖θ‖/‖g‖ (:func:`finite_difference_parameter_step`), ties and aliases intact, and comes back
+    bit for bit (:func:`displaced`); ``loss_at()``'s gradient is taken while θ is moved, with ``rng`` replayed
+    and ``module``'s buffers put back after. ‖g‖ = 0 gives a zero term (L is flat along g); a non-finite ‖g‖ a
+    NaN term, never a dropped one.
+    """
+    g_norm = squared_norm_sum(grads).sqrt() if grad_norm is None else grad_norm
+    norm = float(g_norm)  # one host read: h is a Python step size
+    if norm == 0:
+        return base * 0
+    if not math.isfinite(norm):
+        return base * math.nan
+    h = finite_difference_parameter_step(params, g_norm, step)
+    with displaced(params, [g.detach() for g in grads], h), _second_pass(rng, module):
+        at = linearised_now(loss_at())
+    return finite_difference_term(at, base, step=h, scale=scale)
+
+
+@contextlib.contextmanager
+def _second_pass(rng: RNGState | None, module: nn.Module | None) -> Iterator[None]:
+    """The difference's second pass: the first pass's random state replayed, ``module``'s buffers put back after."""
+    with replayed_rng(rng) if rng is not None else contextlib.nullcontext(), restored_buffers(module):
+        yield
+
+
 def parameter_gradient_penalty_fd(
     loss_fn: Callable[[], Tensor], params: Params, *, step: float = 1e-3
 ) -> PenaltyGradient:
@@ -325,8 +357,8 @@ def parameter_gradient_penalty_fd(
     """
     step = _step(step)
     _check_callable(loss_fn, "loss_fn", "nothing to the scalar loss (a closure over the batch)")
-    module, params = params, as_param_list(params)
-    rng = _rng_devices(*params)  # the second pass replays the first's dropout masks
+    module, params = (params if isinstance(params, nn.Module) else None), as_param_list(params)
+    rng = _rng_state(*params)  # the second pass replays the first's dropout masks
     loss = check_scalar(loss_fn(), "loss_fn()")
     if not loss.requires_grad:
         raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
@@ -334,19 +366,16 @@ def parameter_gradient_penalty_fd(
         torch.autograd.grad(loss, params, allow_unused=True), params, what="`loss_fn()`", wrt="params"
     )
     g_sq = squared_norm_sum(g)
-    g_norm = g_sq.sqrt()
-    norm = float(g_norm)
-    if norm == 0 or not math.isfinite(norm):  # flat here; or a NaN/inf gradient, passed on as NaN, never hidden
-        fill = torch.zeros_like if norm == 0 else (lambda p: torch.full_like(p, math.nan))
-        return PenaltyGradient(g_sq.detach(), tuple(fill(p) for p in params), loss.detach(), tuple(g))
-    h = finite_difference_parameter_step(params, g_norm, step)
-    with displaced(params, g, h), _second_pass(rng, module):
+
+    def loss_at() -> Tensor:
         loss2 = check_scalar(loss_fn(), "loss_fn()")
         if not loss2.requires_grad:
             raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
-        # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss.
-        base = linearised(loss, list(zip(params, g, strict=True)))
-        term = finite_difference_term(loss2, base, step=h, scale=2.0)
-        g2 = torch.autograd.grad(term, params, allow_unused=True)
-        grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
+        return loss2
+
+    # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss
+    base = linearised(loss, list(zip(params, g, strict=True)))
+    term = parameter_difference(loss_at, params, g, base, step=step, grad_norm=g_sq.sqrt(), rng=rng, module=module)
+    g2 = torch.autograd.grad(term, params, allow_unused=True)
+    grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
     return PenaltyGradient(g_sq.detach(), grads, loss.detach(), tuple(g))

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_gp.functional._checks import check_positive_int, check_tensor
 from lightning_gp.functional._layers import SPECTRAL_PENALTY_LAYERS
+from lightning_gp.functional._rng import seeded_generator
 
 #: Iterations used when no warm-start vector is given. A warm start (the ``u`` returned by the
 #: previous call) needs only one: the weights move little between steps.
@@ -50,7 +51,7 @@ def _as_matrix(weight: Tensor) -> Tensor:
 def _initial_u(rows: int, like: Tensor) -> Tensor:
     # A fixed private generator: a cold start is reproducible and never consumes the global RNG, so
     # adding this regularizer does not change a run's random stream (dropout masks, shuffling, ...).
-    gen = torch.Generator().manual_seed(0)
+    gen = seeded_generator("cpu", 0)  # on the CPU: the same start on every device
     return F.normalize(torch.randn(rows, generator=gen, dtype=like.dtype).to(like.device), dim=0)
 
 

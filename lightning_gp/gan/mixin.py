@@ -19,12 +19,13 @@ from torch import Tensor, nn
 
 from lightning_gp._arguments import check_number
 from lightning_gp._batch import resolve_input
-from lightning_gp._finite import StepValues, check_step, grad_scaler, param_names
+from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import merge_initial_hparams
 from lightning_gp._logging import should_log
+from lightning_gp._trainer import attached_trainer, grad_scaler
 from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._checks import check_choice, check_per_sample, check_positive_int
-from lightning_gp.functional._rng import forked_rng
+from lightning_gp.functional._rng import forked_rng, mixed_seed
 from lightning_gp.gan.regularizers import (
     METHODS,
     PENALTIES,
@@ -37,7 +38,6 @@ from lightning_gp.gan.regularizers import (
     critic_penalty,
 )
 
-_MASK64 = (1 << 64) - 1
 _MIXIN_ARGS = ("n_critic", "regularizer", "gp_weight", "clip_value", "reg_every", "lr", "betas", "method")
 
 
@@ -45,16 +45,6 @@ def _unknown_keyword(err: TypeError, kwargs: dict[str, Any]) -> str | None:
     """The keyword of ``kwargs`` that a ``TypeError`` from ``__init__`` complains about, if any."""
     match = re.search(r"unexpected keyword argument '([^']+)'", str(err))
     return match.group(1) if match and match.group(1) in kwargs else None
-
-
-def _mix_seed(*values: int) -> int:
-    """A well-spread 63-bit seed from integers (splitmix64 finalizer over a running hash)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
 
 
 class WGANGPMixin:
@@ -218,7 +208,7 @@ class WGANGPMixin:
             apply_spectral_normalization(self.critic)
         if self._wgan_seed is None:
             self._wgan_seed = torch.initial_seed()
-        trainer = self._wgan_trainer()
+        trainer = attached_trainer(self)
         self._wgan_touch_unused = trainer is not None and trainer.world_size > 1
         self._wgan_idle: dict[tuple[int, ...], list[Tensor]] = {}
         self._merge_wgan_hparams()
@@ -235,15 +225,8 @@ class WGANGPMixin:
     def _wgan_rng(self, stream: int) -> Iterator[None]:
         """Seed the global RNG from (seed, rank, critic step, stream) for the block, then restore it."""
         seed = self._wgan_seed if self._wgan_seed is not None else torch.initial_seed()
-        with forked_rng(self.device, seed=_mix_seed(seed, self.global_rank, self._wgan_critic_steps, stream)):
+        with forked_rng(self.device, seed=mixed_seed(seed, self.global_rank, self._wgan_critic_steps, stream)):
             yield
-
-    def _wgan_trainer(self) -> Any:
-        """The Trainer the module is attached to, or None (``self.trainer`` raises when there is none)."""
-        try:
-            return self.trainer
-        except (RuntimeError, AttributeError):
-            return None
 
     def _wgan_optimizers(self) -> tuple[Any, Any]:
         optimizers = self.optimizers()
@@ -299,7 +282,7 @@ class WGANGPMixin:
             values.add(f"WGANGPMixin(regularizer={self.wgan_hparams['regularizer']!r})", f"wgan/{name}", v)
         if real is not None:
             values.batches.append(real)
-        trainer = self._wgan_trainer()
+        trainer = attached_trainer(self)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         step = self._wgan_critic_steps if which == "critic" else self._wgan_generator_steps
         try:
@@ -313,7 +296,7 @@ class WGANGPMixin:
     def _wgan_should_log(self) -> bool:
         # `self.log` costs about as much as a small critic step, so log only on the batches whose metrics
         # the Trainer writes to its loggers (every `log_every_n_steps`), as Lightning itself would.
-        trainer = self._wgan_trainer()
+        trainer = attached_trainer(self)
         return should_log(trainer) and not (trainer is not None and trainer.barebones)  # barebones forbids self.log
 
     def _log(self, name: str, value: Tensor) -> None:

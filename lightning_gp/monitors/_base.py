@@ -4,7 +4,8 @@ A monitor must never change training. Its extra forward/backward passes therefor
 
 - in eval mode (no dropout draw, no BatchNorm running-statistics update, and BatchNorm then acts per
   sample, so per-sample values really are per sample), each sub-module's own mode restored afterwards;
-- under ``torch.random.fork_rng``, so any random op in the model leaves the training RNG stream as it was;
+- on a forked random stream (:func:`~lightning_gp.functional._rng.forked_rng`), so any random op in the model
+  leaves the training RNG stream as it was;
 - with ``torch.autograd.grad`` only (in the functional layer), so no ``.grad`` is written and DDP's
   gradient hooks never fire;
 
@@ -23,11 +24,13 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_gp._arguments import init_repr
+from lightning_gp._epoch import EpochAggregate
 from lightning_gp._log_writer import log_scalars
 from lightning_gp._logging import logger_step, should_log
 from lightning_gp._module_state import untouched
 from lightning_gp._setup_checks import check_batch_step, check_strategy
 from lightning_gp.functional._checks import check_positive_int
+from lightning_gp.functional._rng import forked_rng
 from lightning_gp.metrics import PerSampleMeanMax
 
 #: Interval used when ``every_n_steps=None`` and the trainer logs nothing (``log_every_n_steps=0``).
@@ -39,9 +42,9 @@ def isolated(module: torch.nn.Module) -> Iterator[None]:
     """Run a measurement on ``module`` without leaving a trace on training (see the module docstring)."""
     modes = [(m, m.training) for m in module.modules()]
     flags = [(p, p.requires_grad) for p in module.parameters()]
-    devices = [d for d in {p.device for p in module.parameters()} if d.type == "cuda"]
+    devices = {p.device for p in module.parameters()}
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), untouched(module):
+        with forked_rng(*devices), torch.enable_grad(), untouched(module):
             module.eval()
             yield
     finally:
@@ -72,7 +75,7 @@ class Monitor(Callback):
         self.last_logged: dict[str, float] = {}
         self.last_logged_step: int | None = None
         self._metric: PerSampleMeanMax | None = None
-        self._epoch: dict[str, list[float]] = {}
+        self._epoch = EpochAggregate()  # each value's epoch mean (the max of `*_max` keys), over all ranks
 
     def __repr__(self) -> str:
         return init_repr(self)
@@ -85,7 +88,7 @@ class Monitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._last_step = -1
-        self._epoch = {}
+        self._epoch.reset()
         if stage == "fit":
             check_strategy(trainer, type(self).__name__)
             if self.needs_batch:
@@ -121,8 +124,9 @@ class Monitor(Callback):
         """
         self.last_logged = {k: float(v) for k, v in metrics.items()}
         self.last_logged_step = step
+        device = trainer.strategy.root_device
         for key, value in self.last_logged.items():
-            self._epoch.setdefault(key, []).append(value)
+            self._epoch.update(key, torch.tensor(value, device=device))
         every = trainer.log_every_n_steps
         if trainer.barebones:  # which forbids self.log and has no logger: `last_logged` holds the values
             return
@@ -138,10 +142,10 @@ class Monitor(Callback):
         """Log each value's epoch aggregate as ``<key>_epoch`` (the max of ``*_max`` keys, else the mean),
         into ``callback_metrics``, so that ``EarlyStopping``/``ModelCheckpoint`` can monitor it whatever
         ``log_every_n_steps`` is. Not sent to the loggers, which keep one row per step."""
-        epoch, self._epoch = self._epoch, {}
-        if epoch and not trainer.barebones:
-            values = {f"{k}_epoch": max(v) if k.endswith("_max") else sum(v) / len(v) for k, v in epoch.items()}
+        if self._epoch and not trainer.barebones:
+            values = {f"{k}_epoch": v for k, v in self._epoch.compute().items()}
             for key, value in values.items():  # the class's method: a user's override of `log` sees only theirs
                 # batch_size: the value is already the epoch's (and a dataloader_iter step has no batch to infer)
                 pl.LightningModule.log(pl_module, key, value, on_step=False, on_epoch=True, logger=False, batch_size=1)
+        self._epoch.reset()
 

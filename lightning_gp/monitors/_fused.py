@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import lightning.pytorch as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
@@ -31,17 +30,8 @@ from lightning_gp.functional.grad_norms import (
     not_run,
     tensor_versions,
 )
-from lightning_gp.functional.gradients import accumulation_dtype
+from lightning_gp.functional.gradients import accumulation_dtype, upcast
 from lightning_gp.functional.layer_output import perturbed_output
-
-
-def grad_scale(trainer: pl.Trainer) -> float:
-    """The loss scale of the step's backward: the precision plugin's GradScaler scale, 1 without one."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    # The scale is only updated in the optimizer step, after on_after_backward: this is the one used.
-    return float(scaler.get_scale())
 
 
 def per_sample_factor(batch: int, accumulate: int, scale: float, reduction: str) -> float:
@@ -359,8 +349,8 @@ class LinearTap:
                 h0 = calls[0].input
                 general.append(torch.zeros(batch, dtype=accumulation_dtype(h0.dtype), device=h0.device))
             else:
-                h3 = torch.cat([_float(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
-                g3 = torch.cat([_float(g).reshape(batch, -1, g.shape[-1]) for _, g in reached], dim=1)
+                h3 = torch.cat([upcast(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
+                g3 = torch.cat([upcast(g).reshape(batch, -1, g.shape[-1]) for _, g in reached], dim=1)
                 general.append(linear_squared_norms(h3, g3, weight=weight, bias=bias).sqrt())
         plain = len(g_norms)
         if plain:
@@ -416,13 +406,7 @@ def _layer_squared_norms(recorder: GradNormRecorder, batch: int) -> dict[str, Te
     check_versions(recorder.uses)  # before any input is replaced by a float32 copy below
     for uses in recorder.uses.values():
         for use in uses:
-            use.grads = {i: _float(g) for i, g in use.grads.items()}
-            use.args, use.kwargs = apply_to_collection((use.args, use.kwargs), Tensor, _float)
+            use.grads = {i: upcast(g) for i, g in use.grads.items()}
+            use.args, use.kwargs = apply_to_collection((use.args, use.kwargs), Tensor, upcast)
             use.versions = tensor_versions((use.args, use.kwargs))
     return recorder.layer_squared_norms(batch)
-
-
-def _float(value: object) -> object:
-    if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16):
-        return value.float()
-    return value

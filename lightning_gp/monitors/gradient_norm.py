@@ -17,6 +17,7 @@ from lightning_gp._logging import logger_step
 from lightning_gp._objective import REDUCTIONS, Reduction
 from lightning_gp._setup_checks import check_forward
 from lightning_gp._site import Site, Target
+from lightning_gp._trainer import loss_scale
 from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional._torch_private import tree_flatten
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
@@ -25,7 +26,7 @@ from lightning_gp.functional.layer_output import per_sample_output_gradient_norm
 from lightning_gp.interception import StepInterceptor
 from lightning_gp.monitors._base import Monitor, isolated
 from lightning_gp.monitors._batch import default_loss
-from lightning_gp.monitors._fused import FusedRecording, LinearTap, grad_scale, per_sample_factor
+from lightning_gp.monitors._fused import FusedRecording, LinearTap, per_sample_factor
 
 #: ``loss_fn(outputs, batch)`` → per-sample losses, shape (B,).
 PerSampleLoss = Callable[[Tensor, Any], Tensor]
@@ -194,7 +195,7 @@ class GradientNormMonitor(Monitor):
             return
         recording, self._recording = self._recording, None
         batch = recording.inputs.shape[0]
-        factor = per_sample_factor(batch, trainer.accumulate_grad_batches, grad_scale(trainer), self.loss_reduction)
+        factor = per_sample_factor(batch, trainer.accumulate_grad_batches, loss_scale(trainer), self.loss_reduction)
         # One (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, per-layer norms] / factor: reduced in one metric update.
         self._columns.append((*recording.finish(type(self).__name__, self.per_layer), factor))
 
