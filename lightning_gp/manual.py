@@ -87,7 +87,22 @@ def penalized_loss(
 
 
 class PenaltyMixin:
-    """Adds :meth:`penalized_loss` to a LightningModule with manual optimization (see :func:`penalized_loss`)."""
+    """Adds :meth:`penalized_loss` to a LightningModule with manual optimization (see :func:`penalized_loss`).
+
+    Example:
+
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_gp import DataGradientPenalty
+        >>> class Net(PenaltyMixin, pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(3, 1)
+        >>> net, x = Net(), torch.randn(4, 3)
+        >>> loss = net.penalized_loss(lambda b: net.layer(b).square().mean(), x, [DataGradientPenalty(0.1)])
+        >>> bool(loss > net.layer(x).square().mean())
+        True
+    """
 
     def penalized_loss(
         self, loss_fn: Callable[[Any], Tensor], batch: Any, penalties: Sequence[PenaltyCallback]

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gp.functional import _norm_rules, grad_norms
+from lightning_gp.functional import _norm_rules, _param_units
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
 from lightning_gp.monitors.gradient_norm import GradientNormMonitor
 from tests.test_monitors_fused import Batches
@@ -47,8 +47,8 @@ def check(model, x, dtype=torch.float32, fallbacks=0, monkeypatch=None, f=per_sa
     x = x.to(dtype) if x.is_floating_point() else x
     calls = []
     if monkeypatch is not None:
-        fallback = grad_norms._fallback
-        monkeypatch.setattr(grad_norms, "_fallback", lambda *a: calls.append(a[0]) or fallback(*a))
+        fallback = _param_units.replayed_grads
+        monkeypatch.setattr(_param_units, "replayed_grads", lambda *a: calls.append(a[0]) or fallback(*a))
     r = per_sample_grad_norms_by_layer(model, x, f)
     ref = reference(model, x, f)
     expected = by_layer(ref, r.layer_squared_norms)
@@ -321,8 +321,8 @@ class TokenModel(Classifier):
 def test_fused_monitor_uses_the_rules(kind, monkeypatch):
     torch.manual_seed(0)
     calls = []
-    fallback = grad_norms._fallback
-    monkeypatch.setattr(grad_norms, "_fallback", lambda *a: calls.append(a[0]) or fallback(*a))
+    fallback = _param_units.replayed_grads
+    monkeypatch.setattr(_param_units, "replayed_grads", lambda *a: calls.append(a[0]) or fallback(*a))
     if kind == "cnn":
         module, x = CNN(), torch.randn(8, 2, 8, 8)
     else:

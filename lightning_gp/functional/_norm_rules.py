@@ -392,3 +392,31 @@ def rule(module: nn.Module, names: set[str]) -> Callable[..., Tensor] | None:
         plain = module.bias_k is None and not module.add_zero_attn
         return mha_sq if plain and (module.dropout == 0 or not module.training) else None
     return None
+
+
+def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: bool = True) -> Tensor:
+    """Per-sample ‖∇_W fᵢ‖² + ‖∇_b fᵢ‖² of a Linear layer from its input ``h`` and output gradient ``g``.
+
+    Args:
+        h: layer input of shape (B, d_in) or (B, T..., d_in) (all middle dimensions are a sequence).
+        g: gradient of Σᵢ fᵢ with respect to the layer output, (B, d_out) or (B, T..., d_out).
+        weight: include the weight's term (False when the weight is frozen).
+        bias: include the bias' term (False when there is no bias or it is frozen).
+
+    Example:
+
+        >>> h, g = torch.randn(3, 4), torch.randn(3, 2)
+        >>> explicit = torch.einsum("bo,bi->boi", g, h).square().sum((1, 2)) + g.square().sum(1)
+        >>> torch.allclose(linear_squared_norms(h, g), explicit)
+        True
+    """
+    b = h.shape[0]
+    if b == 0:  # an empty batch: no per-sample norms (a reshape to (0, -1, d) would be ambiguous)
+        return g.new_zeros(0)
+    h3, g3 = h.reshape(b, -1, h.shape[-1]), g.reshape(b, -1, g.shape[-1])
+    if h3.shape[1] == 1 and weight:
+        # No sequence: ‖gᵢhᵢᵀ‖²_F = ‖gᵢ‖²‖hᵢ‖² and the bias term is ‖gᵢ‖² itself, so ‖gᵢ‖² is computed once
+        # (the fused monitor runs this on every layer of every monitored training step).
+        g_sq, h_sq = row_sq(g3[:, 0]), row_sq(h3[:, 0])
+        return g_sq * (h_sq + 1) if bias else g_sq * h_sq
+    return linear_sq(h3, g3, weight, bias)

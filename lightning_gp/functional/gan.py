@@ -172,7 +172,14 @@ def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
 
 
 def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
-    """R2: E[‖∇D(x̃)‖²] on generated samples. See `r1_penalty`."""
+    """R2: E[‖∇D(x̃)‖²] on generated samples. See `r1_penalty`.
+
+    Example:
+
+        >>> critic = torch.nn.Linear(2, 1)
+        >>> torch.allclose(r2_penalty(critic, torch.randn(8, 2)), critic.weight.square().sum())
+        True
+    """
     check_floating_input(fake, "fake", requires_grad=False)
     check_non_empty_batch(fake, "fake", "r2_penalty")
     x = fake.detach().requires_grad_(True)

@@ -27,8 +27,9 @@ from lightning_gp.functional._checks import (
     check_per_sample,
 )
 from lightning_gp.functional._layers import DROPOUT_LAYERS
+from lightning_gp.functional._norm_rules import linear_squared_norms
+from lightning_gp.functional._recorder import GradNormRecorder
 from lightning_gp.functional._rng import seeded_generator
-from lightning_gp.functional.grad_norms import linear_squared_norms
 
 # Modules whose per-sample Jacobian is diagonal: they may sit between the Linear layers of a chain.
 ELEMENTWISE = (
@@ -84,6 +85,12 @@ def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     Raises:
         ValueError: naming the first module that is not a Linear, elementwise or pass-through layer.
+
+    Example:
+
+        >>> net = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 2))
+        >>> [name for name, _ in chain_layers(net)]
+        ['0', '1.0', '1.1', '2']
     """
     hint = "Pass `allow_non_chain=True` to compute it anyway (flagged; the bound need not hold)."
     if not isinstance(model, nn.Sequential):
@@ -421,41 +428,29 @@ def _capture(
     linears: list[tuple[str, nn.Module]],
     keep: int,
 ) -> _Captured:
-    """One forward and one backward of the first ``keep`` values: each Linear's input h, output z and
-    output gradient g, and ∇ₓf, all cut to the first ``keep`` samples."""
-    h: dict[str, Tensor] = {}
-    z: dict[str, Tensor] = {}
-    g: dict[str, Tensor] = {}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
-            if name in h:
+    """One forward and one backward of the first ``keep`` values, recorded by a
+    :class:`~lightning_gp.functional._recorder.GradNormRecorder` on the Linear layers: each one's input h, output z
+    and output gradient g, and ∇ₓf, all cut to the first ``keep`` samples."""
+    recorder = GradNormRecorder(model, modules=dict(linears))
+    with recorder, torch.enable_grad():
+        values = check_per_sample(loss_fn(model(x)), len(x), "loss_fn(outputs)")[:keep]
+        for name, _ in linears:
+            calls = recorder.calls(name)
+            if len(calls) > 1:
                 raise ValueError(f"Linear layer '{name}' is called more than once; the inequality needs one use.")
-            if args[0].ndim != 2:
+            if calls and calls[0].args[0].ndim != 2:
                 raise ValueError(
-                    f"Linear layer '{name}' got an input of shape {tuple(args[0].shape)}; the MLP inequality "
-                    f"needs (batch, features) inputs (add nn.Flatten() before it)."
+                    f"Linear layer '{name}' got an input of shape {tuple(calls[0].args[0].shape)}; the MLP "
+                    f"inequality needs (batch, features) inputs (add nn.Flatten() before it)."
                 )
-            h[name], z[name] = args[0].detach(), out
-            if out.requires_grad:
-                handles.append(out.register_hook(lambda grad: g.__setitem__(name, grad.detach())))
-
-        return hook
-
-    try:
-        for name, mod in linears:
-            handles.append(mod.register_forward_hook(make_hook(name)))
-        with torch.enable_grad():
-            values = check_per_sample(loss_fn(model(x)), len(x), "loss_fn(outputs)")[:keep]
-            missing = [n for n, _ in linears if n not in h]
-            if missing:
-                raise ValueError(f"Linear layers {missing} were not called by the model's forward.")
-            outs = [z[n] for n, _ in linears if z[n].requires_grad]
-            grads = torch.autograd.grad(values.sum(), [x, *outs], allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+        missing = [n for n, _ in linears if not recorder.calls(n)]
+        if missing:
+            raise ValueError(f"Linear layers {missing} were not called by the model's forward.")
+        calls = {n: recorder.calls(n)[0] for n, _ in linears}
+        outs = [c.output for c in calls.values() if c.output.requires_grad]
+        grads = torch.autograd.grad(values.sum(), [x, *outs], allow_unused=True)
     input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
-    h, z, g = ({k: v[:keep] for k, v in d.items()} for d in (h, z, g))
+    h = {n: c.args[0].detach()[:keep] for n, c in calls.items()}
+    z = {n: c.output[:keep] for n, c in calls.items()}
+    g = {n: c.grads[0][:keep] for n, c in calls.items() if 0 in c.grads}
     return _Captured(inputs=h, outputs=z, output_grads=g, input_grad=input_grad[:keep])

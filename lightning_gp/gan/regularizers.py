@@ -216,6 +216,14 @@ def apply_spectral_normalization(critic: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def clip_weights_(critic: nn.Module, clip_value: float) -> None:
-    """Clamp every parameter of ``critic`` into [−clip_value, clip_value] in place (the original WGAN)."""
+    """Clamp every parameter of ``critic`` into [−clip_value, clip_value] in place (the original WGAN).
+
+    Example:
+
+        >>> critic = torch.nn.Linear(2, 1)
+        >>> clip_weights_(critic, 0.01)
+        >>> bool(critic.weight.abs().max() <= 0.01)
+        True
+    """
     for p in critic.parameters():
         p.clamp_(-clip_value, clip_value)

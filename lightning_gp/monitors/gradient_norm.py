@@ -19,6 +19,7 @@ from lightning_gp._setup_checks import check_forward
 from lightning_gp._site import Site, Target
 from lightning_gp._trainer import loss_scale
 from lightning_gp.functional._checks import check_per_sample
+from lightning_gp.functional._recorder import LinearTap
 from lightning_gp.functional._torch_private import tree_flatten
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
 from lightning_gp.functional.gradients import tensor_norms
@@ -26,7 +27,7 @@ from lightning_gp.functional.layer_output import per_sample_output_gradient_norm
 from lightning_gp.interception import StepInterceptor
 from lightning_gp.monitors._base import Monitor, isolated
 from lightning_gp.monitors._batch import default_loss
-from lightning_gp.monitors._fused import FusedRecording, LinearTap, per_sample_factor
+from lightning_gp.monitors._fused import FusedRecording, per_sample_factor
 
 #: ``loss_fn(outputs, batch)`` → per-sample losses, shape (B,).
 PerSampleLoss = Callable[[Tensor, Any], Tensor]

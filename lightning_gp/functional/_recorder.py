@@ -1,0 +1,404 @@
+"""Recording a model's ordinary forward and backward for per-sample gradient norms: the layers' calls and the
+gradients at their outputs, caught by hooks, whatever runs the backward.
+
+:class:`GradNormRecorder` records any model (every module, or the closed-form ones); :class:`LinearTap` is its
+light path for models whose parameterised layers are all ``nn.Linear`` (the row norms are taken in the hook and
+the activations dropped). The fused monitor and the MLP inequality record through them; the norms are computed
+by :mod:`~lightning_gp.functional._param_units`. Design notes: ``docs/design/fused-monitor.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gp.functional._layers import BATCH_NORM_LAYERS
+from lightning_gp.functional._norm_rules import linear_squared_norms
+from lightning_gp.functional._param_units import closed_form_modules, layer_label, layer_norms, own_params
+from lightning_gp.functional._torch_private import tensor_version, tree_flatten, tree_map
+from lightning_gp.functional.gradients import accumulation_dtype, upcast
+
+
+class LayerCall:
+    """One recorded call of a module: its inputs and output, and (filled during backward) the output gradients.
+
+    Attributes:
+        args, kwargs: what the module was called with.
+        output: what it returned.
+        outputs: the returned tensors that require grad, at positions ``out_index`` of the flattened output.
+        grads: ``{position: gradient}`` of those outputs, filled by the backward.
+    """
+
+    def __init__(self, args: tuple, kwargs: dict, output: object) -> None:
+        self.args, self.kwargs, self.output = args, kwargs, output
+        flat, self.out_spec = tree_flatten(output)
+        self.out_index = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
+        self.outputs = [flat[i] for i in self.out_index]
+        self.grads: dict[int, Tensor] = {}
+        self.versions = tensor_versions((args, kwargs))
+        self.unbatched = False  # a call whose inputs are provably not the batch's (see GradNormRecorder)
+
+    def store(self, i: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self.grads[i] = grad.detach()
+
+        return hook
+
+
+def check_versions(uses: dict[str, list[LayerCall]]) -> None:
+    """Raise if a recorded module input was modified in place after the module ran."""
+    for name, us in uses.items():
+        for use in us:
+            if tensor_versions((use.args, use.kwargs)) != use.versions:
+                raise RuntimeError(
+                    f"An input of module '{layer_label(name)}' was modified in place after the module ran, so its "
+                    f"recorded activations are stale. Avoid in-place ops on layer inputs (e.g. `x += ...`)."
+                )
+
+
+def tensor_versions(collection: object) -> list[int]:
+    """The version counters of the tensors in ``collection`` (any pytree), in order."""
+    return [tensor_version(t) for t in tree_flatten(collection)[0] if isinstance(t, Tensor)]
+
+
+def _expand_broadcast_lookup(mod: nn.Module, args: tuple, output: object, batch: int | None) -> tuple | None:
+    """An Embedding looked up once for the whole batch ((1, T) position ids, as GPT-2 and BERT do) is broadcast
+    over the samples by the next op. Its output expanded to the batch (a view: the op computes the same values)
+    makes that op's gradient per sample arrive at the embedding, so its closed form applies."""
+    if (type(mod) is not nn.Embedding or not batch or batch == 1 or not args or not isinstance(output, Tensor)
+            or not isinstance(args[0], Tensor) or args[0].ndim == 0 or args[0].shape[0] != 1):
+        return None
+    ids = args[0].expand(batch, *args[0].shape[1:])
+    return (ids, *args[1:]), output.expand(batch, *output.shape[1:])
+
+
+class GradNormRecorder:
+    """Records what the ghost norms need during an *ordinary* forward and backward of ``model``.
+
+    While started, forward hooks keep each module's inputs and tensor hooks catch the gradients at its
+    outputs, whatever runs the backward (``loss.backward()``, Lightning's automatic optimization,
+    ``torch.autograd.grad``); nothing else changes, no ``.grad`` is touched. Afterwards
+    `layer_squared_norms` returns each layer's per-sample squared gradient norm *of the quantity
+    that was differentiated*: for a loss ``mean(ℓᵢ)`` that is ‖∇θℓᵢ‖²/B², so multiply by B² (the
+    reduction is the caller's knowledge). This is how a monitor can piggyback on the training step's own
+    backward instead of paying a second one. `per_sample_grad_norms_by_layer` is built on it.
+
+    Example:
+
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x = torch.randn(5, 3)
+        >>> with GradNormRecorder(model) as rec:
+        ...     model(x).sum().backward()  # a plain backward of Σᵢ fᵢ
+        >>> sq = rec.layer_squared_norms(5)
+        >>> from lightning_gp.functional import per_sample_grad_norms_by_layer
+        >>> ref = per_sample_grad_norms_by_layer(model, x, lambda out: out.sum(1)).layer_squared_norms
+        >>> all(torch.allclose(sq[k], ref[k]) for k in ref)
+        True
+    """
+
+    def __init__(self, model: nn.Module, batch: int | None = None, batch_tensors: list[Tensor] | None = None, *,
+                 modules: dict[str, nn.Module] | None = None) -> None:
+        self.model = model
+        self.batch = batch  # when known: an Embedding looked up once as (1, ...) is expanded to it (see _hook)
+        # when given: token ids are batched only if they come from these (storage) or are expanded (stride 0)
+        self.batch_tensors = batch_tensors
+        #: the modules hooked, by name (default: all of ``model.named_modules()``)
+        self.modules = dict(model.named_modules()) if modules is None else dict(modules)
+        self.uses: dict[str, list[LayerCall]] = {name: [] for name in self.modules}
+        self._handles: list = []
+
+    def start(self) -> GradNormRecorder:
+        """Clear earlier records and hook every module; returns ``self``. Raises ValueError on train-mode BatchNorm."""
+        for name, mod in self.modules.items():
+            if isinstance(mod, BATCH_NORM_LAYERS) and mod.training:
+                raise ValueError(
+                    f"Module '{layer_label(name)}' ({type(mod).__name__}) is in training mode and mixes the samples "
+                    f"of a batch, so per-sample gradients are not defined. Call `model.eval()` first."
+                )
+        self.stop()
+        self.uses = {name: [] for name in self.modules}
+        try:
+            for name, mod in self.modules.items():
+                self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Remove every hook (module and tensor hooks); the records stay readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> GradNormRecorder:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _hook(self, name: str):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+            if not torch.is_grad_enabled():
+                return None  # a no-grad forward (validation, a metric) has no backward to record
+            expanded = _expand_broadcast_lookup(mod, args, output, self.batch)
+            if expanded is not None:
+                args, output = expanded
+            use = LayerCall(args, kwargs, output)
+            use.unbatched = expanded is None and not self._ids_from_batch(mod, args)
+            for i, out in zip(use.out_index, use.outputs, strict=True):
+                self._handles.append(out.register_hook(use.store(i)))
+            self.uses[name].append(use)
+            return output if expanded is not None else None
+
+        return hook
+
+    def _ids_from_batch(self, mod: nn.Module, args: tuple) -> bool:
+        """False for an Embedding whose ids are not the batch's: not a view of a batch tensor, not expanded over
+        the batch, and not the same in every row (T5's (T, T) relative-position buckets, also when T equals the
+        batch size). Ids made inside the model with one row per sample alike (RoBERTa's zero token types) pass."""
+        if self.batch_tensors is None or not isinstance(mod, nn.Embedding) or not args:
+            return True
+        ids = args[0]
+        if not isinstance(ids, Tensor) or ids.ndim < 2 or ids.stride(0) == 0:
+            return True
+        ptr = ids.untyped_storage().data_ptr()
+        if any(t.untyped_storage().data_ptr() == ptr for t in self.batch_tensors):
+            return True
+        return not bool((ids != ids[:1]).any())  # one host read, only for ids the model made itself
+
+    def outputs(self) -> list[Tensor]:
+        """Every recorded module output that requires grad, once each."""
+        seen: set[int] = set()
+        return [o for us in self.uses.values() for u in us for o in u.outputs if not (id(o) in seen or seen.add(id(o)))]
+
+    def calls(self, name: str) -> list[LayerCall]:
+        """The recorded calls of the module ``name`` (empty when it did not run)."""
+        return self.uses[name]
+
+    def not_run(self) -> list[str]:
+        """The hooked modules owning trainable parameters that did not run, except a ``MultiheadAttention``'s
+        ``out_proj`` when the attention ran (the attention uses its weights without calling it)."""
+        ran = tuple(name + "." for name, us in self.uses.items()
+                    if us and isinstance(self.modules[name], nn.MultiheadAttention))
+        return [name for name, us in self.uses.items()
+                if not us and not name.startswith(ran) and own_params(self.modules[name])]
+
+    def drop(self, names: list[str]) -> dict[str, nn.Module]:
+        """Stop measuring the modules ``names`` (ones that did not run, say); returns them by name."""
+        dropped = {name: self.modules.pop(name) for name in names}
+        for name in names:
+            self.uses.pop(name, None)
+        return dropped
+
+    def restrict_to_closed_forms(self) -> bool:
+        """Hook only the modules :func:`~lightning_gp.functional._param_units.closed_form_modules` names, when every
+        trainable parameter has a closed-form rule (Linear, Conv, norm layers, Embedding, MultiheadAttention);
+        hooks on parameter-free modules only serve ``torch.func`` replays. Call before :meth:`start`. Not done
+        with a BatchNorm in training mode, so that :meth:`start` still raises its error. Returns whether it did.
+        """
+        if any(isinstance(m, BATCH_NORM_LAYERS) and m.training for m in self.modules.values()):
+            return False
+        keep = closed_form_modules(self.modules)
+        if keep is None:
+            return False
+        self.modules = keep
+        self.uses = {name: [] for name in keep}
+        return True
+
+    def layer_squared_norms(self, batch: int, skip: frozenset[int] = frozenset(), *,
+                            upcast_records: bool = False) -> dict[str, Tensor]:
+        """Per-sample squared norms of each layer's trainable parameters' gradient, keyed by module name
+        (the parameters whose ``id`` is in ``skip`` left out). ``upcast_records``: half-precision records are
+        brought to float32 first (the squares of scaled float16 gradients overflow)."""
+        check_versions(self.uses)  # before any input is replaced by a float32 copy below
+        if upcast_records:
+            for uses in self.uses.values():
+                for use in uses:
+                    use.grads = {i: upcast(g) for i, g in use.grads.items()}
+                    use.args, use.kwargs = tree_map(upcast, (use.args, use.kwargs))
+                    use.versions = tensor_versions((use.args, use.kwargs))
+        return layer_norms(self.modules, self.uses, batch, skip)
+
+
+@dataclass
+class TapCall:
+    """One recorded call of a tapped layer: its input h and the output gradient g, or only their row norms.
+
+    For a layer called once on a (B, d) input the backward hook keeps ``h_norm``/``g_norm`` and drops ``h``
+    (:meth:`LinearTap._on_grad`); otherwise it keeps ``grad`` for :func:`linear_squared_norms`.
+    """
+
+    input: Tensor | None
+    version: int
+    grad: Tensor | None = None
+    h_norm: Tensor | None = None
+    g_norm: Tensor | None = None
+
+    @property
+    def received(self) -> bool:
+        return self.grad is not None or self.g_norm is not None
+
+
+class LinearTap:
+    """The fused recording of a model whose parameterised layers are all ``nn.Linear``: the light path.
+
+    A forward hook on each layer keeps the layer's input h and puts a tensor hook on its output for the
+    output gradient g; nothing else is recorded. A layer called several times has per-sample gradient
+    Σ_calls gᵢhᵢᵀ: its calls are stacked along the sequence dimension, where :func:`linear_squared_norms`
+    sums over positions. The forward hooks are put on by the first :meth:`start` and stay, recording
+    nothing between steps, until :meth:`remove`: the monitor keeps one tap over consecutive monitored
+    steps and removes it at the first step it does not monitor, at teardown and when a step raises.
+    Design notes: ``docs/design/fused-monitor.md``.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], owner: str = "GradientNormMonitor") -> None:
+        self.layers = layers
+        self.owner = owner
+        self.calls: dict[str, list[TapCall]] = {name: [] for name in layers}
+        self.recording = False
+        self.batch = 0
+        self._forward_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def start(self, batch: int) -> LinearTap:
+        """Record the coming forward/backward of a batch of ``batch`` samples."""
+        self.stop()
+        self.clear()
+        self.batch = batch
+        self.recording = True
+        if not self._forward_handles:
+            for name, layer in self.layers.items():
+                self._forward_handles.append(layer.register_forward_hook(self._forward_hook(name or "_root", layer)))
+        return self
+
+    def stop(self) -> None:
+        """End the step's recording: no more records, the tensor hooks removed (the forward hooks stay)."""
+        self.recording = False
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles.clear()
+
+    def clear(self) -> None:
+        """Drop the records (they hold activations)."""
+        for calls in self.calls.values():
+            calls.clear()
+
+    def remove(self) -> None:
+        """Stop, drop the records and remove the forward hooks."""
+        self.stop()
+        self.clear()
+        for handle in self._forward_handles:
+            handle.remove()
+        self._forward_handles.clear()
+
+    def _forward_hook(self, label: str, layer: nn.Module) -> Callable[..., None]:
+        calls = self.calls[next(name for name, m in self.layers.items() if m is layer)]
+
+        # Run eagerly under torch.compile: the tensor hook it registers cannot be traced (a side effect on
+        # Python state), so the graph breaks here anyway; disabled, the bookkeeping adds no graphs of its own.
+        @torch.compiler.disable
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            # `module is layer`: a deep copy of the model copies this hook; its calls are not recorded
+            if module is layer and self.recording and torch.is_grad_enabled() and output.requires_grad:
+                h = args[0]
+                record = TapCall(input=h, version=tensor_version(h))
+                calls.append(record)
+                handle = output.register_hook(functools.partial(self._on_grad, label, calls, record))
+                self._grad_handles.append(handle)
+
+        return hook
+
+    def _on_grad(self, label: str, calls: list[TapCall], record: TapCall, grad: Tensor) -> None:
+        """Tensor hook on a layer's output: keep its gradient g; for a layer called once on a (B, d) input keep
+        only the row norms of g and of the layer's input h, and drop h.
+
+        The norms are taken here because both are in cache now: g was just computed, and h is read right after
+        by the layer's own backward (gᵀh). g and h are then freed as in a plain backward.
+        """
+        if record.received:
+            raise RuntimeError(
+                f"{self.owner}(mode='fused') records the gradient of one backward per training step, but the "
+                f"output of layer '{label}' received a second gradient: `training_step` differentiates through "
+                f"the model itself (`torch.autograd.grad`, a second `backward`). Use mode='recompute'."
+            )
+        h = record.input
+        if len(calls) == 1 and h.ndim == 2:
+            self._check(label, h, record.version)
+            # the backward runs without grad mode (unless create_graph): no graph to detach from
+            record.h_norm = torch.linalg.vector_norm(h if not torch.is_grad_enabled() else h.detach(), dim=1,
+                                                     dtype=accumulation_dtype(h.dtype))
+            record.g_norm = torch.linalg.vector_norm(grad, dim=1, dtype=accumulation_dtype(grad.dtype))
+            record.input = None
+        else:
+            record.grad = grad.detach()
+
+    def _check(self, label: str, h: Tensor, version: int) -> None:
+        if tensor_version(h) != version:
+            raise RuntimeError(
+                f"{self.owner}(mode='fused'): the input of layer '{label}' was modified in place after the layer "
+                f"ran, so its recorded activations are stale. Avoid in-place ops on layer inputs (e.g. `x += ...`), "
+                f"or use mode='recompute'."
+            )
+        if h.shape[0] != self.batch:
+            raise RuntimeError(
+                f"{self.owner}(mode='fused'): layer '{label}' ran on an input of shape {tuple(h.shape)} whose "
+                f"first dimension is not the batch of {self.batch}: per-sample norms need the batch first. "
+                f"Use mode='recompute'."
+            )
+
+    def unused(self) -> list[str]:
+        return [name for name, calls in self.calls.items() if not calls]
+
+    def layer_norms(self) -> tuple[list[str], Tensor | None]:
+        """Names and ‖∇_{θ_layer}‖ per row of the differentiated quantity, (B, L), of the layers that ran.
+
+        The common case, every layer called once on a (B, d) input with weight and bias trainable, is the
+        row norms the tensor hooks kept and two small operations for all layers together:
+        ‖gᵢhᵢᵀ‖² + ‖gᵢ‖² = (‖gᵢ‖‖hᵢ‖)² + ‖gᵢ‖², a ``hypot``. Norms are taken in float32 for half-precision
+        records (fp16 squares of scaled gradients overflow).
+        """
+        batch = self.batch
+        names, g_norms, h_norms, general = [], [], [], []
+        for name, calls in self.calls.items():
+            if not calls:
+                continue
+            label = name or "_root"
+            names.append(label)
+            layer = self.layers[name]
+            weight = layer.weight.requires_grad
+            bias = layer.bias is not None and layer.bias.requires_grad
+            if len(calls) == 1 and calls[0].g_norm is not None:  # one call on a (B, d) input: its row norms
+                call = calls[0]
+                if weight and bias:  # the common case, batched below
+                    h_norms.append(call.h_norm)
+                    g_norms.append(call.g_norm)
+                    general.append(None)
+                else:  # one of them frozen: ‖gᵢhᵢᵀ‖ = ‖gᵢ‖‖hᵢ‖ (the weight) or ‖gᵢ‖ (the bias)
+                    general.append(call.g_norm * call.h_norm if weight else call.g_norm)
+                continue
+            reached = []
+            for call in calls:
+                self._check(label, call.input, call.version)
+                if call.grad is not None:  # a call whose output did not reach the loss contributes nothing
+                    reached.append((call.input.detach(), call.grad))
+            if not reached:
+                h0 = calls[0].input
+                general.append(torch.zeros(batch, dtype=accumulation_dtype(h0.dtype), device=h0.device))
+            else:
+                h3 = torch.cat([upcast(h).reshape(batch, -1, h.shape[-1]) for h, _ in reached], dim=1)
+                g3 = torch.cat([upcast(g).reshape(batch, -1, g.shape[-1]) for _, g in reached], dim=1)
+                general.append(linear_squared_norms(h3, g3, weight=weight, bias=bias).sqrt())
+        plain = len(g_norms)
+        if plain:
+            g = torch.stack(g_norms, dim=1)
+            per_plain = torch.hypot(g * torch.stack(h_norms, dim=1), g)  # ‖gᵢ‖·√(‖hᵢ‖² + 1)
+            if plain == len(general):
+                return names, per_plain
+            k = iter(per_plain.unbind(dim=1))
+            general = [next(k) if c is None else c for c in general]
+        return names, (torch.stack(general, dim=1) if general else None)
