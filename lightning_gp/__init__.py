@@ -1,7 +1,9 @@
 """lightning-gp: gradient-based regularization for PyTorch Lightning.
 
-Layers: `lightning_gp.functional` (pure torch math) → metrics → callbacks, the WGAN-GP mixin and
-monitors (thin Lightning adapters over the math).
+Layers, each importing only those above it (``tests/test_architecture.py``): ``functional`` (pure torch math, no
+Lightning); the shared plumbing beside ``interception`` (batch and site, the step's objective and chain, the log
+writer, Lightning's private names); then ``callbacks``, ``monitors``, ``gan`` and ``manual``, thin Lightning
+adapters over the math. Design notes: ``docs/design/``.
 """
 
 from lightning_gp import functional, manual

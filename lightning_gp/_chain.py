@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lightning_gp._finite import StepValues
 from lightning_gp._lightning_private import fabric_autocast_dtype
 from lightning_gp._module_state import untouched
-from lightning_gp._objective import Step, extract_loss
+from lightning_gp._objective import Step, caller_name, extract_loss
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.precision import compute_dtype
 from lightning_gp.interception import muted_logging
@@ -42,7 +42,7 @@ class StepContext:
     """
 
     def __init__(self, module: nn.Module, step_fn: Callable[..., Any], args: tuple, kwargs: dict,
-                 global_step: int, owners: str, strategy: Strategy | None = None,
+                 global_step: int, caller: str, strategy: Strategy | None = None,
                  values: StepValues | None = None) -> None:
         self.module = module
         self.values = values  # the step's record for the finiteness check (None: check each value at once)
@@ -52,7 +52,7 @@ class StepContext:
         self.rest_args = args[1:]
         self.kwargs = kwargs
         self.global_step = global_step
-        self.owners = owners
+        self.caller = caller
         self.strategy = strategy
 
     @property
@@ -96,7 +96,7 @@ class StepContext:
             out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
             raise SkipBatch
-        loss = extract_loss(out, self.owners)
+        loss = extract_loss(out, self.caller)
         if self.values is not None:
             self.values.add_loss(loss)
         return Step(loss=loss, output=out)
@@ -108,7 +108,7 @@ class StepContext:
             out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
             raise SkipBatch
-        return extract_loss(out, self.owners)
+        return extract_loss(out, self.caller)
 
 
 class SkipBatch(Exception):
@@ -124,13 +124,13 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
     pass, no log, and None is returned.
     """
     members = sorted(members, key=lambda m: m.order)
-    owners = " and ".join(type(m).__name__ for m in members) or "lightning_gp"
+    caller = caller_name(members)
     if not args and "batch" not in kwargs:
         raise TypeError("`training_step` was called without a batch.")
     if not args:
         kwargs = dict(kwargs)
         args = (kwargs.pop("batch"),)
-    ctx = StepContext(module, step_fn, args, kwargs, global_step, owners, strategy, values)
+    ctx = StepContext(module, step_fn, args, kwargs, global_step, caller, strategy, values)
     ctx.members = members
 
     def build(i: int) -> Callable[[Any], Step]:

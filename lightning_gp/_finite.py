@@ -55,7 +55,7 @@ class StepValues:
 
 def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strategy: Any = None,
                scaled: bool = False, grad_names: Callable[[], Sequence[str]] | Sequence[str] = (),
-               owners: str = "lightning_gp",
+               caller: str = "lightning_gp",
                off_switch: str = "`check_finite=False` on the callbacks turns this check off.") -> None:
     """Raise ``FloatingPointError`` on every rank when any rank's step is non-finite (see the module docstring).
 
@@ -86,11 +86,11 @@ def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strate
         return
     bad_ranks = [r for r in range(world) if flags[2 + r] > 0]
     raise FloatingPointError(_message(values, grads, grad_names, step=step, scaled=scaled, rank=rank, world=world,
-                                      bad_ranks=bad_ranks, owners=owners, off_switch=off_switch))
+                                      bad_ranks=bad_ranks, caller=caller, off_switch=off_switch))
 
 
 def _message(values: StepValues, grads: Sequence[Tensor], grad_names: Sequence[str], *, step: int, scaled: bool,
-             rank: int, world: int, bad_ranks: list[int], owners: str, off_switch: str) -> str:
+             rank: int, world: int, bad_ranks: list[int], caller: str, off_switch: str) -> str:
     def bad(v: Tensor) -> bool:
         f = float(v)
         return math.isnan(f) if scaled else not math.isfinite(f)
@@ -103,9 +103,9 @@ def _message(values: StepValues, grads: Sequence[Tensor], grad_names: Sequence[s
     for what, v in values.losses:
         if bad(v):
             lines.insert(0, f"{what[0].upper()}{what[1:]} is {float(v)} at global step {step}{where}: it is "
-                            f"non-finite before {owners} adds anything, so the model or the batch produces it.")
+                            f"non-finite before {caller} adds anything, so the model or the batch produces it.")
     if not lines and bad_ranks:
-        lines.append(f"{owners}: rank(s) {bad_ranks} had a non-finite loss or penalty at global step {step}; this "
+        lines.append(f"{caller}: rank(s) {bad_ranks} had a non-finite loss or penalty at global step {step}; this "
                      f"rank's values are finite (every rank raises, so that none waits in the next collective).")
     if not lines:
         all_names = grad_names() if callable(grad_names) else grad_names
@@ -113,7 +113,7 @@ def _message(values: StepValues, grads: Sequence[Tensor], grad_names: Sequence[s
         shown = ", ".join(values_summary(values))
         shown = f" ({shown})" if shown else ""
         lines.append(
-            f"{owners}: the gradient is non-finite at global step {step} although the loss and every penalty "
+            f"{caller}: the gradient is non-finite at global step {step} although the loss and every penalty "
             f"are finite{shown}; parameters with a non-finite gradient: {names[:5] or 'see grads'}. A NaN or "
             f"Inf in the batch can hide inside a per-sample norm (the penalty's value stays finite while its "
             f"gradient is not), or the penalty's gradient overflowed."

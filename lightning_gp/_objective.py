@@ -7,7 +7,7 @@ stands for the loss. Design notes: ``docs/design/interception.md``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -87,20 +87,36 @@ class Step:
         return self.total
 
 
-def extract_loss(output: Any, owners: str) -> Tensor:
-    """The scalar loss in a ``training_step`` output (a tensor or a mapping with "loss"), or a clear error."""
+def caller_name(members: Iterable[object]) -> str:
+    """How messages name the callbacks running a step: their class names in order, each once, joined by "and"
+    ("lightning_gp" for none).
+
+    Example::
+
+        >>> class A: pass
+        >>> class B: pass
+        >>> caller_name([A(), B(), A()]), caller_name([])
+        ('A and B', 'lightning_gp')
+    """
+    names = dict.fromkeys(type(m).__name__ for m in members)
+    return " and ".join(names) or "lightning_gp"
+
+
+def extract_loss(output: Any, caller: str) -> Tensor:
+    """The scalar loss in a ``training_step`` output (a tensor or a mapping with "loss"), or a clear error that
+    names ``caller`` (:func:`caller_name`)."""
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if loss is None:
         raise ValueError(
             f"`training_step` returned {'a dict without a loss' if isinstance(output, Mapping) else 'None'}, "
-            f"but {owners} must add a penalty to the loss. Return the loss tensor (or a dict with key "
+            f"but {caller} must add a penalty to the loss. Return the loss tensor (or a dict with key "
             f"'loss'); to skip a batch, remove the callback or return a zero loss."
         )
     if not isinstance(loss, Tensor):
-        raise TypeError(f"`training_step` returned a loss of type {type(loss).__name__}; {owners} needs a tensor.")
+        raise TypeError(f"`training_step` returned a loss of type {type(loss).__name__}; {caller} needs a tensor.")
     if loss.numel() != 1:
         raise ValueError(
-            f"`training_step` returned a loss of shape {tuple(loss.shape)}; {owners} needs a scalar "
+            f"`training_step` returned a loss of shape {tuple(loss.shape)}; {caller} needs a scalar "
             f"(the batch mean, e.g. `F.cross_entropy(logits, y)`)."
         )
     return loss.reshape(())

@@ -24,7 +24,7 @@ from lightning_gp._epoch import EpochAggregate
 from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import callback_state_key, compiled_modules
 from lightning_gp._logging import should_log
-from lightning_gp._objective import Step
+from lightning_gp._objective import Step, caller_name
 from lightning_gp._setup_checks import check_batch_step, check_strategy
 from lightning_gp._trainer import grad_scaler
 from lightning_gp.functional._checks import check_positive_int
@@ -206,9 +206,9 @@ class PenaltyCallback(Callback):
             return
         try:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            owners = " and ".join(sorted({type(m).__name__ for m in interceptor.members}))
+            caller = caller_name(sorted(interceptor.members, key=lambda m: m.order))
             check_step(values, [p.grad for p in params], step=trainer.global_step, strategy=trainer.strategy,
-                       scaled=grad_scaler(trainer) is not None, owners=owners,
+                       scaled=grad_scaler(trainer) is not None, caller=caller,
                        grad_names=functools.partial(param_names, pl_module, params))
         finally:
             values.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,37 +73,43 @@ def check_scalar(value: object, name: str) -> Tensor:
     return t.reshape(())
 
 
-def check_non_negative(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
-    return float(value)
+def check_number(value: Any, name: str, owner: str | None = None, *, low: float | None = 0.0, strict: bool = False,
+                 high: float | None = None, fix: str = "") -> float:
+    """A finite real number in [low, high] (``strict``: low excluded), as a float, or a clear error.
 
+    The one number check of the package: the callbacks pass their class as ``owner`` (the message then starts
+    ``Owner(name=value):``), the functional layer passes none.
 
-def check_positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
-    return float(value)
+    Raises:
+        TypeError: not a real number (a bool, a string, a tensor...).
+        ValueError: NaN, ±Inf or out of range; the message names ``owner``, the argument and the value.
+    """
+    where = f"{owner}({name}={value!r}): `{name}` must be a" if owner else f"`{name}` must be a"
+    if isinstance(value, Tensor):
+        fix = f"Pass a Python number, e.g. `float({name})`. {fix}".strip()
+    tail = f" {fix}" if fix else ""
+    kind = ("positive" if strict else "non-negative") if low == 0 else "" if low is None else \
+        f"{'>' if strict else '>='} {low:g}"
+    kind = f"{kind} number" if low in (0, None) else f"number {kind}"
+    if high is not None:
+        kind += f" <= {high:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} {kind}, got {value!r} (a {type(value).__name__}, not a real number).{tail}")
+    number = float(value)
+    if not math.isfinite(number):
+        why = "NaN is no setting" if math.isnan(number) else "an infinite setting makes the step NaN or meaningless"
+        raise ValueError(f"{where} {kind}, got {value!r}; it must be finite ({why}).{tail}")
+    if (low is not None and (number <= low if strict else number < low)) or (high is not None and number > high):
+        raise ValueError(f"{where} {kind}, got {value!r}.{tail}")
+    return number
 
 
 def check_finite(value: object, name: str, *, minimum: float = 0.0, strict: bool = False, hint: str = "") -> float:
-    """A finite real number ≥ ``minimum`` (> ``minimum`` when ``strict``), as a float.
-
-    Rejects bools, non-numbers, NaN and ±inf with a ValueError naming ``name``, the value, and ``hint`` (the
-    fix). The plain `check_non_negative` / `check_positive` accept inf; use this where inf has no meaning.
-    """
-    if minimum == 0:
-        kind = "a positive number" if strict else "a non-negative number"
-    else:
-        kind = f"a number {'>' if strict else '>='} {minimum:g}"
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
-    if ok:
-        v = float(value)
-        ok = v > minimum if strict else v >= minimum
-    if not ok:
-        if isinstance(value, Tensor):
-            hint = f"Pass a Python number, e.g. `float({name})`. {hint}"
-        raise ValueError(f"`{name}` must be {kind}, got {value!r}; it must be finite. {hint}".rstrip())
-    return float(value)
+    """:func:`check_number` for the functional layer, whose bad settings are all ValueErrors (documented so)."""
+    try:
+        return check_number(value, name, low=minimum, strict=strict, fix=hint)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
 
 
 def check_non_empty_batch(t: Tensor, name: str, what: str) -> None:

@@ -149,7 +149,7 @@ def _sigma_from_jacobian(jac: Tensor) -> Tensor:
         return torch.linalg.matrix_norm(jac, ord=2)
 
 
-class _Chain:
+class _ChainJacobian:
     """Jacobians of the inputs of every Linear of a chain with respect to x, by explicit propagation."""
 
     def __init__(self, leaves: list[tuple[str, nn.Module]], x: Tensor) -> None:
@@ -224,7 +224,7 @@ class _Chain:
         return c
 
 
-class _Generic:
+class _FuncJacobian:
     """Same interface by torch.func for any model: fn(xᵢ) returns the inputs of the given Linear layers."""
 
     def __init__(self, model: nn.Module, linears: list[nn.Module], x: Tensor) -> None:
@@ -270,7 +270,9 @@ class _Generic:
         return vmap(one)(self.x, cots)
 
 
-def _power(jac: _Chain | _Generic, seed: Tensor, layers: int, tol: float, max_iter: int) -> tuple[Tensor, int]:
+def _power(
+    jac: _ChainJacobian | _FuncJacobian, seed: Tensor, layers: int, tol: float, max_iter: int
+) -> tuple[Tensor, int]:
     """Batched power iteration on JₜᵀJₜ for all layers at once; returns never-decreasing lower bounds."""
     v = seed.reshape(jac.batch, -1)
     norm = v.norm(dim=1, keepdim=True)
@@ -382,7 +384,8 @@ def mlp_inequality(
     act = torch.stack([hh.norm(dim=1) for hh in hs], 1)
     coef = torch.stack([float(b) + float(w) * hh.square().sum(1) for hh, w, b in zip(hs, has_w, has_b, strict=True)], 1)
     with torch.no_grad():
-        jac = _Chain(leaves, x.detach()) if is_chain else _Generic(model, [m for _, m in linears], x.detach())
+        linear_modules = [m for _, m in linears]
+        jac = _ChainJacobian(leaves, x.detach()) if is_chain else _FuncJacobian(model, linear_modules, x.detach())
         exact = x[0].numel() <= exact_max_dim
         if exact:
             sigma, iterations = jac.exact(), 0

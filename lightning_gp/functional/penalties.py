@@ -132,10 +132,10 @@ def data_gradient_penalty(
     output = check_per_sample(output, inputs.shape[0], "output")
     grad = input_gradient(output, inputs, create_graph=True)
     penalty = gradient_norm_penalty(grad, power=power, center=center, one_sided=one_sided).mean()
-    return penalty + _poison(output)
+    return penalty + _nan_if_nonfinite(output)
 
 
-def _poison(values: Tensor) -> Tensor:
+def _nan_if_nonfinite(values: Tensor) -> Tensor:
     """0, or NaN when ``values`` hold a NaN or inf, detached: a NaN sample whose input gradient autograd reports as
     finite (ReLU's backward maps NaN to 0) still shows in the penalty's value. One small sum, no host sync."""
     return values.detach().sum() * 0
@@ -232,7 +232,7 @@ def data_gradient_penalty_fd(
     term = input_difference(mean_at, direction, base_mean, h=h, rng=rng, module=module)
     second = torch.autograd.grad(term, params, allow_unused=True)
     grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
-    penalty = phi.detach().mean() + _poison(out)
+    penalty = phi.detach().mean() + _nan_if_nonfinite(out)
     return PenaltyGradient(penalty=penalty, grads=grads, output=out.detach(), output_grads=tuple(base))
 
 

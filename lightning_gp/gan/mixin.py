@@ -7,29 +7,24 @@ penalty reaching ``.grad`` only through the ordinary backward): ``docs/design/wg
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
-import math
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_gp._arguments import check_number
 from lightning_gp._batch import resolve_input
 from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import merge_initial_hparams
 from lightning_gp._logging import should_log
 from lightning_gp._trainer import attached_trainer, grad_scaler
 from lightning_gp.functional._autograd import explained_double_backward
-from lightning_gp.functional._checks import check_choice, check_per_sample, check_positive_int
+from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional._rng import forked_rng, mixed_seed
+from lightning_gp.gan._arguments import check_networks, checked_hparams, explained_unknown_argument
 from lightning_gp.gan.regularizers import (
-    METHODS,
     PENALTIES,
-    REGULARIZERS,
     Method,
     Regularizer,
     apply_spectral_normalization,
@@ -37,14 +32,6 @@ from lightning_gp.gan.regularizers import (
     clip_weights_,
     critic_penalty,
 )
-
-_MIXIN_ARGS = ("n_critic", "regularizer", "gp_weight", "clip_value", "reg_every", "lr", "betas", "method")
-
-
-def _unknown_keyword(err: TypeError, kwargs: dict[str, Any]) -> str | None:
-    """The keyword of ``kwargs`` that a ``TypeError`` from ``__init__`` complains about, if any."""
-    match = re.search(r"unexpected keyword argument '([^']+)'", str(err))
-    return match.group(1) if match and match.group(1) in kwargs else None
 
 
 class WGANGPMixin:
@@ -101,39 +88,10 @@ class WGANGPMixin:
         try:
             super().__init__(*args, **kwargs)
         except TypeError as err:
-            unknown = _unknown_keyword(err, kwargs)
-            if unknown is None:
-                raise
-            near = difflib.get_close_matches(unknown, _MIXIN_ARGS, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f". WGANGPMixin's own arguments: {list(_MIXIN_ARGS)}."
-            raise TypeError(f"{type(self).__name__}: unknown argument {unknown!r}{hint}") from None
-        owner = "WGANGPMixin"
-        check_positive_int(n_critic, "n_critic")
-        check_choice(regularizer, "regularizer", REGULARIZERS)
-        gp_weight = check_number(gp_weight, "gp_weight", owner)
-        clip_value = check_number(clip_value, "clip_value", owner, strict=True)
-        check_positive_int(reg_every, "reg_every")
-        lr = check_number(lr, "lr", owner, strict=True)
-        check_choice(method, "method", METHODS)
-        if (
-            not isinstance(betas, (tuple, list))
-            or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
-        ):
-            raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
-        if not all(math.isfinite(b) for b in betas):
-            raise ValueError(f"`betas` must be two finite numbers in [0, 1), got {betas!r}.")
-        betas = (float(betas[0]), float(betas[1]))  # Adam rejects a mix of int and float
-        self.wgan_hparams = {
-            "n_critic": n_critic,
-            "regularizer": regularizer,
-            "gp_weight": float(gp_weight),
-            "clip_value": float(clip_value),
-            "reg_every": reg_every,
-            "lr": float(lr),
-            "betas": betas,
-            "method": method,
-        }
+            raise explained_unknown_argument(type(self).__name__, err, kwargs) from None
+        self.wgan_hparams = checked_hparams(n_critic=n_critic, regularizer=regularizer, gp_weight=gp_weight,
+                                            clip_value=clip_value, reg_every=reg_every, lr=lr, betas=betas,
+                                            method=method)
         self._merge_wgan_hparams()
         self.automatic_optimization = False
         self._wgan_critic_steps = 0
@@ -195,14 +153,7 @@ class WGANGPMixin:
         super_setup = getattr(super(), "setup", None)
         if super_setup is not None:
             super_setup(stage)
-        for name in ("generator", "critic"):
-            if not isinstance(getattr(self, name, None), nn.Module):
-                raise AttributeError(
-                    f"{type(self).__name__} must set `self.{name}` to an nn.Module in `__init__`, got "
-                    f"{type(getattr(self, name, None)).__name__}."
-                )
-        if getattr(type(self), "sample_latent", None) is WGANGPMixin.sample_latent:
-            self.sample_latent(0)  # raises the NotImplementedError that explains what to define
+        check_networks(self)
         check_no_batch_norm(self.critic)
         if self.wgan_hparams["regularizer"] == "spectral_normalization":
             apply_spectral_normalization(self.critic)
@@ -289,7 +240,7 @@ class WGANGPMixin:
             check_step(values, [p.grad for p in params], step=self.global_step,
                        strategy=getattr(trainer, "strategy", None),
                        scaled=grad_scaler(trainer) is not None, grad_names=functools.partial(param_names, self, params),
-                       owners="WGANGPMixin", off_switch="")
+                       caller="WGANGPMixin", off_switch="")
         except FloatingPointError as err:
             raise FloatingPointError(f"WGANGPMixin, {which} step {step}: {err}") from None
 
