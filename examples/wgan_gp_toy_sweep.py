@@ -12,7 +12,7 @@ process with one torch thread, ``--jobs`` at a time. From each run's ``metrics.c
 
 Run::
 
-    python -m examples.wgan_gp_toy_sweep                         # the README table: 6 regularizers, 25-grid
+    python -m examples.wgan_gp_toy_sweep                         # docs/examples.md's table: 6 regularizers, 25-grid
     python -m examples.wgan_gp_toy_sweep --regularizers '[gp, r1]' --seeds '[0, 1]'
     python -m examples.wgan_gp_toy_sweep --dataset 8gaussians --regularizers '[gp]'
 
@@ -105,7 +105,7 @@ def main(
 
     Args:
         dataset: ``"8gaussians"``, ``"25gaussians"`` or ``"swissroll"``.
-        regularizers: the mixin's ``regularizer`` values to compare (default: the six of the README).
+        regularizers: the mixin's ``regularizer`` values to compare (default: the six of docs/examples.md).
         seeds: one run per regularizer and seed (default [0]).
         jobs: runs at a time (each uses one torch thread).
         out_dir: where each run's figures and ``metrics.csv`` go, and the table.

@@ -65,8 +65,8 @@ def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strate
     grads = [g.coalesce().values() if g.is_sparse else g for g in grads]  # nn.Embedding(sparse=True)
     device = grads[0].device if grads else next((v.device for _, v in values.losses), torch.device("cpu"))
     zero = torch.zeros((), device=device)
-    # Per-tensor sums, not the ∞-norm: `get_total_norm(grads, inf)` costs ≈ 0.4 ms on an MLP's six CPU tensors,
-    # the sums ≈ 0.02 ms, and -inf does not survive a max.
+    # Per-tensor sums, not the ∞-norm: `get_total_norm(grads, inf)` costs twenty times more on an MLP's CPU tensors
+    # (docs/benchmarks.md), and -inf does not survive a max.
     grad_sum = zero if scaled or not grads else torch.stack(
         [g.sum(dtype=torch.float32).to(device) for g in grads]).sum()
     own = [v for _, v in values.losses] + [v for _, _, v in values.values]

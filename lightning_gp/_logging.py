@@ -1,6 +1,6 @@
 """When to log, and at which step.
 
-A ``self.log`` call costs 1–2 ms in Lightning 2.6, as much as a small model's step, and a value logged on a
+A ``self.log`` call costs as much as a small model's step, and a value logged on a
 step the loggers do not write is overwritten unread, so the package logs on the written steps only. The two
 facts come from Lightning internals, read in :mod:`lightning_gp._lightning_private`.
 """

@@ -217,7 +217,7 @@ class PenaltyCallback(Callback):
         """Keep ``value`` for the epoch mean, and log it on the steps the Trainer writes to its loggers.
 
         Per step only every ``log_every_n_steps`` (:func:`lightning_gp._logging.should_log`): a ``self.log``
-        call costs 1–2 ms in Lightning 2.6, and a value logged on another step is overwritten unread. All
+        call costs as much as a small model's step, and a value logged on another step is overwritten unread. All
         ranks take the same decision, so ``sync_dist`` cannot deadlock.
         """
         module = ctx.module

@@ -90,7 +90,7 @@ def closed_form_modules(modules: dict[str, nn.Module]) -> dict[str, nn.Module] |
     These are the modules owning trainable parameters, the ``MultiheadAttention`` around an ``out_proj`` (whose
     weights the attention uses without calling it), and the parent of each ``Embedding`` (which broadcasts
     position embeddings over the batch). Parameter-free modules need no hooks: each hook stores its output
-    gradient, which keeps activation-sized buffers alive through the backward (≈10% of an MLP step on CPU).
+    gradient, which keeps activation-sized buffers alive through the backward.
     """
     keep, names = {}, {}
     for name, mod in modules.items():

@@ -75,7 +75,7 @@ def per_sample_grad_norms_by_layer(
         inputs: batch of shape (B, ...); need not require grad (a detached copy is differentiated).
         loss_fn: maps the model's output to per-sample values fᵢ of shape (B,) (or (B, 1)).
         input_norms: also ‖∇ₓfᵢ‖ (float inputs); False skips the input gradient, whose cost through a first
-            convolution is ≈15 % of a step, and gives NaN input norms.
+            convolution is a sizeable part of a step (``docs/benchmarks.md``), and gives NaN input norms.
 
     Example:
 

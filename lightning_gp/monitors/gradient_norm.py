@@ -70,7 +70,7 @@ class GradientNormMonitor(Monitor):
         >>> sorted(values)  # doctest: +NORMALIZE_WHITESPACE
         ['grad_norm/input_max', 'grad_norm/input_mean', 'grad_norm/layer/0', 'grad_norm/layer/2',
          'grad_norm/param_per_sample_max', 'grad_norm/param_per_sample_mean']
-        >>> fused = GradientNormMonitor(every_n_steps=1, mode="fused")  # ≈1.15× a step: Trainer(callbacks=[fused])
+        >>> fused = GradientNormMonitor(every_n_steps=1, mode="fused")  # every step: Trainer(callbacks=[fused])
     """
 
     def __init__(
