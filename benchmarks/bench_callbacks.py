@@ -48,6 +48,7 @@ from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
     ParameterGradientPenalty,
+    SharpnessAwareMinimization,
     SpectralNormPenalty,
 )
 from lightning_gp.functional import (
@@ -61,6 +62,7 @@ from lightning_gp.functional import (
 
 WEIGHT = 0.1
 EPSILON = 0.1
+RHO = 0.05
 TARGET = 1.05
 BATCH = 256
 
@@ -78,6 +80,7 @@ CALLBACKS: dict[str, Callable[[], Callback] | None] = {
     "parameter penalty, finite difference": lambda: ParameterGradientPenalty(WEIGHT, method="finite_difference"),
     "spectral norm penalty": lambda: SpectralNormPenalty(WEIGHT),
     "FGSM adversarial (l2)": lambda: AdversarialTraining(EPSILON),
+    "SAM (ρ = 0.05)": lambda: SharpnessAwareMinimization(RHO),
 }
 
 
@@ -137,7 +140,26 @@ def hand_written_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
         F.cross_entropy(model(x_adv), y).backward()
         update()
 
-    return dict(zip(CALLBACKS, (plain, data_db, data_fd, param_db, param_fd, spectral, adversarial), strict=True))
+    def sam():
+        # davda54/sam's SAM.step, the reference implementation: first_step saves θ (old_p = p.data.clone()) and adds
+        # e_w = ρ·g/(‖g‖ + 1e-12); the second backward's gradient is taken there; second_step restores θ exactly
+        # (p.data = old_p) and steps the base optimizer.
+        loss_fn().backward()
+        with torch.no_grad():
+            grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
+            scale = RHO / (grad_norm + 1e-12)
+            old = [p.data.clone() for p in params]
+            for p in params:
+                p.add_(p.grad * scale)
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        with torch.no_grad():
+            for p, o in zip(params, old, strict=True):
+                p.data = o
+        update()
+
+    return dict(zip(CALLBACKS, (plain, data_db, data_fd, param_db, param_fd, spectral, adversarial, sam),
+                    strict=True))
 
 
 class BenchModule(L.LightningModule):

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.harness import Row, format_table, load_note, ratio_stats
 from lightning_gp.monitors.gradient_norm import GradientNormMonitor
 from lightning_gp.monitors.mlp_inequality import MLPInequalityMonitor
+from lightning_gp.monitors.sharpness import SharpnessMonitor
 from lightning_gp.monitors.spectral_norm import SpectralNormMonitor
 
 #: The clock of the timing callback (``--clock``): wall time, or CPU time of the process (all its threads).
@@ -149,11 +150,14 @@ CONFIGS: dict[str, tuple[Callable[[], list[pl.Callback]], float | None, str]] = 
     "MLPInequalityMonitor(every_n_steps=1, max_samples=64)": (
         lambda: [MLPInequalityMonitor(every_n_steps=1)], None, "median"),
     "SpectralNormMonitor(every_n_steps=1)": (lambda: [SpectralNormMonitor(every_n_steps=1)], None, "median"),
+    "SharpnessMonitor(every_n_steps=1), 20 products": (
+        lambda: [SharpnessMonitor(every_n_steps=1, tol=0.0)], None, "median"),
     "plain step (mean)": (lambda: [], None, "mean"),
     "GradientNormMonitor(mode='fused'), default interval (mean)": (
         lambda: [GradientNormMonitor(mode="fused")], None, "mean"),
     "GradientNormMonitor(), default interval (mean)": (lambda: [GradientNormMonitor()], None, "mean"),
     "MLPInequalityMonitor(), default interval (mean)": (lambda: [MLPInequalityMonitor()], None, "mean"),
+    "SharpnessMonitor(), default interval of 50 (mean)": (lambda: [SharpnessMonitor(tol=0.0)], None, "mean"),
 }
 
 

@@ -12,13 +12,14 @@ from lightning_gp.callbacks import (
     DataGradientPenalty,
     Flooding,
     ParameterGradientPenalty,
+    SharpnessAwareMinimization,
     SpectralNormPenalty,
     VirtualAdversarialTraining,
 )
 from lightning_gp.gan import WGANGPMixin
 from lightning_gp.manual import PenaltyMixin, penalized_loss
 from lightning_gp.metrics import PerSampleMeanMax
-from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
+from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SharpnessMonitor, SpectralNormMonitor
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "ParameterGradientPenalty",
     "PenaltyMixin",
     "PerSampleMeanMax",
+    "SharpnessAwareMinimization",
+    "SharpnessMonitor",
     "SpectralNormMonitor",
     "SpectralNormPenalty",
     "VirtualAdversarialTraining",

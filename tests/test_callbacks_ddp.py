@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_gp import SharpnessMonitor
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
     ParameterGradientPenalty,
+    SharpnessAwareMinimization,
     SpectralNormPenalty,
 )
 
@@ -29,7 +31,15 @@ CONFIGS = {
     "parameter_global_fd": lambda: [ParameterGradientPenalty(0.2, scope="global", method="finite_difference")],
     "combined": lambda: [SpectralNormPenalty(0.05), DataGradientPenalty(0.5), ParameterGradientPenalty(0.1,
                                                                                                       scope="global")],
+    "sam_local": lambda: [SharpnessAwareMinimization(0.05)],
+    "sam_global": lambda: [SharpnessAwareMinimization(0.05, scope="global")],
+    "asam_global": lambda: [SharpnessAwareMinimization(0.5, adaptive=True, scope="global")],
+    # the Hessian of the global loss: the ranks' products averaged
+    "sharpness_monitor": lambda: [SharpnessMonitor(every_n_steps=1, iterations=300, tol=1e-12,
+                                                   method="double_backward")],
 }
+#: Configurations whose DDP result is, by design, not the one-process one (each rank uses its own gradient).
+LOCAL = ("parameter_local", "sam_local")
 
 
 def data() -> TensorDataset:
@@ -112,6 +122,34 @@ def _local_scope_reference() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def _local_sam_reference(rho: float = 0.05) -> dict[str, torch.Tensor]:
+    """Hand-written SAM with each rank's ε from its own gradient, DDP averaging the two ranks' gradients."""
+    model = Net().double()
+    params = list(model.parameters())
+    ds = data()
+    for t in range(STEPS):
+        block = range(2 * PER_RANK_BATCH * t, 2 * PER_RANK_BATCH * (t + 1))
+        total = [torch.zeros_like(p) for p in params]
+        for rank in range(2):
+            idx = torch.tensor([i for i in block if i % 2 == rank])
+            x, y = ds.tensors[0][idx], ds.tensors[1][idx]
+            g = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+            with torch.no_grad():
+                for p, gi in zip(params, g, strict=True):
+                    p += rho * gi / norm
+            g_sam = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
+            with torch.no_grad():
+                for p, gi in zip(params, g, strict=True):
+                    p -= rho * gi / norm
+            for acc, gi in zip(total, g_sam, strict=True):
+                acc += gi / 2
+        with torch.no_grad():
+            for p, gi in zip(params, total, strict=True):
+                p -= LR * gi
+    return model.state_dict()
+
+
 @pytest.mark.ddp
 def test_ddp_matches_one_process(tmp_path):
     from tests.ddp import run_ddp_script
@@ -119,14 +157,14 @@ def test_ddp_matches_one_process(tmp_path):
     ddp = run_ddp_script("callbacks_ddp.py", tmp_path / "out.pt")
     assert set(ddp) == set(CONFIGS)
     for name in CONFIGS:
-        if name == "parameter_local":
+        if name in LOCAL:
             continue
         trainer, model = fit(name, batch_size=2 * PER_RANK_BATCH, devices=1)
         for key, value in model.state_dict().items():
             torch.testing.assert_close(ddp[name]["params"][key], value, atol=1e-5, rtol=0, msg=f"{name} {key}")
         # The logged penalties are DDP means of per-rank means: the one-process value on the combined batch.
         for key, value in trainer.callback_metrics.items():
-            if key.startswith(("penalty/", "adversarial/")) and name not in ("parameter_local",):
+            if key.startswith(("penalty/", "adversarial/", "sharpness/")):
                 torch.testing.assert_close(ddp[name]["metrics"][key].double(), value.double(), atol=1e-6,
                                            rtol=1e-6, msg=f"{name} {key}")
 
@@ -138,3 +176,10 @@ def test_ddp_matches_one_process(tmp_path):
     diff = max((ddp["parameter_local"]["params"][k] - ddp["parameter_global"]["params"][k]).abs().max()
                for k in local)
     assert diff > 1e-4
+    # SAM's scope="local" (its reference implementation's m-sharpness): the same, with SAM's hand-written loop.
+    local = _local_sam_reference()
+    for key, value in local.items():
+        torch.testing.assert_close(ddp["sam_local"]["params"][key], value, atol=1e-9, rtol=0)
+    diff = max((ddp["sam_local"]["params"][k] - ddp["sam_global"]["params"][k]).abs().max() for k in local)
+    assert diff > 1e-6
+    assert "sharpness/lambda_max" in ddp["sharpness_monitor"]["metrics"]

@@ -873,12 +873,64 @@ def test_public_api_is_covered():
         "per_sample_output_gradient_norms", "per_sample_squared_norm", "perturbed_output", "pgd", "r1_penalty",
         "r2_penalty",
         "spectral_norm", "spectral_norm_penalty", "wgan_gradient_penalty", "wgan_gradient_penalty_fd",
+        "sam_perturbation", "hessian_max_eigenvalue", "hessian_trace",
     }
     # Classes and helpers tested elsewhere: result tuples, the recorder and the chain check (test_grad_norms.py,
     # test_mlp_inequality.py), and linear_squared_norms / per_sample_grad_norms_by_layer (grad_norms.py).
     elsewhere = {"GradNormRecorder", "MLPInequality", "PenaltyGradient", "PerSampleGradNorms",
                  "linear_squared_norms", "per_sample_grad_norms_by_layer"}
     assert covered | elsewhere == set(LF.__all__)
+
+
+# --- sharpness: SAM's step, the Hessian's top eigenvalue and trace -----------------------------------------------
+
+
+@FEW
+@given(n=st.integers(1, 6), adaptive=st.booleans(), rho=st.sampled_from([0.0, 1e-3, 0.05, 2.0]),
+       seed=st.integers(0, 2**16))
+def test_sam_perturbation_has_radius_rho(n, adaptive, rho, seed):
+    g = torch.Generator().manual_seed(seed)
+    theta = [torch.randn(n, generator=g, dtype=torch.float64) + 3, torch.randn(2, 2, generator=g, dtype=torch.float64)]
+    grads = [torch.randn_like(t) for t in theta]
+    d, h = LF.sam_perturbation(theta, grads, rho=rho, adaptive=adaptive)
+    eps = [h * di for di in d]
+    # SAM: ‖ε‖ = ρ; ASAM: ‖ε / |θ|‖ = ρ (the step is ρ in the parameter-scaled norm)
+    scaled = [e / t.abs() for e, t in zip(eps, theta, strict=True)] if adaptive else eps
+    assert math.isclose(float(torch.sqrt(sum((s**2).sum() for s in scaled))), rho, rel_tol=1e-9, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [-0.1, NAN, INF, "0.05", None])
+def test_sam_perturbation_refuses_bad_rho(bad):
+    with pytest.raises(ValueError, match="`rho` must be a non-negative number"):
+        LF.sam_perturbation([torch.ones(2)], [torch.ones(2)], rho=bad)
+
+
+@FEW
+@given(n=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_hessian_max_eigenvalue_and_trace_of_a_quadratic(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    h = a @ a.T + torch.diag(torch.arange(1, n + 1, dtype=torch.float64)) * 3  # SPD, a spread spectrum
+    w = torch.randn(n, generator=g, dtype=torch.float64, requires_grad=True)
+    values = torch.linalg.eigvalsh(h)
+    loss = 0.5 * w @ h @ w
+    got = LF.hessian_max_eigenvalue(loss, [w], iterations=5000, tol=1e-13, generator=g)
+    assert abs(float(got) - float(values[-1])) <= 1e-6 * float(values[-1])
+    trace = LF.hessian_trace(0.5 * w @ h @ w, [w], samples=2000, generator=g)
+    sd = math.sqrt(2 * (float(h.square().sum()) - float(torch.diagonal(h).square().sum())) / 2000)
+    assert abs(float(trace) - float(torch.trace(h))) <= 5 * sd + 1e-9
+
+
+def test_hessian_functions_refuse_bad_input():
+    w = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="`loss` must be a scalar"):
+        LF.hessian_max_eigenvalue(w * 2, [w])
+    with pytest.raises(ValueError, match="`iterations` must be an integer >= 1"):
+        LF.hessian_max_eigenvalue((w**2).sum(), [w], iterations=0)
+    with pytest.raises(ValueError, match="`samples` must be an integer >= 1"):
+        LF.hessian_trace((w**2).sum(), [w], samples=0)
+    nan = LF.hessian_max_eigenvalue((w**2).sum() * NAN, [w])
+    assert not math.isfinite(float(nan))  # a NaN loss gives a visibly NaN eigenvalue, never a finite one
 
 
 # --- more found by attacking the API ---------------------------------------------------------------------------

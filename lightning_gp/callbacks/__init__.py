@@ -9,6 +9,7 @@ from lightning_gp.callbacks.adversarial import AdversarialTraining
 from lightning_gp.callbacks.data_penalty import DataGradientPenalty
 from lightning_gp.callbacks.flooding import Flooding
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
+from lightning_gp.callbacks.sam import SharpnessAwareMinimization
 from lightning_gp.callbacks.spectral_penalty import SpectralNormPenalty
 from lightning_gp.callbacks.vat import VirtualAdversarialTraining
 
@@ -17,6 +18,7 @@ __all__ = [
     "DataGradientPenalty",
     "Flooding",
     "ParameterGradientPenalty",
+    "SharpnessAwareMinimization",
     "SpectralNormPenalty",
     "VirtualAdversarialTraining",
 ]

@@ -16,7 +16,7 @@ from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_choice, grads_or_zeros
 from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.gradients import squared_norm_sum
-from lightning_gp.functional.penalties import parameter_difference
+from lightning_gp.functional.penalties import parameter_difference, parameter_step_size
 from lightning_gp.functional.precision import difference_step
 
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
@@ -128,8 +128,9 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             rel = self.step if self.step is not None else difference_step(1e-3, ctx.compute_dtype(params[0]), 1.0)
             # (2/h)·[L(θ + h g) − L(θ)] at θ + h·g in place, with the primary pass's dropout masks; its −L(θ) part
             # through the linearised loss (gradient: the local ∇L). ctx.extra_loss puts the module's state back.
-            term = parameter_difference(lambda: ctx.extra_loss(batch), params, grads, step.linearised_loss,
-                                        step=rel, grad_norm=penalty.detach().sqrt(), rng=before)
+            h = parameter_step_size(params, penalty.detach().sqrt(), rel)
+            term, _ = parameter_difference(lambda: ctx.extra_loss(batch), params, grads, step.linearised_loss, h=h,
+                                           rng=before)
             step = step.add(weight * term)
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1

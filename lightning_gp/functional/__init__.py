@@ -31,6 +31,7 @@ from lightning_gp.functional.penalties import (
     parameter_gradient_penalty,
     parameter_gradient_penalty_fd,
 )
+from lightning_gp.functional.sharpness import hessian_max_eigenvalue, hessian_trace, sam_perturbation
 from lightning_gp.functional.spectral import spectral_norm, spectral_norm_penalty
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "difference_penalty",
     "fgsm",
     "gradient_norm_penalty",
+    "hessian_max_eigenvalue",
+    "hessian_trace",
     "input_gradient",
     "interpolate",
     "linear_squared_norms",
@@ -60,6 +63,7 @@ __all__ = [
     "pgd",
     "r1_penalty",
     "r2_penalty",
+    "sam_perturbation",
     "spectral_norm",
     "spectral_norm_penalty",
     "wgan_gradient_penalty",

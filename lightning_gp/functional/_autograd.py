@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gp.functional._torch_private import foreach_add_, foreach_copy_, foreach_mul
+
 
 def autograd_leaves(t: Tensor) -> list[Tensor]:
     """Every tensor a backward from ``t`` deposits a gradient into (its graph's ``AccumulateGrad`` nodes)."""
@@ -54,6 +56,8 @@ class Linearised(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:
         grads = ctx.grads
+        if len({(g.dtype, g.device) for g in grads}) == 1 and not any(g.is_sparse for g in grads):
+            return (None, None, *foreach_mul(list(grads), upstream.to(grads[0].dtype)))  # one fused launch
         return (None, None, *(g * upstream.to(g.dtype) for g in grads))
 
 
@@ -161,18 +165,17 @@ def displaced(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: flo
         ([1.5, 2.5], [1.0, 2.0])
     """
     saved = [p.detach().clone() for p in params]
+    datas = [p.data for p in params]
     try:
         with torch.no_grad():
-            for p, d in zip(params, directions, strict=True):
-                p.data.add_(d.to(p.dtype), alpha=alpha)
+            foreach_add_(datas, [d.to(p.dtype) for p, d in zip(params, directions, strict=True)], alpha)
         # autocast caches each parameter's low-precision copy for the region: without this the displaced pass
         # would reuse θ's copy (a zero difference under bf16-mixed), and the passes after it θ + α·d's
         torch.clear_autocast_cache()
         yield
     finally:
         with torch.no_grad():
-            for p, value in zip(params, saved, strict=True):
-                p.data.copy_(value)
+            foreach_copy_(datas, saved)
         torch.clear_autocast_cache()
 
 

@@ -9,19 +9,35 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 # torch has no public pytree module in the versions we support (``torch.utils.pytree`` is not in 2.6,
 # nor in later releases so far); ``torch.utils._pytree`` is what torch.func itself uses.
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["BatchNormBase", "DropoutBase", "compiled_original", "qkv_same_embed_dim", "reversed_padding",
-           "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
+__all__ = ["BatchNormBase", "DropoutBase", "compiled_original", "foreach_add_", "foreach_copy_", "foreach_mul",
+           "qkv_same_embed_dim", "reversed_padding", "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
 
 #: The base of BatchNorm1d/2d/3d, SyncBatchNorm and their Lazy variants (``torch.nn.modules.batchnorm``).
 BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 #: The base of Dropout, Dropout1d/2d/3d, AlphaDropout and FeatureAlphaDropout.
 DropoutBase: type[nn.Module] = nn.modules.dropout._DropoutNd
+
+
+def foreach_add_(tensors: list[Tensor], others: list[Tensor], alpha: float) -> None:
+    """``t += alpha·o`` for every pair, in a few fused kernels (``torch._foreach_add_``, what the optimizers use)."""
+    torch._foreach_add_(tensors, others, alpha=alpha)
+
+
+def foreach_copy_(tensors: list[Tensor], sources: list[Tensor]) -> None:
+    """``t.copy_(s)`` for every pair, fused (``torch._foreach_copy_``)."""
+    torch._foreach_copy_(tensors, sources)
+
+
+def foreach_mul(tensors: list[Tensor], scalar: Tensor) -> list[Tensor]:
+    """``t * scalar`` for every tensor, fused (``torch._foreach_mul``)."""
+    return list(torch._foreach_mul(tensors, scalar))
 
 
 def tensor_version(t: Tensor) -> int:

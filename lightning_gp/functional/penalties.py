@@ -299,29 +299,46 @@ def input_difference(
     return finite_difference_term(at, base, step=h, scale=scale)
 
 
-def parameter_difference(
-    loss_at: Callable[[], Tensor], params: list[Tensor], grads: list[Tensor], base: Tensor, *, step: float,
-    grad_norm: Tensor | None = None, rng: RNGState | None = None, module: nn.Module | None = None,
-    scale: float = 2.0,
-) -> Tensor:
-    """The parameter-side difference quotient, a term of value 0 whose gradient is (scale/h)·(∇L(θ + h·g) − ∇base).
+def parameter_step_size(params: list[Tensor], grad_norm: Tensor, step: float) -> float:
+    """The h of θ + h·g for a finite difference (:func:`finite_difference_parameter_step`), with the degenerate
+    cases the difference must not hide: 0.0 for ‖g‖ = 0 (L is flat along g), NaN for a non-finite ‖g‖.
+    One host read."""
+    norm = float(grad_norm)
+    if norm == 0 or not math.isfinite(norm):
+        return 0.0 if norm == 0 else math.nan
+    return finite_difference_parameter_step(params, grad_norm, step)
 
-    The one finite-difference term of the parameter penalty (functional and callback). θ moves in place by
-    h·g, h = ``step``·‖θ‖/‖g‖ (:func:`finite_difference_parameter_step`), ties and aliases intact, and comes back
-    bit for bit (:func:`displaced`); ``loss_at()``'s gradient is taken while θ is moved, with ``rng`` replayed
-    and ``module``'s buffers put back after. ‖g‖ = 0 gives a zero term (L is flat along g); a non-finite ‖g‖ a
-    NaN term, never a dropped one.
+
+def parameter_difference(
+    loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], base: Tensor, *, h: float,
+    scale: float = 2.0, rng: RNGState | None = None, module: nn.Module | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The parameter-side difference, as a term of value 0 whose gradient is (scale/h)·(∇L(θ + h·d) − ∇base), and
+    the loss at θ + h·d (detached).
+
+    The one parameter displacement of the package: the parameter penalty's finite difference (d = g, scale 2)
+    and SAM's ascent step (d = g or θ²⊙g, scale = h: the gradient becomes ∇L(θ + ε)). θ moves in place by h·d,
+    ties and aliases intact, and comes back bit for bit (:func:`displaced`); ``loss_at()``'s gradient is taken
+    while θ is moved, with ``rng`` replayed (the same dropout masks) and ``module``'s buffers put back after.
+    ``h = 0`` gives a zero term and no pass; a NaN ``h`` (a non-finite gradient) a NaN term, never a dropped one.
     """
-    g_norm = squared_norm_sum(grads).sqrt() if grad_norm is None else grad_norm
-    norm = float(g_norm)  # one host read: h is a Python step size
-    if norm == 0:
-        return base * 0
-    if not math.isfinite(norm):
-        return base * math.nan
-    h = finite_difference_parameter_step(params, g_norm, step)
-    with displaced(params, [g.detach() for g in grads], h), _second_pass(rng, module):
-        at = linearised_now(loss_at())
-    return finite_difference_term(at, base, step=h, scale=scale)
+    if h == 0:
+        return base * 0, base.detach()
+    if not math.isfinite(h):
+        return base * math.nan, base.detach() * math.nan
+    at = displaced_linearisation(loss_at, params, direction, h=h, rng=rng, module=module)
+    return finite_difference_term(at, base, step=h, scale=scale), at.detach()
+
+
+def displaced_linearisation(
+    loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], *, h: float,
+    rng: RNGState | None = None, module: nn.Module | None = None,
+) -> Tensor:
+    """The loss at θ + h·d, linearised: its value, and its gradient taken while θ is moved in place (θ put back
+    bit for bit after, ``rng`` replayed, ``module``'s buffers restored). The pass inside :func:`parameter_difference`,
+    and SAM's whole objective when nothing else needs the clean gradient."""
+    with displaced(params, [d.detach() for d in direction], h), _second_pass(rng, module):
+        return linearised_now(loss_at())
 
 
 @contextlib.contextmanager
@@ -375,7 +392,8 @@ def parameter_gradient_penalty_fd(
 
     # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss
     base = linearised(loss, list(zip(params, g, strict=True)))
-    term = parameter_difference(loss_at, params, g, base, step=step, grad_norm=g_sq.sqrt(), rng=rng, module=module)
+    h = parameter_step_size(params, g_sq.sqrt(), step)
+    term, _ = parameter_difference(loss_at, params, g, base, h=h, rng=rng, module=module)
     g2 = torch.autograd.grad(term, params, allow_unused=True)
     grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
     return PenaltyGradient(g_sq.detach(), grads, loss.detach(), tuple(g))

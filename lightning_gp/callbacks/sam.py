@@ -1,0 +1,127 @@
+"""SharpnessAwareMinimization: the optimizer sees ∇θL(θ + ε), ε = ρ·g/‖g‖ (SAM) or ρ·θ²⊙g/‖θ⊙g‖ (ASAM)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._chain import StepContext
+from lightning_gp._objective import Step
+from lightning_gp.callbacks._base import PenaltyCallback
+from lightning_gp.callbacks.flooding import Flooding
+from lightning_gp.callbacks.parameter_penalty import SCOPES, Scope
+from lightning_gp.functional._checks import check_choice, grads_or_zeros
+from lightning_gp.functional._rng import RNGState
+from lightning_gp.functional.penalties import displaced_linearisation, parameter_difference
+from lightning_gp.functional.sharpness import sam_perturbation
+
+
+class SharpnessAwareMinimization(PenaltyCallback):
+    r"""Sharpness-aware minimization on an unchanged LightningModule: the optimizer steps on ∇θL(θ + ε).
+
+    g = ∇θL over all trainable parameters together; ε = ρ·g/‖g‖ (SAM) or, with ``adaptive``, ρ·θ²⊙g/‖θ⊙g‖ (ASAM).
+    Inside Lightning's one backward: the clean pass gives g, a second pass at θ + ε (θ moved in place and put back
+    bit for bit, dropout masks replayed, BatchNorm statistics left to the clean pass) gives the gradient. Each
+    accumulated micro-batch takes its own ε; under AMP ε comes from the unscaled gradient. Logs
+    ``sharpness/sam_gap``, L(θ + ε) − L(θ). Guide: ``docs/sharpness.md``.
+
+    Args:
+        rho: the radius ρ ≥ 0 (0.05 is SAM's usual value; ASAM takes larger ones, 0.5 to 2).
+        adaptive: ASAM's scale-invariant step.
+        scope: ``"local"``: each DDP rank's ε from its own gradient (SAM's reference); ``"global"``: from the mean.
+        every_n_steps: SAM on every k-th optimizer step; plain steps in between.
+        check_finite: check each step's loss, gap and gradients before the update.
+
+    Raises:
+        ValueError, TypeError: a negative or non-finite ``rho``, an unknown ``scope``; ``Flooding`` beside it.
+        FloatingPointError: a step whose loss, gap or gradients are NaN/Inf.
+
+    Example:
+        >>> from lightning_gp.manual import penalized_loss
+        >>> w = torch.nn.Linear(2, 1, bias=False)
+        >>> loss_fn = lambda b: (w(b) ** 2).mean()
+        >>> x = torch.randn(4, 2)
+        >>> total = penalized_loss(w, loss_fn, x, [SharpnessAwareMinimization(rho=0.1)])
+        >>> (g,) = torch.autograd.grad(loss_fn(x), [w.weight])
+        >>> with torch.no_grad():
+        ...     w.weight += 0.1 * g / g.norm()  # θ + ε
+        >>> (g_sam,) = torch.autograd.grad(loss_fn(x), [w.weight])
+        >>> with torch.no_grad():
+        ...     w.weight -= 0.1 * g / g.norm()
+        >>> (got,) = torch.autograd.grad(total, [w.weight])
+        >>> torch.allclose(got, g_sam)
+        True
+    """
+
+    order = 5  # innermost: it perturbs θ for the loss of the pass it wraps (the adversarial one under attack)
+    log_name = "sharpness/sam_gap"
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        *,
+        adaptive: bool = False,
+        scope: Scope = "local",
+        every_n_steps: int = 1,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(1.0, every_n_steps, check_finite)
+        owner = type(self).__name__
+        self.rho = check_number(rho, "rho", owner, fix="SAM's radius, e.g. rho=0.05 (SAM) or 0.5 to 2 (ASAM).")
+        self.adaptive = check_bool(adaptive, "adaptive", owner)
+        self.scope = check_choice(scope, "scope", SCOPES)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and any(isinstance(cb, Flooding) for cb in trainer.callbacks):
+            raise ValueError(
+                f"{type(self).__name__} and Flooding in one Trainer: Flooding flips the sign of the loss below its "
+                f"level, and SAM's step is taken on the loss itself, so their gradients would not combine into "
+                f"either method. Use one of them."
+            )
+        super().setup(trainer, pl_module, stage)
+
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+        if ctx.global_step % self.every_n_steps != 0 or self.rho == 0:
+            return inner(batch)
+        params = [p for p in ctx.module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"{type(self).__name__}: `{type(ctx.module).__name__}` has no parameter that requires grad at global "
+                f"step {ctx.global_step} (all frozen?), so there is nothing to perturb. Unfreeze the parameters or "
+                f"remove the callback."
+            )
+        before = RNGState.capture(params[0].device)  # the clean pass's dropout masks, replayed at θ + ε
+        step = inner(batch)
+        if not step.loss.requires_grad:
+            raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
+        # ∇L for every leaf of the loss in one backward; the loss is linearised (`Step.loss_grads`), so the final
+        # backward runs through the perturbed pass's graph only, as a hand-written two-pass loop does.
+        step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self))
+        grads = grads_or_zeros([step.grad_of(p) for p in params], params,
+                               what="the loss returned by `training_step`", wrt="parameters")
+        world = ctx.world_size
+        if self.scope == "global" and world > 1:  # one flat all-reduce of a copy (the linearised loss keeps local g)
+            flat = ctx.reduce(torch.cat([g.reshape(-1) for g in grads]), "sum") / world
+            grads = [f.view_as(p) for f, p in zip(torch.split(flat, [g.numel() for g in grads]), params, strict=True)]
+        direction, h = sam_perturbation(params, grads, rho=self.rho, adaptive=self.adaptive)
+        loss_at = lambda: ctx.extra_loss(batch)  # noqa: E731  (puts the module's buffers and other state back)
+        if ctx.members == [self] and h != 0 and math.isfinite(h):
+            # Alone in the chain, nothing else reads the clean gradient: the objective is L(θ + ε) linearised, with
+            # L(θ)'s value. Its backward hands each parameter ∇L(θ + ε) in one multiply, as `second_step` does.
+            at = displaced_linearisation(loss_at, params, direction, h=h, rng=before)
+            perturbed = at.detach()
+            step = replace(step, linearised_loss=at - perturbed + step.loss.detach())
+        else:
+            # (h/h)·[∇L(θ + h·d) − ∇L(θ)] added to the clean gradient: the objective's gradient is ∇L(θ + ε), its
+            # value still L(θ), and the members outside see the clean ∇L(θ) in `step.grads`.
+            term, perturbed = parameter_difference(loss_at, params, direction, step.linearised_loss, h=h, scale=h,
+                                                   rng=before)
+            step = step.add(term)
+        self.check_and_log(ctx, self.log_name, perturbed - step.loss.detach())
+        self.applied += 1
+        return step

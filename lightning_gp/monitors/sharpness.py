@@ -1,0 +1,200 @@
+"""SharpnessMonitor: the top eigenvalue of the training loss's Hessian (and its trace) against 2/η."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, Literal, get_args
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._log_writer import define_summaries
+from lightning_gp._logging import logger_step
+from lightning_gp._module_state import untouched
+from lightning_gp._objective import extract_loss
+from lightning_gp._trainer import attached_trainer
+from lightning_gp.functional._autograd import displaced, no_double_backward_error
+from lightning_gp.functional._checks import check_choice, check_positive_int
+from lightning_gp.functional._rng import forked_rng, mixed_seed, seeded_generator
+from lightning_gp.functional.gradients import squared_norm_sum
+from lightning_gp.functional.layer_output import forward_pass
+from lightning_gp.functional.penalties import finite_difference_parameter_step
+from lightning_gp.functional.sharpness import HVP, double_backward_hvp, hutchinson_trace, power_iteration
+from lightning_gp.interception import StepInterceptor, muted_logging
+from lightning_gp.monitors._base import Monitor
+
+#: How the monitor takes Hessian-vector products.
+HVPMethod = Literal["auto", "double_backward", "finite_difference"]
+HVP_METHODS: tuple[str, ...] = get_args(HVPMethod)
+PREFIX = "sharpness"
+log = logging.getLogger("lightning_gp")
+
+
+class SharpnessMonitor(Monitor):
+    """Logs ``sharpness/lambda_max``, the top eigenvalue of the Hessian of the training loss, and ``2/lr``.
+
+    Measured on the step's batch with respect to all trainable parameters, at the parameters of that step, before
+    the update: power iteration on Hessian-vector products of the loss ``training_step`` returns (the module's own
+    step, without the package's penalty callbacks). Gradient descent at learning rate η drives λ_max to about 2/η
+    (the edge of stability, Cohen et al. 2021; (2 + 2β)/η with heavy-ball momentum β), logged beside it as
+    ``sharpness/two_over_lr`` (the first optimizer's first group). Under DDP it is the Hessian of the global loss:
+    the ranks' products are averaged. It leaves training alone: parameters (moved in place for finite differences,
+    put back bit for bit), optimizer state, the RNG the step sees, BatchNorm statistics and the module's other state.
+
+    Args:
+        every_n_steps: measure on every k-th optimizer step.
+        trace: also log ``sharpness/trace``, Hutchinson's estimate of tr H over ``trace_samples`` vectors.
+        iterations: at most this many Hessian-vector products for λ_max.
+        tol: stop the power iteration when λ moves by at most this, relative.
+        trace_samples: Rademacher vectors of the trace estimate.
+        method: ``"double_backward"``, ``"finite_difference"`` (central differences of gradients at θ ± h·v, for
+            SDPA attention and compiled modules), or ``"auto"`` (the first where the model has a double backward).
+        step: the finite difference's relative step: θ moves by ``step``·‖θ‖.
+
+    Raises:
+        ValueError, TypeError: an invalid argument (named).
+
+    Example:
+
+        >>> monitor = SharpnessMonitor(every_n_steps=100, trace=True)  # then: Trainer(callbacks=[monitor])
+        >>> monitor
+        SharpnessMonitor(every_n_steps=100, trace=True)
+    """
+
+    def __init__(self, every_n_steps: int = 50, *, trace: bool = False, iterations: int = 20, tol: float = 1e-3,
+                 trace_samples: int = 10, method: HVPMethod = "auto", step: float = 1e-3) -> None:
+        super().__init__(check_positive_int(every_n_steps, "every_n_steps"))
+        owner = type(self).__name__
+        self.trace = check_bool(trace, "trace", owner)
+        self.iterations = check_positive_int(iterations, "iterations")
+        self.tol = check_number(tol, "tol", owner)
+        self.trace_samples = check_positive_int(trace_samples, "trace_samples")
+        self.method = check_choice(method, "method", HVP_METHODS)
+        self.step = check_number(step, "step", owner, strict=True)
+        self._resolved: str | None = None if method == "auto" else method
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        define_summaries(trainer, {f"{PREFIX}/lambda_max": "max"})
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._due(trainer):
+            return
+        step = logger_step(trainer)
+        self._log(trainer, self.measure(pl_module, batch, batch_idx, trainer.strategy, step=step), step)
+
+    def measure(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0, strategy: Any = None, *,
+                step: int = 0) -> dict[str, Tensor]:
+        """``{"sharpness/lambda_max": λ, ...}`` of the loss of ``pl_module``'s own ``training_step`` on ``batch``
+        (``step`` seeds the draws; ``strategy`` averages the products over DDP ranks)."""
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__}: `{type(pl_module).__name__}` has no trainable parameter.")
+        world = 1 if strategy is None else strategy.world_size
+        device = params[0].device
+        seed = torch.tensor([mixed_seed(torch.initial_seed(), step) % (2**62)],
+                            device=device)
+        if world > 1:  # every rank draws the same vectors: the averaged products are then H·v of the global loss
+            seed = strategy.broadcast(seed, src=0)
+        rank = 0 if strategy is None else strategy.global_rank
+        loss_at = self._loss(pl_module, batch, batch_idx, seed=mixed_seed(int(seed), rank))
+        local = self._hvp(loss_at, params, strategy)
+
+        def hvp(v: list[Tensor]) -> list[Tensor]:
+            hv = local(v)
+            if world == 1:
+                return hv
+            flat = strategy.reduce(torch.cat([t.reshape(-1) for t in hv]), reduce_op="sum") / world
+            return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in hv]), hv, strict=True)]
+
+        generator = seeded_generator(device, int(seed))
+        value, _ = power_iteration(hvp, params, iterations=self.iterations, tol=self.tol, generator=generator)
+        out = {f"{PREFIX}/lambda_max": value.float()}
+        lr = _learning_rate(pl_module)
+        if lr is not None and lr > 0:
+            out[f"{PREFIX}/two_over_lr"] = torch.tensor(2.0 / lr)
+        if self.trace:
+            out[f"{PREFIX}/trace"] = hutchinson_trace(hvp, params, samples=self.trace_samples,
+                                                      generator=generator).float()
+        return out
+
+    def _loss(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int, seed: int) -> Callable[[], Tensor]:
+        """The raw loss of ``training_step`` on ``batch``, computed in train mode with a fixed random stream (every
+        pass sees the same dropout masks, and the step's own stream is untouched) and the module put back after."""
+        interceptor = StepInterceptor.of(pl_module)
+        step_fn = interceptor.original if interceptor is not None else pl_module.training_step
+        devices = {p.device for p in pl_module.parameters()}
+        name = type(self).__name__
+
+        def loss_at() -> Tensor:
+            with forked_rng(*devices, seed=seed), muted_logging(pl_module), untouched(pl_module), forward_pass():
+                with torch.enable_grad():
+                    return extract_loss(step_fn(batch, batch_idx), name)
+
+        return loss_at
+
+    def _hvp(self, loss_at: Callable[[], Tensor], params: list[Tensor], strategy: Any) -> HVP:
+        """This rank's Hessian-vector products, by the method resolved at the first measurement."""
+        if self._resolved != "finite_difference":
+            hvp = double_backward_hvp(loss_at(), params)
+            if self._resolved == "double_backward":
+                return hvp
+            works = 1.0
+            try:  # "auto", first measurement: try one product (thrown away)
+                hvp([torch.zeros_like(p) for p in params])
+            except RuntimeError as err:
+                if no_double_backward_error(err) is None:
+                    raise
+                works = 0.0
+            flag = torch.tensor([works], device=params[0].device)
+            if strategy is not None and strategy.world_size > 1:  # every rank differences if one cannot
+                flag = strategy.reduce(flag, reduce_op="min")
+            self._resolved = "double_backward" if float(flag) > 0 else "finite_difference"
+            log.info("%s(method='auto') uses %r", type(self).__name__, self._resolved)
+            if self._resolved == "double_backward":
+                return hvp
+        return _central_difference_hvp(loss_at, params, self.step)
+
+    @override
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if self.method == "auto" and self._resolved is not None:
+            text = f"{text[:-1]}{', ' if not text.endswith('()') else ''}method='auto' -> {self._resolved!r})"
+        return text
+
+
+def _central_difference_hvp(loss_at: Callable[[], Tensor], params: list[Tensor], step: float) -> HVP:
+    """H·v ≈ [∇L(θ + h·v) − ∇L(θ − h·v)] / 2h, θ moved in place and put back bit for bit (error O(h²))."""
+
+    def grad_at(v: list[Tensor], alpha: float) -> list[Tensor]:
+        with displaced(params, v, alpha):
+            grads = torch.autograd.grad(loss_at(), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+    def hvp(v: list[Tensor]) -> list[Tensor]:
+        v_norm = squared_norm_sum(v).sqrt()
+        if float(v_norm) == 0:
+            return [torch.zeros_like(p) for p in params]
+        h = finite_difference_parameter_step(params, v_norm, step)
+        plus, minus = grad_at(v, h), grad_at(v, -h)
+        return [(a - b) / (2 * h) for a, b in zip(plus, minus, strict=True)]
+
+    return hvp
+
+
+def _learning_rate(pl_module: pl.LightningModule) -> float | None:
+    """The first optimizer's first learning rate, or None."""
+    trainer = attached_trainer(pl_module)
+    optimizers = trainer.optimizers if trainer is not None else []
+    if not optimizers:
+        return None
+    lr = optimizers[0].param_groups[0].get("lr")
+    return float(lr) if isinstance(lr, (int, float, Tensor)) and math.isfinite(float(lr)) else None
+
