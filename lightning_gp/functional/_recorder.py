@@ -31,6 +31,8 @@ class LayerCall:
         output: what it returned.
         outputs: the returned tensors that require grad, at positions ``out_index`` of the flattened output.
         grads: ``{position: gradient}`` of those outputs, filled by the backward.
+        input_grads: ``{position: gradient}`` of the positional inputs that require grad (with ``input_grads=True``
+            on the recorder), the first backward's.
     """
 
     def __init__(self, args: tuple, kwargs: dict, output: object) -> None:
@@ -39,12 +41,19 @@ class LayerCall:
         self.out_index = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
         self.outputs = [flat[i] for i in self.out_index]
         self.grads: dict[int, Tensor] = {}
+        self.input_grads: dict[int, Tensor] = {}
         self.versions = tensor_versions((args, kwargs))
         self.unbatched = False  # a call whose inputs are provably not the batch's (see GradNormRecorder)
 
     def store(self, i: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             self.grads[i] = grad.detach()
+
+        return hook
+
+    def store_input(self, i: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self.input_grads.setdefault(i, grad.detach())
 
         return hook
 
@@ -101,11 +110,12 @@ class GradNormRecorder:
     """
 
     def __init__(self, model: nn.Module, batch: int | None = None, batch_tensors: list[Tensor] | None = None, *,
-                 modules: dict[str, nn.Module] | None = None) -> None:
+                 modules: dict[str, nn.Module] | None = None, input_grads: bool = False) -> None:
         self.model = model
         self.batch = batch  # when known: an Embedding looked up once as (1, ...) is expanded to it (see _hook)
         # when given: token ids are batched only if they come from these (storage) or are expanded (stride 0)
         self.batch_tensors = batch_tensors
+        self.input_grads = input_grads  # also catch the gradients at the inputs that require grad
         #: the modules hooked, by name (default: all of ``model.named_modules()``)
         self.modules = dict(model.named_modules()) if modules is None else dict(modules)
         self.uses: dict[str, list[LayerCall]] = {name: [] for name in self.modules}
@@ -152,6 +162,10 @@ class GradNormRecorder:
             use.unbatched = expanded is None and not self._ids_from_batch(mod, args)
             for i, out in zip(use.out_index, use.outputs, strict=True):
                 self._handles.append(out.register_hook(use.store(i)))
+            if self.input_grads:
+                for i, arg in enumerate(args):
+                    if isinstance(arg, Tensor) and arg.requires_grad:
+                        self._handles.append(arg.register_hook(use.store_input(i)))
             self.uses[name].append(use)
             return output if expanded is not None else None
 

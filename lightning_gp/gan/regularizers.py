@@ -7,6 +7,7 @@ not a loss term (weight clipping, spectral normalization) and the BatchNorm chec
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -16,6 +17,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from lightning_gp.functional._autograd import linearised
 from lightning_gp.functional._layers import LINEAR_MAP_LAYERS, batch_norms
+from lightning_gp.functional._recorder import GradNormRecorder
 from lightning_gp.functional.gan import (
     difference_penalty,
     r1_penalty,
@@ -56,53 +58,23 @@ class PenaltyTerm(NamedTuple):
     grad_norm: Tensor | None
 
 
-class _InputGradientTap:
-    """Wraps the critic and records ∇ₓD at the first input that requires grad.
+def _mean_input_grad_norm(recorder: GradNormRecorder | None) -> Tensor | None:
+    """Mean ‖∇ₓD‖ at the points of the penalty, read off the recorder's first call whose input got a gradient.
 
-    The functional penalties compute ∇ₓD(x̂) internally; tensor hooks see that gradient as
-    ``autograd.grad`` produces it, so the norm is logged at no extra cost and without re-deriving the
-    penalty. Whether the functional layer differentiates Σᵢ Dᵢ, the mean, or a scaled mean, the hook on
-    the critic's output sees the seed sᵢ that backward starts from, and row i of the input gradient is
-    sᵢ·∇ₓDᵢ (samples do not interact), so ∇ₓDᵢ is recovered exactly. The hooks sit outside the critic, so
-    this also works for a ``torch.compile``d one.
+    The functional penalties compute ∇ₓD(x̂) internally; the recorder's hooks see that gradient as ``autograd.grad``
+    produces it, so the norm costs nothing extra and the penalty is not re-derived. Whether the functional layer
+    differentiates Σᵢ Dᵢ, the mean or a scaled mean, the hook on the critic's output sees the seed sᵢ the backward
+    starts from, and row i of the input gradient is sᵢ·∇ₓDᵢ (samples do not interact), so ∇ₓDᵢ comes out exactly.
     """
-
-    def __init__(self, critic: nn.Module) -> None:
-        self.critic = critic
-        self.grad: Tensor | None = None
-        self.seed: Tensor | None = None
-        self._armed = True
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if not (self._armed and x.requires_grad):
-            return self.critic(x)
-        self._armed = False
-        x.register_hook(self._store_grad)
-        out = self.critic(x)
-        if out.requires_grad:
-            out.register_hook(self._store_seed)
-        return out
-
-    # Only the first backward pass counts: later ones (the loss's own backward) carry other gradients.
-    def _store_grad(self, grad: Tensor) -> None:
-        if self.grad is None:
-            self.grad = grad.detach()
-
-    def _store_seed(self, seed: Tensor) -> None:
-        if self.seed is None:
-            self.seed = seed.detach()
-
-    def mean_norm(self) -> Tensor | None:
-        if self.grad is None or self.seed is None:
-            return None
-        norms = per_sample_norm(self.grad.float())
-        seed = self.seed.float().reshape(norms.shape[0], -1).sum(dim=1).abs()
-        norms = torch.where(seed > 0, norms / torch.where(seed > 0, seed, torch.ones_like(seed)), norms)
-        return norms.mean()
-
-
-def _norm(tap: _InputGradientTap | None) -> Tensor | None:
-    return None if tap is None else tap.mean_norm()
+    if recorder is None:
+        return None
+    call = next((c for c in recorder.calls("") if 0 in c.input_grads and 0 in c.grads), None)
+    if call is None:
+        return None
+    norms = per_sample_norm(call.input_grads[0].float())
+    seed = call.grads[0].float().reshape(norms.shape[0], -1).sum(dim=1).abs()
+    norms = torch.where(seed > 0, norms / torch.where(seed > 0, seed, torch.ones_like(seed)), norms)
+    return norms.mean()
 
 
 def critic_penalty(
@@ -127,7 +99,7 @@ def critic_penalty(
             inside ``torch.compile``); ignored by "difference", which needs no input gradient at all.
         alpha: per-sample interpolation weights of x̂ (default: drawn U[0, 1]).
         alpha2: the second interpolates' weights, for "difference" only.
-        track_grad_norm: record mean ‖∇ₓD‖ at the penalty's points (two tensor hooks); off, ``grad_norm``
+        track_grad_norm: record mean ‖∇ₓD‖ at the penalty's points (a recorder's hooks); off, ``grad_norm``
             is None.
 
     Example:
@@ -137,8 +109,18 @@ def critic_penalty(
         >>> torch.allclose(term.grad_norm, critic.weight.norm())
         True
     """
-    tap = _InputGradientTap(critic) if track_grad_norm else None
-    fn = tap if tap is not None else critic
+    track = track_grad_norm and name != "difference"  # the difference penalty takes no input gradient
+    recorder = GradNormRecorder(critic, modules={"": critic}, input_grads=True) if track else None
+    with recorder if recorder is not None else contextlib.nullcontext():
+        term = _penalty_term(name, critic, real, fake, method=method, alpha=alpha, alpha2=alpha2)
+    if name == "difference":  # no input gradient: nothing to report
+        return term
+    return term._replace(grad_norm=_mean_input_grad_norm(recorder))
+
+
+def _penalty_term(name: Penalty, critic: nn.Module, real: Tensor, fake: Tensor, *, method: Method,
+                  alpha: Tensor | None, alpha2: Tensor | None) -> PenaltyTerm:
+    fn = critic
     if name == "difference":
         pair = None if alpha is None else (alpha, alpha2 if alpha2 is not None else torch.rand_like(alpha))
         penalty = difference_penalty(critic, real, fake, alpha=pair)
@@ -153,7 +135,7 @@ def critic_penalty(
             penalty = r2_penalty(fn, fake)
         else:
             penalty = wgan_gradient_penalty(fn, real, fake, alpha=alpha, one_sided=one_sided)
-        return PenaltyTerm(penalty.detach(), penalty, _norm(tap))
+        return PenaltyTerm(penalty.detach(), penalty, None)
     if method != "finite_difference":
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
     params = [p for p in critic.parameters() if p.requires_grad]
@@ -163,7 +145,7 @@ def critic_penalty(
     else:
         res = wgan_gradient_penalty_fd(fn, real, fake, params, alpha=alpha, one_sided=one_sided)
     surrogate = linearised(res.penalty, list(zip(params, res.grads, strict=True)))
-    return PenaltyTerm(res.penalty, surrogate, _norm(tap))
+    return PenaltyTerm(res.penalty, surrogate, None)
 
 
 def check_no_batch_norm(critic: nn.Module) -> None:
