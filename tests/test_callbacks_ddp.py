@@ -100,8 +100,9 @@ def fit(name: str, *, batch_size: int, **trainer_kwargs) -> tuple[pl.Trainer, Ne
     return trainer, model
 
 
-def _local_scope_reference() -> dict[str, torch.Tensor]:
-    """Hand-written: each rank penalises its own gradient, DDP averages the two ranks' gradients."""
+def _two_rank_reference(rank_gradient) -> dict[str, torch.Tensor]:
+    """Hand-written DDP: each rank's gradient from ``rank_gradient(model, params, x, y)`` on its own half of the
+    step's batch, the two averaged (DDP's all-reduce), then SGD."""
     model = Net().double()
     params = list(model.parameters())
     ds = data()
@@ -110,44 +111,32 @@ def _local_scope_reference() -> dict[str, torch.Tensor]:
         total = [torch.zeros_like(p) for p in params]
         for rank in range(2):
             idx = torch.tensor([i for i in block if i % 2 == rank])
-            x, y = ds.tensors[0][idx], ds.tensors[1][idx]
-            loss = F.cross_entropy(model.net(x), y)
-            g = torch.autograd.grad(loss, params, create_graph=True)
-            objective = loss + 0.2 * sum(gi.square().sum() for gi in g)
-            for acc, gi in zip(total, torch.autograd.grad(objective, params), strict=True):
+            for acc, gi in zip(total, rank_gradient(model, params, ds.tensors[0][idx], ds.tensors[1][idx]),
+                               strict=True):
                 acc += gi / 2
         with torch.no_grad():
             for p, gi in zip(params, total, strict=True):
                 p -= LR * gi
     return model.state_dict()
+
+
+def _local_scope_reference() -> dict[str, torch.Tensor]:
+    """Each rank penalises its own gradient."""
+
+    def penalised(model, params, x, y):
+        loss = F.cross_entropy(model.net(x), y)
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(loss + 0.2 * sum(gi.square().sum() for gi in g), params)
+
+    return _two_rank_reference(penalised)
 
 
 def _local_sam_reference(rho: float = 0.05) -> dict[str, torch.Tensor]:
-    """Hand-written SAM with each rank's ε from its own gradient, DDP averaging the two ranks' gradients."""
-    model = Net().double()
-    params = list(model.parameters())
-    ds = data()
-    for t in range(STEPS):
-        block = range(2 * PER_RANK_BATCH * t, 2 * PER_RANK_BATCH * (t + 1))
-        total = [torch.zeros_like(p) for p in params]
-        for rank in range(2):
-            idx = torch.tensor([i for i in block if i % 2 == rank])
-            x, y = ds.tensors[0][idx], ds.tensors[1][idx]
-            g = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
-            with torch.no_grad():
-                for p, gi in zip(params, g, strict=True):
-                    p += rho * gi / norm
-            g_sam = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-            with torch.no_grad():
-                for p, gi in zip(params, g, strict=True):
-                    p -= rho * gi / norm
-            for acc, gi in zip(total, g_sam, strict=True):
-                acc += gi / 2
-        with torch.no_grad():
-            for p, gi in zip(params, total, strict=True):
-                p -= LR * gi
-    return model.state_dict()
+    """SAM with each rank's ε from its own gradient (tests/test_sam.py's hand-written step)."""
+    from tests.test_sam import hand_sam_gradient
+
+    return _two_rank_reference(lambda model, params, x, y: hand_sam_gradient(
+        lambda: F.cross_entropy(model.net(x), y), params, rho))
 
 
 @pytest.mark.ddp

@@ -52,6 +52,31 @@ def fit(callbacks, model=None, **kwargs) -> Net:
     return model
 
 
+def hand_sam_gradient(loss_fn, params: list[torch.Tensor], rho: float, adaptive: bool = False) -> list[torch.Tensor]:
+    """∇L(θ + ε) by the SAM paper's two passes: g at θ, ε from g (ASAM: scaled by θ²), the gradient at θ + ε, θ back."""
+    g = torch.autograd.grad(loss_fn(), params)
+    if adaptive:
+        norm = torch.sqrt(sum(((p.abs() * gi) ** 2).sum() for p, gi in zip(params, g, strict=True)))
+        eps = [rho * p.detach() ** 2 * gi / norm for p, gi in zip(params, g, strict=True)]
+    else:
+        norm = torch.sqrt(sum((gi.float() ** 2).sum() for gi in g))
+        eps = [(rho * gi / norm).to(gi.dtype) for gi in g]
+    with torch.no_grad():
+        for p, e in zip(params, eps, strict=True):
+            p += e
+    g_sam = torch.autograd.grad(loss_fn(), params)
+    with torch.no_grad():
+        for p, e in zip(params, eps, strict=True):
+            p -= e
+    return list(g_sam)
+
+
+def sgd_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    for p, gi in zip(params, grads, strict=True):
+        p.grad = gi
+    opt.step()
+
+
 def hand_written(rho: float, adaptive: bool, steps: int = STEPS, every: int = 1) -> Net:
     """The two-pass loop of the SAM paper: g at θ, ε from g, the gradient at θ + ε, then the optimizer step
     (a plain step where the step number is not a multiple of ``every``)."""
@@ -59,28 +84,11 @@ def hand_written(rho: float, adaptive: bool, steps: int = STEPS, every: int = 1)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
     for t, (x, y) in enumerate(list(DataLoader(data(), batch_size=BATCH))[:steps]):
-        g = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-        if t % every:
-            for p, gi in zip(params, g, strict=True):
-                p.grad = gi
-            opt.step()
-            continue
-        if adaptive:
-            norm = torch.sqrt(sum(((p.abs() * gi) ** 2).sum() for p, gi in zip(params, g, strict=True)))
-            eps = [rho * p.detach() ** 2 * gi / norm for p, gi in zip(params, g, strict=True)]
+        loss_fn = lambda x=x, y=y: F.cross_entropy(model.net(x), y)  # noqa: E731
+        if t % every:  # a plain step
+            sgd_step(opt, params, list(torch.autograd.grad(loss_fn(), params)))
         else:
-            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
-            eps = [rho * gi / norm for gi in g]
-        with torch.no_grad():
-            for p, e in zip(params, eps, strict=True):
-                p += e
-        g_sam = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-        with torch.no_grad():
-            for p, e in zip(params, eps, strict=True):
-                p -= e
-        for p, gi in zip(params, g_sam, strict=True):
-            p.grad = gi
-        opt.step()
+            sgd_step(opt, params, hand_sam_gradient(loss_fn, params, rho, adaptive))
     return model
 
 
@@ -128,20 +136,10 @@ def test_gradient_accumulation_takes_each_micro_batch_s_own_epsilon():
     for t in range(2):
         total = [torch.zeros_like(p) for p in params]
         for x, y in batches[2 * t: 2 * t + 2]:
-            g = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
-            with torch.no_grad():
-                for p, gi in zip(params, g, strict=True):
-                    p += 0.05 * gi / norm
-            g_sam = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-            with torch.no_grad():
-                for p, gi in zip(params, g, strict=True):
-                    p -= 0.05 * gi / norm
+            g_sam = hand_sam_gradient(lambda x=x, y=y: F.cross_entropy(model.net(x), y), params, 0.05)
             for acc, gi in zip(total, g_sam, strict=True):
                 acc += gi / 2
-        for p, gi in zip(params, total, strict=True):
-            p.grad = gi
-        opt.step()
+        sgd_step(opt, params, total)
     got = Net()
     trainer = pl.Trainer(max_steps=2, precision="64-true", accumulate_grad_batches=2,
                          callbacks=[SharpnessAwareMinimization(0.05)], **QUIET)
@@ -178,22 +176,12 @@ def test_bf16_mixed_matches_the_hand_written_loop_under_autocast():
     model = Net().float()
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
-    for x, y in list(DataLoader(data(), batch_size=BATCH))[:3]:
-        x = x.float()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            g = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-        norm = torch.sqrt(sum((gi.float() ** 2).sum() for gi in g))
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p += 0.05 * gi / norm
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            g_sam = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p -= 0.05 * gi / norm
-        for p, gi in zip(params, g_sam, strict=True):
-            p.grad = gi
-        opt.step()
+    for x64, y in list(DataLoader(data(), batch_size=BATCH))[:3]:
+        def loss_fn(x=x64.float(), y=y):  # noqa: B008  (bound per batch, as the loop variable)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return F.cross_entropy(model.net(x), y)
+
+        sgd_step(opt, params, hand_sam_gradient(loss_fn, params, 0.05))
 
     class Float(Net):
         def training_step(self, batch, batch_idx):
@@ -273,18 +261,8 @@ def test_composes_with_adversarial_training_in_one_step():
         xr = x.detach().requires_grad_(True)
         (gx,) = torch.autograd.grad(F.cross_entropy(model.net(xr), y), xr)
         x_adv = (x + 0.1 * gx / gx.norm(dim=1, keepdim=True)).detach()
-        g = torch.autograd.grad(F.cross_entropy(model.net(x_adv), y), params)
-        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p += 0.05 * gi / norm
-        g_sam = torch.autograd.grad(F.cross_entropy(model.net(x_adv), y), params)
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p -= 0.05 * gi / norm
-        for p, gi in zip(params, g_sam, strict=True):
-            p.grad = gi
-        opt.step()
+        sgd_step(opt, params, hand_sam_gradient(lambda x_adv=x_adv, y=y: F.cross_entropy(model.net(x_adv), y),
+                                                params, 0.05))
     got = fit([AdversarialTraining(0.1), SharpnessAwareMinimization(0.05)], max_steps=2)
     assert_same(got, model)
 
@@ -310,16 +288,8 @@ def test_gradient_clipping_applies_to_the_final_gradient():
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
     for x, y in list(DataLoader(data(), batch_size=BATCH))[:3]:
-        g = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p += 0.05 * gi / norm
-        g_sam = torch.autograd.grad(F.cross_entropy(model.net(x), y), params)
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p -= 0.05 * gi / norm
-        for p, gi in zip(params, g_sam, strict=True):
+        for p, gi in zip(params, hand_sam_gradient(lambda x=x, y=y: F.cross_entropy(model.net(x), y), params, 0.05),
+                         strict=True):
             p.grad = gi
         torch.nn.utils.clip_grad_norm_(params, 0.1)
         opt.step()
