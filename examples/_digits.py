@@ -90,12 +90,17 @@ class DigitsDataModule(SplitLoaders, L.LightningDataModule):
             self.train_set, self.test_set = TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te)
 
 
-def make_logger(kind: str, out_dir: Path, name: str, group: str, project: str):
-    """A W&B logger (offline) or a CSV logger for one run, or False for ``kind="none"``."""
+def make_logger(kind: str, out_dir: Path, name: str, group: str, project: str, variant: str | None = None):
+    """A W&B logger (offline) or a CSV logger for one run, or False for ``kind="none"``.
+
+    W&B draws the runs of one group as one line (their mean), so each ``variant`` gets its own group
+    (``<group>-<variant>``): its seeds average together, and the variants draw as separate lines.
+    """
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        return WandbLogger(project=project, name=name, group=group, offline=True, save_dir=str(out_dir))
+        wandb_group = f"{group}-{variant}" if variant else group
+        return WandbLogger(project=project, name=name, group=wandb_group, offline=True, save_dir=str(out_dir))
     if kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
 

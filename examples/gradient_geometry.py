@@ -190,7 +190,7 @@ def main(
         trainer = L.Trainer(
             max_epochs=epochs, accelerator="cpu", devices=1,
             callbacks=[*make_callbacks(variant, data_weight, param_weight), *monitors, history],
-            logger=make_logger(logger, out, variant, group, PROJECT), log_every_n_steps=every_n_steps,
+            logger=make_logger(logger, out, variant, group, PROJECT, variant), log_every_n_steps=every_n_steps,
             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress_bar,
             default_root_dir=str(out),
         )  # fmt: skip

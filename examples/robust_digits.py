@@ -252,7 +252,7 @@ def main(
         for variant in variants:
             L.seed_everything(seed, workers=True)
             model = DigitsMLP(hidden=hidden, lr=lr, epsilon=epsilon, pgd_steps=pgd_steps)
-            run_logger = make_logger(logger, out, f"{variant}-seed{seed}", group, PROJECT)
+            run_logger = make_logger(logger, out, f"{variant}-seed{seed}", group, PROJECT, variant)
             trainer = L.Trainer(
                 max_epochs=epochs,
                 accelerator=accelerator,

@@ -480,7 +480,7 @@ def main(
                 accelerator=accelerator,
                 devices=1,
                 callbacks=callbacks,
-                logger=make_logger(logger, out, f"{variant}-seed{seed}", group, PROJECT),
+                logger=make_logger(logger, out, f"{variant}-seed{seed}", group, PROJECT, variant),
                 inference_mode=False,  # the test loop runs PGD, which needs gradients
                 check_val_every_n_epoch=max(1, min(10, epochs)),
                 num_sanity_val_steps=0,

@@ -226,7 +226,7 @@ def main(
             trainer = L.Trainer(
                 max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True,
                 callbacks=[*make_callbacks(variant, rho, asam_rho, lr, flood_level), monitor, keep, best],
-                logger=make_logger(logger, out, f"{variant}-seed{seed}", f"{group}-{variant}", PROJECT),
+                logger=make_logger(logger, out, f"{variant}-seed{seed}", group, PROJECT, variant),
                 log_every_n_steps=monitor_every, num_sanity_val_steps=0, enable_model_summary=False,
                 enable_progress_bar=progress_bar, default_root_dir=str(out),
             )

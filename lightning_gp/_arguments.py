@@ -8,7 +8,22 @@ from typing import Any
 from lightning_gp.functional._checks import check_bool as functional_check_bool
 from lightning_gp.functional._checks import check_number
 
-__all__ = ["check_bool", "check_number", "init_repr"]
+__all__ = ["check_bool", "check_number", "init_arguments", "init_repr"]
+
+
+def init_arguments(obj: Any) -> dict[str, Any]:
+    """``{argument: value}`` of ``obj``'s constructor, read back from the attributes of the same names.
+
+    Example::
+
+        >>> class Penalty:
+        ...     def __init__(self, weight, *, power=2):
+        ...         self.weight, self.power = weight, power
+        >>> init_arguments(Penalty(0.1))
+        {'weight': 0.1, 'power': 2}
+    """
+    return {name: getattr(obj, name) for name, param in inspect.signature(type(obj).__init__).parameters.items()
+            if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) and hasattr(obj, name)}
 
 
 def init_repr(obj: Any) -> str:
@@ -22,13 +37,9 @@ def init_repr(obj: Any) -> str:
         >>> init_repr(Penalty(0.1, center=1.0))
         'Penalty(weight=0.1, center=1.0)'
     """
-    parts = []
-    for name, param in inspect.signature(type(obj).__init__).parameters.items():
-        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or not hasattr(obj, name):
-            continue
-        value = getattr(obj, name)
-        if param.default is param.empty or not _same(value, param.default):
-            parts.append(f"{name}={value!r}")
+    defaults = {name: p.default for name, p in inspect.signature(type(obj).__init__).parameters.items()}
+    parts = [f"{name}={value!r}" for name, value in init_arguments(obj).items()
+             if defaults[name] is inspect.Parameter.empty or not _same(value, defaults[name])]
     return f"{type(obj).__name__}({', '.join(parts)})"
 
 

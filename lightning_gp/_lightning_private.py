@@ -16,8 +16,8 @@ import torch
 from lightning_gp.functional._torch_private import compiled_original
 
 __all__ = ["batches_that_stepped", "callback_state_key", "compiled_modules", "fabric_autocast_dtype",
-           "fabric_internal_gradients", "merge_initial_hparams", "metric_update_count", "set_metric_update_count",
-           "will_write_logs"]
+           "fabric_internal_gradients", "logger_prefix", "merge_initial_hparams", "metric_update_count",
+           "set_metric_update_count", "will_write_logs"]
 
 
 def will_write_logs(trainer: Any) -> bool:
@@ -113,3 +113,9 @@ def callback_state_key(callback: Any, **fields: Any) -> str:
     """A callback's checkpoint key from its class and ``fields``, as Lightning's own callbacks build theirs
     (``Callback._generate_state_key``, what ``EarlyStopping`` and ``ModelCheckpoint`` call)."""
     return callback._generate_state_key(**fields)
+
+
+def logger_prefix(logger: Any) -> str:
+    """The ``prefix=`` a Lightning logger puts before every metric key (``WandbLogger(prefix="exp")`` logs
+    ``exp-<key>``, joined by the public ``LOGGER_JOIN_CHAR``); the loggers keep it as ``_prefix``."""
+    return str(getattr(logger, "_prefix", "") or "")

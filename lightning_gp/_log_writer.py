@@ -11,7 +11,7 @@ monitors work unchanged with any other logger, or none.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +19,9 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+from lightning_gp._arguments import init_arguments
+from lightning_gp._lightning_private import logger_prefix
 
 #: The x-axis Lightning's WandbLogger defines for every metric; media logged here use it too.
 STEP_KEY = "trainer/global_step"
@@ -38,20 +41,46 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, Tensor | float], step
 
 def wandb_runs(trainer: pl.Trainer) -> list[Any]:
     """The ``wandb`` runs of the trainer's WandbLoggers, on global rank 0; ``[]`` everywhere else."""
+    return [run for run, _ in _wandb_targets(trainer)]
+
+
+def _wandb_targets(trainer: pl.Trainer) -> list[tuple[Any, Callable[[str], str]]]:
+    """``(run, key)`` for each WandbLogger of the trainer, on global rank 0: ``key(name)`` is ``name`` under the
+    logger's ``prefix`` (``exp-grad_norm/input``), as Lightning writes the scalars, so media and summaries land
+    in the same section as them."""
     if not trainer.is_global_zero:
         return []
-    return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    targets = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            prefix = logger_prefix(logger)
+            join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+            targets.append((logger.experiment, (lambda name, p=prefix, j=join: f"{p}{j}{name}" if p else name)))
+    return targets
 
 
 def define_summaries(trainer: pl.Trainer, summaries: Mapping[str, str]) -> None:
-    """``run.define_metric(key, summary=...)`` for each ``{key: "max" | "min" | "mean" | "last"}``.
-
-    The run's summary then shows e.g. the largest MLP-inequality ratio of the whole run rather than the
-    last one. The step axis stays Lightning's ``trainer/global_step``.
+    """``run.define_metric(key, summary=...)`` for each ``{key: "max" | "min" | "mean"}``: the run's summary keeps
+    that aggregate (the largest MLP-inequality ratio of the run) and the last value, under the logger's prefix.
+    The step axis stays Lightning's ``trainer/global_step``.
     """
-    for run in wandb_runs(trainer):
-        for key, summary in summaries.items():
-            run.define_metric(key, summary=summary, step_metric=STEP_KEY)
+    for run, key in _wandb_targets(trainer):
+        for name, summary in summaries.items():
+            run.define_metric(key(name), summary=summary if summary == "last" else f"{summary},last",
+                              step_metric=STEP_KEY)
+
+
+def log_settings(trainer: pl.Trainer, owner: Any) -> None:
+    """Put ``owner``'s constructor settings into every logger's hyperparameters, under ``lightning_gp/<its key>``
+    (W&B's run config, TensorBoard's hparams, CSV's ``hparams.yaml``), so runs can be filtered and grouped by
+    penalty weight, ε or method. Values other than numbers, strings, booleans and None are written as ``repr``."""
+    if not trainer.loggers:
+        return
+    settings = {name: value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+                for name, value in init_arguments(owner).items()}
+    key = getattr(owner, "state_key", type(owner).__qualname__)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({f"lightning_gp/{key}": settings})
 
 
 def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int) -> None:
@@ -61,10 +90,9 @@ def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int)
         return
     import wandb
 
-    row: dict[str, Any] = {k: wandb.Histogram(_numpy(v)) for k, v in values.items()}
-    row[STEP_KEY] = step
-    for run in runs:
-        run.log(row)
+    histograms = {k: wandb.Histogram(_numpy(v)) for k, v in values.items()}
+    for run, key in _wandb_targets(trainer):
+        run.log({**{key(k): h for k, h in histograms.items()}, STEP_KEY: step})
 
 
 def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, ratio: Tensor, step: int) -> None:
@@ -101,8 +129,8 @@ def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, r
     image = _scatter_png(lhs, rhs, step)
     if image is not None:
         row[f"{prefix}/lhs_vs_rhs_image"] = wandb.Image(image, caption=f"step {step}")
-    for run in runs:
-        run.log(row)
+    for run, key in _wandb_targets(trainer):
+        run.log({(k if k == STEP_KEY else key(k)): v for k, v in row.items()})
 
 
 def _numpy(t: Tensor | Sequence[float]):

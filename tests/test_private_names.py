@@ -153,3 +153,12 @@ def test_callback_state_key_is_lightnings_own():
 
     stop = EarlyStopping(monitor="loss")
     assert callback_state_key(stop, monitor="loss", mode="min") == stop.state_key
+
+
+def test_logger_prefix_is_what_the_logger_writes_before_its_keys(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_gp._lightning_private import logger_prefix
+
+    assert logger_prefix(CSVLogger(tmp_path, prefix="exp")) == "exp", "Lightning moved the loggers' _prefix"
+    assert logger_prefix(CSVLogger(tmp_path)) == ""

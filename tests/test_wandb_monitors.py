@@ -49,7 +49,34 @@ def test_wandb_summaries_keep_the_max_of_the_ratio_over_the_run(logged):
     assert run.metrics["lipschitz/upper_bound"].summary.max
     ratios = [v for _, v in run.values("mlp_inequality/ratio_max")]
     assert len(ratios) == 2 and 0 < max(ratios) <= 1
-    assert run.summary["mlp_inequality/ratio_max"] == {"max": pytest.approx(max(ratios))}
+    # the max over the run and the last value (W&B's default, which a max summary alone would hide)
+    expected = {"max": pytest.approx(max(ratios)), "last": pytest.approx(ratios[-1])}
+    assert run.summary["mlp_inequality/ratio_max"] == expected
+
+
+def test_the_run_config_holds_every_monitor_s_settings(logged):
+    run, _ = logged
+    assert run.config["lightning_gp/GradientNormMonitor"]["every_n_steps"] == 2
+    assert run.config["lightning_gp/GradientNormMonitor"]["mode"] == "recompute"
+    assert run.config["lightning_gp/MLPInequalityMonitor"]["max_samples"] == 4
+    assert run.config["lightning_gp/SpectralNormMonitor"]["n_iter"] == 10
+
+
+def test_a_logger_prefix_reaches_scalars_media_and_summaries(tmp_path):
+    from lightning_gp import DataGradientPenalty
+
+    wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors", prefix="exp")
+    monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=4)]
+    trainer(tmp_path, callbacks=[*monitors, DataGradientPenalty(0.1)], logger=[wandb_logger],
+            max_steps=4).fit(Classifier(), loader())
+    wandb_logger.experiment.finish()
+    run = read_run(tmp_path)
+    keys = run.keys() - {"trainer/global_step", "_step", "_runtime", "_timestamp", "epoch"}
+    assert {"exp-grad_norm/input_max", "exp-grad_norm/input", "exp-mlp_inequality/samples"} <= keys
+    assert all(k.startswith("exp-") for k in keys), sorted(k for k in keys if not k.startswith("exp-"))
+    assert run.metrics["exp-mlp_inequality/ratio_max"].summary.max
+    assert set(run.summary["exp-mlp_inequality/ratio_max"]) == {"max", "last"}
+    assert run.config["lightning_gp/DataGradientPenalty"]["weight"] == 0.1
 
 
 def test_wandb_gets_histograms_table_scatter_and_image(logged):

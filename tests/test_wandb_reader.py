@@ -75,6 +75,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # name -> MetricRecord
+    config: dict = field(default_factory=dict)  # the run's config (hyperparameters), key -> value
 
     def values(self, key: str) -> list:
         """The values logged for ``key``, in order, with the trainer step of each row."""
@@ -123,6 +124,9 @@ def read_run(save_dir: Path, timeout: float = 30.0) -> Run:
                 _set_item(run.summary, item)
         elif kind == "metric" and record.metric.name:
             run.metrics[record.metric.name] = record.metric
+        elif kind == "config":
+            for item in record.config.update:
+                run.config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return run
 
 

@@ -23,6 +23,7 @@ from lightning_gp._chain import StepContext, run_chain
 from lightning_gp._epoch import EpochAggregate
 from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import callback_state_key, compiled_modules
+from lightning_gp._log_writer import log_settings
 from lightning_gp._logging import should_log
 from lightning_gp._objective import Step, caller_name
 from lightning_gp._setup_checks import check_batch_step, check_strategy
@@ -111,6 +112,7 @@ class PenaltyCallback(Callback):
                 f"ordinary passes instead."
             )
         StepInterceptor.attach(trainer, pl_module).register(self, _run_intercepted)
+        log_settings(trainer, self)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -115,7 +115,7 @@ def critic_penalty(
         term = _penalty_term(name, critic, real, fake, method=method, alpha=alpha, alpha2=alpha2)
     if name == "difference":  # no input gradient: nothing to report
         return term
-    return term._replace(grad_norm=_mean_input_grad_norm(recorder))
+    return PenaltyTerm(term.value, term.loss, _mean_input_grad_norm(recorder))
 
 
 def _penalty_term(name: Penalty, critic: nn.Module, real: Tensor, fake: Tensor, *, method: Method,

@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from lightning_gp._arguments import init_repr
 from lightning_gp._epoch import EpochAggregate
-from lightning_gp._log_writer import log_scalars
+from lightning_gp._log_writer import log_scalars, log_settings
 from lightning_gp._logging import logger_step, should_log
 from lightning_gp._module_state import untouched
 from lightning_gp._setup_checks import check_batch_step, check_strategy
@@ -93,6 +93,7 @@ class Monitor(Callback):
             check_strategy(trainer, type(self).__name__)
             if self.needs_batch:
                 check_batch_step(pl_module, type(self).__name__)
+            log_settings(trainer, self)
         if self.every_n_steps is None:
             self._interval = trainer.log_every_n_steps or FALLBACK_INTERVAL
 
