@@ -39,6 +39,32 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, Tensor | float], step
         logger.log_metrics(values, step=step)
 
 
+#: Per-sample rows a histogram or table of one measurement shows at most, drawn from all ranks alike.
+MEDIA_SAMPLES = 4096
+
+
+def has_wandb(trainer: pl.Trainer) -> bool:
+    """Whether the trainer has a WandbLogger: the same answer on every rank (the run itself lives on rank 0)."""
+    return any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
+
+
+def gathered_rows(trainer: pl.Trainer, rows: Tensor) -> Tensor:
+    """Every rank's per-sample rows (B, K) concatenated, at most :data:`MEDIA_SAMPLES` in all (each rank sends its
+    first ``MEDIA_SAMPLES // world`` rows): what the media of a measurement show, so that they describe the same
+    samples as the scalars reduced over all ranks. A collective under DDP: call it on every rank."""
+    world = trainer.world_size
+    rows = rows.detach()[: max(1, MEDIA_SAMPLES // world)]
+    if world == 1:
+        return rows
+    strategy = trainer.strategy
+    counts = strategy.all_gather(torch.tensor([rows.shape[0]], device=rows.device)).reshape(-1)
+    largest = int(counts.max())
+    padded = torch.zeros(largest, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    gathered = strategy.all_gather(padded)  # (world, largest, K)
+    return torch.cat([gathered[r, : int(counts[r])] for r in range(world)])
+
+
 def wandb_runs(trainer: pl.Trainer) -> list[Any]:
     """The ``wandb`` runs of the trainer's WandbLoggers, on global rank 0; ``[]`` everywhere else."""
     return [run for run, _ in _wandb_targets(trainer)]
@@ -95,6 +121,23 @@ def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int)
         run.log({**{key(k): h for k, h in histograms.items()}, STEP_KEY: step})
 
 
+def log_scatter(trainer: pl.Trainer, key: str, columns: tuple[str, str], rows: Tensor, step: int, *,
+                title: str) -> None:
+    """A per-sample table (step, sample, the two columns) and W&B's scatter chart of its second column against
+    its first, under ``key``; the step column lets the table be filtered or coloured by step."""
+    targets = _wandb_targets(trainer)
+    if not targets:
+        return
+    import wandb
+
+    a, b = _numpy(rows[:, 0]), _numpy(rows[:, 1])
+    table = wandb.Table(columns=["step", "sample", *columns],
+                        data=[[step, i, float(x), float(y)] for i, (x, y) in enumerate(zip(a, b, strict=True))])
+    for run, name in _wandb_targets(trainer):
+        run.log({name(key): wandb.plot.scatter(table, columns[0], columns[1], title=f"{title}, step {step}"),
+                 STEP_KEY: step})
+
+
 def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, ratio: Tensor, step: int) -> None:
     """Per-sample MLP-inequality values as a W&B table, a scatter of lhs against rhs, and a PNG image.
 
@@ -121,6 +164,7 @@ def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, r
     scatter_table = wandb.Table(columns=["rhs", "lhs", "kind"], data=points + line)
     row: dict[str, Any] = {
         f"{prefix}/samples": samples,
+        f"{prefix}/ratio": wandb.Histogram(ratio),
         f"{prefix}/lhs_vs_rhs": wandb.plot.scatter(
             scatter_table, "rhs", "lhs", title=f"MLP inequality at step {step}: lhs ≤ rhs"
         ),
@@ -145,6 +189,7 @@ def _scatter_png(lhs, rhs, step: int):
     global _warned_matplotlib
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import LogLocator, NullFormatter
         from PIL import Image
     except ImportError:
         if not _warned_matplotlib:
@@ -161,6 +206,9 @@ def _scatter_png(lhs, rhs, step: int):
         hi = max(lhs[keep].max(), rhs[keep].max())
         ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="lhs = rhs")
     ax.set(xscale="log", yscale="log", xlabel="rhs = ‖∇θf‖²", ylabel="lhs", title=f"MLP inequality, step {step}")
+    for axis in (ax.xaxis, ax.yaxis):  # decades only, no minor labels: they overlapped on short ranges
+        axis.set_major_locator(LogLocator(numticks=6))
+        axis.set_minor_formatter(NullFormatter())
     ax.legend(loc="upper left")
     fig.tight_layout()
     buf = io.BytesIO()

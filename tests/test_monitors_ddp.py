@@ -41,11 +41,20 @@ def test_two_ranks_log_what_one_process_logs_on_the_combined_batch(tmp_path):
     fused = {k: v for (s, k), v in one_logged.items() if s == 2}
     assert len(fused) == 8 and ddp["last_logged"][3] == pytest.approx(fused, rel=1e-5)
 
-    # W&B: one run (rank 0), histograms and tables once per measurement, of rank 0's 4 samples
+    # W&B: one run (rank 0), histograms and tables once per measurement, of both ranks' samples: the media
+    # describe the samples the scalars beside them reduce (a histogram's top edge is the logged max)
     run = read_run(ddp["root"])
     hists = run.values("grad_norm/input")
-    assert [s for s, _ in hists] == [1, 3] and all(sum(h["values"]) == 4 for _, h in hists)
-    assert [s for s, _ in run.values("mlp_inequality/samples")] == [1, 3]
+    assert [s for s, _ in hists] == [1, 3] and all(sum(h["values"]) == 8 for _, h in hists)
+    for step, hist in hists:
+        assert hist["bins"][-1] == pytest.approx(ddp_logged[(step, "grad_norm/input_max")], rel=1e-5)
+    tables = run.values("mlp_inequality/samples")
+    assert [s for s, _ in tables] == [1, 3]
+    import json
+
+    rows = json.loads((run.dir / "files" / tables[-1][1]["path"]).read_text())["data"]
+    assert len(rows) == 8  # 4 samples from each rank
+    assert max(r[4] for r in rows) == pytest.approx(ddp_logged[(3, "mlp_inequality/ratio_max")], rel=1e-5)
     wandb_logged = {(r["trainer/global_step"], k): v for r in run.history for k, v in r.items()
                     if k.startswith(PREFIXES) and isinstance(v, float)}
     assert wandb_logged == pytest.approx(ddp_logged, rel=1e-6)

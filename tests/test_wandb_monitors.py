@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
 from tests.test_monitors_support import Classifier, loader, read_csv, trainer
-from tests.test_wandb_reader import read_run
+from tests.test_wandb_reader import _records, read_run
 
 SCALARS = {
     "grad_norm/input_mean", "grad_norm/input_max", "grad_norm/param_per_sample_mean",
@@ -24,7 +24,8 @@ def logged(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("wandb")
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors")
     csv_logger = CSVLogger(tmp_path)
-    monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=4),
+    monitors = [GradientNormMonitor(every_n_steps=2, media_every_n_steps=2),
+                MLPInequalityMonitor(every_n_steps=2, max_samples=4, media_every_n_steps=2),
                 SpectralNormMonitor(every_n_steps=2)]
     trainer(tmp_path, callbacks=monitors, logger=[wandb_logger, csv_logger], max_steps=4).fit(Classifier(), loader())
     wandb_logger.experiment.finish()
@@ -96,6 +97,11 @@ def test_wandb_gets_histograms_table_scatter_and_image(logged):
 
     charts = [row for row in run.history if any(k.startswith("mlp_inequality/lhs_vs_rhs_table") for k in row)]
     assert len(charts) == 2
+    ratios = run.values("mlp_inequality/ratio")  # the ratio's distribution, at each media step
+    assert [s for s, _ in ratios] == [1, 3] and all(sum(h["values"]) == 4 for _, h in ratios)
+    # ‖∇ₓℓᵢ‖ against ‖∇θℓᵢ‖: a per-sample table behind W&B's scatter chart
+    scatter = [row for row in run.history if any(k.startswith("grad_norm/input_vs_param_table") for k in row)]
+    assert len(scatter) == 2
     image = run.values("mlp_inequality/lhs_vs_rhs_image")[-1][1]
     assert image["_type"] == "image-file" and image["format"] == "png"
     assert (run.dir / "files" / image["path"]).read_bytes()[:4] == b"\x89PNG"
@@ -112,3 +118,21 @@ def test_fused_monitor_histograms_are_the_per_sample_norms(tmp_path):
         assert step == 1 and hist["_type"] == "histogram" and sum(hist["values"]) == 8
         # the recorded norms scaled by the per-sample factor, as the logged maximum is
         assert max(hist["bins"]) == pytest.approx(fused.last_logged[f"grad_norm/{top}"], rel=1e-5)
+
+
+def test_media_have_their_own_cadence_and_the_run_stays_small_measured_every_step(tmp_path):
+    """200 steps measured every step (scalars every step, media at the default 10 × the interval): at most 3 kB of
+    history records a step (measured 2.1 kB; the whole .wandb file, with W&B's own summary record after each
+    history row, 4.8 kB); the media land on steps 0, 10, 20, ..."""
+    wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors")
+    monitors = [GradientNormMonitor(every_n_steps=1), MLPInequalityMonitor(every_n_steps=1, max_samples=4),
+                SpectralNormMonitor(every_n_steps=1)]
+    trainer(tmp_path, callbacks=monitors, logger=[wandb_logger], max_steps=200).fit(
+        Classifier(), loader(n=64))
+    wandb_logger.experiment.finish()
+    run = read_run(tmp_path)
+    assert [s for s, _ in run.values("grad_norm/input")] == list(range(0, 200, 10))
+    assert [s for s, _ in run.values("mlp_inequality/samples")] == list(range(0, 200, 10))
+    records = _records(next(run.dir.glob("run-*.wandb")), timeout=30)
+    history_bytes = sum(r.ByteSize() for r in records if r.WhichOneof("record_type") == "history")
+    assert history_bytes / 200 <= 3000, f"{history_bytes / 200:.0f} bytes of history a step"

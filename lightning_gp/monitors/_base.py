@@ -64,6 +64,10 @@ class Monitor(Callback):
 
     #: Whether the monitor measures on the step's batch (``training_step(self, dataloader_iter)`` hides it).
     needs_batch = True
+    #: Media (histograms, tables, charts) at most every this many steps; None: 10 × the scalar interval.
+    media_every_n_steps: int | None = None
+    #: What the media default interval is, in scalar intervals.
+    MEDIA_FACTOR = 10
 
     def __init__(self, every_n_steps: int | None) -> None:
         if every_n_steps is not None:
@@ -75,6 +79,7 @@ class Monitor(Callback):
         self.last_logged: dict[str, float] = {}
         self.last_logged_step: int | None = None
         self._metric: PerSampleMeanMax | None = None
+        self._last_media_step: int | None = None
         self._epoch = EpochAggregate()  # each value's epoch mean (the max of `*_max` keys), over all ranks
 
     def __repr__(self) -> str:
@@ -88,6 +93,7 @@ class Monitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._last_step = -1
+        self._last_media_step = None
         self._epoch.reset()
         if stage == "fit":
             check_strategy(trainer, type(self).__name__)
@@ -103,6 +109,15 @@ class Monitor(Callback):
         if (step + 1) % self._interval or step == self._last_step:
             return False
         self._last_step = step
+        return True
+
+    def _media_due(self, step: int) -> bool:
+        """Whether the measurement at ``step`` also logs media: at least ``media_every_n_steps`` (default 10 × the
+        scalar interval) steps after the last media, the first measurement included. The same on every rank."""
+        interval = self.media_every_n_steps or self.MEDIA_FACTOR * self._interval
+        if self._last_media_step is not None and step - self._last_media_step < interval:
+            return False
+        self._last_media_step = step
         return True
 
     def _reduce_per_sample(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

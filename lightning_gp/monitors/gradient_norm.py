@@ -12,13 +12,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gp._batch import InputKey, resolve_input
-from lightning_gp._log_writer import define_summaries, log_histograms, wandb_runs
+from lightning_gp._log_writer import define_summaries, gathered_rows, has_wandb, log_histograms, log_scatter
 from lightning_gp._logging import logger_step
 from lightning_gp._objective import REDUCTIONS, Reduction
 from lightning_gp._setup_checks import check_forward
 from lightning_gp._site import Site, Target
 from lightning_gp._trainer import loss_scale
-from lightning_gp.functional._checks import check_per_sample
+from lightning_gp.functional._checks import check_per_sample, check_positive_int
 from lightning_gp.functional._recorder import LinearTap
 from lightning_gp.functional._torch_private import tree_flatten
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
@@ -49,7 +49,9 @@ class GradientNormMonitor(Monitor):
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.
         input_key: the input in the batch: an index, a dict key, or a callable batch → input tensor.
-        histograms: also log W&B histograms of the per-sample norms.
+        histograms: also log W&B media of the per-sample norms: histograms and a table with a scatter of ‖∇ₓℓᵢ‖
+            against ‖∇θℓᵢ‖, over all ranks' samples.
+        media_every_n_steps: the media at most every this many steps (default: 10 × ``every_n_steps``).
         loss_fn: ``(outputs, batch) -> per-sample losses (B,)``; default per-sample cross-entropy.
         per_layer: also log the per-layer per-sample norms.
         mode: ``"recompute"`` (a separate eval-mode pass of ``loss_fn``) or ``"fused"`` (the step's own).
@@ -85,8 +87,12 @@ class GradientNormMonitor(Monitor):
         loss_reduction: Reduction = "mean",
         target: Target = None,
         mask_key: str | None = None,
+        media_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(every_n_steps)
+        if media_every_n_steps is not None:
+            check_positive_int(media_every_n_steps, "media_every_n_steps")
+        self.media_every_n_steps = media_every_n_steps
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable (outputs, batch) -> (B,), got {type(loss_fn).__name__}.")
         if mode not in MODES:
@@ -162,8 +168,7 @@ class GradientNormMonitor(Monitor):
         self._global_step_at_start = trainer.global_step
         inputs = resolve_input(batch, self.input_key, type(self).__name__, computed=True)[0]
         per_sample, hist = self.measure(pl_module, inputs, batch)
-        if self.histograms:
-            log_histograms(trainer, hist, self._pending_step)
+        self._log_media(trainer, hist, self._pending_step)
         self._pending = per_sample
 
     def _fused_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -273,8 +278,7 @@ class GradientNormMonitor(Monitor):
                 factor, matrix = 1.0, torch.cat([m * f for m, _, f in columns])
             values, flat = self._reduce_columns(matrix, columns[0][1], norms, factor)
             pending = {**values, **pending}
-            if self.histograms and wandb_runs(trainer):
-                log_histograms(trainer, _histograms(matrix * factor), self._pending_step)
+            self._log_media(trainer, _histograms(matrix * factor), self._pending_step)
         else:
             flat = torch.cat(norms).tolist() if norms else []
         start = 0
@@ -282,6 +286,16 @@ class GradientNormMonitor(Monitor):
             pending[key] = math.hypot(*flat[start : start + n.shape[0]])  # ‖∇θL‖ from per-parameter norms
             start += n.shape[0]
         self._log(trainer, pending, self._pending_step)
+
+    def _log_media(self, trainer: pl.Trainer, hist: dict[str, Tensor], step: int) -> None:
+        """On a media step, every rank's per-sample norms as W&B histograms and a table with a scatter chart (the
+        gather is a collective: every rank takes the same decision)."""
+        if not (self.histograms and has_wandb(trainer) and self._media_due(step)):
+            return
+        rows = gathered_rows(trainer, torch.stack(list(hist.values()), dim=1))
+        log_histograms(trainer, dict(zip(hist, rows.unbind(dim=1), strict=True)), step)
+        log_scatter(trainer, f"{PREFIX}/input_vs_param", ("input", "param_per_sample"), rows, step,
+                    title="‖∇ₓℓᵢ‖ against ‖∇θℓᵢ‖")
 
     def measure(self, pl_module: torch.nn.Module, inputs: Tensor, batch: Any) -> tuple[dict, dict]:
         """Per-sample norms on this batch, reduced over all ranks: ``({key: value}, {key: per-sample})``.

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gp._batch import InputKey, resolve_input, slice_batch
-from lightning_gp._log_writer import define_summaries, log_inequality
+from lightning_gp._log_writer import define_summaries, gathered_rows, has_wandb, log_inequality
 from lightning_gp._logging import logger_step
 from lightning_gp.functional._checks import check_per_sample, check_positive_int
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
@@ -39,7 +39,9 @@ class MLPInequalityMonitor(Monitor):
         input_key: the input in the batch: an index, a dict key, or a callable batch → input tensor.
         loss_fn: ``(outputs, batch) -> per-sample losses (B,)``; default per-sample cross-entropy.
         submodule: dotted name of the chain in the LightningModule; default its only ``nn.Sequential`` child.
-        tables: also log the W&B table, scatter chart and image.
+        tables: also log the W&B media: a table, a scatter chart, a histogram of the ratio and an image, over all
+            ranks' samples.
+        media_every_n_steps: the media at most every this many steps (default: 10 × ``every_n_steps``).
 
     Raises:
         ValueError: at setup, no single chain to evaluate, or a chain with a layer that is not allowed.
@@ -62,8 +64,12 @@ class MLPInequalityMonitor(Monitor):
         loss_fn: PerSampleLoss | None = None,
         submodule: str | None = None,
         tables: bool = True,
+        media_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(every_n_steps)
+        if media_every_n_steps is not None:
+            check_positive_int(media_every_n_steps, "media_every_n_steps")
+        self.media_every_n_steps = media_every_n_steps
         self.max_samples = check_positive_int(max_samples, "max_samples")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable (outputs, batch) -> (B,), got {type(loss_fn).__name__}.")
@@ -121,8 +127,9 @@ class MLPInequalityMonitor(Monitor):
         inputs = resolve_input(batch, self.input_key, type(self).__name__, computed=True)[0]
         values, result = self.measure(chain, inputs, batch, prefix=f"{name}.")
         self._log(trainer, values, step)
-        if self.tables:
-            log_inequality(trainer, PREFIX, result.lhs, result.rhs, result.ratio, step)
+        if self.tables and has_wandb(trainer) and self._media_due(step):  # the same decision on every rank
+            rows = gathered_rows(trainer, torch.stack([result.lhs, result.rhs, result.ratio], dim=1))
+            log_inequality(trainer, PREFIX, rows[:, 0], rows[:, 1], rows[:, 2], step)
 
     def measure(self, chain: nn.Module, inputs: Tensor, batch: Any, *, prefix: str) -> tuple[dict, MLPInequality]:
         """The reduced values on this rank's first ``max_samples`` samples, and this rank's raw result.
