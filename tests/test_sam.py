@@ -295,3 +295,13 @@ def test_gradient_clipping_applies_to_the_final_gradient():
         opt.step()
     got = fit([SharpnessAwareMinimization(0.05)], max_steps=3, gradient_clip_val=0.1)
     assert_same(got, model)
+
+
+def test_a_compiled_model_trains_as_the_eager_one():
+    """SAM needs no double backward: a torch.compile'd module (aot_eager) takes the same steps as the eager one."""
+    eager = fit([SharpnessAwareMinimization(0.05)], max_steps=3)
+    compiled = Net()
+    compiled.net = torch.compile(compiled.net, backend="aot_eager")
+    fit([SharpnessAwareMinimization(0.05)], compiled, max_steps=3)
+    for a, b in zip(eager.net.parameters(), compiled.net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

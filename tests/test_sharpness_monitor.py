@@ -144,3 +144,42 @@ def test_auto_takes_finite_differences_on_a_compiled_model():
 def test_bad_arguments_are_named(kwargs, error):
     with pytest.raises(ValueError, match=error):
         SharpnessMonitor(**kwargs)
+
+
+def test_beside_sam_it_measures_the_module_s_own_loss_and_leaves_the_run_alone(tmp_path):
+    """The monitor differentiates the loss `training_step` returns, not SAM's objective, and the SAM run with the
+    monitor equals the one without it."""
+    from lightning_gp import SharpnessAwareMinimization
+
+    def run(callbacks):
+        pl.seed_everything(0, verbose=False)
+        module = Net(dropout=0.3)
+        trainer = pl.Trainer(max_steps=4, precision="64-true", callbacks=callbacks, log_every_n_steps=1,
+                             logger=False, **QUIET)
+        trainer.fit(module, DataLoader(data(), batch_size=8))
+        return module
+
+    monitor = SharpnessMonitor(every_n_steps=4, iterations=2000, tol=1e-12)
+    plain = run([SharpnessAwareMinimization(0.05)])
+    watched = run([SharpnessAwareMinimization(0.05), monitor])
+    for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert math.isfinite(monitor.last_logged["sharpness/lambda_max"]) and monitor.last_logged_step == 3
+
+
+def test_double_backward_asked_of_a_compiled_model_is_a_clear_error():
+    module = Net().double()
+    module.net = torch.compile(module.net, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="method='finite_difference'"):
+        SharpnessMonitor(method="double_backward", iterations=3).measure(module, data()[:])
+
+
+def test_a_skipped_batch_is_not_measured():
+    class Skips(Net):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    monitor = SharpnessMonitor(every_n_steps=1, iterations=3)
+    trainer = pl.Trainer(max_epochs=1, precision="64-true", callbacks=[monitor], logger=False, **QUIET)
+    trainer.fit(Skips(), DataLoader(data(16), batch_size=8))
+    assert monitor.last_logged_step == 0  # measured on batch 0; batch 1 returned None and is skipped, no error

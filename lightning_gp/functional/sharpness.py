@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_gp.functional._autograd import explained_double_backward
+from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import as_param_list, check_finite, check_positive_int, check_scalar
 from lightning_gp.functional.gradients import squared_norm_sum
 
@@ -101,13 +103,14 @@ def hutchinson_trace(hvp: HVP, like: Sequence[Tensor], *, samples: int = 10,
 
 def double_backward_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
     """Hessian-vector products of ``loss`` w.r.t. ``params`` by double backward (one graph, reused)."""
-    grads = torch.autograd.grad(loss, list(params), create_graph=True, allow_unused=True)
+    grads = autograd_grad(loss, list(params), create_graph=True, allow_unused=True)  # a clear error without one
     pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
 
     def hvp(v: list[Tensor]) -> list[Tensor]:
         used = [vi for vi, g in zip(v, grads, strict=True) if g is not None]
-        out = iter(torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs], grad_outputs=used,
-                                       retain_graph=True, allow_unused=True))
+        with explained_double_backward():  # the product is the double backward: a clear error where there is none
+            out = iter(torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs], grad_outputs=used,
+                                           retain_graph=True, allow_unused=True))
         result = []
         for p, g in zip(params, grads, strict=True):
             hv = next(out) if g is not None else None

@@ -88,7 +88,11 @@ class SharpnessMonitor(Monitor):
         if not self._due(trainer):
             return
         step = logger_step(trainer)
-        self._log(trainer, self.measure(pl_module, batch, batch_idx, trainer.strategy, step=step), step)
+        try:
+            values = self.measure(pl_module, batch, batch_idx, trainer.strategy, step=step)
+        except _SkippedBatch:  # `training_step` returned None: Lightning skips the batch, nothing to measure
+            return
+        self._log(trainer, values, step)
 
     def measure(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0, strategy: Any = None, *,
                 step: int = 0) -> dict[str, Tensor]:
@@ -136,20 +140,23 @@ class SharpnessMonitor(Monitor):
         def loss_at() -> Tensor:
             with forked_rng(*devices, seed=seed), muted_logging(pl_module), untouched(pl_module), forward_pass():
                 with torch.enable_grad():
-                    return extract_loss(step_fn(batch, batch_idx), name)
+                    out = step_fn(batch, batch_idx)
+            if out is None:
+                raise _SkippedBatch
+            return extract_loss(out, name)
 
         return loss_at
 
     def _hvp(self, loss_at: Callable[[], Tensor], params: list[Tensor], strategy: Any) -> HVP:
         """This rank's Hessian-vector products, by the method resolved at the first measurement."""
-        if self._resolved != "finite_difference":
-            hvp = double_backward_hvp(loss_at(), params)
-            if self._resolved == "double_backward":
-                return hvp
+        if self._resolved == "double_backward":
+            return double_backward_hvp(loss_at(), params)
+        if self._resolved is None:
             works = 1.0
-            try:  # "auto", first measurement: try one product (thrown away)
+            try:  # "auto", first measurement: the gradient with its graph, and one product (thrown away)
+                hvp = double_backward_hvp(loss_at(), params)
                 hvp([torch.zeros_like(p) for p in params])
-            except RuntimeError as err:
+            except RuntimeError as err:  # a compiled backward may refuse already the graph of the gradient
                 if no_double_backward_error(err) is None:
                     raise
                 works = 0.0
@@ -168,6 +175,10 @@ class SharpnessMonitor(Monitor):
         if self.method == "auto" and self._resolved is not None:
             text = f"{text[:-1]}{', ' if not text.endswith('()') else ''}method='auto' -> {self._resolved!r})"
         return text
+
+
+class _SkippedBatch(Exception):
+    """``training_step`` returned None on the measured batch (Lightning's way to skip it)."""
 
 
 def _central_difference_hvp(loss_at: Callable[[], Tensor], params: list[Tensor], step: float) -> HVP:
