@@ -115,3 +115,35 @@ def test_the_deprecated_loggers_module_warns_and_still_imports():
         module = importlib.import_module("lightning_gp.loggers")
     assert any(issubclass(w.category, DeprecationWarning) and "0.3" in str(w.message) for w in caught)
     assert callable(module.log_scalars)
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_two_modules_import_each_other():
+    """The package is a layered house: no circle of imports between its modules, lazy imports included."""
+    modules = {_module_name(p): p for p in FILES}
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for target in _imports(path):
+            while target and target not in modules:  # `from a.b import c`: c is a name of a.b, or a module
+                target = target.rpartition(".")[0]
+            if target and target != name and not modules[target].name == "__init__.py":
+                graph[name].add(target)
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = [*trail[trail.index(nxt):], nxt] if nxt in trail else [node, nxt]
+                raise AssertionError(f"import circle: {' -> '.join(cycle)}")
+            if nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])

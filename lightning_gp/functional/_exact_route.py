@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gp.functional._func_replay import batch_dim
+from lightning_gp.functional._layer_call import layer_label
 from lightning_gp.functional._norm_rules import row_sq
-from lightning_gp.functional._param_units import layer_label, own_params
+from lightning_gp.functional._param_units import own_params
 
 if TYPE_CHECKING:
     from lightning_gp.functional._recorder import GradNormRecorder

@@ -6,16 +6,12 @@ and output gradients, it costs one small per-sample backward of that layer only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
+from lightning_gp.functional._layer_call import LayerCall
 from lightning_gp.functional._norm_rules import UnbatchedLayer
 from lightning_gp.functional._torch_private import tree_flatten, tree_unflatten
-
-if TYPE_CHECKING:
-    from lightning_gp.functional._recorder import LayerCall
 
 
 def _sample_inner_product(module: nn.Module, flat: list, spec: object, pos: list[int], dims: tuple, bd: int):

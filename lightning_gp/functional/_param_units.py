@@ -7,21 +7,12 @@ aliased weights count once. Design notes: ``docs/design/fused-monitor.md``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
 from lightning_gp.functional._func_replay import replayed_grads
+from lightning_gp.functional._layer_call import LayerCall, layer_label
 from lightning_gp.functional._norm_rules import UnbatchedLayer, outer_factors, row_sq, rule, tied_sq
-
-if TYPE_CHECKING:
-    from lightning_gp.functional._recorder import LayerCall
-
-
-def layer_label(name: str) -> str:
-    """A module's name as the norms are keyed: ``"_root"`` for the model itself."""
-    return name or "_root"
 
 
 def own_params(module: nn.Module) -> dict[str, Tensor]:

@@ -27,8 +27,9 @@ from lightning_gp.functional._exact_route import (
     unit_named,
     unit_params,
 )
+from lightning_gp.functional._layer_call import layer_label
 from lightning_gp.functional._norm_rules import UnbatchedLayer, linear_squared_norms
-from lightning_gp.functional._param_units import closed_form_modules, layer_label, own_params
+from lightning_gp.functional._param_units import closed_form_modules, own_params
 from lightning_gp.functional._recorder import GradNormRecorder
 
 __all__ = ["GradNormRecorder", "PerSampleGradNorms", "linear_squared_norms", "per_sample_grad_norms",

@@ -64,20 +64,19 @@ def checked_hparams(*, n_critic: Any, regularizer: Any, gp_weight: Any, clip_val
     }
 
 
-def check_networks(module: Any) -> None:
-    """Raise unless ``module`` set ``generator`` and ``critic`` to modules and defines ``sample_latent``.
+def check_networks(module: Any, unset_sample_latent: Any) -> None:
+    """Raise unless ``module`` set ``generator`` and ``critic`` to modules and overrides ``sample_latent`` (whose
+    mixin default is ``unset_sample_latent``).
 
     Raises:
         AttributeError: a network missing or not an ``nn.Module``.
         NotImplementedError: ``sample_latent`` not defined (its message says what to define).
     """
-    from lightning_gp.gan.mixin import WGANGPMixin  # the mixin imports this module
-
     for name in ("generator", "critic"):
         if not isinstance(getattr(module, name, None), nn.Module):
             raise AttributeError(
                 f"{type(module).__name__} must set `self.{name}` to an nn.Module in `__init__`, got "
                 f"{type(getattr(module, name, None)).__name__}."
             )
-    if getattr(type(module), "sample_latent", None) is WGANGPMixin.sample_latent:
+    if getattr(type(module), "sample_latent", None) is unset_sample_latent:
         module.sample_latent(0)  # raises the NotImplementedError that explains what to define

@@ -153,7 +153,7 @@ class WGANGPMixin:
         super_setup = getattr(super(), "setup", None)
         if super_setup is not None:
             super_setup(stage)
-        check_networks(self)
+        check_networks(self, WGANGPMixin.sample_latent)
         check_no_batch_norm(self.critic)
         if self.wgan_hparams["regularizer"] == "spectral_normalization":
             apply_spectral_normalization(self.critic)
