@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,45 @@ def _expand_broadcast_lookup(mod: nn.Module, args: tuple, output: object, batch:
     return (ids, *args[1:]), output.expand(batch, *output.shape[1:])
 
 
-class GradNormRecorder:
+class _HookSet:
+    """The hooks of a recording, put on and taken off in one place: forward hooks on modules, and tensor hooks on
+    what a forward produced (a layer's output, an input), which catch the gradients whatever runs the backward.
+    Module hooks may stay over several recordings (:class:`LinearTap`); tensor hooks are per recording."""
+
+    def __init__(self) -> None:
+        self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._tensor_handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the module hooks are on."""
+        return bool(self._module_handles)
+
+    def _hook_modules(self, hooks: list[tuple[nn.Module, Callable[..., Any]]], *, with_kwargs: bool = False) -> None:
+        try:
+            for module, hook in hooks:
+                self._module_handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
+        except BaseException:
+            self._release()
+            raise
+
+    def _hook_tensor(self, tensor: Tensor, hook: Callable[[Tensor], None]) -> None:
+        self._tensor_handles.append(tensor.register_hook(hook))
+
+    def _release_tensors(self) -> None:
+        for handle in self._tensor_handles:
+            handle.remove()
+        self._tensor_handles.clear()
+
+    def _release(self) -> None:
+        """Take every hook off, module and tensor hooks alike."""
+        self._release_tensors()
+        for handle in self._module_handles:
+            handle.remove()
+        self._module_handles.clear()
+
+
+class GradNormRecorder(_HookSet):
     """Records what the ghost norms need during an *ordinary* forward and backward of ``model``.
 
     While started, forward hooks keep each module's inputs and tensor hooks catch the gradients at its
@@ -69,7 +108,7 @@ class GradNormRecorder:
         #: the modules hooked, by name (default: all of ``model.named_modules()``)
         self.modules = dict(model.named_modules()) if modules is None else dict(modules)
         self.uses: dict[str, list[LayerCall]] = {name: [] for name in self.modules}
-        self._handles: list = []
+        super().__init__()
 
     def start(self) -> GradNormRecorder:
         """Clear earlier records and hook every module; returns ``self``. Raises ValueError on train-mode BatchNorm."""
@@ -81,19 +120,12 @@ class GradNormRecorder:
                 )
         self.stop()
         self.uses = {name: [] for name in self.modules}
-        try:
-            for name, mod in self.modules.items():
-                self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
-        except BaseException:
-            self.stop()
-            raise
+        self._hook_modules([(mod, self._hook(name)) for name, mod in self.modules.items()], with_kwargs=True)
         return self
 
     def stop(self) -> None:
         """Remove every hook (module and tensor hooks); the records stay readable."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._release()
 
     def __enter__(self) -> GradNormRecorder:
         return self.start()
@@ -111,11 +143,11 @@ class GradNormRecorder:
             use = LayerCall(args, kwargs, output)
             use.unbatched = expanded is None and not self._ids_from_batch(mod, args)
             for i, out in zip(use.out_index, use.outputs, strict=True):
-                self._handles.append(out.register_hook(use.store(i)))
+                self._hook_tensor(out, use.store(i))
             if self.input_grads:
                 for i, arg in enumerate(args):
                     if isinstance(arg, Tensor) and arg.requires_grad:
-                        self._handles.append(arg.register_hook(use.store_input(i)))
+                        self._hook_tensor(arg, use.store_input(i))
             self.uses[name].append(use)
             return output if expanded is not None else None
 
@@ -208,7 +240,7 @@ class TapCall:
         return self.grad is not None or self.g_norm is not None
 
 
-class LinearTap:
+class LinearTap(_HookSet):
     """The fused recording of a model whose parameterised layers are all ``nn.Linear``: the light path.
 
     A forward hook on each layer keeps the layer's input h and puts a tensor hook on its output for the
@@ -226,8 +258,7 @@ class LinearTap:
         self.calls: dict[str, list[TapCall]] = {name: [] for name in layers}
         self.recording = False
         self.batch = 0
-        self._forward_handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._grad_handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
 
     def start(self, batch: int) -> LinearTap:
         """Record the coming forward/backward of a batch of ``batch`` samples."""
@@ -235,17 +266,15 @@ class LinearTap:
         self.clear()
         self.batch = batch
         self.recording = True
-        if not self._forward_handles:
-            for name, layer in self.layers.items():
-                self._forward_handles.append(layer.register_forward_hook(self._forward_hook(name or "_root", layer)))
+        if not self.hooked:
+            self._hook_modules([(layer, self._forward_hook(name or "_root", layer))
+                                for name, layer in self.layers.items()])
         return self
 
     def stop(self) -> None:
         """End the step's recording: no more records, the tensor hooks removed (the forward hooks stay)."""
         self.recording = False
-        for handle in self._grad_handles:
-            handle.remove()
-        self._grad_handles.clear()
+        self._release_tensors()
 
     def clear(self) -> None:
         """Drop the records (they hold activations)."""
@@ -256,9 +285,7 @@ class LinearTap:
         """Stop, drop the records and remove the forward hooks."""
         self.stop()
         self.clear()
-        for handle in self._forward_handles:
-            handle.remove()
-        self._forward_handles.clear()
+        self._release()
 
     def _forward_hook(self, label: str, layer: nn.Module) -> Callable[..., None]:
         calls = self.calls[next(name for name, m in self.layers.items() if m is layer)]
@@ -272,8 +299,7 @@ class LinearTap:
                 h = args[0]
                 record = TapCall(input=h, version=tensor_version(h))
                 calls.append(record)
-                handle = output.register_hook(functools.partial(self._on_grad, label, calls, record))
-                self._grad_handles.append(handle)
+                self._hook_tensor(output, functools.partial(self._on_grad, label, calls, record))
 
         return hook
 
