@@ -42,6 +42,8 @@ def _chunks(data: bytes):
         if crc == length == kind == 0:  # zero trailer of a block, or space never written
             pos += room
             continue
+        if pos + HEADER + length > len(data):  # a chunk still being written: its end is not on disk yet
+            return
         payload = data[pos + HEADER : pos + HEADER + length]
         if zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
             raise ValueError(f"CRC mismatch in the chunk at byte {pos}")
@@ -97,10 +99,16 @@ def _records(path: Path, timeout: float) -> list:
     deadline = time.monotonic() + timeout
     while True:
         records = []
-        for payload in _chunks(path.read_bytes()):
-            record = pb.Record()
-            record.ParseFromString(payload)
-            records.append(record)
+        try:
+            for payload in _chunks(path.read_bytes()):
+                record = pb.Record()
+                record.ParseFromString(payload)
+                records.append(record)
+        except ValueError:  # read while wandb's core was writing a chunk (seen once in CI): read again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
