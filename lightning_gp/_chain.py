@@ -69,6 +69,10 @@ class StepContext:
         """Rank 0's ``tensor`` on every rank (every rank takes rank 0's decision)."""
         return tensor if self.world_size == 1 else self.strategy.broadcast(tensor, src=0)
 
+    def average_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean over the ranks of each of ``tensors``, without a graph (:func:`averaged_over_ranks`)."""
+        return averaged_over_ranks(self.strategy, tensors)
+
     def mean_over_ranks(self, tensor: Tensor) -> Tensor:
         """The mean of ``tensor`` over the ranks, differentiable: the backward sends each rank its share."""
         if self.world_size == 1:
@@ -109,6 +113,16 @@ class StepContext:
         if out is None:
             raise SkipBatch
         return extract_loss(out, self.caller)
+
+
+def averaged_over_ranks(strategy: Strategy | None, tensors: list[Tensor]) -> list[Tensor]:
+    """The mean over the ranks of each of ``tensors``: one all-reduce of them flattened into one buffer (new
+    tensors; the inputs are left as they are). Without a strategy or with one rank, ``tensors`` themselves."""
+    world = 1 if strategy is None else strategy.world_size
+    if world == 1:
+        return list(tensors)
+    flat = strategy.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduce_op="sum") / world
+    return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)]
 
 
 class SkipBatch(Exception):

@@ -110,14 +110,14 @@ def log_settings(trainer: pl.Trainer, owner: Any) -> None:
 
 
 def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int) -> None:
-    """A ``wandb.Histogram`` of each 1-d tensor of values (this rank's samples), one history row."""
-    runs = wandb_runs(trainer)
-    if not runs or not values:
+    """A ``wandb.Histogram`` of each 1-d tensor of values (the monitors pass every rank's samples), one row."""
+    targets = _wandb_targets(trainer)
+    if not targets or not values:
         return
     import wandb
 
     histograms = {k: wandb.Histogram(_numpy(v)) for k, v in values.items()}
-    for run, key in _wandb_targets(trainer):
+    for run, key in targets:
         run.log({**{key(k): h for k, h in histograms.items()}, STEP_KEY: step})
 
 
@@ -133,7 +133,7 @@ def log_scatter(trainer: pl.Trainer, key: str, columns: tuple[str, str], rows: T
     a, b = _numpy(rows[:, 0]), _numpy(rows[:, 1])
     table = wandb.Table(columns=["step", "sample", *columns],
                         data=[[step, i, float(x), float(y)] for i, (x, y) in enumerate(zip(a, b, strict=True))])
-    for run, name in _wandb_targets(trainer):
+    for run, name in targets:
         run.log({name(key): wandb.plot.scatter(table, columns[0], columns[1], title=f"{title}, step {step}"),
                  STEP_KEY: step})
 
@@ -148,8 +148,8 @@ def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, r
     - ``<prefix>/lhs_vs_rhs_image``: the same on log-log axes with the line drawn (needs matplotlib; skipped
       with a warning when it is missing).
     """
-    runs = wandb_runs(trainer)
-    if not runs:
+    targets = _wandb_targets(trainer)
+    if not targets:
         return
     import wandb
 
@@ -173,7 +173,7 @@ def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, r
     image = _scatter_png(lhs, rhs, step)
     if image is not None:
         row[f"{prefix}/lhs_vs_rhs_image"] = wandb.Image(image, caption=f"step {step}")
-    for run, key in _wandb_targets(trainer):
+    for run, key in targets:
         run.log({(k if k == STEP_KEY else key(k)): v for k, v in row.items()})
 
 

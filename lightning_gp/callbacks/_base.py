@@ -156,6 +156,23 @@ class PenaltyCallback(Callback):
         """Run ``inner`` (the rest of the chain) on ``batch`` and return the step with this term added."""
         raise NotImplementedError
 
+    def trainable_parameters(self, ctx: StepContext, why: str) -> list[Tensor]:
+        """The module's parameters that require grad, or a clear error (``why``: what the callback cannot do)."""
+        params = [p for p in ctx.module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"{type(self).__name__}: `{type(ctx.module).__name__}` has no parameter that requires grad at global "
+                f"step {ctx.global_step} (all frozen?), {why}. Unfreeze the parameters to train, or remove the "
+                f"callback."
+            )
+        return params
+
+    def loss_with_graph(self, step: Step) -> Tensor:
+        """``step.loss``, or the error saying it has no autograd graph (nothing to differentiate)."""
+        if not step.loss.requires_grad:
+            raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
+        return step.loss
+
     def active_weight(self, ctx: StepContext) -> float:
         """Lazy regularization: weight × k on optimizer steps (``global_step``) divisible by k, else 0.
 

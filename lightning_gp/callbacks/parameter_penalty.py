@@ -81,21 +81,12 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         weight = self.active_weight(ctx)
         if weight == 0:
             return inner(batch)
-        named = [(n, p) for n, p in ctx.module.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        if not params:
-            raise ValueError(
-                f"{type(self).__name__}: `{type(ctx.module).__name__}` has no parameter that requires grad at global "
-                f"step {ctx.global_step} (all frozen?), so ‖∇θL‖² has nothing to penalise. Unfreeze the parameters "
-                f"to train, or remove the callback."
-            )
+        params = self.trainable_parameters(ctx, "so ‖∇θL‖² has nothing to penalise")
         device = params[0].device
         method = self.resolved_method  # None: "auto", undecided until this step's graph is tried
         before = RNGState.capture(device) if method != "double_backward" else None
         step = inner(batch)
-        loss = step.loss
-        if not loss.requires_grad:
-            raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
+        loss = self.loss_with_graph(step)
         tried: list = []  # the gradients "auto" built to try the double backward, used when it works
         if method is None:
             def local_penalty() -> torch.Tensor:
@@ -117,9 +108,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             if double:  # a differentiable mean over the ranks (the strategy's all_gather with sync_grads)
                 grads = [ctx.mean_over_ranks(g) for g in grads]
             else:  # no graph needed: one flat all-reduce (of a copy: the linearised loss keeps the local ∇L)
-                flat = ctx.reduce(torch.cat([g.reshape(-1) for g in grads]), "sum") / world
-                grads = list(torch.split(flat, [g.numel() for g in grads]))
-                grads = [f.view_as(p) for f, p in zip(grads, params, strict=True)]
+                grads = ctx.average_over_ranks(grads)
         penalty = squared_norm_sum(grads)
         if double:
             step = step.add(weight * penalty)

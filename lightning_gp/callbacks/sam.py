@@ -7,8 +7,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import torch
-
 from lightning_gp._arguments import check_bool, check_number
 from lightning_gp._chain import StepContext
 from lightning_gp._objective import Step
@@ -42,6 +40,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         FloatingPointError: a step whose loss, gap or gradients are NaN/Inf.
 
     Example:
+        >>> import torch
         >>> from lightning_gp.manual import penalized_loss
         >>> w = torch.nn.Linear(2, 1, bias=False)
         >>> loss_fn = lambda b: (w(b) ** 2).mean()
@@ -88,26 +87,17 @@ class SharpnessAwareMinimization(PenaltyCallback):
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         if ctx.global_step % self.every_n_steps != 0 or self.rho == 0:
             return inner(batch)
-        params = [p for p in ctx.module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(
-                f"{type(self).__name__}: `{type(ctx.module).__name__}` has no parameter that requires grad at global "
-                f"step {ctx.global_step} (all frozen?), so there is nothing to perturb. Unfreeze the parameters or "
-                f"remove the callback."
-            )
+        params = self.trainable_parameters(ctx, "so there is nothing to perturb")
         before = RNGState.capture(params[0].device)  # the clean pass's dropout masks, replayed at θ + ε
         step = inner(batch)
-        if not step.loss.requires_grad:
-            raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
+        self.loss_with_graph(step)
         # ∇L for every leaf of the loss in one backward; the loss is linearised (`Step.loss_grads`), so the final
         # backward runs through the perturbed pass's graph only, as a hand-written two-pass loop does.
         step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self))
         grads = grads_or_zeros([step.grad_of(p) for p in params], params,
                                what="the loss returned by `training_step`", wrt="parameters")
-        world = ctx.world_size
-        if self.scope == "global" and world > 1:  # one flat all-reduce of a copy (the linearised loss keeps local g)
-            flat = ctx.reduce(torch.cat([g.reshape(-1) for g in grads]), "sum") / world
-            grads = [f.view_as(p) for f, p in zip(torch.split(flat, [g.numel() for g in grads]), params, strict=True)]
+        if self.scope == "global":  # one flat all-reduce of a copy (the linearised loss keeps the local g)
+            grads = ctx.average_over_ranks(grads)
         direction, h = sam_perturbation(params, grads, rho=self.rho, adaptive=self.adaptive)
         loss_at = lambda: ctx.extra_loss(batch)  # noqa: E731  (puts the module's buffers and other state back)
         if ctx.members == [self] and h != 0 and math.isfinite(h):

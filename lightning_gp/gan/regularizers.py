@@ -120,7 +120,6 @@ def critic_penalty(
 
 def _penalty_term(name: Penalty, critic: nn.Module, real: Tensor, fake: Tensor, *, method: Method,
                   alpha: Tensor | None, alpha2: Tensor | None) -> PenaltyTerm:
-    fn = critic
     if name == "difference":
         pair = None if alpha is None else (alpha, alpha2 if alpha2 is not None else torch.rand_like(alpha))
         penalty = difference_penalty(critic, real, fake, alpha=pair)
@@ -130,20 +129,20 @@ def _penalty_term(name: Penalty, critic: nn.Module, real: Tensor, fake: Tensor, 
     one_sided = name == "gp_one_sided"
     if method == "double_backward":
         if name == "r1":
-            penalty = r1_penalty(fn, real)
+            penalty = r1_penalty(critic, real)
         elif name == "r2":
-            penalty = r2_penalty(fn, fake)
+            penalty = r2_penalty(critic, fake)
         else:
-            penalty = wgan_gradient_penalty(fn, real, fake, alpha=alpha, one_sided=one_sided)
+            penalty = wgan_gradient_penalty(critic, real, fake, alpha=alpha, one_sided=one_sided)
         return PenaltyTerm(penalty.detach(), penalty, None)
     if method != "finite_difference":
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
     params = [p for p in critic.parameters() if p.requires_grad]
     if name in ("r1", "r2"):
         points = real if name == "r1" else fake
-        res = data_gradient_penalty_fd(fn, points.detach(), params, power=2, center=0.0)
+        res = data_gradient_penalty_fd(critic, points.detach(), params, power=2, center=0.0)
     else:
-        res = wgan_gradient_penalty_fd(fn, real, fake, params, alpha=alpha, one_sided=one_sided)
+        res = wgan_gradient_penalty_fd(critic, real, fake, params, alpha=alpha, one_sided=one_sided)
     surrogate = linearised(res.penalty, list(zip(params, res.grads, strict=True)))
     return PenaltyTerm(res.penalty, surrogate, None)
 

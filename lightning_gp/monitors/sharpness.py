@@ -13,6 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._chain import averaged_over_ranks
 from lightning_gp._log_writer import define_summaries
 from lightning_gp._logging import logger_step
 from lightning_gp._module_state import untouched
@@ -112,11 +113,7 @@ class SharpnessMonitor(Monitor):
         local = self._hvp(loss_at, params, strategy)
 
         def hvp(v: list[Tensor]) -> list[Tensor]:
-            hv = local(v)
-            if world == 1:
-                return hv
-            flat = strategy.reduce(torch.cat([t.reshape(-1) for t in hv]), reduce_op="sum") / world
-            return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in hv]), hv, strict=True)]
+            return averaged_over_ranks(strategy, local(v))
 
         generator = seeded_generator(device, int(seed))
         value, _ = power_iteration(hvp, params, iterations=self.iterations, tol=self.tol, generator=generator)
