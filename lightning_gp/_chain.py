@@ -20,6 +20,7 @@ from lightning_gp._finite import StepValues
 from lightning_gp._lightning_private import fabric_autocast_dtype
 from lightning_gp._module_state import untouched
 from lightning_gp._objective import Step, caller_name, extract_loss
+from lightning_gp.functional._sharded import Sharding, fsdp_modules, is_sharded, sharded
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.precision import compute_dtype
 from lightning_gp.interception import muted_logging
@@ -54,6 +55,15 @@ class StepContext:
         self.global_step = global_step
         self.caller = caller
         self.strategy = strategy
+        fsdp = fsdp_modules(module)
+        # FSDP2: the shards the step perturbs, and how its gradients are taken (functional/_sharded.py)
+        self.sharding = Sharding(fsdp, module) if fsdp else None
+
+    def trainable_parameters(self) -> list[Tensor]:
+        """The parameters that require grad: under FSDP2 the shards (whatever the forward registered since)."""
+        if self.sharding is not None:
+            return list(self.sharding.params)
+        return [p for p in self.module.parameters() if p.requires_grad]
 
     @property
     def world_size(self) -> int:
@@ -119,7 +129,8 @@ def averaged_over_ranks(strategy: Strategy | None, tensors: list[Tensor]) -> lis
     """The mean over the ranks of each of ``tensors``: one all-reduce of them flattened into one buffer (new
     tensors; the inputs are left as they are). Without a strategy or with one rank, ``tensors`` themselves."""
     world = 1 if strategy is None else strategy.world_size
-    if world == 1:
+    if world == 1 or any(is_sharded(t) for t in tensors):
+        # FSDP2's gradients are shards of the mean over the ranks already (its reduce-scatter averages)
         return list(tensors)
     flat = strategy.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduce_op="sum") / world
     return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)]
@@ -155,7 +166,8 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
 
     mark = None if values is None else (len(values.losses), len(values.values))
     try:
-        step = build(0)(args[0])
+        with sharded(ctx.sharding):
+            step = build(0)(args[0])
     except SkipBatch:
         if values is not None:  # nothing of a skipped batch is checked: it never reaches a backward
             del values.losses[mark[0]:], values.values[mark[1]:]

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gp.functional._sharded import local
+
 FIX = ("Fix the data (drop or `torch.nan_to_num` the non-finite samples), or lower the penalty's weight or the "
        "learning rate.")
 
@@ -62,7 +64,8 @@ def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strate
     ``scaled``: a GradScaler owns the step (gradients not checked, only NaN values raise). ``grad_names``:
     the gradients' parameter names, or a function returning them (called only to write the error).
     """
-    grads = [g.coalesce().values() if g.is_sparse else g for g in grads]  # nn.Embedding(sparse=True)
+    # nn.Embedding(sparse=True): the values; FSDP2: the rank's shard (every shard is checked, on its own rank)
+    grads = [g.coalesce().values() if g.is_sparse else local(g) for g in grads]
     device = grads[0].device if grads else next((v.device for _, v in values.losses), torch.device("cpu"))
     zero = torch.zeros((), device=device)
     # Per-tensor sums, not the ∞-norm: `get_total_norm(grads, inf)` costs twenty times more on an MLP's CPU tensors

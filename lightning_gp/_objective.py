@@ -11,10 +11,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-import torch
 from torch import Tensor
 
-from lightning_gp.functional._autograd import autograd_leaves, linearised
+from lightning_gp.functional._autograd import leaf_gradients, linearised
 
 #: How ``training_step`` reduced the per-sample losses to its scalar loss.
 Reduction = Literal["mean", "sum"]
@@ -66,9 +65,7 @@ class Step:
         """
         if self.grads is not None:
             return self
-        leaves = autograd_leaves(self.loss)
-        grads = torch.autograd.grad(self.loss, leaves, retain_graph=retain, allow_unused=True) if leaves else ()
-        pairs = {id(v): (v, g) for v, g in zip(leaves, grads, strict=True) if g is not None}
+        pairs = {id(v): (v, g) for v, g in leaf_gradients(self.loss, retain=retain)}
         return Step(loss=self.loss, output=self.output, terms=self.terms,
                     linearised_loss=linearised(self.loss, list(pairs.values())), grads=pairs)
 

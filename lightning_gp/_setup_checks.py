@@ -6,26 +6,55 @@ import inspect
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-#: Strategies the package is tested with. Sharded ones (FSDP, DeepSpeed, ModelParallelStrategy) split the
-#: parameters across ranks, and the per-sample norms and the parameter perturbations read whole parameters.
-SUPPORTED = "SingleDeviceStrategy (CPU or one GPU) and DDPStrategy (strategy='ddp', 'ddp_spawn', ...)"
+#: Strategies the package is tested with. FSDP1 (``FSDPStrategy``, CUDA only) and DeepSpeed stay refused until a
+#: GPU run has tested them.
+SUPPORTED = ("SingleDeviceStrategy (CPU or one GPU), DDPStrategy (strategy='ddp', 'ddp_spawn', ...) and, for the "
+             "callbacks and monitors listed in docs/scaling.md, ModelParallelStrategy (FSDP2, tensor_parallel_size=1)")
+#: What runs under FSDP2 (ModelParallelStrategy with fully_shard), for the refusals to name.
+SHARDED_SUPPORTED = ("AdversarialTraining, VirtualAdversarialTraining, Flooding, DataGradientPenalty and "
+                     "ParameterGradientPenalty with method='finite_difference' (the parameter penalty and "
+                     "SharpnessAwareMinimization with scope='global'), and GradientNormMonitor")
 
 
-def check_strategy(trainer: pl.Trainer, owner: str) -> None:
-    """Raise a clear error for a strategy the package does not support (sharded ones among them).
+def check_strategy(trainer: pl.Trainer, owner: str, sharded: str | None = "it reads whole parameters") -> None:
+    """Raise a clear error for a strategy ``owner`` does not support.
+
+    Args:
+        sharded: why ``owner`` cannot run under FSDP2 (``ModelParallelStrategy``), or None where it can.
 
     Raises:
-        RuntimeError: naming the strategy and what is supported.
+        RuntimeError: naming the strategy, the feature and what is supported.
     """
     strategy = trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy):
+        if sharded is not None:
+            raise RuntimeError(
+                f"{owner} does not run under `ModelParallelStrategy` (FSDP2): {sharded}, and FSDP2 splits each "
+                f"parameter across ranks. Under FSDP2 the package supports {SHARDED_SUPPORTED}. Train with "
+                f"strategy='ddp', or remove {owner}."
+            )
+        tp = strategy.device_mesh["tensor_parallel"].size()
+        if tp > 1:
+            raise RuntimeError(
+                f"{owner} under `ModelParallelStrategy(tensor_parallel_size={tp})`: tensor parallelism splits a "
+                f"layer's computation across ranks, and the package's passes assume each rank computes the whole "
+                f"model on its own samples. Use tensor_parallel_size=1 (FSDP2 data parallelism), or remove {owner}."
+            )
+        return
     supported = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and "DeepSpeed" not in type(strategy).__name__
     if not supported:
         raise RuntimeError(
             f"{owner} does not support `{type(strategy).__name__}`: it needs whole (unsharded) parameters on "
-            f"every rank. Supported: {SUPPORTED}. Use one of these, or remove {owner}."
+            f"every rank, and this strategy has not been tested on a GPU yet. Supported: {SUPPORTED}. Use one of "
+            f"these, or remove {owner}."
         )
+
+
+def sharded_training(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` trains sharded (``ModelParallelStrategy``: FSDP2)."""
+    return isinstance(trainer.strategy, ModelParallelStrategy)
 
 
 def check_batch_step(pl_module: pl.LightningModule, owner: str) -> None:

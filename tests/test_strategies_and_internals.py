@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_gp import (
-    AdversarialTraining,
     DataGradientPenalty,
-    GradientNormMonitor,
     MLPInequalityMonitor,
     ParameterGradientPenalty,
+    SharpnessAwareMinimization,
+    SharpnessMonitor,
     SpectralNormMonitor,
     SpectralNormPenalty,
 )
@@ -21,17 +24,18 @@ from lightning_gp.functional._torch_private import tensor_version
 from tests.test_callbacks_exactness import make_net
 from tests.test_callbacks_features import Module, fit
 
-CALLBACKS = [
-    lambda: DataGradientPenalty(0.5),
-    lambda: ParameterGradientPenalty(0.1),
-    lambda: AdversarialTraining(0.1),
-    lambda: SpectralNormPenalty(0.1),
-    lambda: GradientNormMonitor(),
-    lambda: GradientNormMonitor(mode="fused"),
-    lambda: MLPInequalityMonitor(),
-    lambda: SpectralNormMonitor(),
-]
-NAMES = ["data", "parameter", "adversarial", "spectral", "grad_norm", "fused", "mlp", "sigma"]
+#: What FSDP2 refuses in `setup`, and the reason each message must give.
+REFUSED_UNDER_FSDP2 = {
+    "spectral_penalty": (lambda: SpectralNormPenalty(0.1), "whole weight matrices"),
+    "sam_local": (lambda: SharpnessAwareMinimization(0.05), "scope='global'"),
+    "parameter_local": (lambda: ParameterGradientPenalty(0.1, method="finite_difference"), "scope='global'"),
+    "parameter_double": (lambda: ParameterGradientPenalty(0.1, method="double_backward", scope="global"),
+                         "method='finite_difference'"),
+    "data_double": (lambda: DataGradientPenalty(0.5, method="double_backward"), "method='finite_difference'"),
+    "mlp": (lambda: MLPInequalityMonitor(), "spectral norm"),
+    "sigma": (lambda: SpectralNormMonitor(), "whole weight matrices"),
+    "sharpness": (lambda: SharpnessMonitor(), "sharded parameters"),
+}
 
 
 @pytest.fixture
@@ -45,12 +49,25 @@ def no_process_group_left():
 
 
 @pytest.mark.usefixtures("no_process_group_left")
-@pytest.mark.parametrize("make", CALLBACKS, ids=NAMES)
-def test_model_parallel_strategy_is_refused_in_setup(make):
+@pytest.mark.parametrize("name", list(REFUSED_UNDER_FSDP2))
+def test_what_fsdp2_cannot_run_is_refused_in_setup(name):
+    make, reason = REFUSED_UNDER_FSDP2[name]
     callback = make()
-    with pytest.raises(RuntimeError, match=rf"{type(callback).__name__} does not support `ModelParallelStrategy`.*"
-                                           r"Supported: SingleDeviceStrategy.*DDPStrategy"):
+    with pytest.raises(RuntimeError, match=rf"{type(callback).__name__} does not run under `ModelParallelStrategy` "
+                                           rf"\(FSDP2\): .*{re.escape(reason)}.*Under FSDP2 the package supports "
+                                           r"AdversarialTraining.*strategy='ddp'"):
         fit(Module(make_net()), [callback], steps=1, strategy=ModelParallelStrategy(), accelerator="cpu", devices=1)
+
+
+@pytest.mark.usefixtures("no_process_group_left")
+def test_the_wgan_mixin_is_refused_under_fsdp2():
+    from tests.ddp_scripts.wgan_models import TinyGAN
+
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match=r"WGANGPMixin\) does not run under `ModelParallelStrategy` \(FSDP2\).*"
+                                           r"strategy='ddp'"):
+        trainer.fit(TinyGAN(), torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=4))
 
 
 class DeepSpeedStrategy(DDPStrategy):

@@ -26,10 +26,11 @@ from lightning_gp._lightning_private import callback_state_key, compiled_modules
 from lightning_gp._log_writer import log_settings
 from lightning_gp._logging import should_log
 from lightning_gp._objective import Step, caller_name
-from lightning_gp._setup_checks import check_batch_step, check_strategy
+from lightning_gp._setup_checks import check_batch_step, check_strategy, sharded_training
 from lightning_gp._trainer import grad_scaler
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional._rng import seeded_generator
+from lightning_gp.functional._sharded import whole
 from lightning_gp.interception import StepInterceptor
 
 
@@ -90,7 +91,7 @@ class PenaltyCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, type(self).__name__)
+        check_strategy(trainer, type(self).__name__, self.unsupported_when_sharded())
         check_batch_step(pl_module, type(self).__name__)
         if not pl_module.automatic_optimization:
             raise RuntimeError(
@@ -100,6 +101,8 @@ class PenaltyCallback(Callback):
                 f"before `self.manual_backward`."
             )
         method = getattr(self, "method", None)
+        if method == "auto" and sharded_training(trainer):
+            self.resolve_method("finite_difference", "FSDP2 has no double backward")
         compiled = compiled_modules(pl_module) if method in ("double_backward", "auto") else []
         if compiled:
             where = ", ".join(f"`{n}`" if n else f"`{type(pl_module).__name__}` itself" for n in compiled)
@@ -151,6 +154,10 @@ class PenaltyCallback(Callback):
                                        batch_size=1)
         self._epoch.reset()
 
+    def unsupported_when_sharded(self) -> str | None:
+        """Why the callback, as configured, cannot run under FSDP2 (``ModelParallelStrategy``); None where it can."""
+        return "it reads whole parameters"
+
     # -- per step ---------------------------------------------------------------------------------------
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         """Run ``inner`` (the rest of the chain) on ``batch`` and return the step with this term added."""
@@ -158,7 +165,7 @@ class PenaltyCallback(Callback):
 
     def trainable_parameters(self, ctx: StepContext, why: str) -> list[Tensor]:
         """The module's parameters that require grad, or a clear error (``why``: what the callback cannot do)."""
-        params = [p for p in ctx.module.parameters() if p.requires_grad]
+        params = ctx.trainable_parameters()
         if not params:
             raise ValueError(
                 f"{type(self).__name__}: `{type(ctx.module).__name__}` has no parameter that requires grad at global "
@@ -204,7 +211,7 @@ class PenaltyCallback(Callback):
         gradients (:mod:`lightning_gp._finite`: one host read a step, every DDP rank raising together).
         Outside a Trainer (``penalized_loss``) it is checked at once.
         """
-        value = value.detach()
+        value = whole(value.detach())  # a norm over FSDP2's shards is a DTensor
         if self.check_finite:
             if ctx.values is not None:
                 ctx.values.add(type(self).__name__, name, value)
@@ -242,7 +249,7 @@ class PenaltyCallback(Callback):
         module = ctx.module
         if not isinstance(module, pl.LightningModule) or ctx.strategy is None or module.trainer.barebones:
             return  # outside a Trainer (manual use), or barebones (which forbids self.log): nothing to log to
-        value = value.detach()
+        value = whole(value.detach())
         n = batch_size or 1
         epoch = module.trainer.current_epoch
         if self.__dict__.get("_values_epoch") != epoch:  # no epoch hook under `penalized_loss`: reset here

@@ -134,6 +134,9 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             x_adv = pgd(loss_fn, x, steps=self.steps, step_size=step_size, **common) if step_size > 0 else x
         return x_adv.to(x.dtype), (clean[0] if clean else None)
 
+    def unsupported_when_sharded(self) -> str | None:
+        return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
+
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         a = self.adversarial_weight
         if a == 0:

@@ -106,6 +106,12 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
                 f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in self.form().items()
             )
 
+    def unsupported_when_sharded(self) -> str | None:
+        if self.method == "double_backward":
+            return ("method='double_backward' differentiates a gradient, and FSDP2's backward frees the all-gathered "
+                    "parameters a second differentiation needs (use method='finite_difference' or 'auto')")
+        return None
+
     def form(self) -> dict[str, Any]:
         """The penalty's shape φ where it differs from the default (n²): ``power``, ``center``, ``one_sided``."""
         defaults = {"power": 2, "center": 0.0, "one_sided": False}
@@ -134,7 +140,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
 
         penalty = None
         if method is None:
-            params = [p for p in ctx.module.parameters() if p.requires_grad]
+            params = ctx.trainable_parameters()
             method, penalty = self.decide_method(ctx, double_backward_penalty, params)
         if method == "double_backward":
             penalty = double_backward_penalty() if penalty is None else penalty

@@ -41,6 +41,9 @@ class Flooding(PenaltyCallback):
         super().__init__(1.0, check_finite=check_finite)
         self.level = check_number(level, "level", type(self).__name__)
 
+    def unsupported_when_sharded(self) -> str | None:
+        return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
+
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         step = inner(batch)
         loss = step.loss

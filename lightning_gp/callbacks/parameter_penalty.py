@@ -77,6 +77,15 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         self.scope = check_choice(scope, "scope", SCOPES)
         self.step = None if step is None else check_number(step, "step", type(self).__name__, strict=True)
 
+    def unsupported_when_sharded(self) -> str | None:
+        if self.method == "double_backward":
+            return ("method='double_backward' differentiates a gradient, and FSDP2's backward frees the all-gathered "
+                    "parameters a second differentiation needs (use method='finite_difference' or 'auto')")
+        if self.scope == "local":
+            return ("scope='local' moves each rank's parameters by its own gradient, and FSDP2's ranks share one set "
+                    "of sharded parameters (use scope='global', the one-process result)")
+        return None
+
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)
         if weight == 0:

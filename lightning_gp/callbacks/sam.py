@@ -84,6 +84,12 @@ class SharpnessAwareMinimization(PenaltyCallback):
             )
         super().setup(trainer, pl_module, stage)
 
+    def unsupported_when_sharded(self) -> str | None:
+        if self.scope == "local":
+            return ("scope='local' moves each rank's parameters by its own gradient, and FSDP2's ranks share one set "
+                    "of sharded parameters (use scope='global', the one-process result)")
+        return None
+
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         if ctx.global_step % self.every_n_steps != 0 or self.rho == 0:
             return inner(batch)

@@ -57,6 +57,9 @@ class SpectralNormPenalty(PenaltyCallback):
         self.vectors: dict[str, torch.Tensor] = {}
 
     @override
+    def unsupported_when_sharded(self) -> str | None:
+        return "its power iteration multiplies whole weight matrices"
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._fitted = False  # the warm-start vectors are checked against this model on the first step

@@ -115,6 +115,9 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
             )
         return logits
 
+    def unsupported_when_sharded(self) -> str | None:
+        return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
+
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         step = inner(batch)
         weight = self.active_weight(ctx)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gp.functional._sharded import active_sharding, local
 from lightning_gp.functional._torch_private import foreach_add_, foreach_copy_, foreach_mul
 
 
@@ -56,8 +57,9 @@ class Linearised(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:
         grads = ctx.grads
-        if len({(g.dtype, g.device) for g in grads}) == 1 and not any(g.is_sparse for g in grads):
-            return (None, None, *foreach_mul(list(grads), upstream.to(grads[0].dtype)))  # one fused launch
+        # one fused launch where the gradients allow (not a list mixing FSDP2 DTensor shards and plain tensors)
+        if len({(g.dtype, g.device, type(g)) for g in grads}) == 1 and not any(g.is_sparse for g in grads):
+            return (None, None, *foreach_mul(list(grads), upstream.to(grads[0].dtype)))
         return (None, None, *(g * upstream.to(g.dtype) for g in grads))
 
 
@@ -72,17 +74,28 @@ def linearised(loss: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
     return Linearised.apply(loss.detach(), tuple(g.detach() for _, g in pairs), *leaves)
 
 
+def leaf_gradients(loss: Tensor, *, retain: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """(leaf, ∇ leaf) for every autograd leaf ``loss`` depends on, by one backward (leaves it does not reach are left
+    out). Under FSDP2 (an active :class:`~lightning_gp.functional._sharded.Sharding`) the parameters' entries are the
+    shards with FSDP2's reduce-scattered gradients (the mean over ranks), taken by a real backward.
+    """
+    leaves = autograd_leaves(loss)
+    if not leaves:
+        return []
+    sharding = active_sharding()
+    if sharding is not None:
+        return sharding.backward_pairs(loss, leaves, retain)
+    grads = torch.autograd.grad(loss, leaves, retain_graph=retain, allow_unused=True)
+    return [(v, g) for v, g in zip(leaves, grads, strict=True) if g is not None]
+
+
 def linearised_now(loss: Tensor) -> Tensor:
     """:func:`linearised` with ``loss``'s gradients taken now, w.r.t. every leaf of its graph (which is freed).
 
     For a finite difference's second pass: its backward runs at once, unscaled, so it is free of a GradScaler's
     scale (fp16 gradients of the pass scaled by 65536·(2/h) overflowed) and of parameters put back after it.
     """
-    leaves = autograd_leaves(loss)
-    if not leaves:
-        return loss.detach()
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return linearised(loss, [(v, g) for v, g in zip(leaves, grads, strict=True) if g is not None])
+    return linearised(loss, leaf_gradients(loss))
 
 
 def finite_difference_term(perturbed: Tensor, base: Tensor, *, step: float, scale: float = 1.0) -> Tensor:
@@ -164,11 +177,14 @@ def displaced(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: flo
         >>> inside.tolist(), w.tolist()
         ([1.5, 2.5], [1.0, 2.0])
     """
-    saved = [p.detach().clone() for p in params]
-    datas = [p.data for p in params]
+    datas = [local(p.data) for p in params]  # a sharded parameter moves in its own shard
+    saved = [d.clone() for d in datas]
+    sharding = active_sharding()
     try:
         with torch.no_grad():
-            foreach_add_(datas, [d.to(p.dtype) for p, d in zip(params, directions, strict=True)], alpha)
+            foreach_add_(datas, [local(d).to(p.dtype) for p, d in zip(params, directions, strict=True)], alpha)
+        if sharding is not None:  # the next forward all-gathers the moved shards
+            sharding.reshard()
         # autocast caches each parameter's low-precision copy for the region: without this the displaced pass
         # would reuse θ's copy (a zero difference under bf16-mixed), and the passes after it θ + α·d's
         torch.clear_autocast_cache()
@@ -176,6 +192,8 @@ def displaced(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: flo
     finally:
         with torch.no_grad():
             foreach_copy_(datas, saved)
+        if sharding is not None:  # no full copy of θ + α·d is left for the next pass to reuse
+            sharding.reshard()
         torch.clear_autocast_cache()
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_gp.functional._layer_call import LayerCall
 from lightning_gp.functional._norm_rules import UnbatchedLayer
+from lightning_gp.functional._sharded import is_sharded, layer_type
 from lightning_gp.functional._torch_private import tree_flatten, tree_unflatten
 
 
@@ -39,6 +40,13 @@ def replayed_grads(name: str, module: nn.Module, params: dict[str, Tensor], uses
     bd = batch_dim(module)
     if bd != 0:  # (T, B, ...) outputs next to (B, T, S) attention weights: no one batch dimension to vmap over
         raise UnbatchedLayer(f"Layer '{name}' ({type(module).__name__}) is not batch-first.", name)
+    if any(is_sharded(p) for p in params.values()):
+        raise ValueError(
+            f"Layer '{name}' ({layer_type(module).__name__}) has no closed-form per-sample norm, and its torch.func "
+            f"replay needs the whole weight, which FSDP2 shards across ranks. Under FSDP2 the per-sample norms cover "
+            f"the layers with a closed form (Linear, Conv, normalisation, Embedding, MultiheadAttention): restrict "
+            f"the monitor to them (`target=`), or train with strategy='ddp'."
+        )
     total: dict[str, Tensor] = {}
     params = {k: p.detach() for k, p in params.items()}
     for use in uses:

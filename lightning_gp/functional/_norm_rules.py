@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gp.functional._sharded import layer_type
 from lightning_gp.functional._torch_private import qkv_same_embed_dim, reversed_padding
 
 LINEAR_LAYERS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)  # the latter: attention's out_proj
@@ -378,7 +379,7 @@ def rule(module: nn.Module, names: set[str]) -> Callable[..., Tensor] | None:
     Types are matched exactly: a subclass may override ``forward`` (LoRA, quantised layers), and the rule
     would then be wrong.
     """
-    kind = type(module)
+    kind = layer_type(module)  # FSDP2's FSDPLinear is a Linear with hooks
     if kind in LINEAR_LAYERS and names <= {"weight", "bias"}:
         return linear_rule
     if kind in CONV_LAYERS and names <= {"weight", "bias"}:

@@ -21,6 +21,7 @@ from lightning_gp.functional._layer_call import LayerCall, check_versions, layer
 from lightning_gp.functional._layers import BATCH_NORM_LAYERS
 from lightning_gp.functional._norm_rules import linear_squared_norms
 from lightning_gp.functional._param_units import closed_form_modules, layer_norms, own_params
+from lightning_gp.functional._sharded import layer_type
 from lightning_gp.functional._torch_private import tensor_version, tree_map
 from lightning_gp.functional.gradients import accumulation_dtype, upcast
 
@@ -29,7 +30,7 @@ def _expand_broadcast_lookup(mod: nn.Module, args: tuple, output: object, batch:
     """An Embedding looked up once for the whole batch ((1, T) position ids, as GPT-2 and BERT do) is broadcast
     over the samples by the next op. Its output expanded to the batch (a view: the op computes the same values)
     makes that op's gradient per sample arrive at the embedding, so its closed form applies."""
-    if (type(mod) is not nn.Embedding or not batch or batch == 1 or not args or not isinstance(output, Tensor)
+    if (layer_type(mod) is not nn.Embedding or not batch or batch == 1 or not args or not isinstance(output, Tensor)
             or not isinstance(args[0], Tensor) or args[0].ndim == 0 or args[0].shape[0] != 1):
         return None
     ids = args[0].expand(batch, *args[0].shape[1:])

@@ -18,6 +18,7 @@ from lightning_gp._batch import resolve_input
 from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import merge_initial_hparams
 from lightning_gp._logging import should_log
+from lightning_gp._setup_checks import sharded_training
 from lightning_gp._trainer import attached_trainer, grad_scaler
 from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._checks import check_per_sample
@@ -160,6 +161,12 @@ class WGANGPMixin:
         if self._wgan_seed is None:
             self._wgan_seed = torch.initial_seed()
         trainer = attached_trainer(self)
+        if trainer is not None and sharded_training(trainer):
+            raise RuntimeError(
+                f"{type(self).__name__} (WGANGPMixin) does not run under `ModelParallelStrategy` (FSDP2): its gradient "
+                f"penalty differentiates the critic's gradient, and FSDP2's backward frees the all-gathered parameters "
+                f"a second differentiation needs. Train the GAN with strategy='ddp' (or one device)."
+            )
         self._wgan_touch_unused = trainer is not None and trainer.world_size > 1
         self._wgan_idle: dict[tuple[int, ...], list[Tensor]] = {}
         self._merge_wgan_hparams()

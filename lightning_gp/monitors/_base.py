@@ -90,13 +90,17 @@ class Monitor(Callback):
         """The resolved ``every_n_steps``."""
         return self._interval
 
+    def unsupported_when_sharded(self) -> str | None:
+        """Why the monitor cannot run under FSDP2 (``ModelParallelStrategy``); None where it can."""
+        return "it reads whole parameters"
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._last_step = -1
         self._last_media_step = None
         self._epoch.reset()
         if stage == "fit":
-            check_strategy(trainer, type(self).__name__)
+            check_strategy(trainer, type(self).__name__, self.unsupported_when_sharded())
             if self.needs_batch:
                 check_batch_step(pl_module, type(self).__name__)
             log_settings(trainer, self)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lightning_gp.functional._layers import batch_norms
 from lightning_gp.functional._norm_rules import UnbatchedLayer
 from lightning_gp.functional._recorder import GradNormRecorder, LinearTap
+from lightning_gp.functional._sharded import layer_type
 from lightning_gp.functional.gradients import accumulation_dtype
 from lightning_gp.functional.layer_output import perturbed_output
 
@@ -182,7 +183,7 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module] | None:
     layers, seen = {}, set()
     for name, m in module.named_modules():
         if any(p.requires_grad for p in m.parameters(recurse=False)):
-            if type(m) is not nn.Linear or any(id(p) in seen for p in m.parameters(recurse=False)):
+            if layer_type(m) is not nn.Linear or any(id(p) in seen for p in m.parameters(recurse=False)):
                 return None  # not a plain Linear, or tied weights (their uses add up): the general recorder
             seen.update(id(p) for p in m.parameters(recurse=False))
             layers[name] = m

@@ -20,6 +20,7 @@ from lightning_gp._site import Site, Target
 from lightning_gp._trainer import loss_scale
 from lightning_gp.functional._checks import check_per_sample, check_positive_int
 from lightning_gp.functional._recorder import LinearTap
+from lightning_gp.functional._sharded import is_sharded, local
 from lightning_gp.functional._torch_private import tree_flatten
 from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
 from lightning_gp.functional.gradients import tensor_norms
@@ -122,6 +123,10 @@ class GradientNormMonitor(Monitor):
         self._module: pl.LightningModule | None = None
         #: per micro-batch: (B, 2 + L) norms of the recorded gradients, layer names, per-sample factor
         self._columns: list[tuple[Tensor, list[str], float]] = []
+
+    @override
+    def unsupported_when_sharded(self) -> str | None:
+        return None  # the per-sample forms need only activations and output gradients, never a whole weight
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -251,7 +256,11 @@ class GradientNormMonitor(Monitor):
             key = f"{key}/{index}"
         # ‖∇θL‖ is the norm of the per-parameter norms (one foreach kernel); that last norm is taken on the
         # host in _flush, with the other values (one transfer a step)
-        self._pending[key] = tensor_norms(grads)
+        if any(is_sharded(g) for g in grads):  # FSDP2: each rank holds shards; one sum of squares over the ranks
+            square = tensor_norms([local(g) for g in grads]).square().sum()
+            self._pending[key] = trainer.strategy.reduce(square, reduce_op="sum").sqrt().reshape(1)
+        else:
+            self._pending[key] = tensor_norms(grads)
 
     @override
     def on_train_batch_end(

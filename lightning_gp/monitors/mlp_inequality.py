@@ -81,6 +81,10 @@ class MLPInequalityMonitor(Monitor):
         self.tables = bool(tables)
 
     @override
+    def unsupported_when_sharded(self) -> str | None:
+        return "its right-hand side takes the spectral norm ‖W‖₂ of whole weight matrices"
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":

@@ -80,6 +80,10 @@ class SharpnessMonitor(Monitor):
         self._resolved: str | None = None if method == "auto" else method
 
     @override
+    def unsupported_when_sharded(self) -> str | None:
+        return "its Hessian-vector products are not written for sharded parameters yet"
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         define_summaries(trainer, {f"{PREFIX}/lambda_max": "max"})
 

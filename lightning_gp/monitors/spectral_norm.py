@@ -61,6 +61,10 @@ class SpectralNormMonitor(Monitor):
         self._vectors: dict[str, Tensor] = {}
 
     @override
+    def unsupported_when_sharded(self) -> str | None:
+        return "its power iteration multiplies whole weight matrices"
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and not self._layers(pl_module):

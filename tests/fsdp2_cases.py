@@ -1,0 +1,171 @@
+"""Training configurations for the FSDP2 tests: two small models sharded with ``fully_shard`` in ``configure_model``
+(an embedding model for the target-layer methods, a feature model for the batch-input ones), the callbacks under
+test, and a fit that runs them on one process or under ``ModelParallelStrategy`` (2 CPU processes, gloo).
+
+Shared by tests/ddp_scripts/fsdp2.py (the 2-process runs) and tests/test_fsdp2.py (the one-process references).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gp import GradientNormMonitor
+from lightning_gp.callbacks import (
+    AdversarialTraining,
+    DataGradientPenalty,
+    Flooding,
+    ParameterGradientPenalty,
+    SharpnessAwareMinimization,
+    VirtualAdversarialTraining,
+)
+
+PER_RANK_BATCH = 4
+STEPS = 3
+LR = 0.1
+VOCAB, TOKENS, FEATURES = 20, 5, 6
+
+#: name → (model kind, callbacks). "tokens": Embedding → mean → Linear blocks; "features": Linear blocks.
+CONFIGS: dict[str, tuple[str, Callable[[], list]]] = {
+    "plain_features": ("features", lambda: []),
+    "plain_tokens": ("tokens", lambda: []),
+    "fgm_input": ("features", lambda: [AdversarialTraining(0.3, adversarial_weight=0.5)]),
+    "pgd_input": ("features", lambda: [AdversarialTraining(0.1, norm="linf", steps=2)]),
+    "freelb_target": ("tokens", lambda: [AdversarialTraining(0.2, steps=2, average_steps=True, target="embed")]),
+    "fgm_target": ("tokens", lambda: [AdversarialTraining(0.3, target="embed")]),
+    "data_fd_input": ("features", lambda: [DataGradientPenalty(0.5, method="finite_difference")]),
+    "data_auto_target": ("tokens", lambda: [DataGradientPenalty(0.5, power=1, target="embed")]),
+    "parameter_global_fd": ("features", lambda: [ParameterGradientPenalty(0.2, scope="global",
+                                                                          method="finite_difference")]),
+    "parameter_global_auto": ("tokens", lambda: [ParameterGradientPenalty(0.2, scope="global")]),
+    "sam_global": ("tokens", lambda: [SharpnessAwareMinimization(0.05, scope="global")]),
+    "asam_global": ("features", lambda: [SharpnessAwareMinimization(0.5, adaptive=True, scope="global")]),
+    # SAM beside other callbacks: its term is a difference added to the clean gradient the others see
+    "sam_fgm_penalty": ("features", lambda: [AdversarialTraining(0.2, adversarial_weight=0.5),
+                                             DataGradientPenalty(0.3, method="finite_difference"),
+                                             SharpnessAwareMinimization(0.05, scope="global")]),
+    "grad_norm_recompute": ("features", lambda: [GradientNormMonitor(every_n_steps=1, histograms=False)]),
+    "grad_norm_fused": ("features", lambda: [GradientNormMonitor(every_n_steps=1, mode="fused", histograms=False)]),
+    "grad_norm_target": ("tokens", lambda: [GradientNormMonitor(every_n_steps=1, target="embed", histograms=False)]),
+}
+#: Configurations defined per rank: random draws that depend on the rank (VAT's direction, a random PGD start) and
+#: Flooding (each rank floods its own loss, as under DDP). Compared with 2-process DDP instead of one process.
+RANK_DRAWS: dict[str, tuple[str, Callable[[], list]]] = {
+    "flooding": ("features", lambda: [Flooding(1.2)]),
+    "vat_input": ("features", lambda: [VirtualAdversarialTraining(0.5, weight=0.5)]),
+    "vat_target": ("tokens", lambda: [VirtualAdversarialTraining(0.5, target="embed")]),
+    "pgd_random_start": ("features", lambda: [AdversarialTraining(0.1, norm="linf", steps=2, random_start=True)]),
+}
+
+
+#: The one-process reference of a configuration whose method FSDP2 resolves otherwise ("auto": finite differences).
+REFERENCES: dict[str, Callable[[], list]] = {
+    "data_auto_target": lambda: [DataGradientPenalty(0.5, power=1, target="embed", method="finite_difference")],
+    "parameter_global_auto": lambda: [ParameterGradientPenalty(0.2, scope="global", method="finite_difference")],
+}
+
+
+class Net(pl.LightningModule):
+    """The model of a configuration; ``configure_model`` shards each block and the root when a device mesh exists."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(2)
+        self.kind = kind
+        self.embed = torch.nn.Embedding(VOCAB, 8) if kind == "tokens" else torch.nn.Linear(FEATURES, 8)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in (self.embed, *self.blocks):
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.kind == "tokens":
+            h = h.mean(dim=1)
+        return self.blocks[1](torch.tanh(self.blocks[0](torch.tanh(h))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+
+def data(kind: str) -> TensorDataset:
+    gen = torch.Generator().manual_seed(1)
+    n = 2 * PER_RANK_BATCH * STEPS  # one epoch is STEPS steps: a resumed run starts at an epoch boundary
+    x = (torch.randint(0, VOCAB, (n, TOKENS), generator=gen) if kind == "tokens"
+         else torch.randn(n, FEATURES, generator=gen))
+    return TensorDataset(x, torch.randint(0, 3, (n,), generator=gen))
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """Samples rank, rank + W, ...: the union of the ranks' t-th batches is the one-process t-th batch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _world(self) -> tuple[int, int]:
+        if torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        return self.n // self._world()[1]
+
+
+def fit(name: str, *, strategy: str = "single", max_steps: int = STEPS, ckpt_path: str | None = None,
+        callbacks: list | None = None, reference: bool = False, **trainer_kwargs) -> tuple[pl.Trainer, Net]:
+    """Fit configuration ``name`` with ``strategy`` "single" (one process, the combined batch), "fsdp2", "tp2"
+    (``tensor_parallel_size=2``) or "ddp"; ``reference``: with the one-process reference's callbacks."""
+    kind, make = {**CONFIGS, **RANK_DRAWS}[name]
+    if reference:
+        make = REFERENCES.get(name, make)
+    if strategy in ("fsdp2", "tp2"):
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        dp, tp = (2, 1) if strategy == "fsdp2" else (1, 2)
+        kwargs = dict(devices=2, strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp))
+        batch = PER_RANK_BATCH
+    elif strategy == "ddp":
+        kwargs, batch = dict(devices=2, strategy="ddp"), PER_RANK_BATCH
+    else:
+        kwargs, batch = dict(devices=1), 2 * PER_RANK_BATCH
+    pl.seed_everything(0, verbose=False)
+    model = Net(kind)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=make() + (callbacks or []),
+                         use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=1,
+                         **{"enable_checkpointing": False, **kwargs, **trainer_kwargs})
+    ds = data(kind)
+    trainer.fit(model, DataLoader(ds, batch_size=batch, sampler=RankSampler(len(ds))), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters as whole tensors (a sharded one gathered)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def logged(trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,69 @@
+"""FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), 2 CPU processes with gloo, against one process on the
+combined batch: every supported callback and the gradient-norm monitor, a distributed-checkpoint resume, and the
+refusals (tensor parallelism here; the setup refusals in one process in tests/test_strategies_and_internals.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.fsdp2_cases import CONFIGS, RANK_DRAWS, fit, full_state, logged
+
+pytestmark = pytest.mark.ddp
+
+#: float32; the finite differences divide rounding by their step, so their configurations agree to about 3e-6
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory) -> dict:
+    from tests.ddp import run_ddp_script
+
+    return run_ddp_script("fsdp2.py", tmp_path_factory.mktemp("fsdp2") / "out.pt", timeout=420)
+
+
+def _close(got: dict, want: dict, what: str) -> None:
+    assert set(got["params"]) == set(want["params"])
+    for key, value in want["params"].items():
+        torch.testing.assert_close(got["params"][key], value, atol=ATOL, rtol=0, msg=f"{what} {key}")
+    assert set(got["metrics"]) == set(want["metrics"]), what  # the same keys logged, none lost
+    for key, value in want["metrics"].items():
+        torch.testing.assert_close(got["metrics"][key].float(), value.float(), atol=ATOL, rtol=1e-5,
+                                   msg=f"{what} {key}")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fsdp2_equals_one_process_on_the_combined_batch(fsdp2, name):
+    trainer, model = fit(name, reference=True)
+    _close(fsdp2[(name, "fsdp2")], {"params": full_state(model), "metrics": logged(trainer)}, name)
+
+
+@pytest.mark.parametrize("name", list(RANK_DRAWS))
+def test_fsdp2_equals_ddp_where_the_method_is_defined_per_rank(fsdp2, name):
+    _close(fsdp2[(name, "fsdp2")], fsdp2[(name, "ddp")], name)
+
+
+def test_the_controls_tell_the_configurations_apart(fsdp2):
+    """Each penalty changes training: a comparison that passed with the callbacks doing nothing would be empty."""
+    plain = {"features": fsdp2[("plain_features", "fsdp2")], "tokens": fsdp2[("plain_tokens", "fsdp2")]}
+    for name, (kind, _) in {**CONFIGS, **RANK_DRAWS}.items():
+        if name.startswith(("plain", "grad_norm")):
+            continue
+        got, base = fsdp2[(name, "fsdp2")]["params"], plain[kind]["params"]
+        assert max((got[k] - base[k]).abs().max() for k in base) > 1e-4, name
+
+
+def test_fsdp2_resumes_from_its_distributed_checkpoint_bit_for_bit(fsdp2):
+    resumed, uninterrupted = fsdp2["resumed"], fsdp2["uninterrupted"]
+    for key, value in uninterrupted["params"].items():
+        assert torch.equal(resumed["params"][key], value), key
+    # the callbacks' state came back from the checkpoint: 3 steps before it, 3 after
+    assert resumed["states"] == uninterrupted["states"]
+    assert all(state["applied"] == 6 for state in resumed["states"].values()), resumed["states"]
+
+
+def test_tensor_parallelism_is_refused_in_setup(fsdp2):
+    message = fsdp2["tp2"]
+    assert message is not None, "tensor_parallel_size=2 trained"
+    assert "ModelParallelStrategy(tensor_parallel_size=2)" in message
+    assert "tensor_parallel_size=1" in message
