@@ -83,11 +83,20 @@ class StepContext:
         """The mean over the ranks of each of ``tensors``, without a graph (:func:`averaged_over_ranks`)."""
         return averaged_over_ranks(self.strategy, tensors)
 
-    def mean_over_ranks(self, tensor: Tensor) -> Tensor:
-        """The mean of ``tensor`` over the ranks, differentiable: the backward sends each rank its share."""
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor``, stacked along a new first dimension (``(1, ...)`` on one rank)."""
         if self.world_size == 1:
-            return tensor
-        return self.strategy.all_gather(tensor, sync_grads=True).mean(dim=0)
+            return tensor.unsqueeze(0)
+        return self.strategy.all_gather(tensor).reshape(self.world_size, *tensor.shape)
+
+    def mean_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean of each of ``tensors`` over the ranks, differentiable (the backward sends each rank its share):
+        one all-gather of them flattened into one buffer."""
+        if self.world_size == 1:
+            return list(tensors)
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        mean = self.strategy.all_gather(flat, sync_grads=True).mean(dim=0)
+        return [m.view_as(t) for m, t in zip(torch.split(mean, [t.numel() for t in tensors]), tensors, strict=True)]
 
     def compute_dtype(self, t: Tensor) -> torch.dtype:
         """The dtype the step's passes compute ``t``'s kind of values in (:func:`functional.precision.compute_dtype`,

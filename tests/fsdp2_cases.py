@@ -48,13 +48,20 @@ CONFIGS: dict[str, tuple[str, Callable[[], list]]] = {
     "sam_fgm_penalty": ("features", lambda: [AdversarialTraining(0.2, adversarial_weight=0.5),
                                              DataGradientPenalty(0.3, method="finite_difference"),
                                              SharpnessAwareMinimization(0.05, scope="global")]),
+    # gradient accumulation: each micro-batch's gradients are taken with the earlier ones' put aside
+    "sam_accumulated": ("tokens", lambda: [SharpnessAwareMinimization(0.05, scope="global"),
+                                           AdversarialTraining(0.2, target="embed")]),
+    "parameter_accumulated": ("features", lambda: [ParameterGradientPenalty(0.2, scope="global",
+                                                                            method="finite_difference")]),
     "grad_norm_recompute": ("features", lambda: [GradientNormMonitor(every_n_steps=1, histograms=False)]),
     "grad_norm_fused": ("features", lambda: [GradientNormMonitor(every_n_steps=1, mode="fused", histograms=False)]),
     "grad_norm_target": ("tokens", lambda: [GradientNormMonitor(every_n_steps=1, target="embed", histograms=False)]),
 }
-#: Configurations defined per rank: random draws that depend on the rank (VAT's direction, a random PGD start) and
-#: Flooding (each rank floods its own loss, as under DDP). Compared with 2-process DDP instead of one process.
-RANK_DRAWS: dict[str, tuple[str, Callable[[], list]]] = {
+#: Compared with 2-process DDP instead of one process: what is defined per rank (random draws that depend on the
+#: rank: VAT's direction, a random PGD start; Flooding, where each rank floods its own loss), and bf16-mixed, whose
+#: rounding depends on the batch each rank computes.
+VERSUS_DDP: dict[str, tuple[str, Callable[[], list]]] = {
+    "fgm_bf16": ("features", lambda: [AdversarialTraining(0.3), DataGradientPenalty(0.3, method="finite_difference")]),
     "flooding": ("features", lambda: [Flooding(1.2)]),
     "vat_input": ("features", lambda: [VirtualAdversarialTraining(0.5, weight=0.5)]),
     "vat_target": ("tokens", lambda: [VirtualAdversarialTraining(0.5, target="embed")]),
@@ -62,6 +69,12 @@ RANK_DRAWS: dict[str, tuple[str, Callable[[], list]]] = {
 }
 
 
+#: Trainer arguments of a configuration beyond the defaults.
+TRAINER: dict[str, dict] = {
+    "sam_accumulated": {"accumulate_grad_batches": 2},
+    "parameter_accumulated": {"accumulate_grad_batches": 2},
+    "fgm_bf16": {"precision": "bf16-mixed"},
+}
 #: The one-process reference of a configuration whose method FSDP2 resolves otherwise ("auto": finite differences).
 REFERENCES: dict[str, Callable[[], list]] = {
     "data_auto_target": lambda: [DataGradientPenalty(0.5, power=1, target="embed", method="finite_difference")],
@@ -137,7 +150,7 @@ def fit(name: str, *, strategy: str = "single", max_steps: int = STEPS, ckpt_pat
         callbacks: list | None = None, reference: bool = False, **trainer_kwargs) -> tuple[pl.Trainer, Net]:
     """Fit configuration ``name`` with ``strategy`` "single" (one process, the combined batch), "fsdp2", "tp2"
     (``tensor_parallel_size=2``) or "ddp"; ``reference``: with the one-process reference's callbacks."""
-    kind, make = {**CONFIGS, **RANK_DRAWS}[name]
+    kind, make = {**CONFIGS, **VERSUS_DDP}[name]
     if reference:
         make = REFERENCES.get(name, make)
     if strategy in ("fsdp2", "tp2"):
@@ -155,7 +168,7 @@ def fit(name: str, *, strategy: str = "single", max_steps: int = STEPS, ckpt_pat
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=make() + (callbacks or []),
                          use_distributed_sampler=False, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=1,
-                         **{"enable_checkpointing": False, **kwargs, **trainer_kwargs})
+                         **{"enable_checkpointing": False, **kwargs, **TRAINER.get(name, {}), **trainer_kwargs})
     ds = data(kind)
     trainer.fit(model, DataLoader(ds, batch_size=batch, sampler=RankSampler(len(ds))), ckpt_path=ckpt_path)
     return trainer, model

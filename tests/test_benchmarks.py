@@ -69,3 +69,28 @@ def test_monitor_benchmark_runs_the_fused_monitor_on_the_cnn_and_bert():
     text = monitors(["--models", "cnn,bert", "--tiny", "--threads", "1"])
     assert "| CNN (2 conv + 2 linear), batch" in text and "| tiny BERT, T=8, batch 4 |" in text
     assert text.count("≤ 1.25×") == 2
+
+
+@pytest.mark.ddp
+def test_communication_benchmark_counts_the_collectives_of_ddp_and_fsdp2(tmp_path):
+    """2 processes: DDP's plain step is one gradient all-reduce; FSDP2's all-gathers each of the 3 Linear units in the
+    forward and in the backward and reduce-scatters them in the backward (the root holds no parameter of its own);
+    FGM adds an attack pass."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_communication", "--configs",
+                           "plain step;FGM (AdversarialTraining)"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["plain step"][:2] == ["1", "0.34"]  # one all-reduce of the 85k float32 gradients
+    assert "- plain step, FSDP2: allgather_base 6, reduce_scatter_base 3" in proc.stdout
+    assert float(rows["FGM (AdversarialTraining)"][2]) > float(rows["plain step"][2])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fsdp2_cases import CONFIGS, RANK_DRAWS, fit, full_state, logged
+from tests.fsdp2_cases import CONFIGS, VERSUS_DDP, fit, full_state, logged
 
 pytestmark = pytest.mark.ddp
 
@@ -38,15 +38,15 @@ def test_fsdp2_equals_one_process_on_the_combined_batch(fsdp2, name):
     _close(fsdp2[(name, "fsdp2")], {"params": full_state(model), "metrics": logged(trainer)}, name)
 
 
-@pytest.mark.parametrize("name", list(RANK_DRAWS))
-def test_fsdp2_equals_ddp_where_the_method_is_defined_per_rank(fsdp2, name):
+@pytest.mark.parametrize("name", list(VERSUS_DDP))
+def test_fsdp2_equals_ddp_where_the_method_is_defined_per_rank_or_rounds_per_batch(fsdp2, name):
     _close(fsdp2[(name, "fsdp2")], fsdp2[(name, "ddp")], name)
 
 
 def test_the_controls_tell_the_configurations_apart(fsdp2):
     """Each penalty changes training: a comparison that passed with the callbacks doing nothing would be empty."""
     plain = {"features": fsdp2[("plain_features", "fsdp2")], "tokens": fsdp2[("plain_tokens", "fsdp2")]}
-    for name, (kind, _) in {**CONFIGS, **RANK_DRAWS}.items():
+    for name, (kind, _) in {**CONFIGS, **VERSUS_DDP}.items():
         if name.startswith(("plain", "grad_norm")):
             continue
         got, base = fsdp2[(name, "fsdp2")]["params"], plain[kind]["params"]

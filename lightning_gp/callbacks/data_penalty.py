@@ -232,16 +232,14 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
                                                       one_sided=self.one_sided)
         x = probe.masked(probe.base.detach())
         n = x.shape[0]
-        stats = torch.stack([per_sample_squared_norm(x).sum(), per_sample_squared_norm(direction).max()])
-        count = float(n)
-        if ctx.world_size > 1:
-            # Same h on every rank as one process on the combined batch: mean of ‖xᵢ‖² and max of ‖dᵢ‖².
-            total = ctx.reduce(torch.stack([stats[0], torch.tensor(count, dtype=stats.dtype, device=stats.device)]),
-                               "sum")
-            stats = torch.stack([total[0], ctx.reduce(stats[1], "max")])
-            count = float(total[1])
+        sq = per_sample_squared_norm(x)
+        # Same h on every rank as one process on the combined batch: the mean of ‖xᵢ‖² and the max of ‖dᵢ‖² over
+        # all ranks' samples, from one gather of (Σ‖xᵢ‖², count, max ‖dᵢ‖²)
+        stats = [sq.sum(), torch.tensor(float(n), device=sq.device), per_sample_squared_norm(direction).max()]
+        ranks = ctx.gather(torch.stack([v.float() for v in stats]))
+        mean_sq, max_d = ranks[:, 0].sum() / ranks[:, 1].sum(), ranks[:, 2].max()
         step_rel = self.step if self.step is not None else difference_step(1e-2, ctx.compute_dtype(x), 2 / 3)
-        h = finite_difference_input_step_from_norms(stats[0] / count, stats[1], step_rel)
+        h = finite_difference_input_step_from_norms(mean_sq, max_d, step_rel)
         # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L; the same dropout masks as
         # the primary pass, and ctx.extra_loss puts the module's state back.
         term = input_difference(lambda delta: probe.run(ctx.extra_loss, delta)[0], direction.to(x.dtype),

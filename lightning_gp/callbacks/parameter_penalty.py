@@ -115,7 +115,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         world = ctx.world_size
         if self.scope == "global" and world > 1:
             if double:  # a differentiable mean over the ranks (the strategy's all_gather with sync_grads)
-                grads = [ctx.mean_over_ranks(g) for g in grads]
+                grads = ctx.mean_over_ranks(grads)
             else:  # no graph needed: one flat all-reduce (of a copy: the linearised loss keeps the local ∇L)
                 grads = ctx.average_over_ranks(grads)
         penalty = squared_norm_sum(grads)

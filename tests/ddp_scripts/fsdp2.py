@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.ddp import close_process_group
-from tests.fsdp2_cases import CONFIGS, RANK_DRAWS, STEPS, fit, full_state, logged
+from tests.fsdp2_cases import CONFIGS, STEPS, VERSUS_DDP, fit, full_state, logged
 
 RESUMED = "sam_fgm_penalty"
 
@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
     results, rank = {}, 0
-    for name in args.only if args.only is not None else [*CONFIGS, *RANK_DRAWS]:
-        for strategy in ("fsdp2", "ddp") if name in RANK_DRAWS else ("fsdp2",):
+    for name in args.only if args.only is not None else [*CONFIGS, *VERSUS_DDP]:
+        for strategy in ("fsdp2", "ddp") if name in VERSUS_DDP else ("fsdp2",):
             trainer, model = fit(name, strategy=strategy)
             results[(name, strategy)] = {"params": full_state(model), "metrics": logged(trainer)}
             rank = trainer.global_rank
