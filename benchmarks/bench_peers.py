@@ -141,8 +141,8 @@ def cnn(width: int = 32) -> nn.Module:
     )  # fmt: skip
 
 
-def build_case(name: str, tiny: bool = False) -> Case:
-    """The model, batch and labels of ``name`` (``tiny``: the same architectures on small sizes, for tests)."""
+def build_case(name: str, tiny: bool = False, device: str = "cpu") -> Case:
+    """The model, batch and labels of ``name`` on ``device`` (``tiny``: the same architectures on small sizes)."""
     torch.manual_seed(0)
     b = 4 if tiny else None
     if name == "mlp":
@@ -165,7 +165,8 @@ def build_case(name: str, tiny: bool = False) -> Case:
         label = f"tiny BERT (BertForSequenceClassification), T={t}, B={b or 32}"
     else:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-    return Case(label, model.train(), x, torch.randint(0, 10, (x.shape[0],)))
+    y = torch.randint(0, 10, (x.shape[0],))
+    return Case(label, model.to(device).train(), x.to(device), y.to(device))
 
 
 MODELS = ["mlp", "cnn", "block", "block-affine", "block-256", "bert"]
@@ -314,6 +315,7 @@ def _quiet():
 
 def measure(case: Case, routes: list[str], rounds: int, min_ms: float, warmup: int, rng: random.Random,
             tick: Callable[[], object] | None = None) -> tuple[dict[str, Cell], float]:
+    device = case.inputs.device
     """Interleaved rounds: every round times the plain step and each working route once, in a shuffled order.
     Returns the cells and the plain step's median seconds."""
     cells = {name: Cell() for name in routes}
@@ -329,7 +331,8 @@ def measure(case: Case, routes: list[str], rounds: int, min_ms: float, warmup: i
         except Exception as err:  # a route that does not support the model: reported, not timed
             cells[name].na = _reason(err)
     with _quiet():
-        times = interleaved_rounds(fns, rounds=rounds, min_ms=min_ms, warmup=warmup, rng=rng, tick=tick)
+        times = interleaved_rounds(fns, rounds=rounds, min_ms=min_ms, warmup=warmup, rng=rng, tick=tick,
+                                   device=device)
     for name in fns:
         if name != "plain":
             cells[name].ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
@@ -420,6 +423,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--plot", default=None, metavar="PATH", help="save a bar chart (PNG) there")
     parser.add_argument("--tiny", action="store_true", help="small sizes of the same models (smoke test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu (default) or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
@@ -438,11 +442,13 @@ def main(argv: list[str] | None = None) -> str:
     plain_ms: dict[str, float] = {}
     with tqdm(total=rounds * len(keys), desc="bench_peers", disable=args.no_progress, leave=False) as bar:
         for key in keys:
-            case = build_case(key, tiny=args.tiny)
+            case = build_case(key, tiny=args.tiny, device=args.device)
             bar.set_postfix_str(key)
             cells, plain = measure(case, ROUTES, rounds, min_ms, warmup, rng, bar.update)
             results[key], plain_ms[key] = (case.label, cells), plain * 1e3
-    title = f"### CPU ({torch.get_num_threads()} threads): per-sample ‖∇θℓᵢ‖, time ÷ plain forward+backward"
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"CPU ({torch.get_num_threads()} threads)")
+    title = f"### {where}: per-sample ‖∇θℓᵢ‖, time ÷ plain forward+backward"
     plain = "Plain step (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in plain_ms.items())
     if load_before:
         plain += f". Before: {load_before}; after: {load_note(torch.get_num_threads())}."

@@ -3,6 +3,7 @@ ratios against a plain training step measured in the same process, so machine no
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -72,10 +73,12 @@ def format_table(title: str, rows: list[Row]) -> str:
 
 
 def devices() -> list[torch.device]:
+    """The CPU, and the GPU where there is one; ``LGP_BENCH_DEVICES`` (e.g. "cuda") keeps only those named."""
     out = [torch.device("cpu")]
     if torch.cuda.is_available():
         out.append(torch.device("cuda"))
-    return out
+    only = os.environ.get("LGP_BENCH_DEVICES")
+    return [d for d in out if d.type in only.split(",")] if only else out
 
 
 CPU = torch.device("cpu")

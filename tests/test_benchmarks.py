@@ -94,3 +94,16 @@ def test_communication_benchmark_counts_the_collectives_of_ddp_and_fsdp2(tmp_pat
     assert rows["plain step"][:2] == ["1", "0.34"]  # one all-reduce of the 85k float32 gradients
     assert "- plain step, FSDP2: allgather_base 6, reduce_scatter_base 3" in proc.stdout
     assert float(rows["FGM (AdversarialTraining)"][2]) > float(rows["plain step"][2])
+
+
+def test_gpu_check_runs_as_a_cpu_smoke_test_and_writes_its_report(tmp_path):
+    """The one-command GPU check: here the CUDA tier is collected and skipped, the quickest benchmark runs."""
+    from benchmarks.gpu_check import main as gpu_check
+
+    out = tmp_path / "report.md"
+    report = gpu_check(["--smoke", "--out", str(out)])
+    assert out.read_text() == report
+    assert "## CUDA tier of the tests\n\npassed" in report and "skipped" in report  # collected, every test skipped
+    assert "## finite differences ÷ double backward\n\npassed" in report
+    assert "| data penalty, finite difference |" in report  # the benchmark's table, with times and ratios
+    assert "skipped: smoke test (no GPU)" in report
