@@ -8,6 +8,7 @@ Shared by tests/ddp_scripts/fsdp2.py (the 2-process runs) and tests/test_fsdp2.p
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import lightning.pytorch as pl
 import torch
@@ -53,6 +54,11 @@ CONFIGS: dict[str, tuple[str, Callable[[], list]]] = {
                                            AdversarialTraining(0.2, target="embed")]),
     "parameter_accumulated": ("features", lambda: [ParameterGradientPenalty(0.2, scope="global",
                                                                             method="finite_difference")]),
+    # an output layer tied to the embedding (both in the root's FSDP2 unit), and a frozen block
+    "sam_tied": ("tied", lambda: [SharpnessAwareMinimization(0.05, scope="global"),
+                                  AdversarialTraining(0.2, target="embed")]),
+    "parameter_frozen": ("frozen", lambda: [ParameterGradientPenalty(0.2, scope="global",
+                                                                     method="finite_difference")]),
     "grad_norm_recompute": ("features", lambda: [GradientNormMonitor(every_n_steps=1, histograms=False)]),
     "grad_norm_fused": ("features", lambda: [GradientNormMonitor(every_n_steps=1, mode="fused", histograms=False)]),
     "grad_norm_target": ("tokens", lambda: [GradientNormMonitor(every_n_steps=1, target="embed", histograms=False)]),
@@ -83,17 +89,28 @@ REFERENCES: dict[str, Callable[[], list]] = {
 
 
 class Net(pl.LightningModule):
-    """The model of a configuration; ``configure_model`` shards each block and the root when a device mesh exists."""
+    """The model of a configuration; ``configure_model`` shards each block and the root when a device mesh exists.
+
+    Kinds: "features" (Linear embedding and blocks), "tokens" (an Embedding, mean over tokens, blocks), "tied" (tokens
+    with an output layer tied to the embedding: logits over the vocabulary, both in the root's unit) and "frozen"
+    (features with the first block frozen).
+    """
 
     def __init__(self, kind: str) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(2)
         self.kind = kind
-        self.embed = torch.nn.Embedding(VOCAB, 8) if kind == "tokens" else torch.nn.Linear(FEATURES, 8)
-        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)])
+        tokens = kind in ("tokens", "tied")
+        self.embed = torch.nn.Embedding(VOCAB, 8) if tokens else torch.nn.Linear(FEATURES, 8)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 16), torch.nn.Linear(16, 8 if kind == "tied" else 3)])
+        if kind == "tied":
+            self.head = torch.nn.Linear(8, VOCAB, bias=False)
+            self.head.weight = self.embed.weight
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        if kind == "frozen":
+            self.blocks[0].requires_grad_(False)
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -101,15 +118,16 @@ class Net(pl.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for block in (self.embed, *self.blocks):
+        for block in ((*self.blocks,) if self.kind == "tied" else (self.embed, *self.blocks)):
             fully_shard(block, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        fully_shard(self, mesh=mesh)  # the tied embedding and head: one parameter, in the root's unit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
-        if self.kind == "tokens":
+        if self.kind in ("tokens", "tied"):
             h = h.mean(dim=1)
-        return self.blocks[1](torch.tanh(self.blocks[0](torch.tanh(h))))
+        h = self.blocks[1](torch.tanh(self.blocks[0](torch.tanh(h))))
+        return self.head(torch.tanh(h)) if self.kind == "tied" else h
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -119,11 +137,14 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
 
 
-def data(kind: str) -> TensorDataset:
+def data(kind: str, nan: bool = False) -> TensorDataset:
+    """The configuration's samples; ``nan``: one NaN feature in a sample rank 1 takes at step 1."""
     gen = torch.Generator().manual_seed(1)
     n = 2 * PER_RANK_BATCH * STEPS  # one epoch is STEPS steps: a resumed run starts at an epoch boundary
-    x = (torch.randint(0, VOCAB, (n, TOKENS), generator=gen) if kind == "tokens"
+    x = (torch.randint(0, VOCAB, (n, TOKENS), generator=gen) if kind in ("tokens", "tied")
          else torch.randn(n, FEATURES, generator=gen))
+    if nan:
+        x[2 * PER_RANK_BATCH + 3, 1] = float("nan")  # odd: rank 1's; in the second block of 2·PER_RANK_BATCH
     return TensorDataset(x, torch.randint(0, 3, (n,), generator=gen))
 
 
@@ -147,7 +168,8 @@ class RankSampler(torch.utils.data.Sampler):
 
 
 def fit(name: str, *, strategy: str = "single", max_steps: int = STEPS, ckpt_path: str | None = None,
-        callbacks: list | None = None, reference: bool = False, **trainer_kwargs) -> tuple[pl.Trainer, Net]:
+        callbacks: list | None = None, reference: bool = False, nan: bool = False, model: Net | None = None,
+        **trainer_kwargs) -> tuple[pl.Trainer, Net]:
     """Fit configuration ``name`` with ``strategy`` "single" (one process, the combined batch), "fsdp2", "tp2"
     (``tensor_parallel_size=2``) or "ddp"; ``reference``: with the one-process reference's callbacks."""
     kind, make = {**CONFIGS, **VERSUS_DDP}[name]
@@ -157,19 +179,21 @@ def fit(name: str, *, strategy: str = "single", max_steps: int = STEPS, ckpt_pat
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         dp, tp = (2, 1) if strategy == "fsdp2" else (1, 2)
-        kwargs = dict(devices=2, strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp))
+        # a hang (a rank left waiting in a collective) becomes an error after a minute
+        kwargs = dict(devices=2, strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp,
+                                                                timeout=timedelta(seconds=60)))
         batch = PER_RANK_BATCH
     elif strategy == "ddp":
         kwargs, batch = dict(devices=2, strategy="ddp"), PER_RANK_BATCH
     else:
         kwargs, batch = dict(devices=1), 2 * PER_RANK_BATCH
     pl.seed_everything(0, verbose=False)
-    model = Net(kind)
+    model = Net(kind) if model is None else model
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=make() + (callbacks or []),
                          use_distributed_sampler=False, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=1,
                          **{"enable_checkpointing": False, **kwargs, **TRAINER.get(name, {}), **trainer_kwargs})
-    ds = data(kind)
+    ds = data(kind, nan)
     trainer.fit(model, DataLoader(ds, batch_size=batch, sampler=RankSampler(len(ds))), ckpt_path=ckpt_path)
     return trainer, model
 

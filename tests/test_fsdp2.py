@@ -19,7 +19,10 @@ ATOL = 1e-5
 def fsdp2(tmp_path_factory) -> dict:
     from tests.ddp import run_ddp_script
 
-    return run_ddp_script("fsdp2.py", tmp_path_factory.mktemp("fsdp2") / "out.pt", timeout=420)
+    out = tmp_path_factory.mktemp("fsdp2") / "out.pt"
+    results = run_ddp_script("fsdp2.py", out, timeout=420)
+    results["nan"] = [torch.load(f"{out}.nan.rank{r}", weights_only=False) for r in (0, 1)]
+    return results
 
 
 def _close(got: dict, want: dict, what: str) -> None:
@@ -47,7 +50,7 @@ def test_the_controls_tell_the_configurations_apart(fsdp2):
     """Each penalty changes training: a comparison that passed with the callbacks doing nothing would be empty."""
     plain = {"features": fsdp2[("plain_features", "fsdp2")], "tokens": fsdp2[("plain_tokens", "fsdp2")]}
     for name, (kind, _) in {**CONFIGS, **VERSUS_DDP}.items():
-        if name.startswith(("plain", "grad_norm")):
+        if name.startswith(("plain", "grad_norm")) or kind not in plain:
             continue
         got, base = fsdp2[(name, "fsdp2")]["params"], plain[kind]["params"]
         assert max((got[k] - base[k]).abs().max() for k in base) > 1e-4, name
@@ -67,3 +70,16 @@ def test_tensor_parallelism_is_refused_in_setup(fsdp2):
     assert message is not None, "tensor_parallel_size=2 trained"
     assert "ModelParallelStrategy(tensor_parallel_size=2)" in message
     assert "tensor_parallel_size=1" in message
+
+
+def test_a_nan_on_one_rank_stops_every_rank_before_the_update(fsdp2):
+    """One sample of rank 1 is NaN at step 1: both ranks raise (a rank that did not would hang the next case) and
+    the sharded parameters stay finite; rank 1 names the batch, rank 0 the rank."""
+    rank0, rank1 = fsdp2["nan"]
+    assert set(rank0) == set(rank1) == {"asam_global", "fgm_input", "data_fd_input"}
+    for name in rank0:
+        assert rank0[name]["error"] and rank1[name]["error"], name
+        assert rank0[name]["finite"] and rank1[name]["finite"], name
+        assert "at global step 1 on rank 1" in rank1[name]["error"] and "batch[0]" in rank1[name]["error"], name
+        assert "The parameters were not updated" in rank0[name]["error"], name
+    assert "rank(s) [1]" in rank0["fgm_input"]["error"]

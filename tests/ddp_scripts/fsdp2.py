@@ -14,9 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.ddp import close_process_group
-from tests.fsdp2_cases import CONFIGS, STEPS, VERSUS_DDP, fit, full_state, logged
+from tests.fsdp2_cases import CONFIGS, STEPS, VERSUS_DDP, Net, fit, full_state, logged
 
 RESUMED = "sam_fgm_penalty"
+NAN_CASES = ("asam_global", "fgm_input", "data_fd_input")  # float inputs: a NaN fits in
 
 
 def states(trainer) -> dict:
@@ -28,12 +29,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
-    results, rank = {}, 0
+    results = {}
     for name in args.only if args.only is not None else [*CONFIGS, *VERSUS_DDP]:
         for strategy in ("fsdp2", "ddp") if name in VERSUS_DDP else ("fsdp2",):
             trainer, model = fit(name, strategy=strategy)
             results[(name, strategy)] = {"params": full_state(model), "metrics": logged(trainer)}
-            rank = trainer.global_rank
     # a distributed checkpoint (a directory of shards) after STEPS steps, resumed to 2·STEPS
     root = Path(args.out).parent / "fsdp2_ckpt"
     saver = ModelCheckpoint(dirpath=root, every_n_train_steps=STEPS, save_top_k=-1)
@@ -43,6 +43,18 @@ def main() -> None:
     results["resumed"] = {"params": full_state(model), "states": states(trainer)}
     trainer, model = fit(RESUMED, strategy="fsdp2", max_steps=2 * STEPS)
     results["uninterrupted"] = {"params": full_state(model), "states": states(trainer)}
+    # a NaN on rank 1 only: every rank raises (one that did not would hang the next case), no update is taken
+    nan = {}
+    for name in NAN_CASES:
+        model = Net(CONFIGS[name][0])
+        try:
+            fit(name, strategy="fsdp2", nan=True, model=model)
+            nan[name] = {"error": None}
+        except FloatingPointError as err:
+            nan[name] = {"error": str(err)}
+        nan[name]["finite"] = all(bool(v.isfinite().all()) for v in full_state(model).values())
+    rank = torch.distributed.get_rank()
+    torch.save(nan, f"{args.out}.nan.rank{rank}")
     try:
         fit("fgm_input", strategy="tp2")
         results["tp2"] = None
