@@ -59,6 +59,11 @@ CONFIGS: dict[str, tuple[str, Callable[[], list]]] = {
                                   AdversarialTraining(0.2, target="embed")]),
     "parameter_frozen": ("frozen", lambda: [ParameterGradientPenalty(0.2, scope="global",
                                                                      method="finite_difference")]),
+    # a Hugging Face GPT-2 language model (SDPA attention, lm_head tied to the token embedding), one unit per block
+    "gpt2_fgm_sam": ("gpt2", lambda: [AdversarialTraining(0.5, target="model.transformer.wte"),
+                                      SharpnessAwareMinimization(0.05, scope="global")]),
+    "gpt2_freelb": ("gpt2", lambda: [AdversarialTraining(0.3, steps=2, average_steps=True,
+                                                         target="model.transformer.wte")]),
     "grad_norm_recompute": ("features", lambda: [GradientNormMonitor(every_n_steps=1, histograms=False)]),
     "grad_norm_fused": ("features", lambda: [GradientNormMonitor(every_n_steps=1, mode="fused", histograms=False)]),
     "grad_norm_target": ("tokens", lambda: [GradientNormMonitor(every_n_steps=1, target="embed", histograms=False)]),
@@ -137,11 +142,44 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
 
 
+class GPT2(pl.LightningModule):
+    """``transformers.GPT2LMHeadModel`` from a tiny local config (no download), the batch's tokens as labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        torch.manual_seed(2)
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                         eos_token_id=0)
+        self.model = transformers.GPT2LMHeadModel(config)
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        # the root unit is the model training_step calls: its forward all-gathers the tied embedding and lm_head,
+        # the position embeddings and the final LayerNorm
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        ids, _ = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+
 def data(kind: str, nan: bool = False) -> TensorDataset:
     """The configuration's samples; ``nan``: one NaN feature in a sample rank 1 takes at step 1."""
     gen = torch.Generator().manual_seed(1)
     n = 2 * PER_RANK_BATCH * STEPS  # one epoch is STEPS steps: a resumed run starts at an epoch boundary
-    x = (torch.randint(0, VOCAB, (n, TOKENS), generator=gen) if kind in ("tokens", "tied")
+    x = (torch.randint(0, VOCAB, (n, TOKENS), generator=gen) if kind in ("tokens", "tied", "gpt2")
          else torch.randn(n, FEATURES, generator=gen))
     if nan:
         x[2 * PER_RANK_BATCH + 3, 1] = float("nan")  # odd: rank 1's; in the second block of 2·PER_RANK_BATCH
@@ -188,7 +226,7 @@ def fit(name: str, *, strategy: str = "single", max_steps: int = STEPS, ckpt_pat
     else:
         kwargs, batch = dict(devices=1), 2 * PER_RANK_BATCH
     pl.seed_everything(0, verbose=False)
-    model = Net(kind) if model is None else model
+    model = (GPT2() if kind == "gpt2" else Net(kind)) if model is None else model
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=make() + (callbacks or []),
                          use_distributed_sampler=False, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=1,
