@@ -11,6 +11,8 @@ monitors work unchanged with any other logger, or none.
 from __future__ import annotations
 
 import io
+import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,8 +28,11 @@ from lightning_gp._lightning_private import logger_prefix
 #: The x-axis Lightning's WandbLogger defines for every metric; media logged here use it too.
 STEP_KEY = "trainer/global_step"
 
-#: Points drawn along lhs = rhs in the interactive scatter (W&B's built-in scatter cannot draw a line).
-IDENTITY_POINTS = 25
+#: Per run and key, the W&B table that accumulates the measurements' rows (``log_mode="INCREMENTAL"``) and how many
+#: measurements were offered to it.
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Measurements an accumulated table takes in full; after them, a log-spaced selection (see :func:`_accumulated`).
+ACCUMULATED_IN_FULL = 32
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, Tensor | float], step: int) -> None:
@@ -121,32 +126,72 @@ def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int)
         run.log({**{key(k): h for k, h in histograms.items()}, STEP_KEY: step})
 
 
+def _thinned_out(offered: int) -> bool:
+    """Whether the ``offered``-th measurement (from 1) is left out of an accumulated table: the first
+    :data:`ACCUMULATED_IN_FULL` go in, then every 2nd up to twice as many, every 4th up to four times as many, ...
+
+    W&B writes the list of all earlier increments with each new one, so a table of n increments costs O(n²) of
+    history; log-spaced increments keep a run of 100 000 measurements at 216, spread over the whole run.
+
+    Example:
+        >>> [n for n in range(30, 75) if not _thinned_out(n)]
+        [30, 31, 32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62, 64, 68, 72]
+    """
+    if offered <= ACCUMULATED_IN_FULL:
+        return False
+    stride = 2 ** math.ceil(math.log2(offered / ACCUMULATED_IN_FULL))
+    return offered % stride != 0
+
+
+def _accumulated(run: Any, key: str, columns: list[str], rows: list[list]) -> Any:
+    """The run's table under ``key`` with ``rows`` appended, or None when this measurement is thinned out
+    (:func:`_thinned_out`): one ``wandb.Table(log_mode="INCREMENTAL")`` per run and key, so each log writes only the
+    new rows and W&B shows the measurements together (a step column to filter or colour by; incremental tables
+    need W&B server 0.70 or later)."""
+    import wandb
+
+    tables = _TABLES.setdefault(run, {})
+    table, offered = tables.get(key, (None, 0))
+    offered += 1
+    if table is None:
+        table = wandb.Table(columns=columns, log_mode="INCREMENTAL")
+    tables[key] = (table, offered)
+    if _thinned_out(offered):
+        return None
+    for row in rows:
+        table.add_data(*row)
+    return table
+
+
 def log_scatter(trainer: pl.Trainer, key: str, columns: tuple[str, str], rows: Tensor, step: int, *,
                 title: str) -> None:
-    """A per-sample table (step, sample, the two columns) and W&B's scatter chart of its second column against
-    its first, under ``key``; the step column lets the table be filtered or coloured by step."""
+    """W&B's scatter chart of the second column against the first under ``key``, over a per-sample table (step,
+    sample, the two columns) that accumulates every measurement (:func:`_accumulated`): one chart of all steps,
+    to be coloured or filtered by step."""
     targets = _wandb_targets(trainer)
     if not targets:
         return
     import wandb
 
     a, b = _numpy(rows[:, 0]), _numpy(rows[:, 1])
-    table = wandb.Table(columns=["step", "sample", *columns],
-                        data=[[step, i, float(x), float(y)] for i, (x, y) in enumerate(zip(a, b, strict=True))])
+    new = [[step, i, float(x), float(y)] for i, (x, y) in enumerate(zip(a, b, strict=True))]
     for run, name in targets:
-        run.log({name(key): wandb.plot.scatter(table, columns[0], columns[1], title=f"{title}, step {step}"),
-                 STEP_KEY: step})
+        table = _accumulated(run, name(key), ["step", "sample", *columns], new)
+        if table is not None:
+            run.log({name(key): wandb.plot.scatter(table, columns[0], columns[1], title=f"{title}, over training"),
+                     STEP_KEY: step})
 
 
 def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, ratio: Tensor, step: int) -> None:
-    """Per-sample MLP-inequality values as a W&B table, a scatter of lhs against rhs, and a PNG image.
+    """Per-sample MLP-inequality values as W&B media.
 
-    - ``<prefix>/samples``: table with columns step, sample, lhs, rhs, ratio.
-    - ``<prefix>/lhs_vs_rhs``: W&B's interactive scatter; W&B's built-in chart cannot draw a line, so its
-      table carries, besides the samples (``kind="sample"``), points along lhs = rhs (``kind="lhs = rhs"``):
-      every sample must lie on or below them.
-    - ``<prefix>/lhs_vs_rhs_image``: the same on log-log axes with the line drawn (needs matplotlib; skipped
-      with a warning when it is missing).
+    - ``<prefix>/lhs_vs_rhs``: W&B's scatter of lhs against rhs over a per-sample table (step, sample, lhs, rhs,
+      ratio; ``<prefix>/lhs_vs_rhs_table``) that accumulates the measurements (:func:`_accumulated`), to be
+      coloured by step.
+    - ``<prefix>/ratio_sorted``: a line chart of this measurement's lhs/rhs in increasing order against the
+      fraction of samples, with the bound lhs = rhs drawn as the line at 1 (W&B's built-in scatter draws no line).
+    - ``<prefix>/lhs_vs_rhs_image``: the scatter on log-log axes with the line lhs = rhs drawn, as a PNG (needs
+      matplotlib; skipped with a warning when it is missing).
     """
     targets = _wandb_targets(trainer)
     if not targets:
@@ -154,27 +199,27 @@ def log_inequality(trainer: pl.Trainer, prefix: str, lhs: Tensor, rhs: Tensor, r
     import wandb
 
     lhs, rhs, ratio = _numpy(lhs), _numpy(rhs), _numpy(ratio)
-    samples = wandb.Table(
-        columns=["step", "sample", "lhs", "rhs", "ratio"],
-        data=[[step, i, float(a), float(b), float(r)] for i, (a, b, r) in enumerate(zip(lhs, rhs, ratio, strict=True))],
-    )
-    top = float(max(lhs.max(initial=0.0), rhs.max(initial=0.0)))
-    line = [[top * k / (IDENTITY_POINTS - 1)] * 2 + ["lhs = rhs"] for k in range(IDENTITY_POINTS)]
-    points = [[float(b), float(a), "sample"] for a, b in zip(lhs, rhs, strict=True)]
-    scatter_table = wandb.Table(columns=["rhs", "lhs", "kind"], data=points + line)
-    row: dict[str, Any] = {
-        f"{prefix}/samples": samples,
-        f"{prefix}/ratio": wandb.Histogram(ratio),
-        f"{prefix}/lhs_vs_rhs": wandb.plot.scatter(
-            scatter_table, "rhs", "lhs", title=f"MLP inequality at step {step}: lhs ≤ rhs"
-        ),
-        STEP_KEY: step,
-    }
+    new = [[step, i, float(a), float(b), float(r)] for i, (a, b, r) in enumerate(zip(lhs, rhs, ratio, strict=True))]
+    ordered = sorted(float(r) for r in ratio)
+    n = max(len(ordered), 1)
+    fractions = [(k + 0.5) / n for k in range(len(ordered))]
+    sorted_chart = wandb.plot.line_series(
+        xs=[fractions, [0.0, 1.0]], ys=[ordered, [1.0, 1.0]], keys=["lhs / rhs, sorted", "bound: lhs = rhs"],
+        title=f"MLP inequality at step {step}: every sample on or below the bound", xname="fraction of samples")
     image = _scatter_png(lhs, rhs, step)
-    if image is not None:
-        row[f"{prefix}/lhs_vs_rhs_image"] = wandb.Image(image, caption=f"step {step}")
     for run, key in targets:
-        run.log({(k if k == STEP_KEY else key(k)): v for k, v in row.items()})
+        table = _accumulated(run, key(f"{prefix}/lhs_vs_rhs"), ["step", "sample", "lhs", "rhs", "ratio"], new)
+        row: dict[str, Any] = {
+            key(f"{prefix}/ratio"): wandb.Histogram(ratio),
+            key(f"{prefix}/ratio_sorted"): sorted_chart,
+            STEP_KEY: step,
+        }
+        if table is not None:
+            row[key(f"{prefix}/lhs_vs_rhs")] = wandb.plot.scatter(table, "rhs", "lhs",
+                                                                  title="MLP inequality over training: lhs ≤ rhs")
+        if image is not None:
+            row[key(f"{prefix}/lhs_vs_rhs_image")] = wandb.Image(image, caption=f"step {step}")
+        run.log(row)
 
 
 def _numpy(t: Tensor | Sequence[float]):

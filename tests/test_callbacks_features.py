@@ -284,7 +284,8 @@ def test_callbacks_log_exactly_on_the_steps_the_logger_writes(tmp_path):
 
 def test_state_keys_come_from_identity_not_hyperparameters_and_are_computed_once():
     """A resumed run may retune λ, ε or the method and still restore the callback's state; two callbacks of
-    one class in one Trainer are told apart by what they apply to (`input_key`)."""
+    one class in one Trainer are told apart by what they apply to (`input_key`) and, for the data penalty, by its
+    shape."""
     from lightning_gp.callbacks import (
         AdversarialTraining,
         DataGradientPenalty,
@@ -298,7 +299,9 @@ def test_state_keys_come_from_identity_not_hyperparameters_and_are_computed_once
     keys = [cb.state_key for cb in callbacks]
     assert len(set(keys)) == len(keys)
     assert keys[0] == "DataGradientPenalty" and keys[1] == "DataGradientPenalty{'input_key': \"'x'\"}"
-    assert DataGradientPenalty(0.2, power=1, method="finite_difference").state_key == keys[0]
+    assert DataGradientPenalty(0.2, method="finite_difference").state_key == keys[0]
+    # the penalty's shape is which penalty it is: λ‖∇ₓℓ‖² and ε‖∇ₓℓ‖ train side by side, each with its state
+    assert DataGradientPenalty(0.2, power=1).state_key == "DataGradientPenalty{'power': 1.0}"
     assert AdversarialTraining(0.3, steps=5).state_key == keys[4]
     assert callbacks[0].state_key is keys[0]  # cached: Lightning reads it on every hook call
 

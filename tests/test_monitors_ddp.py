@@ -48,7 +48,7 @@ def test_two_ranks_log_what_one_process_logs_on_the_combined_batch(tmp_path):
     assert [s for s, _ in hists] == [1, 3] and all(sum(h["values"]) == 8 for _, h in hists)
     for step, hist in hists:
         assert hist["bins"][-1] == pytest.approx(ddp_logged[(step, "grad_norm/input_max")], rel=1e-5)
-    tables = run.values("mlp_inequality/samples")
+    tables = run.values("mlp_inequality/lhs_vs_rhs_table")
     assert [s for s, _ in tables] == [1, 3]
     import json
 

@@ -1,6 +1,5 @@
 """The monitors on a real offline W&B run beside a CSVLogger, read back from the run's .wandb file."""
 
-import json
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -73,7 +72,7 @@ def test_a_logger_prefix_reaches_scalars_media_and_summaries(tmp_path):
     wandb_logger.experiment.finish()
     run = read_run(tmp_path)
     keys = run.keys() - {"trainer/global_step", "_step", "_runtime", "_timestamp", "epoch"}
-    assert {"exp-grad_norm/input_max", "exp-grad_norm/input", "exp-mlp_inequality/samples"} <= keys
+    assert {"exp-grad_norm/input_max", "exp-grad_norm/input", "exp-mlp_inequality/lhs_vs_rhs_table"} <= keys
     assert all(k.startswith("exp-") for k in keys), sorted(k for k in keys if not k.startswith("exp-"))
     assert run.metrics["exp-mlp_inequality/ratio_max"].summary.max
     assert set(run.summary["exp-mlp_inequality/ratio_max"]) == {"max", "last"}
@@ -87,21 +86,31 @@ def test_wandb_gets_histograms_table_scatter_and_image(logged):
         assert [step for step, _ in hists] == [1, 3]
         assert all(h["_type"] == "histogram" and sum(h["values"]) == 8 for _, h in hists)  # batch of 8
 
-    [(step, table)] = run.values("mlp_inequality/samples")[-1:]
-    assert step == 3 and table["_type"] == "table-file"
-    content = json.loads((run.dir / "files" / table["path"]).read_text())
-    assert content["columns"] == ["step", "sample", "lhs", "rhs", "ratio"]
-    assert len(content["data"]) == 4  # max_samples
-    for _, _, lhs, rhs, ratio in content["data"]:
-        assert lhs <= rhs * (1 + 1e-5) and ratio == pytest.approx(lhs / rhs)
-
-    charts = [row for row in run.history if any(k.startswith("mlp_inequality/lhs_vs_rhs_table") for k in row)]
-    assert len(charts) == 2
+    # one table behind the scatter of lhs against rhs, that accumulates: each measurement appends its rows (an
+    # increment) with its step; W&B's entry of the table counts every row so far
+    table = "mlp_inequality/lhs_vs_rhs_table"
+    increments = run.table_rows(table)
+    assert [step for step, _ in increments] == [1, 3]
+    assert [value["_type"] for _, value in run.values(table)] == ["incremental-table-file"] * 2
+    assert [int(value["nrows"]) for _, value in run.values(table)] == [4, 8]
+    for step, rows in increments:
+        assert len(rows) == 4 and {r["step"] for r in rows} == {step}  # max_samples, this step's
+        for r in rows:
+            assert r["lhs"] <= r["rhs"] * (1 + 1e-5) and r["ratio"] == pytest.approx(r["lhs"] / r["rhs"])
+    spec = run.config["_wandb/visualize/mlp_inequality/lhs_vs_rhs"]["panel_config"]
+    assert spec["panelDefId"] == "wandb/scatter/v0" and spec["fieldSettings"] == {"x": "rhs", "y": "lhs"}
+    # the bound lhs = rhs drawn as a line: the sorted ratios beside the line at 1
+    [(step, lines)] = run.table_rows("mlp_inequality/ratio_sorted_table")[-1:]
+    bound = [r for r in lines if r["lineKey"] == "bound: lhs = rhs"]
+    ratios = [r["lineVal"] for r in lines if r["lineKey"] == "lhs / rhs, sorted"]
+    assert [(r["step"], r["lineVal"]) for r in bound] == [(0.0, 1.0), (1.0, 1.0)]  # W&B calls x "step"
+    assert ratios == sorted(ratios) and len(ratios) == 4 and max(ratios) <= 1 + 1e-5
     ratios = run.values("mlp_inequality/ratio")  # the ratio's distribution, at each media step
     assert [s for s, _ in ratios] == [1, 3] and all(sum(h["values"]) == 4 for _, h in ratios)
-    # ‖∇ₓℓᵢ‖ against ‖∇θℓᵢ‖: a per-sample table behind W&B's scatter chart
-    scatter = [row for row in run.history if any(k.startswith("grad_norm/input_vs_param_table") for k in row)]
-    assert len(scatter) == 2
+    # ‖∇ₓℓᵢ‖ against ‖∇θℓᵢ‖: W&B's scatter chart over a per-sample table that accumulates every measurement
+    scatter = run.table_rows("grad_norm/input_vs_param_table")
+    assert [step for step, _ in scatter] == [1, 3]
+    assert all(len(rows) == 8 and {r["step"] for r in rows} == {step} for step, rows in scatter)  # batch of 8
     image = run.values("mlp_inequality/lhs_vs_rhs_image")[-1][1]
     assert image["_type"] == "image-file" and image["format"] == "png"
     assert (run.dir / "files" / image["path"]).read_bytes()[:4] == b"\x89PNG"
@@ -122,8 +131,8 @@ def test_fused_monitor_histograms_are_the_per_sample_norms(tmp_path):
 
 def test_media_have_their_own_cadence_and_the_run_stays_small_measured_every_step(tmp_path):
     """200 steps measured every step (scalars every step, media at the default 10 × the interval): at most 3 kB of
-    history records a step (measured 2.1 kB; the whole .wandb file, with W&B's own summary record after each
-    history row, 4.8 kB); the media land on steps 0, 10, 20, ..."""
+    history records a step (measured 2.5 kB; over 2000 steps 2.6 kB; the whole .wandb file, with W&B's own summary
+    record after each history row, 5.7 kB); the media land on steps 0, 10, 20, ..."""
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors")
     monitors = [GradientNormMonitor(every_n_steps=1), MLPInequalityMonitor(every_n_steps=1, max_samples=4),
                 SpectralNormMonitor(every_n_steps=1)]
@@ -132,7 +141,8 @@ def test_media_have_their_own_cadence_and_the_run_stays_small_measured_every_ste
     wandb_logger.experiment.finish()
     run = read_run(tmp_path)
     assert [s for s, _ in run.values("grad_norm/input")] == list(range(0, 200, 10))
-    assert [s for s, _ in run.values("mlp_inequality/samples")] == list(range(0, 200, 10))
+    assert [s for s, _ in run.values("mlp_inequality/lhs_vs_rhs_table")] == list(range(0, 200, 10))
+    assert int(run.values("mlp_inequality/lhs_vs_rhs_table")[-1][1]["nrows"]) == 20 * 4  # every measurement
     records = _records(next(run.dir.glob("run-*.wandb")), timeout=30)
     history_bytes = sum(r.ByteSize() for r in records if r.WhichOneof("record_type") == "history")
     assert history_bytes / 200 <= 3000, f"{history_bytes / 200:.0f} bytes of history a step"

@@ -86,6 +86,16 @@ class Run:
     def keys(self) -> set[str]:
         return {k for row in self.history for k in row}
 
+    def table_rows(self, key: str) -> list[tuple[int | None, list[dict]]]:
+        """Each logged table of ``key`` read back as rows (dicts by column), with the trainer step: for an
+        incremental table (``log_mode="INCREMENTAL"``), the rows each increment added."""
+        out = []
+        for step, value in self.values(key):
+            assert value["_type"] in ("table-file", "incremental-table-file"), value["_type"]
+            content = json.loads((self.dir / "files" / value["path"]).read_text())
+            out.append((step, [dict(zip(content["columns"], row, strict=True)) for row in content["data"]]))
+        return out
+
 
 def _records(path: Path, timeout: float) -> list:
     """The run's records, once its ``exit`` record is on disk.

@@ -112,6 +112,10 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
                     "parameters a second differentiation needs (use method='finite_difference' or 'auto')")
         return None
 
+    def state_key_fields(self) -> dict[str, Any]:
+        # the penalty's shape is which penalty it is (λ‖∇ₓℓ‖² and ε‖∇ₓℓ‖ train side by side), not a tuned setting
+        return {**super().state_key_fields(), **self.form()}
+
     def form(self) -> dict[str, Any]:
         """The penalty's shape φ where it differs from the default (n²): ``power``, ``center``, ``one_sided``."""
         defaults = {"power": 2, "center": 0.0, "one_sided": False}
