@@ -421,14 +421,14 @@ def test_two_data_penalties_compose_as_the_sum_of_their_terms():
     norms = g.norm(dim=1)
     expected = loss_fn((x, y)) + norms.square().mean() + 0.5 * norms.mean()
     torch.testing.assert_close(both, expected, rtol=1e-5, atol=1e-6)
-    # In a Trainer their checkpoint keys must differ (the key holds what they perturb, not their form): spell
-    # the input of one of them explicitly. Their forms give them two logged names.
-    squared, linear = DataGradientPenalty(1.0), DataGradientPenalty(0.5, power=1, input_key=0)
+    # In a Trainer their forms give them two logged names and two checkpoint keys; the same form twice on the
+    # same input is refused by Lightning (one state key).
+    squared, linear = DataGradientPenalty(1.0), DataGradientPenalty(0.5, power=1)
     assert (squared.log_name, linear.log_name) == ("penalty/data_gradient", "penalty/data_gradient/power=1")
     trainer = fit(Net(), [squared, linear])
     assert {"penalty/data_gradient_epoch", "penalty/data_gradient/power=1_epoch"} <= set(trainer.callback_metrics)
     with pytest.raises(RuntimeError, match="state_key"):
-        fit(Net(), [DataGradientPenalty(1.0), DataGradientPenalty(0.5, power=1)])
+        fit(Net(), [DataGradientPenalty(1.0), DataGradientPenalty(0.5)])
 
 
 def test_a_reused_spectral_penalty_and_monitor_follow_a_wider_model():

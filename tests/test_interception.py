@@ -164,7 +164,8 @@ def test_the_epoch_mean_is_the_sample_weighted_mean_of_the_steps():
 
 
 def test_state_key_ignores_hyperparameters_and_repr_shows_the_arguments():
-    assert DataGradientPenalty(0.1).state_key == DataGradientPenalty(1.0, power=1).state_key
+    assert DataGradientPenalty(0.1).state_key == DataGradientPenalty(1.0, method="finite_difference").state_key
+    assert DataGradientPenalty(0.1).state_key != DataGradientPenalty(0.1, power=1).state_key  # another penalty
     assert ParameterGradientPenalty(0.1).state_key == ParameterGradientPenalty(0.2, scope="global").state_key
     assert DataGradientPenalty(0.1).state_key != ParameterGradientPenalty(0.1).state_key
     assert repr(DataGradientPenalty(0.1, center=1.0)) == "DataGradientPenalty(weight=0.1, center=1.0)"
