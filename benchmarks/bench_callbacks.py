@@ -81,6 +81,8 @@ CALLBACKS: dict[str, Callable[[], Callback] | None] = {
     "spectral norm penalty": lambda: SpectralNormPenalty(WEIGHT),
     "FGSM adversarial (l2)": lambda: AdversarialTraining(EPSILON),
     "SAM (ρ = 0.05)": lambda: SharpnessAwareMinimization(RHO),
+    # the same without the step's finiteness check, which the hand-written reference does not make
+    "SAM, check_finite=False": lambda: SharpnessAwareMinimization(RHO, check_finite=False),
 }
 
 
@@ -158,7 +160,7 @@ def hand_written_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
                 p.data = o
         update()
 
-    return dict(zip(CALLBACKS, (plain, data_db, data_fd, param_db, param_fd, spectral, adversarial, sam),
+    return dict(zip(CALLBACKS, (plain, data_db, data_fd, param_db, param_fd, spectral, adversarial, sam, sam),
                     strict=True))
 
 
