@@ -24,6 +24,7 @@ from lightning_gp.callbacks import (
     SharpnessAwareMinimization,
     VirtualAdversarialTraining,
 )
+from tests.test_callbacks_ddp import _RankSampler  # rank r takes samples r, r + W, ...: one batch split
 
 PER_RANK_BATCH = 4
 STEPS = 3
@@ -186,25 +187,6 @@ def data(kind: str, nan: bool = False) -> TensorDataset:
     return TensorDataset(x, torch.randint(0, 3, (n,), generator=gen))
 
 
-class RankSampler(torch.utils.data.Sampler):
-    """Samples rank, rank + W, ...: the union of the ranks' t-th batches is the one-process t-th batch."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def _world(self) -> tuple[int, int]:
-        if torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
-    def __iter__(self):
-        rank, world = self._world()
-        return iter(range(rank, self.n, world))
-
-    def __len__(self) -> int:
-        return self.n // self._world()[1]
-
-
 def fit(name: str, *, strategy: str = "single", max_steps: int = STEPS, ckpt_path: str | None = None,
         callbacks: list | None = None, reference: bool = False, nan: bool = False, model: Net | None = None,
         **trainer_kwargs) -> tuple[pl.Trainer, Net]:
@@ -232,7 +214,7 @@ def fit(name: str, *, strategy: str = "single", max_steps: int = STEPS, ckpt_pat
                          enable_model_summary=False, log_every_n_steps=1,
                          **{"enable_checkpointing": False, **kwargs, **TRAINER.get(name, {}), **trainer_kwargs})
     ds = data(kind, nan)
-    trainer.fit(model, DataLoader(ds, batch_size=batch, sampler=RankSampler(len(ds))), ckpt_path=ckpt_path)
+    trainer.fit(model, DataLoader(ds, batch_size=batch, sampler=_RankSampler(len(ds))), ckpt_path=ckpt_path)
     return trainer, model
 
 
