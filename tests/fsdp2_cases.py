@@ -65,6 +65,9 @@ CONFIGS: dict[str, tuple[str, Callable[[], list]]] = {
                                       SharpnessAwareMinimization(0.05, scope="global")]),
     "gpt2_freelb": ("gpt2", lambda: [AdversarialTraining(0.3, steps=2, average_steps=True,
                                                          target="model.transformer.wte")]),
+    # a block the loss does not use: no gradient reaches its shards (zeros in ‖g‖, no update)
+    "sam_unused": ("unused", lambda: [SharpnessAwareMinimization(0.05, scope="global"),
+                                      DataGradientPenalty(0.3, method="finite_difference")]),
     "grad_norm_recompute": ("features", lambda: [GradientNormMonitor(every_n_steps=1, histograms=False)]),
     "grad_norm_fused": ("features", lambda: [GradientNormMonitor(every_n_steps=1, mode="fused", histograms=False)]),
     "grad_norm_target": ("tokens", lambda: [GradientNormMonitor(every_n_steps=1, target="embed", histograms=False)]),
@@ -117,6 +120,8 @@ class Net(pl.LightningModule):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         if kind == "frozen":
             self.blocks[0].requires_grad_(False)
+        if kind == "unused":
+            self.spare = torch.nn.Linear(8, 8)  # never called
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -124,7 +129,8 @@ class Net(pl.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for block in ((*self.blocks,) if self.kind == "tied" else (self.embed, *self.blocks)):
+        spare = (self.spare,) if self.kind == "unused" else ()
+        for block in ((*self.blocks,) if self.kind == "tied" else (self.embed, *self.blocks, *spare)):
             fully_shard(block, mesh=mesh)
         fully_shard(self, mesh=mesh)  # the tied embedding and head: one parameter, in the root's unit
 
