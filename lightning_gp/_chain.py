@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import torch
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 
 from lightning_gp._finite import StepValues
@@ -55,8 +55,9 @@ class StepContext:
         self.global_step = global_step
         self.caller = caller
         self.strategy = strategy
-        fsdp = fsdp_modules(module)
-        # FSDP2: the shards the step perturbs, and how its gradients are taken (functional/_sharded.py)
+        # FSDP2: the shards the step perturbs, and how its gradients are taken (functional/_sharded.py). Only looked
+        # for where the strategy can shard (none given: a manual or Fabric loop), not on every DDP step.
+        fsdp = fsdp_modules(module) if strategy is None or isinstance(strategy, ModelParallelStrategy) else []
         self.sharding = Sharding(fsdp, module) if fsdp else None
 
     def trainable_parameters(self) -> list[Tensor]:

@@ -69,6 +69,13 @@ class MethodChoice:
             self.resolve_method("double_backward", "the model has a double backward")
         return "double_backward", value
 
+    def unsupported_when_sharded(self) -> str | None:
+        """Under FSDP2 a penalty with a ``method`` runs by finite differences; its double backward cannot."""
+        if self.method == "double_backward":
+            return ("method='double_backward' differentiates a gradient, and FSDP2's backward frees the all-gathered "
+                    "parameters a second differentiation needs (use method='finite_difference' or 'auto')")
+        return None
+
     def __repr__(self) -> str:
         text = super().__repr__()
         if self.method == "auto" and self.resolved_method is not None:

@@ -106,12 +106,6 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
                 f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in self.form().items()
             )
 
-    def unsupported_when_sharded(self) -> str | None:
-        if self.method == "double_backward":
-            return ("method='double_backward' differentiates a gradient, and FSDP2's backward frees the all-gathered "
-                    "parameters a second differentiation needs (use method='finite_difference' or 'auto')")
-        return None
-
     def state_key_fields(self) -> dict[str, Any]:
         # the penalty's shape is which penalty it is (λ‖∇ₓℓ‖² and ε‖∇ₓℓ‖ train side by side), not a tuned setting
         return {**super().state_key_fields(), **self.form()}

@@ -22,6 +22,9 @@ from lightning_gp.functional.precision import difference_step
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
 Scope = Literal["local", "global"]
 SCOPES: tuple[str, ...] = get_args(Scope)
+#: Why ``scope="local"`` cannot run under FSDP2 (for the parameter penalty and SAM).
+LOCAL_SCOPE_SHARDED = ("scope='local' moves each rank's parameters by its own gradient, and FSDP2's ranks share one "
+                       "set of sharded parameters (use scope='global', the one-process result)")
 
 
 class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
@@ -78,13 +81,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         self.step = None if step is None else check_number(step, "step", type(self).__name__, strict=True)
 
     def unsupported_when_sharded(self) -> str | None:
-        if self.method == "double_backward":
-            return ("method='double_backward' differentiates a gradient, and FSDP2's backward frees the all-gathered "
-                    "parameters a second differentiation needs (use method='finite_difference' or 'auto')")
-        if self.scope == "local":
-            return ("scope='local' moves each rank's parameters by its own gradient, and FSDP2's ranks share one set "
-                    "of sharded parameters (use scope='global', the one-process result)")
-        return None
+        return super().unsupported_when_sharded() or (LOCAL_SCOPE_SHARDED if self.scope == "local" else None)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         weight = self.active_weight(ctx)

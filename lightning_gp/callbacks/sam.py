@@ -12,7 +12,7 @@ from lightning_gp._chain import StepContext
 from lightning_gp._objective import Step
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks.flooding import Flooding
-from lightning_gp.callbacks.parameter_penalty import SCOPES, Scope
+from lightning_gp.callbacks.parameter_penalty import LOCAL_SCOPE_SHARDED, SCOPES, Scope
 from lightning_gp.functional._checks import check_choice, grads_or_zeros
 from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.penalties import displaced_linearisation, parameter_difference
@@ -85,10 +85,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         super().setup(trainer, pl_module, stage)
 
     def unsupported_when_sharded(self) -> str | None:
-        if self.scope == "local":
-            return ("scope='local' moves each rank's parameters by its own gradient, and FSDP2's ranks share one set "
-                    "of sharded parameters (use scope='global', the one-process result)")
-        return None
+        return LOCAL_SCOPE_SHARDED if self.scope == "local" else None
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         if ctx.global_step % self.every_n_steps != 0 or self.rho == 0:

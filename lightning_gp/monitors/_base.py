@@ -69,10 +69,13 @@ class Monitor(Callback):
     #: What the media default interval is, in scalar intervals.
     MEDIA_FACTOR = 10
 
-    def __init__(self, every_n_steps: int | None) -> None:
+    def __init__(self, every_n_steps: int | None, media_every_n_steps: int | None = None) -> None:
         if every_n_steps is not None:
             check_positive_int(every_n_steps, "every_n_steps")
+        if media_every_n_steps is not None:
+            check_positive_int(media_every_n_steps, "media_every_n_steps")
         self.every_n_steps = every_n_steps
+        self.media_every_n_steps = media_every_n_steps
         self._interval = every_n_steps or FALLBACK_INTERVAL
         self._last_step = -1
         #: The scalars of the latest measurement, on every rank (loggers only write from rank 0), and its step.

@@ -18,7 +18,7 @@ from lightning_gp._objective import REDUCTIONS, Reduction
 from lightning_gp._setup_checks import check_forward
 from lightning_gp._site import Site, Target
 from lightning_gp._trainer import loss_scale
-from lightning_gp.functional._checks import check_per_sample, check_positive_int
+from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional._recorder import LinearTap
 from lightning_gp.functional._sharded import is_sharded, local
 from lightning_gp.functional._torch_private import tree_flatten
@@ -90,10 +90,7 @@ class GradientNormMonitor(Monitor):
         mask_key: str | None = None,
         media_every_n_steps: int | None = None,
     ) -> None:
-        super().__init__(every_n_steps)
-        if media_every_n_steps is not None:
-            check_positive_int(media_every_n_steps, "media_every_n_steps")
-        self.media_every_n_steps = media_every_n_steps
+        super().__init__(every_n_steps, media_every_n_steps)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable (outputs, batch) -> (B,), got {type(loss_fn).__name__}.")
         if mode not in MODES:

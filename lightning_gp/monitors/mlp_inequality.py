@@ -66,10 +66,7 @@ class MLPInequalityMonitor(Monitor):
         tables: bool = True,
         media_every_n_steps: int | None = None,
     ) -> None:
-        super().__init__(every_n_steps)
-        if media_every_n_steps is not None:
-            check_positive_int(media_every_n_steps, "media_every_n_steps")
-        self.media_every_n_steps = media_every_n_steps
+        super().__init__(every_n_steps, media_every_n_steps)
         self.max_samples = check_positive_int(max_samples, "max_samples")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable (outputs, batch) -> (B,), got {type(loss_fn).__name__}.")
