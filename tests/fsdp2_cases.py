@@ -84,6 +84,9 @@ VERSUS_DDP: dict[str, tuple[str, Callable[[], list]]] = {
 }
 
 
+#: Configurations with a finite difference (their quotient divides rounding by the step: tests/test_fsdp2.py).
+FINITE_DIFFERENCES = {"data_fd_input", "data_auto_target", "parameter_global_fd", "parameter_global_auto",
+                      "sam_fgm_penalty", "parameter_accumulated", "parameter_frozen", "sam_unused", "fgm_bf16"}
 #: Trainer arguments of a configuration beyond the defaults.
 TRAINER: dict[str, dict] = {
     "sam_accumulated": {"accumulate_grad_batches": 2},
