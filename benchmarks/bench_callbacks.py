@@ -9,9 +9,11 @@ Setting (the issue's): MLP 64→512→512→10, batch 256, SGD, one fixed batch,
 - *Hand-written* side: the same math in a plain PyTorch loop calling :mod:`lightning_gp.functional`
   directly, timed per step the same way.
 
-All variants, both sides, run round-robin in chunks (a fresh Trainer per chunk; the first steps of each
-chunk are warm-up and dropped) so drifts in machine load hit all alike; each time is the median of all
-kept steps. Three ratios are reported per callback:
+All variants, both sides, run in rounds of chunks (a fresh Trainer per chunk; the first steps of each chunk
+are warm-up and dropped), the order shuffled anew each round, so drifts in machine load hit all alike. Each
+ratio is taken within a round, from the chunks' median step times, and reported as the median over rounds
+with its interquartile range (min–max under 4 rounds): this machine's speed moves by tens of per cent over a
+minute, which a ratio of times measured far apart would count as overhead. Ratios per callback:
 
 - ``L ÷ hand``: Lightning step with the callback ÷ hand-written step (includes Lightning's own per-step
   overhead, which is the same with or without a callback);
@@ -26,12 +28,14 @@ Run::
 
     python -m benchmarks.bench_callbacks            # CPU, and CUDA when present
     python -m benchmarks.bench_callbacks --quick    # fewer rounds (noisier)
+    python -m benchmarks.bench_callbacks --only "SAM (ρ = 0.05)" --rounds 20   # one row, more rounds
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import random
 import statistics
 import time
 import warnings
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from benchmarks.harness import Row, devices, format_table
+from benchmarks.harness import Row, devices, format_table, ratio_stats
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
@@ -255,38 +259,55 @@ def hand_chunk(fn: Callable[[], None], device: torch.device, steps: int) -> list
     return times
 
 
-def measure(device: torch.device, rounds: int, steps: int, warmup: int) -> tuple[dict, dict]:
-    """Median per-step seconds, ``(lightning, hand)``, each ``{name: seconds}``."""
+def measure(device: torch.device, rounds: int, steps: int, warmup: int,
+            names: list[str] | None = None) -> tuple[dict, dict]:
+    """Per-round median step seconds, ``(lightning, hand)``, each ``{name: [round 0, round 1, ...]}``.
+
+    Every round runs each variant's Lightning chunk and then its hand-written chunk, the variants in an order
+    shuffled anew per round, so a drift of the machine's speed hits all alike; ratios are then taken within a
+    round (`ratio_stats`), never between times measured minutes apart.
+    """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 64, generator=gen).to(device)
     y = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
     torch.manual_seed(0)
     model = mlp().to(device)
     hand = hand_written_steps(model, x, y)
-    lit_times: dict[str, list[float]] = {n: [] for n in [*CALLBACKS, *DIAGNOSTICS]}
-    hand_times: dict[str, list[float]] = {n: [] for n in CALLBACKS}
+    chosen = ["plain", *(n for n in (names or [*CALLBACKS, *DIAGNOSTICS]) if n != "plain")]
+    lit: dict[str, list[float]] = {n: [] for n in chosen}
+    hand_times: dict[str, list[float]] = {n: [] for n in chosen if n in hand}
+    order_rng = random.Random(0)
     for _ in range(rounds):
-        for name in lit_times:
-            lit_times[name] += lightning_chunk(name, device, (x, y), warmup + steps)[warmup:]
+        order = list(chosen)
+        order_rng.shuffle(order)
+        for name in order:
+            lit[name].append(statistics.median(lightning_chunk(name, device, (x, y), warmup + steps)[warmup:]))
             if name in hand:
-                hand_times[name] += hand_chunk(hand[name], device, warmup + steps)[warmup:]
-    med = lambda d: {n: statistics.median(t) for n, t in d.items()}  # noqa: E731
-    return med(lit_times), med(hand_times)
+                hand_times[name].append(statistics.median(hand_chunk(hand[name], device, warmup + steps)[warmup:]))
+    return lit, hand_times
+
+
+def _cell(ratios: list[float]) -> tuple[float, str]:
+    med, low, high = ratio_stats(ratios)
+    return med, f"{med:.2f} ({low:.2f}–{high:.2f})"
 
 
 def comparison_table(title: str, lit: dict, hand: dict) -> str:
+    """Per callback: ms (median over rounds) and the per-round ratios' median (interquartile range)."""
     lines = [
         f"### {title}", "",
         "| callback | hand ms | Lightning ms | L ÷ hand | hand ÷ hand plain | L ÷ L plain | overhead | target | met |",
         "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
-    for name in CALLBACKS:
-        h_rel, l_rel = hand[name] / hand["plain"], lit[name] / lit["plain"]
-        overhead = l_rel / h_rel
+    for name in hand:
+        per_round = lambda a, b: [x / y for x, y in zip(a, b, strict=True)]  # noqa: E731
+        h_rel, l_rel = per_round(hand[name], hand["plain"]), per_round(lit[name], lit["plain"])
+        overhead, overhead_cell = _cell(per_round(l_rel, h_rel))
         target, met = ("", "") if name == "plain" else (f"≤ {TARGET:.2f}×", "yes" if overhead <= TARGET else "**no**")
         lines.append(
-            f"| {name} | {hand[name] * 1e3:.2f} | {lit[name] * 1e3:.2f} | {lit[name] / hand[name]:.2f} "
-            f"| {h_rel:.2f} | {l_rel:.2f} | {overhead:.2f} | {target} | {met} |"
+            f"| {name} | {statistics.median(hand[name]) * 1e3:.2f} | {statistics.median(lit[name]) * 1e3:.2f} "
+            f"| {_cell(per_round(lit[name], hand[name]))[1]} | {_cell(h_rel)[1]} | {_cell(l_rel)[1]} "
+            f"| {overhead_cell} | {target} | {met} |"
         )
     return "\n".join(lines)
 
@@ -295,20 +316,27 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (noisier)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
+    parser.add_argument("--steps", type=int, default=None, help="override the kept steps per chunk")
+    parser.add_argument("--only", nargs="+", choices=[*CALLBACKS, *DIAGNOSTICS], default=None, metavar="NAME",
+                        help="measure these rows only (and the plain step they are divided by)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds, steps, warmup = (2, 8, 3) if args.quick else (6, 25, 5)
+    rounds, steps, warmup = (2, 8, 3) if args.quick else (8, 25, 5)
+    rounds, steps = args.rounds or rounds, args.steps or steps
     warnings.filterwarnings("ignore", module="lightning")  # "no val loop", "few workers", ...
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)  # "GPU available: ..." per Trainer
     tables = []
     for device in devices():
-        lit, hand = measure(device, rounds, steps, warmup)
+        lit, hand = measure(device, rounds, steps, warmup, args.only)
         title = (f"{device.type.upper()} ({torch.get_num_threads()} threads): MLP 64→512→512→10, batch 256, "
-                 f"median of {rounds * steps} steps per cell")
+                 f"{rounds} rounds × {steps} kept steps; ms: median over rounds; ratios: median of the per-round "
+                 f"ratios (interquartile range)")
         detail = format_table(f"{device.type.upper()}: Lightning steps ÷ plain Lightning step",
-                              [Row(n, t, lit["plain"]) for n, t in lit.items()])
+                              [Row(n, statistics.median(t), statistics.median(lit["plain"]))
+                               for n, t in lit.items()])
         tables.append(comparison_table(title, lit, hand) + "\n\n" + detail)
     out = "\n\n".join(tables)
     print(out)
