@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import as_param_list, check_finite, check_positive_int, check_scalar
-from lightning_gp.functional.gradients import squared_norm_sum
+from lightning_gp.functional.gradients import total_norm
 
 #: A Hessian-vector product: the list v (shaped like the parameters) to H·v.
 HVP = Callable[[list[Tensor]], list[Tensor]]
@@ -43,10 +43,10 @@ def sam_perturbation(params: Sequence[Tensor], grads: Sequence[Tensor], *, rho: 
     grads = [g.detach() for g in grads]
     if adaptive:
         thetas = [p.detach() for p in params]
-        norm = squared_norm_sum([t.abs() * g for t, g in zip(thetas, grads, strict=True)]).sqrt()
+        norm = total_norm([t.abs() * g for t, g in zip(thetas, grads, strict=True)])
         direction = [t.square() * g for t, g in zip(thetas, grads, strict=True)]
     else:
-        norm, direction = squared_norm_sum(grads).sqrt(), grads
+        norm, direction = total_norm(grads), grads
     value = float(norm)
     if value == 0 or not math.isfinite(value):
         return direction, 0.0 if value == 0 else math.nan
