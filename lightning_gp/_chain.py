@@ -44,8 +44,11 @@ class StepContext:
 
     def __init__(self, module: nn.Module, step_fn: Callable[..., Any], args: tuple, kwargs: dict,
                  global_step: int, caller: str, strategy: Strategy | None = None,
-                 values: StepValues | None = None) -> None:
+                 values: StepValues | None = None, lightning_backward: bool = False) -> None:
         self.module = module
+        # Lightning's automatic backward of the objective follows, then the callbacks' `on_after_backward` (a
+        # Trainer's step); False under `penalized_loss`, where the user's code owns the backward
+        self.lightning_backward = lightning_backward
         self.values = values  # the step's record for the finiteness check (None: check each value at once)
         self.members: list[ChainMember] = []  # the chain, outermost first (set by run_chain)
         self.autocast_hint = fabric_autocast_dtype(module)  # Fabric's autocast lives inside the forward only
@@ -152,7 +155,7 @@ class SkipBatch(Exception):
 
 def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[ChainMember], args: tuple,
               kwargs: dict, global_step: int, strategy: Strategy | None = None,
-              values: StepValues | None = None) -> Any:
+              values: StepValues | None = None, lightning_backward: bool = False) -> Any:
     """Run ``step_fn`` with every member's term added; returns the output with "loss" = the objective.
 
     A pass of ``training_step`` that returns None skips the batch, as in Lightning: no term, no further
@@ -165,7 +168,7 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
     if not args:
         kwargs = dict(kwargs)
         args = (kwargs.pop("batch"),)
-    ctx = StepContext(module, step_fn, args, kwargs, global_step, caller, strategy, values)
+    ctx = StepContext(module, step_fn, args, kwargs, global_step, caller, strategy, values, lightning_backward)
     ctx.members = members
 
     def build(i: int) -> Callable[[Any], Step]:

@@ -314,3 +314,77 @@ def test_a_compiled_model_trains_as_the_eager_one():
     fit([SharpnessAwareMinimization(0.05)], compiled, max_steps=3)
     for a, b in zip(eager.net.parameters(), compiled.net.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+class ParameterWatcher(pl.Callback):
+    """Copies of the parameters at each hook of a step (placed before SAM, so its hooks run first)."""
+
+    def __init__(self, fail_at: str | None = None) -> None:
+        self.seen: dict[str, list[list[torch.Tensor]]] = {}
+        self.fail_at = fail_at
+
+    def _record(self, hook: str, pl_module: pl.LightningModule) -> None:
+        self.seen.setdefault(hook, []).append([p.detach().clone() for p in pl_module.parameters()])
+        if hook == self.fail_at:
+            raise RuntimeError(f"fault injected in {hook}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._record("start", pl_module)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._record("before_backward", pl_module)
+
+    def on_after_backward(self, trainer, pl_module):
+        self._record("after_backward", pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._record("before_optimizer_step", pl_module)
+
+
+class UnusedAndFrozen(Net):
+    """A frozen first layer and a parameter the loss never reads: neither gets a gradient, both are displaced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[0].requires_grad_(False)
+        self.unused = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("model", [Net, UnusedAndFrozen])
+def test_theta_is_back_bit_for_bit_when_the_backward_ends(model):
+    """Lightning's backward differentiates the pass at θ + ε itself; θ is back bit for bit inside that backward, before
+    any `on_after_backward` (this callback's runs before SAM's), and the step still equals the two-pass loop's."""
+    watcher = ParameterWatcher()
+    module = model()
+    fit([watcher, SharpnessAwareMinimization(0.05)], module, max_steps=2)
+    for step in range(2):
+        start = watcher.seen["start"][step]
+        for hook in ("after_backward", "before_optimizer_step"):
+            for a, b in zip(watcher.seen[hook][step], start, strict=True):
+                assert torch.equal(a, b), hook
+        moved = [not torch.equal(a, b) for a, b in zip(watcher.seen["before_backward"][step], start, strict=True)]
+        assert any(moved)  # the control: between training_step and its backward, θ + ε
+    if model is Net:
+        assert_same(module, hand_written(0.05, False, steps=2))
+
+
+@pytest.mark.parametrize("hook", ["before_backward", "perturbed_pass"])
+def test_a_fault_between_the_passes_and_the_backward_leaves_theta(hook):
+    """A fault while θ is displaced (in the perturbed pass itself, or in a hook before the backward) stops `fit`
+    with the parameters back at θ, bit for bit."""
+
+    class FailsOnItsSecondPass(Net):
+        calls = 0
+
+        def training_step(self, batch, batch_idx):
+            FailsOnItsSecondPass.calls += 1
+            if FailsOnItsSecondPass.calls == 2:
+                raise RuntimeError("fault injected in the perturbed pass")
+            return super().training_step(batch, batch_idx)
+
+    watcher = ParameterWatcher(fail_at=hook)
+    module = FailsOnItsSecondPass() if hook == "perturbed_pass" else Net()
+    with pytest.raises(RuntimeError, match="fault injected"):
+        fit([watcher, SharpnessAwareMinimization(0.05)], module)
+    for a, b in zip(module.parameters(), watcher.seen["start"][0], strict=True):
+        assert torch.equal(a.detach(), b)

@@ -43,7 +43,7 @@ def _run_intercepted(interceptor: StepInterceptor, step_fn: Callable[..., Any], 
             interceptor.step_values = StepValues()
         values = interceptor.step_values
     return run_chain(interceptor.module, step_fn, interceptor.members, args, kwargs, trainer.global_step,
-                     trainer.strategy, values)
+                     trainer.strategy, values, lightning_backward=True)
 
 
 class PenaltyCallback(Callback):

@@ -7,15 +7,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from typing_extensions import override
+
 from lightning_gp._arguments import check_bool, check_number
 from lightning_gp._chain import StepContext
 from lightning_gp._objective import Step
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks.flooding import Flooding
 from lightning_gp.callbacks.parameter_penalty import LOCAL_SCOPE_SHARDED, SCOPES, Scope
+from lightning_gp.functional._autograd import Displacement
 from lightning_gp.functional._checks import check_choice, grads_or_zeros
 from lightning_gp.functional._rng import RNGState
-from lightning_gp.functional.penalties import displaced_linearisation, parameter_difference
+from lightning_gp.functional.penalties import displaced_linearisation, displaced_loss, parameter_difference
 from lightning_gp.functional.sharpness import sam_perturbation
 
 
@@ -23,10 +26,10 @@ class SharpnessAwareMinimization(PenaltyCallback):
     r"""Sharpness-aware minimization on an unchanged LightningModule: the optimizer steps on ∇θL(θ + ε).
 
     g = ∇θL over all trainable parameters together; ε = ρ·g/‖g‖ (SAM) or, with ``adaptive``, ρ·θ²⊙g/‖θ⊙g‖ (ASAM).
-    Inside Lightning's one backward: the clean pass gives g, a second pass at θ + ε (θ moved in place and put back
-    bit for bit, dropout masks replayed, BatchNorm statistics left to the clean pass) gives the gradient. Each
-    accumulated micro-batch takes its own ε; under AMP ε comes from the unscaled gradient. Logs
-    ``sharpness/sam_gap``, L(θ + ε) − L(θ). Guide: ``docs/sharpness.md``.
+    The clean pass gives g, a second pass at θ + ε (θ moved in place, dropout masks replayed, BatchNorm statistics
+    left to the clean pass) the gradient, through Lightning's backward; θ is back bit for bit before
+    ``on_after_backward``. Each accumulated micro-batch takes its own ε; under AMP ε comes from the unscaled
+    gradient. Logs ``sharpness/sam_gap``, L(θ + ε) − L(θ). Guide: ``docs/sharpness.md``.
 
     Args:
         rho: the radius ρ ≥ 0 (0.05 is SAM's usual value; ASAM takes larger ones, 0.5 to 2).
@@ -74,6 +77,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         self.rho = check_number(rho, "rho", owner, fix="SAM's radius, e.g. rho=0.05 (SAM) or 0.5 to 2 (ASAM).")
         self.adaptive = check_bool(adaptive, "adaptive", owner)
         self.scope = check_choice(scope, "scope", SCOPES)
+        self._displacement: Displacement | None = None  # θ + ε held for Lightning's backward (see `apply`)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and any(isinstance(cb, Flooding) for cb in trainer.callbacks):
@@ -87,7 +91,37 @@ class SharpnessAwareMinimization(PenaltyCallback):
     def unsupported_when_sharded(self) -> str | None:
         return LOCAL_SCOPE_SHARDED if self.scope == "local" else None
 
+    def _release(self) -> None:
+        """θ back from a displacement held for Lightning's backward (a no-op when none is held or it is back)."""
+        displacement, self._displacement = self._displacement, None
+        if displacement is not None:
+            displacement.release()
+
+    @override
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self._release()
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._release()  # never step from θ + ε, even if no backward came
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release()
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._release()
+        super().teardown(trainer, pl_module, stage)
+
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+        self._release()  # a previous micro-batch's displacement whose backward never came
         if ctx.global_step % self.every_n_steps != 0 or self.rho == 0:
             return inner(batch)
         params = self.trainable_parameters(ctx, "so there is nothing to perturb")
@@ -104,9 +138,14 @@ class SharpnessAwareMinimization(PenaltyCallback):
         direction, h = sam_perturbation(params, grads, rho=self.rho, adaptive=self.adaptive)
         loss_at = lambda: ctx.extra_loss(batch)  # noqa: E731  (puts the module's buffers and other state back)
         if ctx.members == [self] and h != 0 and math.isfinite(h):
-            # Alone in the chain, nothing else reads the clean gradient: the objective is L(θ + ε) linearised, with
-            # L(θ)'s value. Its backward hands each parameter ∇L(θ + ε) in one multiply, as `second_step` does.
-            at = displaced_linearisation(loss_at, params, direction, h=h, rng=before)
+            # Alone in the chain, nothing else reads the clean gradient: the objective is L(θ + ε), with L(θ)'s value.
+            if ctx.lightning_backward and ctx.sharding is None:
+                # Lightning's backward differentiates the perturbed pass itself, as the second backward of a
+                # hand-written loop: θ stays at θ + ε until that backward has every parameter's gradient, then
+                # comes back bit for bit (`on_after_backward` and the other hooks below release it at the latest).
+                at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before)
+            else:  # the perturbed gradient taken now, handed over by the final backward in one multiply
+                at = displaced_linearisation(loss_at, params, direction, h=h, rng=before)
             perturbed = at.detach()
             step = replace(step, linearised_loss=at - perturbed + step.loss.detach())
         else:

@@ -159,6 +159,66 @@ def supports_double_backward(value: Tensor, inputs: Sequence[Tensor]) -> bool | 
     return True
 
 
+class Displacement:
+    """θ ← θ + α·d in place from construction until :meth:`restore`, which puts each parameter back bit for bit.
+
+    :func:`displaced` as an object, for a displacement that must outlive a block: SAM's perturbed pass, whose graph
+    saved θ + α·d and is differentiated by Lightning's backward after ``training_step`` returned.
+    """
+
+    def __init__(self, params: Sequence[Tensor], directions: Sequence[Tensor], alpha: float) -> None:
+        self.datas = [local(p.data) for p in params]  # a sharded parameter moves in its own shard
+        self.saved: list[Tensor] | None = [d.clone() for d in self.datas]
+        self.sharding = active_sharding()
+        self.handles: list[Any] = []  # hooks that restore (see `restore_after_backward`), removed by `release`
+        try:
+            with torch.no_grad():
+                foreach_add_(self.datas, [local(d).to(p.dtype) for p, d in zip(params, directions, strict=True)],
+                             alpha)
+            self._forget_copies()  # the next forward all-gathers the moved shards
+        except BaseException:
+            self.restore()
+            raise
+
+    @property
+    def active(self) -> bool:
+        return self.saved is not None
+
+    def restore(self) -> None:
+        """θ put back bit for bit (from the copy, not by subtraction); a no-op once done."""
+        if self.saved is None:
+            return
+        with torch.no_grad():
+            foreach_copy_(self.datas, self.saved)
+        self.saved = None
+        self._forget_copies()  # no full copy of θ + α·d is left for the next pass to reuse
+
+    def restore_after_backward(self, loss: Tensor, params: Sequence[Tensor]) -> None:
+        """Restore as soon as a backward of ``loss`` has computed the gradient of each of ``params`` in its graph.
+
+        By then every node of the graph that reads a parameter has run (a node still to run would lie on a path
+        to one of them), so the gradients are those at θ + α·d, and the parameters are θ again before anything
+        after the backward sees them. Call :meth:`release` once the backward is over, or where it may not come.
+        """
+        targets = [p for p in params if p.requires_grad and p.grad_fn is None]
+        if loss.requires_grad and targets:
+            self.handles.append(torch.autograd.graph.register_multi_grad_hook(targets, lambda _: self.restore()))
+
+    def release(self) -> None:
+        """:meth:`restore` (a no-op if the backward did it) and remove the hooks."""
+        self.restore()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _forget_copies(self) -> None:
+        if self.sharding is not None:
+            self.sharding.reshard()
+        # autocast caches each parameter's low-precision copy for the region: without this the displaced pass
+        # would reuse θ's copy (a zero difference under bf16-mixed), and the passes after it θ + α·d's
+        torch.clear_autocast_cache()
+
+
 @contextlib.contextmanager
 def displaced(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: float) -> Iterator[None]:
     """θ ← θ + α·d in place for the block, each parameter put back bit for bit after it.
@@ -177,24 +237,11 @@ def displaced(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: flo
         >>> inside.tolist(), w.tolist()
         ([1.5, 2.5], [1.0, 2.0])
     """
-    datas = [local(p.data) for p in params]  # a sharded parameter moves in its own shard
-    saved = [d.clone() for d in datas]
-    sharding = active_sharding()
+    displacement = Displacement(params, directions, alpha)
     try:
-        with torch.no_grad():
-            foreach_add_(datas, [local(d).to(p.dtype) for p, d in zip(params, directions, strict=True)], alpha)
-        if sharding is not None:  # the next forward all-gathers the moved shards
-            sharding.reshard()
-        # autocast caches each parameter's low-precision copy for the region: without this the displaced pass
-        # would reuse θ's copy (a zero difference under bf16-mixed), and the passes after it θ + α·d's
-        torch.clear_autocast_cache()
         yield
     finally:
-        with torch.no_grad():
-            foreach_copy_(datas, saved)
-        if sharding is not None:  # no full copy of θ + α·d is left for the next pass to reuse
-            sharding.reshard()
-        torch.clear_autocast_cache()
+        displacement.restore()
 
 
 @contextlib.contextmanager

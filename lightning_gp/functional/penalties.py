@@ -14,7 +14,13 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
-from lightning_gp.functional._autograd import displaced, finite_difference_term, linearised, linearised_now
+from lightning_gp.functional._autograd import (
+    Displacement,
+    displaced,
+    finite_difference_term,
+    linearised,
+    linearised_now,
+)
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import (
     as_param_list,
@@ -339,6 +345,29 @@ def displaced_linearisation(
     and SAM's whole objective when nothing else needs the clean gradient."""
     with displaced(params, [d.detach() for d in direction], h), _second_pass(rng, module):
         return linearised_now(loss_at())
+
+
+def displaced_loss(
+    loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], *, h: float,
+    rng: RNGState | None = None, module: nn.Module | None = None,
+) -> tuple[Tensor, Displacement]:
+    """The loss at θ + h·d with its graph, for a backward that runs later: SAM's objective when the step's own
+    backward (Lightning's) is the one to differentiate it, as in a hand-written two-pass loop.
+
+    θ stays at θ + h·d after this returns (the graph saved it), and goes back bit for bit as soon as that backward
+    has computed every parameter's gradient (:meth:`Displacement.restore_after_backward`). The caller calls
+    ``release()`` on the returned :class:`Displacement` after the backward, and wherever one may not come (an
+    exception, a skipped step): until then the parameters are displaced.
+    """
+    displacement = Displacement(params, [d.detach() for d in direction], h)
+    try:
+        with _second_pass(rng, module):
+            loss = loss_at()
+        displacement.restore_after_backward(loss, params)
+    except BaseException:
+        displacement.release()
+        raise
+    return loss, displacement
 
 
 @contextlib.contextmanager
