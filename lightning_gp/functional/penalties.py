@@ -363,7 +363,7 @@ def displaced_loss(
     try:
         with _second_pass(rng, module):
             loss = loss_at()
-        displacement.restore_after_backward(loss, params)
+        displacement.restore_after_backward(loss)
     except BaseException:
         displacement.release()
         raise
