@@ -67,27 +67,35 @@ def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strate
     # nn.Embedding(sparse=True): the values; FSDP2: the rank's shard (every shard is checked, on its own rank)
     grads = [g.coalesce().values() if g.is_sparse else local(g) for g in grads]
     device = grads[0].device if grads else next((v.device for _, v in values.losses), torch.device("cpu"))
-    zero = torch.zeros((), device=device)
-    # Per-tensor sums, not the ∞-norm: `get_total_norm(grads, inf)` costs twenty times more on an MLP's CPU tensors
-    # (docs/benchmarks.md), and -inf does not survive a max.
-    grad_sum = zero if scaled or not grads else torch.stack(
-        [g.sum(dtype=torch.float32).to(device) for g in grads]).sum()
-    own = [v for _, v in values.losses] + [v for _, _, v in values.values]
-    if own:
-        stacked = torch.stack([v.to(device=device, dtype=torch.float32) for v in own])
-        bad_values = (stacked.isnan() if scaled else ~stacked.isfinite()).any().float()
-    else:
-        bad_values = zero
     world = 1 if strategy is None else strategy.world_size
     rank = 0 if strategy is None else strategy.global_rank
-    ranks = torch.zeros(world, device=device)
-    ranks[rank] = bad_values
-    flags = torch.cat([(~grad_sum.isfinite()).float().reshape(1), bad_values.reshape(1), ranks])
-    if world > 1:
-        flags = strategy.reduce(flags, reduce_op="sum")
-    if not bool(flags.any()):  # the one host read of the step
-        return
-    bad_ranks = [r for r in range(world) if flags[2 + r] > 0]
+    # Per-tensor sums, not the ∞-norm: `get_total_norm(grads, inf)` costs twenty times more on an MLP's CPU tensors
+    # (docs/benchmarks.md), and -inf does not survive a max.
+    sums = [] if scaled else [g.sum(dtype=torch.float32).to(device) for g in grads]
+    own = [v.to(device=device, dtype=torch.float32) for _, v in values.losses] + [
+        v.to(device=device, dtype=torch.float32) for _, _, v in values.values]
+    if world == 1:  # one stack, one test, one read: this runs on every step of every callback
+        if not sums and not own:
+            return
+        stacked = torch.stack(sums + own)
+        if not bool((stacked.isnan() if scaled else ~stacked.isfinite()).any()):  # the one host read of the step
+            return
+        flags = None
+    else:
+        zero = torch.zeros((), device=device)
+        grad_sum = torch.stack(sums).sum() if sums else zero
+        if own:
+            stacked = torch.stack(own)
+            bad_values = (stacked.isnan() if scaled else ~stacked.isfinite()).any().float()
+        else:
+            bad_values = zero
+        ranks = torch.zeros(world, device=device)
+        ranks[rank] = bad_values
+        flags = strategy.reduce(torch.cat([(~grad_sum.isfinite()).float().reshape(1), bad_values.reshape(1), ranks]),
+                                reduce_op="sum")
+        if not bool(flags.any()):  # the one host read of the step
+            return
+    bad_ranks = [] if flags is None else [r for r in range(world) if flags[2 + r] > 0]
     raise FloatingPointError(_message(values, grads, grad_names, step=step, scaled=scaled, rank=rank, world=world,
                                       bad_ranks=bad_ranks, caller=caller, off_switch=off_switch))
 
