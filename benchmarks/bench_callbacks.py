@@ -9,8 +9,9 @@ Setting (the issue's): MLP 64→512→512→10, batch 256, SGD, one fixed batch,
 - *Hand-written* side: the same math in a plain PyTorch loop calling :mod:`lightning_gp.functional`
   directly, timed per step the same way.
 
-All variants, both sides, run in rounds of chunks (a fresh Trainer per chunk; the first steps of each chunk
-are warm-up and dropped), the order shuffled anew each round, so drifts in machine load hit all alike. Each
+All variants run in rounds of chunks (a fresh Trainer per chunk; the first steps of each chunk are warm-up and
+dropped), the order shuffled anew each round, so drifts in machine load hit all alike; within a chunk the
+hand-written step runs between the Lightning steps (timed apart), so the two sides alternate step by step. Each
 ratio is taken within a round, from the chunks' median step times, and reported as the median over rounds
 with its interquartile range (min–max under 4 rounds): this machine's speed moves by tens of per cent over a
 minute, which a ratio of times measured far apart would count as overhead. Ratios per callback:
@@ -69,6 +70,9 @@ EPSILON = 0.1
 RHO = 0.05
 TARGET = 1.05
 BATCH = 256
+#: The clock the steps are timed with: wall time (default), or with ``--clock cpu`` the process's CPU time, which a
+#: shared machine's other tenants do not inflate (with one thread it is the step's compute; on CUDA wall time only).
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
 
 
 def mlp() -> nn.Sequential:
@@ -210,11 +214,11 @@ class StepTimer(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._sync()
-        self._start = time.perf_counter()
+        self._start = CLOCK[0]()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync()
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(CLOCK[0]() - self._start)
 
 
 class RepeatedBatch:
@@ -230,12 +234,27 @@ class RepeatedBatch:
         return self.n
 
 
-def lightning_chunk(name: str, device: torch.device, batch: tuple, steps: int) -> list[float]:
-    """Per-step times of one short fit with the callback (or diagnostic) ``name``: fresh Trainer and model."""
+class HandBetweenSteps(Callback):
+    """Runs and times the hand-written step after each Lightning step (after :class:`StepTimer` has stopped), so the
+    two sides alternate step by step and a change of the machine's speed reaches both within milliseconds."""
+
+    def __init__(self, step: Callable[[], None], device: torch.device) -> None:
+        self.step, self.device = step, device
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times += hand_chunk(self.step, self.device, 1)
+
+
+def lightning_chunk(name: str, device: torch.device, batch: tuple, steps: int,
+                    hand_step: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
+    """Per-step times of one short fit with the callback (or diagnostic) ``name`` (fresh Trainer and model), and of
+    ``hand_step`` run between its steps (empty without one)."""
     torch.manual_seed(0)
     timer = StepTimer(device)
+    hand = HandBetweenSteps(hand_step, device) if hand_step is not None else None
     factory = CALLBACKS.get(name)
-    callbacks = [timer] + ([factory()] if factory is not None else [])
+    callbacks = [timer] + ([hand] if hand is not None else []) + ([factory()] if factory is not None else [])
     module = DIAGNOSTICS.get(name, BenchModule)()
     trainer = L.Trainer(
         accelerator=device.type, devices=1, max_steps=steps, callbacks=callbacks, logger=False,
@@ -243,7 +262,7 @@ def lightning_chunk(name: str, device: torch.device, batch: tuple, steps: int) -
     )
     # One batch, already on the device, served `steps` times: no data loading in the timed region.
     trainer.fit(module, train_dataloaders=RepeatedBatch(batch, steps))
-    return timer.times
+    return timer.times, (hand.times if hand is not None else [])
 
 
 def hand_chunk(fn: Callable[[], None], device: torch.device, steps: int) -> list[float]:
@@ -251,11 +270,11 @@ def hand_chunk(fn: Callable[[], None], device: torch.device, steps: int) -> list
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = CLOCK[0]()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK[0]() - start)
     return times
 
 
@@ -263,9 +282,9 @@ def measure(device: torch.device, rounds: int, steps: int, warmup: int,
             names: list[str] | None = None) -> tuple[dict, dict]:
     """Per-round median step seconds, ``(lightning, hand)``, each ``{name: [round 0, round 1, ...]}``.
 
-    Every round runs each variant's Lightning chunk and then its hand-written chunk, the variants in an order
-    shuffled anew per round, so a drift of the machine's speed hits all alike; ratios are then taken within a
-    round (`ratio_stats`), never between times measured minutes apart.
+    Every round runs each variant's Lightning chunk with its hand-written step between the Lightning steps, the
+    variants in an order shuffled anew per round, so a drift of the machine's speed hits all alike; ratios are then
+    taken within a round (`ratio_stats`), never between times measured minutes apart.
     """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 64, generator=gen).to(device)
@@ -281,9 +300,10 @@ def measure(device: torch.device, rounds: int, steps: int, warmup: int,
         order = list(chosen)
         order_rng.shuffle(order)
         for name in order:
-            lit[name].append(statistics.median(lightning_chunk(name, device, (x, y), warmup + steps)[warmup:]))
+            lit_chunk, hand_chunk_ = lightning_chunk(name, device, (x, y), warmup + steps, hand.get(name))
+            lit[name].append(statistics.median(lit_chunk[warmup:]))
             if name in hand:
-                hand_times[name].append(statistics.median(hand_chunk(hand[name], device, warmup + steps)[warmup:]))
+                hand_times[name].append(statistics.median(hand_chunk_[warmup:]))
     return lit, hand_times
 
 
@@ -320,6 +340,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=None, help="override the kept steps per chunk")
     parser.add_argument("--only", nargs="+", choices=[*CALLBACKS, *DIAGNOSTICS], default=None, metavar="NAME",
                         help="measure these rows only (and the plain step they are divided by)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the process's CPU time (steadier on a shared machine; CPU runs only)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -330,9 +352,11 @@ def main(argv: list[str] | None = None) -> str:
         logging.getLogger(name).setLevel(logging.ERROR)  # "GPU available: ..." per Trainer
     tables = []
     for device in devices():
+        CLOCK[0] = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
         lit, hand = measure(device, rounds, steps, warmup, args.only)
         title = (f"{device.type.upper()} ({torch.get_num_threads()} threads): MLP 64→512→512→10, batch 256, "
-                 f"{rounds} rounds × {steps} kept steps; ms: median over rounds; ratios: median of the per-round "
+                 f"{rounds} rounds × {steps} kept steps, {args.clock} clock; ms: median over rounds; ratios: median "
+                 f"of the per-round "
                  f"ratios (interquartile range)")
         detail = format_table(f"{device.type.upper()}: Lightning steps ÷ plain Lightning step",
                               [Row(n, statistics.median(t), statistics.median(lit["plain"]))
