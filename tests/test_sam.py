@@ -350,13 +350,27 @@ class UnusedAndFrozen(Net):
         self.unused = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("model", [Net, UnusedAndFrozen])
-def test_theta_is_back_bit_for_bit_when_the_backward_ends(model):
-    """Lightning's backward differentiates the pass at θ + ε itself; θ is back bit for bit inside that backward, before
-    any `on_after_backward` (this callback's runs before SAM's), and the step still equals the two-pass loop's."""
-    watcher = ParameterWatcher()
+class WatchedNet(Net):
+    """Records its parameters in its own `on_after_backward` (which Lightning calls after every callback's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after_backward: list[list[torch.Tensor]] = []
+
+    def on_after_backward(self) -> None:
+        self.after_backward.append([p.detach().clone() for p in self.parameters()])
+
+
+@pytest.mark.parametrize("model", [WatchedNet, UnusedAndFrozen])
+@pytest.mark.parametrize("watcher_first", [True, False])
+def test_theta_is_back_bit_for_bit_when_the_backward_ends(model, watcher_first):
+    """Lightning's backward differentiates the pass at θ + ε itself; θ is back bit for bit before any `on_after_backward`
+    reads it: inside the backward where a callback listed before SAM has one, else in SAM's own (Lightning calls the
+    module's after every callback's). The step still equals the two-pass loop's."""
+    watcher, sam = ParameterWatcher(), SharpnessAwareMinimization(0.05)
     module = model()
-    fit([watcher, SharpnessAwareMinimization(0.05)], module, max_steps=2)
+    fit([watcher, sam] if watcher_first else [sam, watcher], module, max_steps=2)
+    assert sam._restore_in_backward is watcher_first  # the control: both routes are taken
     for step in range(2):
         start = watcher.seen["start"][step]
         for hook in ("after_backward", "before_optimizer_step"):
@@ -364,7 +378,10 @@ def test_theta_is_back_bit_for_bit_when_the_backward_ends(model):
                 assert torch.equal(a, b), hook
         moved = [not torch.equal(a, b) for a, b in zip(watcher.seen["before_backward"][step], start, strict=True)]
         assert any(moved)  # the control: between training_step and its backward, θ + ε
-    if model is Net:
+        if model is WatchedNet:
+            for a, b in zip(module.after_backward[step], start, strict=True):
+                assert torch.equal(a, b)
+    if model is WatchedNet:
         assert_same(module, hand_written(0.05, False, steps=2))
 
 

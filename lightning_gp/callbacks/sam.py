@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_gp._arguments import check_bool, check_number
@@ -78,6 +79,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         self.adaptive = check_bool(adaptive, "adaptive", owner)
         self.scope = check_choice(scope, "scope", SCOPES)
         self._displacement: Displacement | None = None  # θ + ε held for Lightning's backward (see `apply`)
+        self._restore_in_backward = True  # decided in `setup` from the callbacks before this one
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and any(isinstance(cb, Flooding) for cb in trainer.callbacks):
@@ -87,6 +89,12 @@ class SharpnessAwareMinimization(PenaltyCallback):
                 f"either method. Use one of them."
             )
         super().setup(trainer, pl_module, stage)
+        # θ + ε held for Lightning's backward is released in this callback's `on_after_backward`, which Lightning
+        # calls before the module's. A callback listed before this one with its own `on_after_backward` would see
+        # θ + ε there: then θ comes back inside the backward instead (hooks that cost 2 % of a small model's step).
+        preceding = trainer.callbacks[: trainer.callbacks.index(self)] if self in trainer.callbacks else []
+        self._restore_in_backward = any(type(cb).on_after_backward is not Callback.on_after_backward
+                                        for cb in preceding)
 
     def unsupported_when_sharded(self) -> str | None:
         return LOCAL_SCOPE_SHARDED if self.scope == "local" else None
@@ -141,9 +149,10 @@ class SharpnessAwareMinimization(PenaltyCallback):
             # Alone in the chain, nothing else reads the clean gradient: the objective is L(θ + ε), with L(θ)'s value.
             if ctx.lightning_backward and ctx.sharding is None:
                 # Lightning's backward differentiates the perturbed pass itself, as the second backward of a
-                # hand-written loop: θ stays at θ + ε until that backward has every parameter's gradient, then
-                # comes back bit for bit (`on_after_backward` and the other hooks below release it at the latest).
-                at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before)
+                # hand-written loop: θ stays at θ + ε until that backward is over, then comes back bit for bit (in
+                # the backward, or in `on_after_backward`; the other hooks above release it at the latest).
+                at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before,
+                                                        restore_in_backward=self._restore_in_backward)
             else:  # the perturbed gradient taken now, handed over by the final backward in one multiply
                 at = displaced_linearisation(loss_at, params, direction, h=h, rng=before)
             perturbed = at.detach()
