@@ -364,9 +364,9 @@ class WatchedNet(Net):
 @pytest.mark.parametrize("model", [WatchedNet, UnusedAndFrozen])
 @pytest.mark.parametrize("watcher_first", [True, False])
 def test_theta_is_back_bit_for_bit_when_the_backward_ends(model, watcher_first):
-    """Lightning's backward differentiates the pass at θ + ε itself; θ is back bit for bit before any `on_after_backward`
-    reads it: inside the backward where a callback listed before SAM has one, else in SAM's own (Lightning calls the
-    module's after every callback's). The step still equals the two-pass loop's."""
+    """Lightning's backward differentiates the pass at θ + ε itself; θ is back bit for bit before any
+    `on_after_backward` reads it: inside the backward where a callback listed before SAM has one, else in SAM's own
+    (Lightning calls the module's after every callback's). The step still equals the two-pass loop's."""
     watcher, sam = ParameterWatcher(), SharpnessAwareMinimization(0.05)
     module = model()
     fit([watcher, sam] if watcher_first else [sam, watcher], module, max_steps=2)
