@@ -107,3 +107,23 @@ def test_gpu_check_runs_as_a_cpu_smoke_test_and_writes_its_report(tmp_path):
     assert "## finite differences ÷ double backward\n\npassed" in report
     assert "| data penalty, finite difference |" in report  # the benchmark's table, with times and ratios
     assert "skipped: smoke test (no GPU)" in report
+
+
+def test_callbacks_benchmark_alternates_the_two_sides_and_reports_per_round_ratios(monkeypatch):
+    """One round of the SAM rows: both sides timed step by step in the same chunk, every cell a median with its
+    spread, and every hand-written step of the chunk run (one per Lightning step)."""
+    from benchmarks import bench_callbacks
+
+    monkeypatch.setenv("LGP_BENCH_DEVICES", "cpu")
+    text = bench_callbacks.main(["--quick", "--rounds", "1", "--steps", "2", "--threads", "1", "--clock", "cpu",
+                                 "--only", "SAM (ρ = 0.05)", "SAM, check_finite=False"])
+    comparison = text.split("Lightning steps ÷ plain Lightning step")[0]  # the first of the two tables
+    rows = {line.split("|")[1].strip(): line for line in comparison.splitlines() if line.startswith("| ")}
+    for name in ("plain", "SAM (ρ = 0.05)", "SAM, check_finite=False"):
+        assert name in rows and rows[name].count("(") >= 4, rows.get(name)  # median (low–high) in the ratio cells
+    assert "1 rounds × 2 kept steps, cpu clock" in text
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    calls = []
+    lit, hand = bench_callbacks.lightning_chunk("SAM (ρ = 0.05)", torch.device("cpu"), (x, y), 3,
+                                                lambda: calls.append(1))
+    assert len(lit) == len(hand) == len(calls) == 3

@@ -364,20 +364,22 @@ class WatchedNet(Net):
 @pytest.mark.parametrize("model", [WatchedNet, UnusedAndFrozen])
 @pytest.mark.parametrize("watcher_first", [True, False])
 def test_theta_is_back_bit_for_bit_when_the_backward_ends(model, watcher_first):
-    """Lightning's backward differentiates the pass at θ + ε itself; θ is back bit for bit before any
-    `on_after_backward` reads it: inside the backward where a callback listed before SAM has one, else in SAM's own
-    (Lightning calls the module's after every callback's). The step still equals the two-pass loop's."""
+    """Alone, SAM lets Lightning's backward differentiate the pass at θ + ε itself and puts θ back bit for bit in its
+    own `on_after_backward` (Lightning calls the module's after every callback's). Where a callback listed before SAM
+    has an `on_after_backward`, which would see θ + ε, SAM takes the perturbed gradient itself and θ is back before
+    `training_step` returns. Either way the step equals the two-pass loop's."""
     watcher, sam = ParameterWatcher(), SharpnessAwareMinimization(0.05)
     module = model()
     fit([watcher, sam] if watcher_first else [sam, watcher], module, max_steps=2)
-    assert sam._restore_in_backward is watcher_first  # the control: both routes are taken
+    held = not watcher_first
+    assert sam._hold_for_backward is held  # the control: both routes are taken
     for step in range(2):
         start = watcher.seen["start"][step]
         for hook in ("after_backward", "before_optimizer_step"):
             for a, b in zip(watcher.seen[hook][step], start, strict=True):
                 assert torch.equal(a, b), hook
         moved = [not torch.equal(a, b) for a, b in zip(watcher.seen["before_backward"][step], start, strict=True)]
-        assert any(moved)  # the control: between training_step and its backward, θ + ε
+        assert any(moved) is held  # between training_step and its backward, θ + ε on the held route only
         if model is WatchedNet:
             for a, b in zip(module.after_backward[step], start, strict=True):
                 assert torch.equal(a, b)
@@ -405,3 +407,19 @@ def test_a_fault_between_the_passes_and_the_backward_leaves_theta(hook):
         fit([watcher, SharpnessAwareMinimization(0.05)], module)
     for a, b in zip(module.parameters(), watcher.seen["start"][0], strict=True):
         assert torch.equal(a.detach(), b)
+
+
+def test_activation_checkpointing_recomputes_at_theta_plus_epsilon():
+    """A checkpointed block recomputes its forward inside Lightning's backward: it must still see θ + ε there, and
+    the step equal the two-pass loop's. (A reentrant checkpoint, `use_reentrant=True`, refuses `autograd.grad`, which
+    every two-pass method needs for its first gradient; torch's error says to pass `use_reentrant=False`.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            # the output layer recomputed in the backward (its input requires grad, as a reentrant checkpoint needs)
+            return F.cross_entropy(checkpoint(self.net[3], self.net[:3](x), use_reentrant=False), y)
+
+    assert_same(fit([SharpnessAwareMinimization(0.05)], Checkpointed(), max_steps=3),
+                hand_written(0.05, False, steps=3))

@@ -28,7 +28,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
 
     g = ∇θL over all trainable parameters together; ε = ρ·g/‖g‖ (SAM) or, with ``adaptive``, ρ·θ²⊙g/‖θ⊙g‖ (ASAM).
     The clean pass gives g, a second pass at θ + ε (θ moved in place, dropout masks replayed, BatchNorm statistics
-    left to the clean pass) the gradient, through Lightning's backward; θ is back bit for bit before
+    left to the clean pass) the gradient, through Lightning's backward; θ is back bit for bit by the module's
     ``on_after_backward``. Each accumulated micro-batch takes its own ε; under AMP ε comes from the unscaled
     gradient. Logs ``sharpness/sam_gap``, L(θ + ε) − L(θ). Guide: ``docs/sharpness.md``.
 
@@ -79,7 +79,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         self.adaptive = check_bool(adaptive, "adaptive", owner)
         self.scope = check_choice(scope, "scope", SCOPES)
         self._displacement: Displacement | None = None  # θ + ε held for Lightning's backward (see `apply`)
-        self._restore_in_backward = True  # decided in `setup` from the callbacks before this one
+        self._hold_for_backward = False  # decided in `setup` from the callbacks before this one
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and any(isinstance(cb, Flooding) for cb in trainer.callbacks):
@@ -89,12 +89,12 @@ class SharpnessAwareMinimization(PenaltyCallback):
                 f"either method. Use one of them."
             )
         super().setup(trainer, pl_module, stage)
-        # θ + ε held for Lightning's backward is released in this callback's `on_after_backward`, which Lightning
-        # calls before the module's. A callback listed before this one with its own `on_after_backward` would see
-        # θ + ε there: then θ comes back inside the backward instead (hooks that cost 2 % of a small model's step).
+        # θ + ε held for Lightning's backward comes back in this callback's `on_after_backward`, which Lightning calls
+        # before the module's. A callback listed before this one with its own `on_after_backward` would see θ + ε
+        # there: then the perturbed pass's gradient is taken inside `apply` instead, θ back before it returns.
         preceding = trainer.callbacks[: trainer.callbacks.index(self)] if self in trainer.callbacks else []
-        self._restore_in_backward = any(type(cb).on_after_backward is not Callback.on_after_backward
-                                        for cb in preceding)
+        self._hold_for_backward = not any(type(cb).on_after_backward is not Callback.on_after_backward
+                                          for cb in preceding)
 
     def unsupported_when_sharded(self) -> str | None:
         return LOCAL_SCOPE_SHARDED if self.scope == "local" else None
@@ -103,7 +103,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         """θ back from a displacement held for Lightning's backward (a no-op when none is held or it is back)."""
         displacement, self._displacement = self._displacement, None
         if displacement is not None:
-            displacement.release()
+            displacement.restore()
 
     @override
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
@@ -147,12 +147,11 @@ class SharpnessAwareMinimization(PenaltyCallback):
         loss_at = lambda: ctx.extra_loss(batch)  # noqa: E731  (puts the module's buffers and other state back)
         if ctx.members == [self] and h != 0 and math.isfinite(h):
             # Alone in the chain, nothing else reads the clean gradient: the objective is L(θ + ε), with L(θ)'s value.
-            if ctx.lightning_backward and ctx.sharding is None:
+            if ctx.lightning_backward and ctx.sharding is None and self._hold_for_backward:
                 # Lightning's backward differentiates the perturbed pass itself, as the second backward of a
-                # hand-written loop: θ stays at θ + ε until that backward is over, then comes back bit for bit (in
-                # the backward, or in `on_after_backward`; the other hooks above release it at the latest).
-                at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before,
-                                                        restore_in_backward=self._restore_in_backward)
+                # hand-written loop: θ stays at θ + ε until that backward is over and comes back bit for bit in
+                # `on_after_backward` (the other hooks above release it at the latest).
+                at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before)
             else:  # the perturbed gradient taken now, handed over by the final backward in one multiply
                 at = displaced_linearisation(loss_at, params, direction, h=h, rng=before)
             perturbed = at.detach()

@@ -170,7 +170,6 @@ class Displacement:
         self.datas = [local(p.data) for p in params]  # a sharded parameter moves in its own shard
         self.saved: list[Tensor] | None = [d.clone() for d in self.datas]
         self.sharding = active_sharding()
-        self.handles: list[Any] = []  # hooks that restore (see `restore_after_backward`), removed by `release`
         try:
             with torch.no_grad():
                 foreach_add_(self.datas, [local(d).to(p.dtype) for p, d in zip(params, directions, strict=True)],
@@ -180,10 +179,6 @@ class Displacement:
             self.restore()
             raise
 
-    @property
-    def active(self) -> bool:
-        return self.saved is not None
-
     def restore(self) -> None:
         """θ put back bit for bit (from the copy, not by subtraction); a no-op once done."""
         if self.saved is None:
@@ -192,32 +187,6 @@ class Displacement:
             foreach_copy_(self.datas, self.saved)
         self.saved = None
         self._forget_copies()  # no full copy of θ + α·d is left for the next pass to reuse
-
-    def restore_after_backward(self, loss: Tensor) -> None:
-        """Restore as soon as a backward of ``loss`` has delivered the gradient of every leaf of its graph.
-
-        By then every node of the graph has run (a node still to run would lie on a path to a leaf whose gradient is
-        not done yet), so the gradients are those at θ + α·d, and the parameters are θ again before anything after
-        the backward sees them. One countdown hook per leaf: ``torch.autograd.graph.register_multi_grad_hook`` added
-        0.54 ms to a 3.3 ms backward of the benchmarks' MLP, these 0.17 ms. Call :meth:`release` once the backward is
-        over, or where it may not come: a hook that never fires leaves the restore to it.
-        """
-        leaves = autograd_leaves(loss)
-        left = [len(leaves)]
-
-        def arrived(_grad: Tensor) -> None:
-            left[0] -= 1
-            if left[0] == 0:
-                self.restore()
-
-        self.handles += [leaf.register_hook(arrived) for leaf in leaves]
-
-    def release(self) -> None:
-        """:meth:`restore` (a no-op if the backward did it) and remove the hooks."""
-        self.restore()
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
     def _forget_copies(self) -> None:
         if self.sharding is not None:

@@ -349,24 +349,21 @@ def displaced_linearisation(
 
 def displaced_loss(
     loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], *, h: float,
-    rng: RNGState | None = None, module: nn.Module | None = None, restore_in_backward: bool = True,
+    rng: RNGState | None = None, module: nn.Module | None = None,
 ) -> tuple[Tensor, Displacement]:
     """The loss at θ + h·d with its graph, for a backward that runs later: SAM's objective when the step's own
     backward (Lightning's) is the one to differentiate it, as in a hand-written two-pass loop.
 
-    θ stays at θ + h·d after this returns (the graph saved it). With ``restore_in_backward`` it goes back bit for bit
-    as soon as that backward has computed every leaf's gradient (:meth:`Displacement.restore_after_backward`). The
-    caller calls ``release()`` on the returned :class:`Displacement` after the backward, and wherever one may not come
-    (an exception, a skipped step): until then the parameters are displaced.
+    θ stays at θ + h·d after this returns: the graph saved it, and its backward must see it. The caller calls
+    ``restore()`` on the returned :class:`Displacement` once that backward is over, and wherever one may not come
+    (an exception, a skipped step).
     """
     displacement = Displacement(params, [d.detach() for d in direction], h)
     try:
         with _second_pass(rng, module):
             loss = loss_at()
-        if restore_in_backward:
-            displacement.restore_after_backward(loss)
     except BaseException:
-        displacement.release()
+        displacement.restore()
         raise
     return loss, displacement
 
