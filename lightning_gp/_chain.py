@@ -149,6 +149,10 @@ def averaged_over_ranks(strategy: Strategy | None, tensors: list[Tensor]) -> lis
     return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)]
 
 
+#: What torch says when `autograd.grad` meets a reentrant activation checkpoint (torch.utils.checkpoint).
+_REENTRANT_CHECKPOINT = "use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()"
+
+
 class SkipBatch(Exception):
     """``training_step`` returned None (Lightning's way to skip a batch): the chain stops and returns None."""
 
@@ -181,6 +185,16 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
     try:
         with sharded(ctx.sharding):
             step = build(0)(args[0])
+    except RuntimeError as err:
+        if _REENTRANT_CHECKPOINT not in str(err):
+            raise
+        raise RuntimeError(
+            f"{caller} takes gradients with `torch.autograd.grad`, which a reentrant activation checkpoint refuses. "
+            f"Checkpoint with use_reentrant=False: `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`, or "
+            f"for a Hugging Face model `model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            f"{{'use_reentrant': False}})` (recent transformers releases default to it). "
+            f"(torch: {str(err).splitlines()[0]})"
+        ) from err
     except SkipBatch:
         if values is not None:  # nothing of a skipped batch is checked: it never reaches a backward
             del values.losses[mark[0]:], values.values[mark[1]:]

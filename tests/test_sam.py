@@ -423,3 +423,39 @@ def test_activation_checkpointing_recomputes_at_theta_plus_epsilon():
 
     assert_same(fit([SharpnessAwareMinimization(0.05)], Checkpointed(), max_steps=3),
                 hand_written(0.05, False, steps=3))
+
+
+def test_a_reentrant_checkpoint_is_refused_with_the_fix():
+    """A reentrant checkpoint refuses `autograd.grad`, which SAM's first gradient needs: the error names the
+    setting that works, for torch and for Hugging Face models."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Reentrant(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(checkpoint(self.net[3], self.net[:3](x), use_reentrant=True), y)
+
+    with pytest.raises(RuntimeError, match=r"SharpnessAwareMinimization .* use_reentrant=False.*"
+                                           r"gradient_checkpointing_kwargs=\{'use_reentrant': False\}"):
+        fit([SharpnessAwareMinimization(0.05)], Reentrant(), max_steps=1)
+
+
+def test_a_hugging_face_model_with_activation_checkpointing_takes_the_same_steps():
+    """GPT-2 (tiny local config) with `gradient_checkpointing_enable()`: its blocks recompute their forward inside
+    Lightning's backward, at θ + ε, and the three SAM steps equal those without checkpointing, bit for bit."""
+    pytest.importorskip("transformers")
+    from tests.hf_zoo import ZOO, HFModule, loader
+
+    def run(checkpointed: bool) -> list[torch.Tensor]:
+        module = HFModule(ZOO["gpt2_lm"], attn="eager")
+        if checkpointed:
+            module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = pl.Trainer(max_steps=3, precision="64-true", callbacks=[SharpnessAwareMinimization(0.05)], **QUIET)
+        trainer.fit(module, loader(ZOO["gpt2_lm"]))
+        return [p.detach().clone() for p in module.parameters()]
+
+    plain, checkpointed = run(False), run(True)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, [p for p in HFModule(ZOO["gpt2_lm"]).parameters()],
+                                                     strict=True))  # the control: the steps moved the weights
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert torch.equal(a, b)
