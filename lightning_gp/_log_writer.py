@@ -75,6 +75,17 @@ def wandb_runs(trainer: pl.Trainer) -> list[Any]:
     return [run for run, _ in _wandb_targets(trainer)]
 
 
+def prefixed(name: str, prefix: str, join: str = "-") -> str:
+    """``name`` under a logger's ``prefix`` as Lightning writes the scalars (``exp-grad_norm/input``; ``join`` is the
+    logger's ``LOGGER_JOIN_CHAR``), or ``name`` itself without a prefix.
+
+    Example:
+        >>> prefixed("grad_norm/input", "exp"), prefixed("grad_norm/input", "")
+        ('exp-grad_norm/input', 'grad_norm/input')
+    """
+    return f"{prefix}{join}{name}" if prefix else name
+
+
 def _wandb_targets(trainer: pl.Trainer) -> list[tuple[Any, Callable[[str], str]]]:
     """``(run, key)`` for each WandbLogger of the trainer, on global rank 0: ``key(name)`` is ``name`` under the
     logger's ``prefix`` (``exp-grad_norm/input``), as Lightning writes the scalars, so media and summaries land
@@ -86,7 +97,7 @@ def _wandb_targets(trainer: pl.Trainer) -> list[tuple[Any, Callable[[str], str]]
         if isinstance(logger, WandbLogger):
             prefix = logger_prefix(logger)
             join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-            targets.append((logger.experiment, (lambda name, p=prefix, j=join: f"{p}{j}{name}" if p else name)))
+            targets.append((logger.experiment, (lambda name, p=prefix, j=join: prefixed(name, p, j))))
     return targets
 
 

@@ -12,13 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-#: The x-axis of every line plot: the step Lightning's WandbLogger logs beside each metric.
-STEP = "trainer/global_step"
-
-
-def _key(prefix: str, key: str) -> str:
-    """``key`` as a ``WandbLogger(prefix=...)`` writes it."""
-    return f"{prefix}-{key}" if prefix else key
+from lightning_gp._log_writer import STEP_KEY, prefixed
 
 
 def workspace(entity: str, project: str, *, prefix: str = "", name: str = "lightning-gp") -> Any:
@@ -43,13 +37,13 @@ def workspace(entity: str, project: str, *, prefix: str = "", name: str = "light
     except ImportError as err:
         raise ImportError('The dashboard needs wandb-workspaces: pip install "lightning-gp[dashboard]".') from err
 
-    def k(key: str) -> str:
-        return _key(prefix, key)
+    def k(key: str) -> str:  # as a WandbLogger(prefix=...) writes it
+        return prefixed(key, prefix)
 
     def line(title: str, *keys: str, regex: str | None = None, log_y: bool = False) -> Any:
         if regex is not None:
-            return wr.LinePlot(title=title, x=STEP, metric_regex=k(regex), log_y=log_y)
-        return wr.LinePlot(title=title, x=STEP, y=[k(key) for key in keys], log_y=log_y)
+            return wr.LinePlot(title=title, x=STEP_KEY, metric_regex=k(regex), log_y=log_y)
+        return wr.LinePlot(title=title, x=STEP_KEY, y=[k(key) for key in keys], log_y=log_y)
 
     def chart(title: str, table: str, spec: str, fields: dict[str, str]) -> Any:
         # a chart the monitors log with wandb.plot: its table, drawn with W&B's built-in spec
