@@ -98,9 +98,7 @@ class StepContext:
         one all-gather of them flattened into one buffer."""
         if self.world_size == 1:
             return list(tensors)
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        mean = self.strategy.all_gather(flat, sync_grads=True).mean(dim=0)
-        return [m.view_as(t) for m, t in zip(torch.split(mean, [t.numel() for t in tensors]), tensors, strict=True)]
+        return _shaped_like(self.strategy.all_gather(_flat(tensors), sync_grads=True).mean(dim=0), tensors)
 
     def compute_dtype(self, t: Tensor) -> torch.dtype:
         """The dtype the step's passes compute ``t``'s kind of values in (:func:`functional.precision.compute_dtype`,
@@ -145,7 +143,16 @@ def averaged_over_ranks(strategy: Strategy | None, tensors: list[Tensor]) -> lis
     if world == 1 or any(is_sharded(t) for t in tensors):
         # FSDP2's gradients are shards of the mean over the ranks already (its reduce-scatter averages)
         return list(tensors)
-    flat = strategy.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduce_op="sum") / world
+    return _shaped_like(strategy.reduce(_flat(tensors), reduce_op="sum") / world, tensors)
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    """``tensors`` in one 1-D buffer, for one collective instead of one per tensor."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _shaped_like(flat: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """:func:`_flat`'s buffer cut back into views shaped like ``tensors``."""
     return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)]
 
 
