@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from benchmarks.harness import Row, devices, format_table, ratio_stats
+from benchmarks.harness import Row, devices, format_table, ratio_stats, sync
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
@@ -208,16 +208,12 @@ class StepTimer(Callback):
         self.times: list[float] = []
         self._start = 0.0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._sync()
+        sync(self.device)
         self._start = CLOCK[0]()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync()
+        sync(self.device)
         self.times.append(CLOCK[0]() - self._start)
 
 
@@ -268,12 +264,10 @@ def lightning_chunk(name: str, device: torch.device, batch: tuple, steps: int,
 def hand_chunk(fn: Callable[[], None], device: torch.device, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = CLOCK[0]()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         times.append(CLOCK[0]() - start)
     return times
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -22,12 +23,12 @@ def median_time(fn: Callable[[], object], *, device: torch.device, warmup: int =
     """Median wall time of ``fn()`` in seconds (``repeats`` runs after ``warmup`` discarded ones)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -39,13 +40,13 @@ def interleaved_medians(
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -88,7 +89,7 @@ def _per_call(fn: Callable[[], object], calls: int, device: torch.device) -> flo
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / calls
 
 
