@@ -459,3 +459,21 @@ def test_a_hugging_face_model_with_activation_checkpointing_takes_the_same_steps
                                                      strict=True))  # the control: the steps moved the weights
     for a, b in zip(plain, checkpointed, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("watcher_first", [True, False])
+def test_a_zero_gradient_takes_a_zero_step_on_both_routes(watcher_first):
+    """g = 0 gives ε = 0: the step's gradient is ∇L(θ) = 0, the gap 0, no error, θ unmoved (held route or not)."""
+
+    class Flat(Net):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * 0.0
+
+    watcher, sam = ParameterWatcher(), SharpnessAwareMinimization(0.05)
+    module = Flat()
+    start = [p.detach().clone() for p in module.parameters()]
+    fit([watcher, sam] if watcher_first else [sam, watcher], module, max_steps=2)
+    assert sam._hold_for_backward is not watcher_first and sam.applied == 2
+    for a, b in zip(module.parameters(), start, strict=True):
+        assert torch.equal(a.detach(), b)
+    assert all(torch.equal(a, b) for a, b in zip(watcher.seen["before_backward"][0], start, strict=True))

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -135,33 +136,39 @@ class SharpnessAwareMinimization(PenaltyCallback):
         params = self.trainable_parameters(ctx, "so there is nothing to perturb")
         before = RNGState.capture(params[0].device)  # the clean pass's dropout masks, replayed at θ + ε
         step = inner(batch)
-        self.loss_with_graph(step)
-        # ∇L for every leaf of the loss in one backward; the loss is linearised (`Step.loss_grads`), so the final
-        # backward runs through the perturbed pass's graph only, as a hand-written two-pass loop does.
-        step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self))
-        grads = grads_or_zeros([step.grad_of(p) for p in params], params,
-                               what="the loss returned by `training_step`", wrt="parameters")
+        loss = self.loss_with_graph(step)
+        alone = ctx.members == [self]  # nothing else in the chain reads the clean gradient or the loss's graph
+        # Lightning's backward differentiates the perturbed pass itself, as the second backward of a hand-written
+        # loop: θ stays at θ + ε until that backward is over and comes back bit for bit in `on_after_backward` (the
+        # other hooks above release it at the latest). The clean pass then needs g only, w.r.t. the parameters.
+        held = alone and ctx.lightning_backward and ctx.sharding is None and self._hold_for_backward
+        if held:
+            found = torch.autograd.grad(loss, params, allow_unused=True)
+        else:
+            # ∇L for every leaf of the loss in one backward; the loss is linearised (`Step.loss_grads`), so the
+            # final backward runs through the perturbed pass's graph only, as a hand-written two-pass loop does.
+            step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self))
+            found = [step.grad_of(p) for p in params]
+        grads = grads_or_zeros(found, params, what="the loss returned by `training_step`", wrt="parameters")
         if self.scope == "global":  # one flat all-reduce of a copy (the linearised loss keeps the local g)
             grads = ctx.average_over_ranks(grads)
         direction, h = sam_perturbation(params, grads, rho=self.rho, adaptive=self.adaptive)
         loss_at = lambda: ctx.extra_loss(batch)  # noqa: E731  (puts the module's buffers and other state back)
-        if ctx.members == [self] and h != 0 and math.isfinite(h):
-            # Alone in the chain, nothing else reads the clean gradient: the objective is L(θ + ε), with L(θ)'s value.
-            if ctx.lightning_backward and ctx.sharding is None and self._hold_for_backward:
-                # Lightning's backward differentiates the perturbed pass itself, as the second backward of a
-                # hand-written loop: θ stays at θ + ε until that backward is over and comes back bit for bit in
-                # `on_after_backward` (the other hooks above release it at the latest).
+        if held or (alone and h != 0 and math.isfinite(h)):
+            # The objective is L(θ + ε), with L(θ)'s value (a zero or non-finite g displaces by 0 or NaN: the
+            # gradient is then g itself, or NaN for the finiteness check).
+            if held:
                 at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before)
             else:  # the perturbed gradient taken now, handed over by the final backward in one multiply
                 at = displaced_linearisation(loss_at, params, direction, h=h, rng=before)
             perturbed = at.detach()
-            step = replace(step, linearised_loss=at - perturbed + step.loss.detach())
+            step = replace(step, linearised_loss=at - perturbed + loss.detach())
         else:
             # (h/h)·[∇L(θ + h·d) − ∇L(θ)] added to the clean gradient: the objective's gradient is ∇L(θ + ε), its
             # value still L(θ), and the members outside see the clean ∇L(θ) in `step.grads`.
             term, perturbed = parameter_difference(loss_at, params, direction, step.linearised_loss, h=h, scale=h,
                                                    rng=before)
             step = step.add(term)
-        self.check_and_log(ctx, self.log_name, perturbed - step.loss.detach())
+        self.check_and_log(ctx, self.log_name, perturbed - loss.detach())
         self.applied += 1
         return step
