@@ -477,3 +477,82 @@ def test_a_zero_gradient_takes_a_zero_step_on_both_routes(watcher_first):
     for a, b in zip(module.parameters(), start, strict=True):
         assert torch.equal(a.detach(), b)
     assert all(torch.equal(a, b) for a, b in zip(watcher.seen["before_backward"][0], start, strict=True))
+
+
+class Shapes(pl.LightningModule):
+    """Models whose parameters sit on their storage in different ways (float64, a regression on 6 features)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.kind = kind
+        if kind == "conv, channels last":
+            self.conv = torch.nn.Conv2d(2, 4, 3).double().to(memory_format=torch.channels_last)
+        elif kind == "lstm":
+            self.lstm = torch.nn.LSTM(3, 4, batch_first=True).double()
+        else:
+            self.lin = torch.nn.Linear(6, 6).double()
+        if kind == "tied":  # one Parameter object in two modules
+            self.out = torch.nn.Linear(6, 6, bias=False).double()
+            self.out.weight = self.lin.weight
+        elif kind == "storage alias":  # a second Parameter on the first one's storage
+            self.twin = torch.nn.Parameter(self.lin.weight.data)
+        elif kind == "buffer alias":  # a buffer on a parameter's storage
+            self.register_buffer("mirror", self.lin.weight.data)
+        elif kind == "views of one buffer":  # parameters cut from one flat tensor (a flat-parameter layout)
+            flat = torch.randn(42, dtype=torch.float64)
+            self.lin.weight = torch.nn.Parameter(flat[:36].view(6, 6))
+            self.lin.bias = torch.nn.Parameter(flat[36:])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.kind == "conv, channels last":
+            out = self.conv(x.reshape(-1, 2, 3, 1).expand(-1, 2, 3, 3).contiguous(memory_format=torch.channels_last))
+            return ((out.mean(dim=(1, 2, 3)) - y.double()) ** 2).mean()
+        if self.kind == "lstm":
+            out, _ = self.lstm(x.reshape(-1, 2, 3))
+            return ((out[:, -1].sum(-1) - y.double()) ** 2).mean()
+        h = torch.tanh(self.lin(x))
+        if self.kind == "tied":
+            h = torch.tanh(self.out(h))
+        elif self.kind == "storage alias":
+            h = h @ self.twin
+        elif self.kind == "buffer alias":
+            h = h @ self.mirror
+        return ((h.sum(-1) - y.double()) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+
+@pytest.mark.parametrize("kind,swaps", [("plain", True), ("tied", True), ("lstm", True), ("conv, channels last", True),
+                                        ("storage alias", False), ("buffer alias", False),
+                                        ("views of one buffer", False)])
+def test_the_storage_swap_takes_the_steps_of_the_in_place_displacement(kind, swaps, monkeypatch):
+    """Alone, SAM moves parameters that fill their storage alone to θ + ε by a storage swap; parameters that share it
+    (with another parameter, a buffer, or as views into one buffer) move in place. Either way the steps are bit for
+    bit those of the in-place displacement, and equal those of the route that takes the gradient inside the step."""
+    import lightning_gp.functional._autograd as autograd_blocks
+
+    seen: list[bool] = []
+    original = autograd_blocks.Displacement.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.swapped)
+
+    monkeypatch.setattr(autograd_blocks.Displacement, "__init__", spy)
+    swapped = fit([SharpnessAwareMinimization(0.05)], Shapes(kind), max_steps=3)
+    assert seen == [swaps] * 3
+    with monkeypatch.context() as m:
+        m.setattr(autograd_blocks, "sole_owners", lambda *a: False)
+        in_place = fit([SharpnessAwareMinimization(0.05)], Shapes(kind), max_steps=3)
+    assert seen[3:] == [False] * 3
+    inside = fit([ParameterWatcher(), SharpnessAwareMinimization(0.05)], Shapes(kind), max_steps=3)
+    for (name, a), b, c in zip(swapped.named_parameters(), in_place.parameters(), inside.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=0, msg=name)
+    for (name, p), q in zip(swapped.named_parameters(), Shapes(kind).parameters(), strict=True):
+        assert p.stride() == q.stride() and not torch.equal(p, q), name  # same layout, and it trained
+    if kind == "buffer alias":
+        assert swapped.mirror.data_ptr() == swapped.lin.weight.data_ptr()

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_gp._arguments import check_bool, check_number
 from lightning_gp._chain import StepContext
+from lightning_gp._lightning_private import compiled_modules
 from lightning_gp._objective import Step
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks.flooding import Flooding
@@ -81,6 +82,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         self.scope = check_choice(scope, "scope", SCOPES)
         self._displacement: Displacement | None = None  # θ + ε held for Lightning's backward (see `apply`)
         self._hold_for_backward = False  # decided in `setup` from the callbacks before this one
+        self._compiled = False  # compiled modules keep θ in place (CUDA graphs assume fixed parameter addresses)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and any(isinstance(cb, Flooding) for cb in trainer.callbacks):
@@ -96,6 +98,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         preceding = trainer.callbacks[: trainer.callbacks.index(self)] if self in trainer.callbacks else []
         self._hold_for_backward = not any(type(cb).on_after_backward is not Callback.on_after_backward
                                           for cb in preceding)
+        self._compiled = bool(compiled_modules(pl_module))
 
     def unsupported_when_sharded(self) -> str | None:
         return LOCAL_SCOPE_SHARDED if self.scope == "local" else None
@@ -158,7 +161,8 @@ class SharpnessAwareMinimization(PenaltyCallback):
             # The objective is L(θ + ε), with L(θ)'s value (a zero or non-finite g displaces by 0 or NaN: the
             # gradient is then g itself, or NaN for the finiteness check).
             if held:
-                at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before)
+                at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before,
+                                                        owner=None if self._compiled else ctx.module)
             else:  # the perturbed gradient taken now, handed over by the final backward in one multiply
                 at = displaced_linearisation(loss_at, params, direction, h=h, rng=before)
             perturbed = at.detach()

@@ -17,10 +17,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gp.functional._sharded import active_sharding, local
-from lightning_gp.functional._torch_private import foreach_add_, foreach_copy_, foreach_mul
+from lightning_gp.functional._torch_private import foreach_add, foreach_add_, foreach_copy_, foreach_mul
 
 
 def autograd_leaves(t: Tensor) -> list[Tensor]:
@@ -159,17 +159,57 @@ def supports_double_backward(value: Tensor, inputs: Sequence[Tensor]) -> bool | 
     return True
 
 
+def sole_owners(params: Sequence[Tensor], module: nn.Module) -> bool:
+    """Whether each of ``params`` is a plain dense tensor that fills its storage alone: no other parameter or buffer of
+    ``module`` shares it (tied weights are one tensor; an alias made through ``.data`` or a view is another), and it is
+    no view into a larger buffer (cuDNN's flattened RNN weights, a flat-parameter optimizer). Then its storage can be
+    swapped for another without anything else of the module seeing the old one."""
+    users: dict[int, int] = {}
+    for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values():
+        ptr = t.untyped_storage().data_ptr()
+        users[ptr] = users.get(ptr, 0) + 1
+    for p in params:
+        data = p.data
+        if type(data) is not Tensor or data.layout != torch.strided or data.storage_offset() != 0:
+            return False
+        storage = data.untyped_storage()
+        if storage.nbytes() != data.numel() * data.element_size() or users.get(storage.data_ptr()) != 1:
+            return False
+    return True
+
+
 class Displacement:
-    """θ ← θ + α·d in place from construction until :meth:`restore`, which puts each parameter back bit for bit.
+    """θ ← θ + α·d from construction until :meth:`restore`, which puts each parameter back bit for bit.
 
     :func:`displaced` as an object, for a displacement that must outlive a block: SAM's perturbed pass, whose graph
     saved θ + α·d and is differentiated by Lightning's backward after ``training_step`` returned.
+
+    In place by default (θ saved in a copy, written back). With ``swap=True``, where :func:`sole_owners` holds for
+    ``module``, θ + α·d is computed into new storage that the parameters take for the displacement, and
+    :meth:`restore` hands them their own storage back: one fused add instead of a copy, an add and a copy back. Only
+    for a displacement whose graph is differentiated before :meth:`restore` (a graph that saved a view of a
+    parameter keeps the storage it saw).
     """
 
-    def __init__(self, params: Sequence[Tensor], directions: Sequence[Tensor], alpha: float) -> None:
-        self.datas = [local(p.data) for p in params]  # a sharded parameter moves in its own shard
-        self.saved: list[Tensor] | None = [d.clone() for d in self.datas]
+    def __init__(self, params: Sequence[Tensor], directions: Sequence[Tensor], alpha: float, *,
+                 swap: bool = False, module: nn.Module | None = None) -> None:
         self.sharding = active_sharding()
+        self.params = list(params)
+        self.swapped = (swap and module is not None and self.sharding is None and sole_owners(self.params, module))
+        if self.swapped:
+            with torch.no_grad():
+                moved = foreach_add([p.data for p in self.params],
+                                    [d.to(p.dtype) for p, d in zip(self.params, directions, strict=True)], alpha)
+            # same layout as θ (a channels-last weight stays channels-last), else in place as below
+            self.swapped = all(m.stride() == p.stride() for m, p in zip(moved, self.params, strict=True))
+        if self.swapped:
+            self.saved: list[Tensor] | None = [p.data for p in self.params]
+            for p, m in zip(self.params, moved, strict=True):
+                p.data = m
+            torch.clear_autocast_cache()
+            return
+        self.datas = [local(p.data) for p in self.params]  # a sharded parameter moves in its own shard
+        self.saved = [d.clone() for d in self.datas]
         try:
             with torch.no_grad():
                 foreach_add_(self.datas, [local(d).to(p.dtype) for p, d in zip(params, directions, strict=True)],
@@ -180,11 +220,15 @@ class Displacement:
             raise
 
     def restore(self) -> None:
-        """θ put back bit for bit (from the copy, not by subtraction); a no-op once done."""
+        """θ put back bit for bit (its own storage, or from the copy, not by subtraction); a no-op once done."""
         if self.saved is None:
             return
-        with torch.no_grad():
-            foreach_copy_(self.datas, self.saved)
+        if self.swapped:
+            for p, s in zip(self.params, self.saved, strict=True):
+                p.data = s
+        else:
+            with torch.no_grad():
+                foreach_copy_(self.datas, self.saved)
         self.saved = None
         self._forget_copies()  # no full copy of θ + α·d is left for the next pass to reuse
 

@@ -16,13 +16,19 @@ from torch import Tensor, nn
 # nor in later releases so far); ``torch.utils._pytree`` is what torch.func itself uses.
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["BatchNormBase", "DropoutBase", "compiled_original", "foreach_add_", "foreach_copy_", "foreach_mul",
-           "qkv_same_embed_dim", "reversed_padding", "tensor_version", "tree_flatten", "tree_map", "tree_unflatten"]
+__all__ = ["BatchNormBase", "DropoutBase", "compiled_original", "foreach_add", "foreach_add_", "foreach_copy_",
+           "foreach_mul", "qkv_same_embed_dim", "reversed_padding", "tensor_version", "tree_flatten", "tree_map",
+           "tree_unflatten"]
 
 #: The base of BatchNorm1d/2d/3d, SyncBatchNorm and their Lazy variants (``torch.nn.modules.batchnorm``).
 BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 #: The base of Dropout, Dropout1d/2d/3d, AlphaDropout and FeatureAlphaDropout.
 DropoutBase: type[nn.Module] = nn.modules.dropout._DropoutNd
+
+
+def foreach_add(tensors: list[Tensor], others: list[Tensor], alpha: float) -> list[Tensor]:
+    """``t + alpha·o`` for every pair into new tensors, in a few fused kernels (``torch._foreach_add``)."""
+    return list(torch._foreach_add(tensors, others, alpha=alpha))
 
 
 def foreach_add_(tensors: list[Tensor], others: list[Tensor], alpha: float) -> None:

@@ -349,16 +349,17 @@ def displaced_linearisation(
 
 def displaced_loss(
     loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], *, h: float,
-    rng: RNGState | None = None, module: nn.Module | None = None,
+    rng: RNGState | None = None, module: nn.Module | None = None, owner: nn.Module | None = None,
 ) -> tuple[Tensor, Displacement]:
     """The loss at θ + h·d with its graph, for a backward that runs later: SAM's objective when the step's own
     backward (Lightning's) is the one to differentiate it, as in a hand-written two-pass loop.
 
     θ stays at θ + h·d after this returns: the graph saved it, and its backward must see it. The caller calls
     ``restore()`` on the returned :class:`Displacement` once that backward is over, and wherever one may not come
-    (an exception, a skipped step).
+    (an exception, a skipped step). With ``owner`` (the module whose parameters and buffers are every tensor the pass
+    reads), parameters alone on their storage are displaced by a storage swap (:class:`Displacement`).
     """
-    displacement = Displacement(params, [d.detach() for d in direction], h)
+    displacement = Displacement(params, [d.detach() for d in direction], h, swap=owner is not None, module=owner)
     try:
         with _second_pass(rng, module):
             loss = loss_at()
