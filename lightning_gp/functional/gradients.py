@@ -117,7 +117,8 @@ def per_sample_norm(t: Tensor) -> Tensor:
 
 
 def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """The l2 norm of each tensor, shape (K,), by ``torch.linalg.vector_norm``; for tensors without a graph (gradients).
+    """The l2 norm of each tensor, shape (K,), by ``torch.linalg.vector_norm``; for tensors without a graph (gradients,
+    sparse ones included).
 
     `total_norm` is the norm of this vector. The monitors keep it and take that last norm on the host,
     with the other logged values (one host transfer a step, no extra kernel).
@@ -131,7 +132,9 @@ def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     if not tensors:
         return torch.zeros(0)
     device = tensors[0].device  # tensors on several devices: the norms are gathered on the first one's
-    return torch.stack([torch.linalg.vector_norm(t).to(device) for t in tensors])  # mixed dtypes promote
+    # a sparse gradient (nn.Embedding(sparse=True)) by its values, summed over repeated indices first
+    return torch.stack([torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t).to(device)
+                        for t in tensors])  # mixed dtypes promote
 
 
 def total_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
