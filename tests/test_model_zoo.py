@@ -27,6 +27,7 @@ from lightning_gp import (
     Flooding,
     GradientNormMonitor,
     ParameterGradientPenalty,
+    SharpnessAwareMinimization,
     VirtualAdversarialTraining,
     penalized_loss,
 )
@@ -401,6 +402,25 @@ def _param_fd_grads(weight: float, rel: float = 1e-3):
     return grads
 
 
+def _sam_grads(rho: float, adaptive: bool):
+    """∇L(θ + ε), ε = ρ·g/‖g‖ (SAM) or ρ·θ²⊙g/‖θ⊙g‖ (ASAM), the parameters moved by hand and put back."""
+    def grads(module, data, params):
+        g = torch.autograd.grad(module.training_step(data), params)
+        scaled = [p.detach().abs() * x for p, x in zip(params, g, strict=True)] if adaptive else g
+        norm = torch.sqrt(sum(x.square().sum() for x in scaled))
+        eps = [rho * (p.detach().square() if adaptive else 1) * x / norm for p, x in zip(params, g, strict=True)]
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, eps, strict=True):
+                p += e
+        g_sam = torch.autograd.grad(module.training_step(data), params)
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+        return list(g_sam)
+    return grads
+
+
 def _flooding_grads(level: float):
     def grads(module, data, params):
         loss = module.training_step(data)
@@ -408,12 +428,16 @@ def _flooding_grads(level: float):
     return grads
 
 
-@pytest.mark.parametrize("case", ["parameter_finite_difference", "flooding_below", "flooding_above"])
+@pytest.mark.parametrize("case", ["parameter_finite_difference", "flooding_below", "flooding_above", "sam", "asam"])
 @pytest.mark.parametrize("model", list(ZOO))
 def test_parameter_penalty_and_flooding_match_hand_written_loops(model, case):
     zoo = ZOO[model]
     if case == "parameter_finite_difference":
         callback, objective = ParameterGradientPenalty(0.05, method="finite_difference"), _param_fd_grads(0.05)
+    elif case in ("sam", "asam"):  # tied embeddings (GPT-2, T5, BART) displaced once, as one parameter
+        rho = 0.05 if case == "sam" else 0.5
+        callback, objective = (SharpnessAwareMinimization(rho, adaptive=case == "asam"),
+                               _sam_grads(rho, adaptive=case == "asam"))
     else:
         level = 100.0 if case == "flooding_below" else 0.0  # below the flood level the step ascends
         callback, objective = Flooding(level), _flooding_grads(level)
