@@ -1,8 +1,8 @@
 """The models people bring: tiny Hugging Face model classes (local configs, SDPA attention by default).
 
-- Every input-space callback, the parameter penalty and flooding on every model of ``tests/hf_zoo.py``, with SDPA
+- Every input-space callback, the parameter penalty, SAM and flooding on every model of ``tests/hf_zoo.py``, with SDPA
   and with eager attention and dropout: it trains (finite, moved parameters) or refuses with a message that
-  names the layer and the fix. The parameter penalty and flooding equal hand-written loops on every model.
+  names the layer and the fix. The parameter penalty, SAM, ASAM and flooding equal hand-written loops on every model.
 - Per-sample norms (functional and both monitor modes) on every model against a loop over samples, with B = 4
   and B = T.
 - Exactness on nine models (classifiers, causal LMs at their last position, seq2seq, ViT on its pixels): each
@@ -65,6 +65,7 @@ def methods(target: str) -> dict:
         "param_auto": lambda: [ParameterGradientPenalty(0.1)],
         "param_fd": lambda: [ParameterGradientPenalty(0.1, method="finite_difference")],
         "flooding": lambda: [Flooding(10.0)],
+        "sam": lambda: [SharpnessAwareMinimization(0.05)],
     }
 
 
