@@ -499,6 +499,8 @@ class Shapes(pl.LightningModule):
             self.twin = torch.nn.Parameter(self.lin.weight.data)
         elif kind == "buffer alias":  # a buffer on a parameter's storage
             self.register_buffer("mirror", self.lin.weight.data)
+        elif kind == "sparse buffer":  # a graph's adjacency, as graph networks keep it
+            self.register_buffer("adjacency", torch.eye(6, dtype=torch.float64).to_sparse())
         elif kind == "views of one buffer":  # parameters cut from one flat tensor (a flat-parameter layout)
             flat = torch.randn(42, dtype=torch.float64)
             self.lin.weight = torch.nn.Parameter(flat[:36].view(6, 6))
@@ -519,6 +521,8 @@ class Shapes(pl.LightningModule):
             h = h @ self.twin
         elif self.kind == "buffer alias":
             h = h @ self.mirror
+        elif self.kind == "sparse buffer":
+            h = torch.sparse.mm(self.adjacency, h.T).T
         return ((h.sum(-1) - y.double()) ** 2).mean()
 
     def configure_optimizers(self):
@@ -526,6 +530,7 @@ class Shapes(pl.LightningModule):
 
 
 @pytest.mark.parametrize("kind,swaps", [("plain", True), ("tied", True), ("lstm", True), ("conv, channels last", True),
+                                        ("sparse buffer", True),
                                         ("storage alias", False), ("buffer alias", False),
                                         ("views of one buffer", False)])
 def test_the_storage_swap_takes_the_steps_of_the_in_place_displacement(kind, swaps, monkeypatch):

@@ -166,6 +166,10 @@ def sole_owners(params: Sequence[Tensor], module: nn.Module) -> bool:
     swapped for another without anything else of the module seeing the old one."""
     users: dict[int, int] = {}
     for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values():
+        if t.layout != torch.strided:  # a sparse buffer (a graph's adjacency) has no dense storage to share
+            continue
+        if type(t.data) is not Tensor:  # a tensor subclass may not say which storage it reads: keep in place
+            return False
         ptr = t.untyped_storage().data_ptr()
         users[ptr] = users.get(ptr, 0) + 1
     for p in params:
