@@ -188,18 +188,19 @@ class Displacement:
     :func:`displaced` as an object, for a displacement that must outlive a block: SAM's perturbed pass, whose graph
     saved θ + α·d and is differentiated by Lightning's backward after ``training_step`` returned.
 
-    In place by default (θ saved in a copy, written back). With ``swap=True``, where :func:`sole_owners` holds for
-    ``module``, θ + α·d is computed into new storage that the parameters take for the displacement, and
+    In place by default (θ saved in a copy, written back). With ``owner`` (the module whose parameters and buffers
+    are every tensor the pass reads), where :func:`sole_owners` holds for it, θ + α·d is computed into new storage
+    that the parameters take for the displacement, and
     :meth:`restore` hands them their own storage back: one fused add instead of a copy, an add and a copy back. Only
     for a displacement whose graph is differentiated before :meth:`restore` (a graph that saved a view of a
     parameter keeps the storage it saw).
     """
 
     def __init__(self, params: Sequence[Tensor], directions: Sequence[Tensor], alpha: float, *,
-                 swap: bool = False, module: nn.Module | None = None) -> None:
+                 owner: nn.Module | None = None) -> None:
         self.sharding = active_sharding()
         self.params = list(params)
-        self.swapped = (swap and module is not None and self.sharding is None and sole_owners(self.params, module))
+        self.swapped = owner is not None and self.sharding is None and sole_owners(self.params, owner)
         if self.swapped:
             with torch.no_grad():
                 moved = foreach_add([p.data for p in self.params],
@@ -210,7 +211,7 @@ class Displacement:
             self.saved: list[Tensor] | None = [p.data for p in self.params]
             for p, m in zip(self.params, moved, strict=True):
                 p.data = m
-            torch.clear_autocast_cache()
+            self._forget_copies()
             return
         self.datas = [local(p.data) for p in self.params]  # a sharded parameter moves in its own shard
         self.saved = [d.clone() for d in self.datas]

@@ -359,7 +359,7 @@ def displaced_loss(
     (an exception, a skipped step). With ``owner`` (the module whose parameters and buffers are every tensor the pass
     reads), parameters alone on their storage are displaced by a storage swap (:class:`Displacement`).
     """
-    displacement = Displacement(params, [d.detach() for d in direction], h, swap=owner is not None, module=owner)
+    displacement = Displacement(params, [d.detach() for d in direction], h, owner=owner)
     try:
         with _second_pass(rng, module):
             loss = loss_at()
