@@ -29,10 +29,9 @@ class SharpnessAwareMinimization(PenaltyCallback):
     r"""Sharpness-aware minimization on an unchanged LightningModule: the optimizer steps on ∇θL(θ + ε).
 
     g = ∇θL over all trainable parameters together; ε = ρ·g/‖g‖ (SAM) or, with ``adaptive``, ρ·θ²⊙g/‖θ⊙g‖ (ASAM).
-    The clean pass gives g, a second pass at θ + ε (dropout masks replayed, BatchNorm statistics left to the clean
-    pass) the gradient, through Lightning's backward; θ is back bit for bit by the module's ``on_after_backward``.
-    θ + ε is new storage for parameters that fill theirs alone (as davda54/sam's ``p.data`` swap), else written in
-    place (storage shared with another tensor, ``torch.compile``). Each accumulated micro-batch takes its own ε; under
+    The clean pass gives g, a second pass at θ + ε (dropout masks replayed, BatchNorm statistics left alone) the
+    gradient, through Lightning's backward; θ is back bit for bit by the module's ``on_after_backward`` (θ + ε in new
+    storage where a parameter fills its own alone, else in place). Each accumulated micro-batch takes its own ε; under
     AMP ε comes from the unscaled gradient. Logs ``sharpness/sam_gap``, L(θ + ε) − L(θ). Guide: ``docs/sharpness.md``.
 
     Args:
