@@ -238,3 +238,29 @@ def test_parameter_gradient_penalty_unused_parameter_counts_as_zero():
     unused = torch.randn(2, dtype=F64, requires_grad=True)
     pen = parameter_gradient_penalty((used**2).sum(), [used, unused])
     torch.testing.assert_close(pen, (2 * used).square().sum())
+
+
+def test_complex_parameters_penalised_as_their_real_and_imaginary_parts():
+    """A complex parameter z = a + ib: torch's gradient is ∂L/∂a + i·∂L/∂b, so ‖∇_z L‖² = ‖∇_a L‖² + ‖∇_b L‖², and
+    the double-backward penalty and its gradient equal those of the same model written over (a, b) in float64.
+    (The differentiable sum squared z itself: a complex value, which torch's backward refused.)"""
+    from lightning_gp.functional import parameter_gradient_penalty
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(5, dtype=torch.float64, generator=gen) for _ in range(2))
+    x = torch.randn(7, 5, dtype=torch.complex128, generator=gen)
+
+    def loss_of(z):
+        return ((x * z).sum(-1).abs() ** 2).log1p().mean()
+
+    z = torch.complex(a, b).requires_grad_(True)
+    penalty = parameter_gradient_penalty(loss_of(z), [z])
+    (got,) = torch.autograd.grad(penalty, z)
+
+    ra, rb = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    ga, gb = torch.autograd.grad(loss_of(torch.complex(ra, rb)), [ra, rb], create_graph=True)
+    want_penalty = ga.square().sum() + gb.square().sum()
+    want_a, want_b = torch.autograd.grad(want_penalty, [ra, rb])
+    assert penalty.dtype == torch.float64
+    torch.testing.assert_close(penalty, want_penalty, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, torch.complex(want_a, want_b), rtol=1e-10, atol=1e-12)

@@ -183,3 +183,27 @@ def test_a_skipped_batch_is_not_measured():
     trainer = pl.Trainer(max_epochs=1, precision="64-true", callbacks=[monitor], logger=False, **QUIET)
     trainer.fit(Skips(), DataLoader(data(16), batch_size=8))
     assert monitor.last_logged_step == 0  # measured on batch 0; batch 1 returned None and is skipped, no error
+
+
+def test_complex_parameters_count_as_their_real_and_imaginary_parts():
+    """λ_max and the trace over a complex parameter z = a + ib are those of the real Hessian over (a, b): the
+    Rayleigh quotient and the Rademacher probes take both parts (they took the real part alone, a wrong number)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, dtype=torch.float64, generator=gen) for _ in range(2))
+    x = torch.randn(9, 3, dtype=torch.complex128, generator=gen)
+
+    def loss_of(z):
+        return ((x * z).sum(-1).abs() ** 2 + 1).log().mean() + 2.0 * (z.imag ** 2).sum()  # λ_max along b
+
+    hessian = torch.autograd.functional.hessian(lambda ab: loss_of(torch.complex(ab[:3], ab[3:])), torch.cat([a, b]))
+    z = torch.complex(a, b).requires_grad_(True)
+    got = hessian_max_eigenvalue(loss_of(z), [z], iterations=5000, tol=1e-13)
+    assert abs(float(got) - top_eigenvalue(hessian)) <= 1e-6 * abs(top_eigenvalue(hessian))
+    samples = 2000
+    estimate = hessian_trace(loss_of(z), [z], samples=samples, generator=torch.Generator().manual_seed(0))
+    exact = float(torch.trace(hessian))
+    sd = math.sqrt(2 * (float(hessian.square().sum()) - float(torch.diagonal(hessian).square().sum())) / samples)
+    assert abs(float(estimate) - exact) <= 4 * sd and sd < 0.1 * abs(exact)
+    real_part_only = float(torch.trace(hessian[:3, :3]))
+    assert torch.linalg.eigh(hessian).eigenvectors[3:, -1].norm() > 0.9  # the top direction is imaginary
+    assert abs(real_part_only - exact) > 8 * sd  # the control: the real block alone is told apart

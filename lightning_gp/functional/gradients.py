@@ -165,5 +165,6 @@ def squared_norm_sum(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         tensor(25.)
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return sum(t.square().sum() for t in tensors)
+        # a complex tensor by its real and imaginary parts: |z|², not z², which is complex
+        return sum((torch.view_as_real(t) if t.is_complex() else t).square().sum() for t in tensors)
     return total_norm(tensors).square()

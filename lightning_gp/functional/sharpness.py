@@ -53,12 +53,26 @@ def sam_perturbation(params: Sequence[Tensor], grads: Sequence[Tensor], *, rho: 
     return direction, rho / value
 
 
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its (real, imaginary) pairs: a complex parameter is two real coordinates, and torch packs
+    the gradient (and the Hessian-vector product) w.r.t. a + ib as ∂/∂a + i·∂/∂b."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Σ⟨aᵢ, bᵢ⟩ over the parameters, in float64 (a Rayleigh quotient of a large model sums many terms)."""
+    """Σ⟨aᵢ, bᵢ⟩ over the parameters (real and imaginary parts for a complex one), in float64 (a Rayleigh quotient
+    of a large model sums many terms)."""
     total = torch.zeros((), dtype=torch.float64, device=a[0].device)
     for x, y in zip(a, b, strict=True):
-        total = total + (x.double() * y.double()).sum()
+        total = total + (_real(x).double() * _real(y).double()).sum()
     return total
+
+
+def _rademacher(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """±1 in every real coordinate of ``like`` (both parts of a complex entry), in its dtype."""
+    real = _real(like)
+    signs = torch.randint(0, 2, real.shape, generator=generator, device=like.device).to(real.dtype) * 2 - 1
+    return torch.view_as_complex(signs) if like.is_complex() else signs
 
 
 def _normalized(v: Sequence[Tensor]) -> list[Tensor]:
@@ -96,7 +110,7 @@ def hutchinson_trace(hvp: HVP, like: Sequence[Tensor], *, samples: int = 10,
     from ``generator``, so the same seed on every DDP rank gives every rank the same vectors)."""
     total = torch.zeros((), dtype=torch.float64, device=like[0].device)
     for _ in range(samples):
-        v = [torch.randint(0, 2, t.shape, generator=generator, device=t.device).to(t.dtype) * 2 - 1 for t in like]
+        v = [_rademacher(t, generator) for t in like]
         total = total + _dot(v, hvp(v))
     return total / samples
 
