@@ -74,8 +74,9 @@ def test_errors(tmp_path):
         MLPInequalityMonitor(max_samples=0)
     with pytest.raises(TypeError, match="`submodule` must be a dotted module name"):
         MLPInequalityMonitor(submodule=0)
-    with pytest.raises(ValueError, match=r"TwoChains has 2 nn.Sequential children \['net', 'head'\]"):
+    with pytest.raises(ValueError, match=r"TwoChains has 2 nn.Sequential children \['net', 'head'\]") as info:
         trainer(tmp_path, callbacks=[MLPInequalityMonitor()]).fit(TwoChains(), loader())
+    assert str(info.value).count("MLPInequalityMonitor") == 1  # said once (setup wrapped it in a second preamble)
     with pytest.raises(ValueError, match="`MLPInequalityMonitor\\(submodule='body'\\)`: Classifier has no such"):
         trainer(tmp_path, callbacks=[MLPInequalityMonitor(submodule="body")]).fit(Classifier(), loader())
     model = Classifier()

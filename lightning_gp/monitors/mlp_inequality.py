@@ -85,8 +85,9 @@ class MLPInequalityMonitor(Monitor):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
+            chain = self._chain(pl_module)[1]  # its own errors name the fix
             try:
-                chain_layers(self._chain(pl_module)[1])  # not a chain: fail now, not after an epoch
+                chain_layers(chain)  # not a chain: fail now, not after an epoch
             except ValueError as err:
                 # The functional layer's hint (`allow_non_chain=True`) is not an argument of the monitor.
                 message = " ".join(s for s in re.split(r"(?<=[.)])\s+", str(err)) if "allow_non_chain" not in s)
