@@ -6,9 +6,11 @@ import inspect
 from typing import Any
 
 from lightning_gp.functional._checks import check_bool as functional_check_bool
+from lightning_gp.functional._checks import check_choice as functional_check_choice
 from lightning_gp.functional._checks import check_number
+from lightning_gp.functional._checks import check_positive_int as functional_check_positive_int
 
-__all__ = ["check_bool", "check_number", "init_arguments", "init_repr"]
+__all__ = ["check_bool", "check_choice", "check_number", "check_positive_int", "init_arguments", "init_repr"]
 
 
 def init_arguments(obj: Any) -> dict[str, Any]:
@@ -59,3 +61,21 @@ def check_bool(value: Any, name: str, owner: str) -> bool:
         return functional_check_bool(value, name)
     except TypeError as err:
         raise TypeError(f"{owner}({name}={value!r}): {err}") from None
+
+
+def check_choice(value: Any, name: str, choices: Any, owner: str) -> str:
+    """``value`` if it is one of ``choices``, else the functional layer's ValueError, prefixed with ``owner`` and the
+    argument."""
+    try:
+        return functional_check_choice(value, name, choices)
+    except ValueError as err:
+        raise ValueError(f"{owner}({name}={value!r}): {err}") from None
+
+
+def check_positive_int(value: Any, name: str, owner: str) -> int:
+    """``value`` if it is an integer ≥ 1, else the functional layer's ValueError, prefixed with ``owner`` and the
+    argument."""
+    try:
+        return functional_check_positive_int(value, name)
+    except ValueError as err:
+        raise ValueError(f"{owner}({name}={value!r}): {err}") from None

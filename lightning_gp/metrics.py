@@ -14,6 +14,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from lightning_gp._arguments import check_positive_int
+
 
 class PerSampleMeanMax(Metric):
     """Mean and max over samples of ``num_values`` per-sample quantities, exact under DDP.
@@ -49,9 +51,7 @@ class PerSampleMeanMax(Metric):
 
     def __init__(self, num_values: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
-        if isinstance(num_values, bool) or not isinstance(num_values, int) or num_values < 1:
-            raise ValueError(f"`num_values` must be an integer >= 1, got {num_values!r}.")
-        self.num_values = num_values
+        self.num_values = check_positive_int(num_values, "num_values", type(self).__name__)
         self.add_state("values", [], dist_reduce_fx="cat")
 
     def update(self, values: Tensor) -> None:

@@ -7,6 +7,7 @@ the bad value and the fix; or the right answer, checked against an independent c
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 
@@ -19,7 +20,13 @@ from hypothesis import strategies as st
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gp import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
+from lightning_gp import (
+    GradientNormMonitor,
+    MLPInequalityMonitor,
+    SharpnessAwareMinimization,
+    SharpnessMonitor,
+    SpectralNormMonitor,
+)
 from lightning_gp._finite import StepValues, check_step
 from lightning_gp.callbacks import (
     AdversarialTraining,
@@ -112,6 +119,10 @@ INT_ARGS = [
     (lambda **kw: MLPInequalityMonitor(**kw), "max_samples"),
     (lambda **kw: SpectralNormMonitor(**kw), "every_n_steps"),
     (lambda **kw: SpectralNormMonitor(**kw), "n_iter"),
+    (lambda **kw: SharpnessAwareMinimization(**kw), "every_n_steps"),
+    (lambda **kw: SharpnessMonitor(**kw), "every_n_steps"),
+    (lambda **kw: SharpnessMonitor(**kw), "iterations"),
+    (lambda **kw: SharpnessMonitor(**kw), "trace_samples"),
 ]
 
 
@@ -122,7 +133,9 @@ def test_integer_arguments(make, name, value):
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         make(**{name: value})
         return
-    with pytest.raises(ValueError, match=rf"`{name}` must be an integer >= 1, got {re.escape(repr(value))}"):
+    shown = re.escape(repr(value))
+    # the class and the argument first, as every other argument error of a callback or monitor
+    with pytest.raises(ValueError, match=rf"^\w+\({name}={shown}\): `{name}` must be an integer >= 1, got {shown}"):
         make(**{name: value})
 
 
@@ -136,14 +149,31 @@ CHOICES = [
     (lambda **kw: _GAN(**kw), "method"),
     (lambda **kw: GradientNormMonitor(**kw), "mode"),
     (lambda **kw: GradientNormMonitor(**kw), "loss_reduction"),
+    (lambda **kw: SharpnessAwareMinimization(**kw), "scope"),
+    (lambda **kw: SharpnessMonitor(**kw), "method"),
 ]
 
 
 @pytest.mark.parametrize(("make", "name"), CHOICES, ids=[f"{i}-{a[1]}" for i, a in enumerate(CHOICES)])
 @pytest.mark.parametrize("bad", ["nope", "", None, 1])
 def test_choice_arguments_list_the_choices(make, name, bad):
-    with pytest.raises(ValueError, match=rf"`{name}` must be one of .*got {re.escape(repr(bad))}"):
+    shown = re.escape(repr(bad))
+    with pytest.raises(ValueError, match=rf"^\w+\({name}={shown}\): `{name}` must be one of .*got {shown}\.$"):
         make(**{name: bad})
+
+
+@pytest.mark.parametrize(("make", "name"), CHOICES, ids=[f"{i}-{a[1]}" for i, a in enumerate(CHOICES)])
+def test_a_choice_in_the_wrong_case_or_with_a_hyphen_is_pointed_to(make, name):
+    choices = re.search(r"must be one of (\[.*?\])", _error(make, name, "nope")).group(1)
+    for choice in ast.literal_eval(choices):  # the listed choices, e.g. ['l2', 'linf']
+        typo = choice.upper().replace("_", "-")
+        assert _error(make, name, typo).endswith(f"Did you mean {choice!r}?")
+
+
+def _error(make, name, value) -> str:
+    with pytest.raises(ValueError) as info:
+        make(**{name: value})
+    return str(info.value)
 
 
 BOOLS = [

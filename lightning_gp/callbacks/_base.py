@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._arguments import check_bool, check_number, init_repr
+from lightning_gp._arguments import check_bool, check_number, check_positive_int, init_repr
 from lightning_gp._chain import StepContext, run_chain
 from lightning_gp._epoch import EpochAggregate
 from lightning_gp._finite import StepValues, check_step, param_names
@@ -28,7 +28,6 @@ from lightning_gp._logging import should_log
 from lightning_gp._objective import Step, caller_name
 from lightning_gp._setup_checks import check_batch_step, check_strategy, sharded_training
 from lightning_gp._trainer import grad_scaler
-from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional._rng import seeded_generator
 from lightning_gp.functional._sharded import whole
 from lightning_gp.interception import StepInterceptor
@@ -62,7 +61,7 @@ class PenaltyCallback(Callback):
     def __init__(self, weight: float, every_n_steps: int = 1, check_finite: bool = True) -> None:
         owner = type(self).__name__
         self.weight = check_number(weight, "weight", owner)
-        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
+        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps", owner)
         self.check_finite = check_bool(check_finite, "check_finite", owner)
         self.applied = 0  # how many steps carried the term (the schedule itself follows trainer.global_step)
         self._epoch = EpochAggregate()  # the sample-weighted epoch mean of every logged value

@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._arguments import check_bool, check_choice, check_number, check_positive_int
 from lightning_gp._batch import InputKey, replace_input
 from lightning_gp._chain import StepContext
 from lightning_gp._objective import Step
 from lightning_gp._site import Probe, Site, SiteCallback, Target
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import fgsm, pgd
-from lightning_gp.functional._checks import check_choice, check_clamp, check_positive_int
+from lightning_gp.functional._checks import check_clamp
 from lightning_gp.functional.adversarial import NORMS, Norm, default_step_size, pgd_step, random_start
 from lightning_gp.functional.layer_output import expand_mask
 
@@ -80,8 +80,8 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         super().__init__(1.0, check_finite=check_finite)
         owner = type(self).__name__
         self.epsilon = check_number(epsilon, "epsilon", owner)
-        self.norm = check_choice(norm, "norm", NORMS)
-        self.steps = check_positive_int(steps, "steps")
+        self.norm = check_choice(norm, "norm", NORMS, owner)
+        self.steps = check_positive_int(steps, "steps", owner)
         self.step_size = None if step_size is None else check_number(
             step_size, "step_size", owner, strict=self.epsilon > 0,
             fix="A zero step never moves the input, so training would be on the clean batch; leave "
@@ -105,7 +105,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         self.adversarial_weight = a
         self.average_steps = check_bool(average_steps, "average_steps", owner)
         self.input_key, self.target, self.mask_key = input_key, target, mask_key
-        self.site = Site(target, input_key, mask_key, type(self).__name__)
+        self.site = Site(target, input_key, mask_key, owner)
 
     @property
     def resolved_step_size(self) -> float:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._arguments import check_bool, check_choice, check_number
 from lightning_gp._batch import InputKey, slice_batch
 from lightning_gp._chain import StepContext
 from lightning_gp._objective import REDUCTIONS, Reduction, Step
@@ -17,7 +17,7 @@ from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import grad as autograd_grad
-from lightning_gp.functional._checks import check_choice, check_penalty_shape
+from lightning_gp.functional._checks import check_penalty_shape
 from lightning_gp.functional._rng import RNGState, forked_rng
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import (
@@ -97,9 +97,9 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         self.one_sided = check_bool(one_sided, "one_sided", owner)
         self.check_reduction = check_bool(check_reduction, "check_reduction", owner)
         self.input_key, self.target, self.mask_key = input_key, target, mask_key
-        self.site = Site(target, input_key, mask_key, type(self).__name__)
-        self.method = check_choice(method, "method", METHODS)
-        self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
+        self.site = Site(target, input_key, mask_key, owner)
+        self.method = check_choice(method, "method", METHODS, owner)
+        self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS, owner)
         self.step = None if step is None else check_number(step, "step", owner, strict=True)
         if self.form():  # λ‖∇ₓℓ‖² and ε‖∇ₓℓ‖ side by side log under two names
             self.log_name = type(self).log_name + "/" + ",".join(

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._arguments import check_bool, check_choice, check_number
 from lightning_gp._chain import StepContext
 from lightning_gp._lightning_private import compiled_modules
 from lightning_gp._objective import Step
@@ -19,7 +19,7 @@ from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks.flooding import Flooding
 from lightning_gp.callbacks.parameter_penalty import LOCAL_SCOPE_SHARDED, SCOPES, Scope
 from lightning_gp.functional._autograd import Displacement
-from lightning_gp.functional._checks import check_choice, grads_or_zeros
+from lightning_gp.functional._checks import grads_or_zeros
 from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.penalties import displaced_linearisation, displaced_loss, parameter_difference
 from lightning_gp.functional.sharpness import sam_perturbation
@@ -79,7 +79,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         owner = type(self).__name__
         self.rho = check_number(rho, "rho", owner, fix="SAM's radius, e.g. rho=0.05 (SAM) or 0.5 to 2 (ASAM).")
         self.adaptive = check_bool(adaptive, "adaptive", owner)
-        self.scope = check_choice(scope, "scope", SCOPES)
+        self.scope = check_choice(scope, "scope", SCOPES, owner)
         self._displacement: Displacement | None = None  # θ + ε held for Lightning's backward (see `apply`)
         self._hold_for_backward = False  # decided in `setup` from the callbacks before this one
         self._compiled = False  # compiled modules keep θ in place (CUDA graphs assume fixed parameter addresses)

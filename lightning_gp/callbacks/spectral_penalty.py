@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_gp._arguments import check_positive_int
 from lightning_gp._chain import StepContext
 from lightning_gp._objective import Step
 from lightning_gp._setup_checks import vectors_fit
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import spectral_norm_penalty
-from lightning_gp.functional._checks import check_positive_int
 
 
 class SpectralNormPenalty(PenaltyCallback):
@@ -53,7 +53,7 @@ class SpectralNormPenalty(PenaltyCallback):
 
     def __init__(self, weight: float, *, n_iter: int = 1, check_finite: bool = True) -> None:
         super().__init__(weight, 1, check_finite)
-        self.n_iter = check_positive_int(n_iter, "n_iter")
+        self.n_iter = check_positive_int(n_iter, "n_iter", type(self).__name__)
         self.vectors: dict[str, torch.Tensor] = {}
 
     @override

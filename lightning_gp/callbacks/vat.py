@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._arguments import check_number
+from lightning_gp._arguments import check_number, check_positive_int
 from lightning_gp._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
 from lightning_gp._chain import StepContext
 from lightning_gp._module_state import untouched
@@ -16,7 +16,6 @@ from lightning_gp._objective import Step
 from lightning_gp._setup_checks import check_forward
 from lightning_gp._site import Probe, Site, SiteCallback, Target
 from lightning_gp.callbacks._base import PenaltyCallback
-from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
 from lightning_gp.interception import muted_logging
@@ -83,7 +82,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         super().__init__(weight, check_finite=check_finite)
         self.epsilon = check_number(epsilon, "epsilon", type(self).__name__, strict=True)
         self.xi = None if xi is None else check_number(xi, "xi", type(self).__name__, strict=True)
-        self.power_iterations = check_positive_int(power_iterations, "power_iterations")
+        self.power_iterations = check_positive_int(power_iterations, "power_iterations", type(self).__name__)
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError(f"`logits_fn` must be callable (pl_module, batch) -> logits, got "
                             f"{type(logits_fn).__name__}.")

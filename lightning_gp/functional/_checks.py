@@ -137,7 +137,9 @@ def check_positive_int(value: int, name: str) -> int:
 def check_choice(value: str, name: str, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+        near = [c for c in choices if isinstance(value, str) and c.lower() == value.strip().lower().replace("-", "_")]
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.{hint}")
     return value
 
 

@@ -9,8 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_gp._arguments import check_number
-from lightning_gp.functional._checks import check_choice, check_positive_int
+from lightning_gp._arguments import check_choice, check_number, check_positive_int
 from lightning_gp.gan.regularizers import METHODS, REGULARIZERS
 
 #: The mixin's own keyword arguments.
@@ -37,13 +36,13 @@ def checked_hparams(*, n_critic: Any, regularizer: Any, gp_weight: Any, clip_val
         ValueError, TypeError: naming the argument, its value and what it must be.
     """
     owner = "WGANGPMixin"
-    check_positive_int(n_critic, "n_critic")
-    check_choice(regularizer, "regularizer", REGULARIZERS)
+    check_positive_int(n_critic, "n_critic", owner)
+    check_choice(regularizer, "regularizer", REGULARIZERS, owner)
     gp_weight = check_number(gp_weight, "gp_weight", owner)
     clip_value = check_number(clip_value, "clip_value", owner, strict=True)
-    check_positive_int(reg_every, "reg_every")
+    check_positive_int(reg_every, "reg_every", owner)
     lr = check_number(lr, "lr", owner, strict=True)
-    check_choice(method, "method", METHODS)
+    check_choice(method, "method", METHODS, owner)
     if (
         not isinstance(betas, (tuple, list))
         or len(betas) != 2

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from lightning_gp.functional._autograd import linearised
+from lightning_gp.functional._checks import check_choice
 from lightning_gp.functional._layers import LINEAR_MAP_LAYERS, batch_norms
 from lightning_gp.functional._recorder import GradNormRecorder
 from lightning_gp.functional.gan import (
@@ -135,8 +136,7 @@ def _penalty_term(name: Penalty, critic: nn.Module, real: Tensor, fake: Tensor, 
         else:
             penalty = wgan_gradient_penalty(critic, real, fake, alpha=alpha, one_sided=one_sided)
         return PenaltyTerm(penalty.detach(), penalty, None)
-    if method != "finite_difference":
-        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
+    check_choice(method, "method", METHODS)
     params = [p for p in critic.parameters() if p.requires_grad]
     if name in ("r1", "r2"):
         points = real if name == "r1" else fake

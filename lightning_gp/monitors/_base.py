@@ -23,13 +23,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_gp._arguments import init_repr
+from lightning_gp._arguments import check_positive_int, init_repr
 from lightning_gp._epoch import EpochAggregate
 from lightning_gp._log_writer import log_scalars, log_settings
 from lightning_gp._logging import logger_step, should_log
 from lightning_gp._module_state import untouched
 from lightning_gp._setup_checks import check_batch_step, check_strategy
-from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional._rng import forked_rng
 from lightning_gp.metrics import PerSampleMeanMax
 
@@ -71,9 +70,9 @@ class Monitor(Callback):
 
     def __init__(self, every_n_steps: int | None, media_every_n_steps: int | None = None) -> None:
         if every_n_steps is not None:
-            check_positive_int(every_n_steps, "every_n_steps")
+            check_positive_int(every_n_steps, "every_n_steps", type(self).__name__)
         if media_every_n_steps is not None:
-            check_positive_int(media_every_n_steps, "media_every_n_steps")
+            check_positive_int(media_every_n_steps, "media_every_n_steps", type(self).__name__)
         self.every_n_steps = every_n_steps
         self.media_every_n_steps = media_every_n_steps
         self._interval = every_n_steps or FALLBACK_INTERVAL

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gp._arguments import check_choice
 from lightning_gp._batch import InputKey, resolve_input
 from lightning_gp._log_writer import define_summaries, gathered_rows, has_wandb, log_histograms, log_scatter
 from lightning_gp._logging import logger_step
@@ -93,10 +94,8 @@ class GradientNormMonitor(Monitor):
         super().__init__(every_n_steps, media_every_n_steps)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable (outputs, batch) -> (B,), got {type(loss_fn).__name__}.")
-        if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-        if loss_reduction not in REDUCTIONS:
-            raise ValueError(f"`loss_reduction` must be one of {REDUCTIONS}, got {loss_reduction!r}.")
+        check_choice(mode, "mode", MODES, type(self).__name__)
+        check_choice(loss_reduction, "loss_reduction", REDUCTIONS, type(self).__name__)
         if mode == "fused" and loss_fn is not None:
             raise ValueError(
                 "`loss_fn` is not used with mode='fused' (the per-sample losses are those of `training_step`); "

@@ -10,10 +10,11 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_gp._arguments import check_positive_int
 from lightning_gp._batch import InputKey, resolve_input, slice_batch
 from lightning_gp._log_writer import define_summaries, gathered_rows, has_wandb, log_inequality
 from lightning_gp._logging import logger_step
-from lightning_gp.functional._checks import check_per_sample, check_positive_int
+from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
 from lightning_gp.monitors._base import Monitor, isolated
 from lightning_gp.monitors._batch import default_loss
@@ -67,7 +68,7 @@ class MLPInequalityMonitor(Monitor):
         media_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(every_n_steps, media_every_n_steps)
-        self.max_samples = check_positive_int(max_samples, "max_samples")
+        self.max_samples = check_positive_int(max_samples, "max_samples", type(self).__name__)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable (outputs, batch) -> (B,), got {type(loss_fn).__name__}.")
         if submodule is not None and not isinstance(submodule, str):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._arguments import check_bool, check_number
+from lightning_gp._arguments import check_bool, check_choice, check_number, check_positive_int
 from lightning_gp._chain import averaged_over_ranks
 from lightning_gp._log_writer import define_summaries
 from lightning_gp._logging import logger_step
@@ -20,7 +20,6 @@ from lightning_gp._module_state import untouched
 from lightning_gp._objective import extract_loss
 from lightning_gp._trainer import attached_trainer
 from lightning_gp.functional._autograd import displaced, no_double_backward_error
-from lightning_gp.functional._checks import check_choice, check_positive_int
 from lightning_gp.functional._rng import forked_rng, mixed_seed, seeded_generator
 from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.layer_output import forward_pass
@@ -69,13 +68,13 @@ class SharpnessMonitor(Monitor):
 
     def __init__(self, every_n_steps: int = 50, *, trace: bool = False, iterations: int = 20, tol: float = 1e-3,
                  trace_samples: int = 10, method: HVPMethod = "auto", step: float = 1e-3) -> None:
-        super().__init__(check_positive_int(every_n_steps, "every_n_steps"))
+        super().__init__(check_positive_int(every_n_steps, "every_n_steps", type(self).__name__))
         owner = type(self).__name__
         self.trace = check_bool(trace, "trace", owner)
-        self.iterations = check_positive_int(iterations, "iterations")
+        self.iterations = check_positive_int(iterations, "iterations", owner)
         self.tol = check_number(tol, "tol", owner)
-        self.trace_samples = check_positive_int(trace_samples, "trace_samples")
-        self.method = check_choice(method, "method", HVP_METHODS)
+        self.trace_samples = check_positive_int(trace_samples, "trace_samples", owner)
+        self.method = check_choice(method, "method", HVP_METHODS, owner)
         self.step = check_number(step, "step", owner, strict=True)
         self._resolved: str | None = None if method == "auto" else method
 

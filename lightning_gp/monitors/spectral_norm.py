@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_gp._arguments import check_positive_int
 from lightning_gp._log_writer import define_summaries
 from lightning_gp._logging import logger_step
 from lightning_gp._setup_checks import vectors_fit
-from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional._layers import LINEAR_MAP_LAYERS
 from lightning_gp.functional.spectral import spectral_norm
 from lightning_gp.monitors._base import Monitor
@@ -57,7 +57,7 @@ class SpectralNormMonitor(Monitor):
 
     def __init__(self, *, every_n_steps: int | None = None, n_iter: int = 10) -> None:
         super().__init__(every_n_steps)
-        self.n_iter = check_positive_int(n_iter, "n_iter")
+        self.n_iter = check_positive_int(n_iter, "n_iter", type(self).__name__)
         self._vectors: dict[str, Tensor] = {}
 
     @override
