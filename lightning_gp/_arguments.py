@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from lightning_gp.functional._checks import check_bool as functional_check_bool
@@ -55,27 +56,27 @@ def _same(a: Any, b: Any) -> bool:
     return equal if isinstance(equal, bool) else False
 
 
+def _owned(check: Callable[..., Any], error: type[Exception], value: Any, name: str, owner: str, *args: Any) -> Any:
+    """``check(value, name, *args)`` of the functional layer, its ``error`` prefixed with ``owner`` and the argument
+    (``SharpnessAwareMinimization(scope='Local'): ...``)."""
+    try:
+        return check(value, name, *args)
+    except error as err:
+        raise error(f"{owner}({name}={value!r}): {err}") from None
+
+
 def check_bool(value: Any, name: str, owner: str) -> bool:
     """``value`` if it is a bool, else the functional layer's TypeError, prefixed with ``owner`` and the argument."""
-    try:
-        return functional_check_bool(value, name)
-    except TypeError as err:
-        raise TypeError(f"{owner}({name}={value!r}): {err}") from None
+    return _owned(functional_check_bool, TypeError, value, name, owner)
 
 
 def check_choice(value: Any, name: str, choices: Any, owner: str) -> str:
     """``value`` if it is one of ``choices``, else the functional layer's ValueError, prefixed with ``owner`` and the
     argument."""
-    try:
-        return functional_check_choice(value, name, choices)
-    except ValueError as err:
-        raise ValueError(f"{owner}({name}={value!r}): {err}") from None
+    return _owned(functional_check_choice, ValueError, value, name, owner, choices)
 
 
 def check_positive_int(value: Any, name: str, owner: str) -> int:
     """``value`` if it is an integer ≥ 1, else the functional layer's ValueError, prefixed with ``owner`` and the
     argument."""
-    try:
-        return functional_check_positive_int(value, name)
-    except ValueError as err:
-        raise ValueError(f"{owner}({name}={value!r}): {err}") from None
+    return _owned(functional_check_positive_int, ValueError, value, name, owner)
