@@ -116,6 +116,18 @@ def per_sample_norm(t: Tensor) -> Tensor:
     return safe_sqrt(squared_norms(t)).to(t.dtype)
 
 
+def real_view(t: Tensor) -> Tensor:
+    """``t``, or for a complex tensor its (real, imaginary) pairs (``torch.view_as_real``): a complex parameter is two
+    real coordinates, and torch packs a gradient (and a Hessian-vector product) w.r.t. a + ib as ∂/∂a + i·∂/∂b.
+
+    Example::
+
+        >>> real_view(torch.tensor([1 + 2j])).tolist()
+        [[1.0, 2.0]]
+    """
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """The l2 norm of each tensor, shape (K,), by ``torch.linalg.vector_norm``; for tensors without a graph (gradients,
     sparse ones included).
@@ -166,5 +178,5 @@ def squared_norm_sum(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         # a complex tensor by its real and imaginary parts: |z|², not z², which is complex
-        return sum((torch.view_as_real(t) if t.is_complex() else t).square().sum() for t in tensors)
+        return sum(real_view(t).square().sum() for t in tensors)
     return total_norm(tensors).square()

@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import as_param_list, check_finite, check_positive_int, check_scalar
-from lightning_gp.functional.gradients import total_norm
+from lightning_gp.functional.gradients import real_view, total_norm
 
 #: A Hessian-vector product: the list v (shaped like the parameters) to H·v.
 HVP = Callable[[list[Tensor]], list[Tensor]]
@@ -53,24 +53,18 @@ def sam_perturbation(params: Sequence[Tensor], grads: Sequence[Tensor], *, rho: 
     return direction, rho / value
 
 
-def _real(t: Tensor) -> Tensor:
-    """A complex tensor as its (real, imaginary) pairs: a complex parameter is two real coordinates, and torch packs
-    the gradient (and the Hessian-vector product) w.r.t. a + ib as ∂/∂a + i·∂/∂b."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σ⟨aᵢ, bᵢ⟩ over the parameters (real and imaginary parts for a complex one), in float64 (a Rayleigh quotient
     of a large model sums many terms)."""
     total = torch.zeros((), dtype=torch.float64, device=a[0].device)
     for x, y in zip(a, b, strict=True):
-        total = total + (_real(x).double() * _real(y).double()).sum()
+        total = total + (real_view(x).double() * real_view(y).double()).sum()
     return total
 
 
 def _rademacher(like: Tensor, generator: torch.Generator | None) -> Tensor:
     """±1 in every real coordinate of ``like`` (both parts of a complex entry), in its dtype."""
-    real = _real(like)
+    real = real_view(like)
     signs = torch.randint(0, 2, real.shape, generator=generator, device=like.device).to(real.dtype) * 2 - 1
     return torch.view_as_complex(signs) if like.is_complex() else signs
 
