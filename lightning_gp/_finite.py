@@ -74,11 +74,15 @@ def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strate
     sums = [] if scaled else [g.sum(dtype=torch.float32).to(device) for g in grads]
     own = [v.to(device=device, dtype=torch.float32) for _, v in values.losses] + [
         v.to(device=device, dtype=torch.float32) for _, _, v in values.values]
+
+    def bad(t: Tensor) -> Tensor:  # with a GradScaler an Inf is its business (it skips the step), a NaN is not
+        return t.isnan() if scaled else ~t.isfinite()
+
     if world == 1:  # one stack, one test, one read: this runs on every step of every callback
         if not sums and not own:
             return
         stacked = torch.stack(sums + own)
-        if not bool((stacked.isnan() if scaled else ~stacked.isfinite()).any()):  # the one host read of the step
+        if not bool(bad(stacked).any()):  # the one host read of the step
             return
         flags = None
     else:
@@ -86,7 +90,7 @@ def check_step(values: StepValues, grads: Sequence[Tensor], *, step: int, strate
         grad_sum = torch.stack(sums).sum() if sums else zero
         if own:
             stacked = torch.stack(own)
-            bad_values = (stacked.isnan() if scaled else ~stacked.isfinite()).any().float()
+            bad_values = bad(stacked).any().float()
         else:
             bad_values = zero
         ranks = torch.zeros(world, device=device)
