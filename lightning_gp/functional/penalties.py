@@ -349,7 +349,7 @@ def displaced_linearisation(
 
 def displaced_loss(
     loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], *, h: float,
-    rng: RNGState | None = None, module: nn.Module | None = None, owner: nn.Module | None = None,
+    rng: RNGState | None = None, owner: nn.Module | None = None,
 ) -> tuple[Tensor, Displacement]:
     """The loss at θ + h·d with its graph, for a backward that runs later: SAM's objective when the step's own
     backward (Lightning's) is the one to differentiate it, as in a hand-written two-pass loop.
@@ -361,7 +361,7 @@ def displaced_loss(
     """
     displacement = Displacement(params, [d.detach() for d in direction], h, owner=owner)
     try:
-        with _second_pass(rng, module):
+        with _second_pass(rng, None):  # `loss_at` puts the module's state back itself (SAM's extra pass)
             loss = loss_at()
     except BaseException:
         displacement.restore()
