@@ -67,6 +67,17 @@ def check_samples(x: Tensor, owner: str) -> None:
         )
 
 
+def not_run_error(owner: str, module: nn.Module, sharing: list[str] | None, where: str,
+                  purpose: str = "to differentiate") -> RuntimeError:
+    """A target that never ran in ``where``, naming the modules that share its weight (T5's ``shared``, whose
+    weight ``encoder.embed_tokens`` and ``decoder.embed_tokens`` use): the user meant one of those."""
+    return RuntimeError(
+        f"{owner}: the target `{type(module).__name__}` did not run in `{where}`, so there is no output {purpose}. "
+        f"Pass a `target` the model calls on the batch"
+        + (f"; these modules share its weight: {', '.join(f'`{n}`' for n in sharing)}." if sharing else ".")
+    )
+
+
 def embedding_names(root: nn.Module) -> list[str]:
     return [n for n, m in root.named_modules() if isinstance(m, nn.Embedding)]
 
@@ -105,12 +116,7 @@ class Probe:
                                   names=self.names) as record:
                 yield self.batch, (lambda: record.delta)
             if record.calls == 0:
-                raise RuntimeError(
-                    f"{self.owner}: the target `{type(self.module).__name__}` did not run in `training_step`, "
-                    f"so there is no output to perturb. Pass a `target` the model calls on the batch"
-                    + (f"; these modules share its weight: {', '.join(f'`{n}`' for n in self.sharing)}."
-                       if self.sharing else ".")
-                )
+                raise not_run_error(self.owner, self.module, self.sharing, "training_step", "to perturb")
             self.base = record.output
             check_samples(self.base, self.owner)
 

@@ -208,7 +208,8 @@ def test_bool_arguments_refuse_lookalikes(make, name, bad):
     (lambda: AdversarialTraining(0.1, average_steps=True, adversarial_weight=0.5), r"takes no `adversarial_weight`"),
     (lambda: VirtualAdversarialTraining(1.0, logits_fn=3), r"`logits_fn` must be callable"),
     (lambda: GradientNormMonitor(loss_fn="ce"), r"`loss_fn` must be callable"),
-    (lambda: GradientNormMonitor(mode="fused", loss_fn=lambda o, b: o), r"`loss_fn` is not used with mode='fused'"),
+    (lambda: GradientNormMonitor(mode="fused", loss_fn=lambda o, b: o),
+     r"`loss_fn` and `forward_fn` are not used with mode='fused'"),
     (lambda: MLPInequalityMonitor(loss_fn=1), r"`loss_fn` must be callable"),
     (lambda: MLPInequalityMonitor(submodule=1), r"`submodule` must be a dotted module name"),
     (lambda: _GAN(betas=(0.5, math.inf)), r"`betas` must be two numbers in \[0, 1\)"),
@@ -482,18 +483,27 @@ def regression_loader():
     return DataLoader(TensorDataset(torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)), batch_size=4)
 
 
-def test_gradient_norm_monitor_refuses_float_targets_and_measures_a_given_loss():
+def test_gradient_norm_monitor_measures_the_step_and_refuses_float_targets_for_its_cross_entropy():
+    """The default measures the step's own loss (an MSE here); the explicit forward with the default cross-entropy
+    refuses float targets and names `loss_fn`; a given `loss_fn` is measured."""
+    x, y = next(iter(regression_loader()))
+    module = Regression()
+    xl = x.clone().requires_grad_(True)
+    # B · ∇ₓ of the step's mean loss: each row is ∇ₓℓᵢ
+    (g,) = torch.autograd.grad(F.mse_loss(module.net(xl)[:, :1], y) * len(x), xl)
+    default = GradientNormMonitor(every_n_steps=1, histograms=False)
+    fit(module, [default], regression_loader(), steps=1)
+    assert abs(default.last_logged["grad_norm/input_max"] - float(g.norm(dim=1).max())) < 1e-5
     with pytest.raises(ValueError, match=r"cross-entropy against integer class labels.*torch.float32 of shape "
                                          r"\[4, 1\].*Pass your per-sample loss, e.g. `loss_fn="):
-        fit(Regression(), [GradientNormMonitor(every_n_steps=1)], regression_loader(), steps=1)
+        fit(Regression(), [GradientNormMonitor(every_n_steps=1, forward_fn=lambda m, b: m(b[0]))],
+            regression_loader(), steps=1)
 
     def mse(outputs, batch):
         return (outputs[:, :1] - batch[1]).square().flatten(1).mean(1)
 
     monitor = GradientNormMonitor(every_n_steps=1, loss_fn=mse, histograms=False)
     module = Regression()
-    x, y = next(iter(regression_loader()))
-    xl = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(mse(module.net(xl), (x, y)).sum(), xl)  # eval = train here (no dropout)
     fit(module, [monitor], regression_loader(), steps=1)
     assert monitor.last_logged["grad_norm/input_max"] > 0
@@ -513,9 +523,11 @@ class NoForward(pl.LightningModule):
 
 
 def test_a_module_without_forward_is_named_in_setup():
-    with pytest.raises(NotImplementedError, match=r"GradientNormMonitor\(mode='recompute'\) calls `NoForward\(inputs\)`"
-                                                  r", but `NoForward` defines no `forward`.*mode='fused'"):
-        fit(NoForward(), [GradientNormMonitor(every_n_steps=1)])
+    with pytest.raises(NotImplementedError, match=r"GradientNormMonitor\(loss_fn=...\) calls `NoForward\(inputs\)`"
+                                                  r", but `NoForward` defines no `forward`.*drop `loss_fn`"):
+        fit(NoForward(), [GradientNormMonitor(every_n_steps=1, loss_fn=lambda out, b: out.sum(1))])
+    module = NoForward()  # without loss_fn the monitor measures training_step: no forward needed
+    fit(module, [GradientNormMonitor(every_n_steps=1)])
     with pytest.raises(NotImplementedError, match=r"defines no `forward`.*pass `logits_fn="):
         fit(NoForward(), [VirtualAdversarialTraining(1.0)])
     module = NoForward()  # with logits_fn, VAT needs no forward

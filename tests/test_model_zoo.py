@@ -314,24 +314,24 @@ FUSED_REFUSED = {"t5": "relative_attention_bias", "bart": "embed_positions", "op
 
 @pytest.mark.parametrize("model", [m for m in ZOO if ZOO[m].kind in ("cls", "vit") or m in FUSED_REFUSED])
 def test_the_fused_monitor_equals_recompute_or_refuses_naming_the_layer(model):
-    """Fused mode reads the norms off the training step's backward; where a layer does not keep the samples
-    apart it refuses and names recompute, which measures any model (above). No padding: the recompute pass
-    calls the model on the ids alone, without the attention mask the training step passes."""
+    """Fused mode reads the norms off the training step's backward, the default recompute mode off a re-run of the
+    step (padded batches: both see the mask); where a layer does not keep the samples apart fused mode refuses and
+    names recompute, which measures any model with `forward_fn` and a per-sample `loss_fn` (above)."""
     zoo = ZOO[model]
     key = "pixel_values" if zoo.kind == "vit" else "input_ids"
     values = {}
     for mode in ("fused", "recompute"):
-        kw = {"loss_fn": per_sample_loss} if mode == "recompute" else {}
         monitor = GradientNormMonitor(every_n_steps=1, mode=mode, input_key=key, target=zoo.embeddings,
-                                      histograms=False, **kw)
+                                      histograms=False)
         module = HFModule(zoo)
         trainer = pl.Trainer(max_steps=1, callbacks=[monitor], **QUIET)
         if mode == "fused" and model in FUSED_REFUSED:
             with pytest.raises((ValueError, RuntimeError), match=FUSED_REFUSED[model]):
-                trainer.fit(module, loader(zoo, padded=False))
+                trainer.fit(module, loader(zoo))
             return
-        trainer.fit(module, loader(zoo, padded=False))
-        values[mode] = {k: float(v) for k, v in trainer.callback_metrics.items() if "param_per_sample" in k}
+        trainer.fit(module, loader(zoo))
+        values[mode] = {k: float(v) for k, v in trainer.callback_metrics.items() if "grad_norm/" in k
+                        and "param_batch" not in k}
     assert values["fused"] and values["fused"] == pytest.approx(values["recompute"], rel=1e-9)
 
 
@@ -368,7 +368,9 @@ def test_messages_point_to_the_fix():
     with pytest.raises(ValueError, match=r"ViTEmbeddings.*draws random numbers.*Use mode='recompute'"):
         pl.Trainer(max_steps=1, callbacks=[fused], **QUIET).fit(HFModule(vit, dropout=0.1), loader(vit))
     llama = ZOO["llama"]
-    recompute = GradientNormMonitor(every_n_steps=1, input_key="input_ids", target=llama.embeddings, histograms=False)
+    recompute = GradientNormMonitor(every_n_steps=1, input_key="input_ids", target=llama.embeddings, histograms=False,
+                                    forward_fn=lambda m, b: m.model(input_ids=b["input_ids"],
+                                                                    attention_mask=b["attention_mask"]))
     with pytest.raises(ValueError, match=r"returned \[4, 6, 40\] \(a language model's.*Pass your per-sample loss"):
         pl.Trainer(max_steps=1, callbacks=[recompute], **QUIET).fit(HFModule(llama), loader(llama))
 

@@ -56,28 +56,41 @@ def reference_norms(model, ids, labels, mask):
     return (grads * mask[..., None]).flatten(1).norm(dim=1)
 
 
-@pytest.mark.parametrize("mode", ["recompute", "fused"])
-def test_input_norms_on_the_embedding_output(mode):
+def _per_sample_ce(outputs, batch):
+    return F.cross_entropy(outputs, batch["labels"], reduction="none")
+
+
+@pytest.mark.parametrize("how", ["recompute", "fused", "forward_fn"])
+def test_input_norms_on_the_embedding_output(how):
+    """Every way of measuring sees the mask the training step passes: the step itself (recompute, fused) or the
+    explicit forward_fn. The control: the function with the mask dropped has other norms."""
     ids, labels, mask = data()
     batches = [dict(input_ids=ids[i], labels=labels[i], attention_mask=mask[i]) for i in range(B)]
     model = Tok()
-
-    def loss_fn(outputs, batch):  # the recompute mode's per-sample loss (its forward sees no mask)
-        return F.cross_entropy(outputs, batch["labels"], reduction="none")
-
-    kwargs = dict(loss_fn=lambda out, b: loss_fn(out, b)) if mode == "recompute" else {}
-    monitor = GradientNormMonitor(every_n_steps=1, mode=mode, target="embed", input_key="input_ids",
-                                  histograms=False, **kwargs)
+    kwargs = {"fused": dict(mode="fused"),
+              "forward_fn": dict(forward_fn=lambda m, b: m(b["input_ids"], b["attention_mask"]),
+                                 loss_fn=_per_sample_ce)}.get(how, {})
+    monitor = GradientNormMonitor(every_n_steps=1, target="embed", input_key="input_ids", histograms=False, **kwargs)
     pl.Trainer(max_steps=1, callbacks=[monitor], **QUIET).fit(model, DataLoader(batches, batch_size=B))
-    if mode == "fused":
-        ref = reference_norms(model, ids, labels, mask)
-    else:  # recompute calls `model(ids)`: every position real in its forward, padded ones still not counted
-        emb = model.embed(ids).detach()
-        grads = torch.func.vmap(torch.func.grad(
-            lambda e, y: F.cross_entropy(model.head(e.mean(0))[None], y[None])))(emb, labels)
-        ref = (grads * mask[..., None]).flatten(1).norm(dim=1)
+    ref = reference_norms(model, ids, labels, mask)
     assert monitor.last_logged["grad_norm/input_mean"] == pytest.approx(float(ref.mean()), rel=1e-5)
     assert monitor.last_logged["grad_norm/input_max"] == pytest.approx(float(ref.max()), rel=1e-5)
+    # the control: `model(ids)`, every position real in the forward (the old recompute pass), differs
+    emb = model.embed(ids).detach()
+    grads = torch.func.vmap(torch.func.grad(
+        lambda e, y: F.cross_entropy(model.head(e.mean(0))[None], y[None])))(emb, labels)
+    dropped = (grads * mask[..., None]).flatten(1).norm(dim=1)
+    assert abs(float(dropped.mean()) - float(ref.mean())) > 1e-2 * float(ref.mean())
+
+
+def test_a_loss_fn_without_forward_fn_refuses_a_batch_with_a_mask():
+    """`module(input)` would drop the attention mask: the monitor says so and names both fixes."""
+    ids, labels, mask = data()
+    batches = [dict(input_ids=ids[i], labels=labels[i], attention_mask=mask[i]) for i in range(B)]
+    monitor = GradientNormMonitor(every_n_steps=1, target="embed", input_key="input_ids", loss_fn=_per_sample_ce)
+    with pytest.raises(ValueError, match=r"calls the module on the input alone.*\['attention_mask'\].*Drop "
+                                         r"`loss_fn`.*forward_fn=lambda module, batch"):
+        pl.Trainer(max_steps=1, callbacks=[monitor], **QUIET).fit(Tok(), DataLoader(batches, batch_size=B))
 
 
 def test_a_target_that_does_not_exist_is_named_with_the_nearest_modules():

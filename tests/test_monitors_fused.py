@@ -166,7 +166,7 @@ def test_errors(tmp_path):
         GradientNormMonitor(mode="ghost")
     with pytest.raises(ValueError, match=r"`loss_reduction` must be one of \['mean', 'sum'\], got 'none'"):
         GradientNormMonitor(mode="fused", loss_reduction="none")
-    with pytest.raises(ValueError, match="`loss_fn` is not used with mode='fused'"):
+    with pytest.raises(ValueError, match="`loss_fn` and `forward_fn` are not used with mode='fused'"):
         GradientNormMonitor(mode="fused", loss_fn=lambda out, batch: out.sum(1))
     with pytest.raises(ValueError, match=r"Module 'net.2' \(BatchNorm1d\) is in training mode.*mode='recompute'"):
         _fit(tmp_path, [_fused()], Classifier(batchnorm=True), max_steps=2)

@@ -92,7 +92,8 @@ def _hooks(model):
 
 @pytest.mark.parametrize("where", ["monitor", "training_step"])
 def test_nothing_is_left_behind_when_a_step_raises(tmp_path, where):
-    # forward calls with a monitor at every step: step 0 = calls 1 (monitor), 2 (training); step 1 = 3, 4
+    # forward calls with a monitor at every step: step 0 = calls 1 (monitor), 2 and 3 (the reduction check on the
+    # two half-batches, first measurement only), 4 (training); step 1 = 5 (monitor), 6 (training)
     torch.manual_seed(0)
     base = Classifier()
     base.net[2].weight.requires_grad_(False)  # a frozen weight must stay frozen
@@ -102,7 +103,7 @@ def test_nothing_is_left_behind_when_a_step_raises(tmp_path, where):
         _fit(tmp_path / "ref", [], reference)
 
     model = copy.deepcopy(base)
-    model.raise_at_call = 3 if where == "monitor" else 4
+    model.raise_at_call = 5 if where == "monitor" else 6
     with pytest.raises(RuntimeError, match="boom"):
         _fit(tmp_path / "mon", [GradientNormMonitor(every_n_steps=1)], model)
     assert _hooks(model) == 0
@@ -130,9 +131,9 @@ def test_errors(tmp_path):
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     net = Classifier()
     with pytest.raises(ValueError, match=r"default per-sample loss .* finds no targets in the batch"):
-        GradientNormMonitor().measure(net, x, {"x": x})
+        GradientNormMonitor(forward_fn=lambda m, b: m(b["x"])).measure(net, {"x": x})
     with pytest.raises(ValueError, match=r"`loss_fn\(outputs, batch\)` must hold one value per sample"):
-        GradientNormMonitor(loss_fn=lambda out, batch: out).measure(net, x, (x, y))
+        GradientNormMonitor(loss_fn=lambda out, batch: out).measure(net, (x, y))
     bad = GradientNormMonitor(every_n_steps=1, input_key="image")
     with pytest.raises(ValueError, match="input_key='image'"):
         trainer(tmp_path, callbacks=[bad], max_steps=1).fit(Classifier(), loader())

@@ -9,16 +9,17 @@ import torch
 from torch import Tensor
 
 from lightning_gp._arguments import check_bool, check_choice, check_number
-from lightning_gp._batch import InputKey, slice_batch
+from lightning_gp._batch import InputKey
 from lightning_gp._chain import StepContext
 from lightning_gp._objective import REDUCTIONS, Reduction, Step
+from lightning_gp._reduction import agreed, observed_reduction, reduction_error
 from lightning_gp._site import Probe, Site, SiteCallback, Target
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_penalty_shape
-from lightning_gp.functional._rng import RNGState, forked_rng
+from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import (
     finite_difference_direction,
@@ -159,40 +160,10 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         return step
 
     def _check_reduction(self, ctx: StepContext, batch: Any, x: Tensor, loss: Tensor) -> None:
-        actual, detail = self._observed_reduction(ctx, batch, x, loss)
-        if ctx.world_size > 1:
-            # Every rank takes rank 0's verdict: ranks see different data, and one rank raising while the
-            # others go on into the gradient all-reduce would hang the job instead of failing it.
-            code = ctx.broadcast(torch.tensor([(None, "sum", "mean").index(actual)], device=x.device))
-            actual = (None, "sum", "mean")[int(code)]
-        declared = self.loss_reduction
-        if actual is not None and actual != declared:
-            raise ValueError(
-                f"{type(self).__name__}(loss_reduction={declared!r}): `training_step` returned a loss that behaves "
-                f"like a {actual} over the batch{detail}. Per-sample gradients would be off by a factor of the "
-                f"batch size. Pass `loss_reduction={actual!r}` (or `check_reduction=False` if this is intended)."
-            )
-
-    @staticmethod
-    def _observed_reduction(ctx: StepContext, batch: Any, x: Tensor, loss: Tensor) -> tuple[str | None, str]:
-        """"sum" or "mean" when the loss of the two half-batches clearly says so, else None."""
-        n = x.shape[0]
-        if n < 2:
-            return None, ""
-        try:
-            with forked_rng(x.device), torch.no_grad():
-                halves = [ctx.extra_loss(slice_batch(batch, n, part)) for part in (slice(0, n // 2), slice(n // 2, n))]
-        except (RuntimeError, ValueError, IndexError, TypeError):  # a step that cannot run on half a batch
-            return None, ""
-        full, total = float(loss.detach()), float(halves[0] + halves[1])
-        tol = 1e-4 * max(abs(full), abs(total), 1e-12)
-        as_sum, as_mean = abs(full - total) <= tol, abs(full - total / 2) <= tol
-        actual = "sum" if as_sum and not as_mean else "mean" if as_mean and not as_sum else None
-        detail = (
-            f" (loss of the whole batch of {n}: {full:.6g}; of its two halves: {float(halves[0]):.6g} and "
-            f"{float(halves[1]):.6g})"
-        )
-        return actual, detail
+        actual, detail = observed_reduction(ctx.extra_loss, batch, x.shape[0], loss)
+        actual = agreed(actual, ctx.broadcast if ctx.world_size > 1 else None, x.device)
+        if actual is not None and actual != self.loss_reduction:
+            raise ValueError(reduction_error(type(self).__name__, self.loss_reduction, actual, detail))
 
     def _input_grad(self, loss: Tensor, leaf: Tensor) -> Tensor:
         """∇ₓL with ``create_graph`` (double backward), or the error saying the loss ignores the input."""

@@ -13,6 +13,7 @@ gradients), which costs one small per-sample backward of that layer only.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -31,9 +32,10 @@ from lightning_gp.functional._layer_call import layer_label
 from lightning_gp.functional._norm_rules import UnbatchedLayer, linear_squared_norms
 from lightning_gp.functional._param_units import closed_form_modules, own_params
 from lightning_gp.functional._recorder import GradNormRecorder
+from lightning_gp.functional.gradients import accumulation_dtype
 
 __all__ = ["GradNormRecorder", "PerSampleGradNorms", "linear_squared_norms", "per_sample_grad_norms",
-           "per_sample_grad_norms_by_layer"]
+           "per_sample_grad_norms_by_layer", "per_sample_grad_norms_of_loss"]
 
 
 class PerSampleGradNorms(NamedTuple):
@@ -55,7 +57,8 @@ class PerSampleGradNorms(NamedTuple):
 
 
 def per_sample_grad_norms_by_layer(
-    model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor], *, input_norms: bool = True
+    model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor], *, input_norms: bool = True,
+    forward: Callable[[Tensor], object] | None = None,
 ) -> PerSampleGradNorms:
     """Per-sample ‖∇ₓfᵢ‖, ‖∇θfᵢ‖ and each layer's share, exactly, from one forward and one backward.
 
@@ -95,12 +98,15 @@ def per_sample_grad_norms_by_layer(
     # Hook only the layers with parameters when all have a closed form; if one of them did not run (its
     # parameters may be used by another module's forward), measure again with every module hooked.
     restricted = closed_form_modules(modules)
-    result = _measure(model, inputs, loss_fn, restricted, input_norms) if restricted is not None else None
-    return result if result is not None else _measure(model, inputs, loss_fn, None, input_norms)
+    if forward is not None and not callable(forward):
+        raise TypeError(f"`forward` must be callable (inputs) -> outputs, got {type(forward).__name__}.")
+    forward = model if forward is None else forward
+    result = _measure(model, inputs, loss_fn, restricted, input_norms, forward) if restricted is not None else None
+    return result if result is not None else _measure(model, inputs, loss_fn, None, input_norms, forward)
 
 
 def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict | None,
-             input_norms: bool) -> PerSampleGradNorms | None:
+             input_norms: bool, forward: Callable) -> PerSampleGradNorms | None:
     """One forward and backward with ``modules`` hooked (all when None); None when a hooked layer did not run.
 
     Layers whose calls do not keep the samples apart along their batch dimension (checked from the gradient
@@ -113,7 +119,7 @@ def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict 
     recorder = GradNormRecorder(model, batch, modules=modules)
     with recorder:
         with torch.enable_grad():
-            values = check_per_sample(loss_fn(model(x)), batch, "loss_fn(outputs)")
+            values = check_per_sample(loss_fn(forward(x)), batch, "loss_fn(outputs)")
         if not values.requires_grad:
             raise ValueError(
                 "`loss_fn(outputs)` does not depend on the model's parameters or inputs (no autograd graph); "
@@ -146,7 +152,7 @@ def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict 
                 raise
             exact_units.add(unit)
             if not keep:  # the graph is gone: measure again, now keeping it for the exact route
-                return _measure(model, inputs, loss_fn, modules, input_norms)
+                return _measure(model, inputs, loss_fn, modules, input_norms, forward)
     if skip or coupled:
         extra, x_sq = exact_squared_norms(values, recorder, skip, x if floating and coupled else None)
         for label, sq in extra.items():
@@ -189,3 +195,97 @@ def per_sample_grad_norms(
     """
     r = per_sample_grad_norms_by_layer(model, inputs, loss_fn, input_norms=input_norms)
     return r.input_norms, r.param_norms
+
+
+#: Models whose recording must hook every module (see :func:`per_sample_grad_norms_of_loss`).
+_RECORD_ALL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: How a scalar loss reduces the per-sample losses: L = (1/B)·Σℓᵢ ("mean") or L = Σℓᵢ ("sum").
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def per_sample_grad_norms_of_loss(
+    model: nn.Module, loss_fn: Callable[[], Tensor], batch: int, *, wrt: Tensor | Callable[[], Tensor] | None = None,
+    reduction: str = "mean", batch_tensors: list[Tensor] | None = None,
+) -> PerSampleGradNorms:
+    """Per-sample ‖∇ℓᵢ‖ of a *scalar* loss over a batch, L = mean ℓᵢ (or Σℓᵢ), from one forward and one backward.
+
+    ``loss_fn()`` runs ``model`` on a batch of ``batch`` samples however it likes (a training step with masks,
+    several inputs, a model-specific loss) and returns the scalar L. Samples must not interact, so the gradient
+    at each layer's output is row by row that of (1/B)·ℓᵢ; the ghost-norm rules of
+    :func:`per_sample_grad_norms_by_layer` then give ‖∇θℓᵢ‖ per layer, multiplied back by B for a mean. The
+    loss need not be a per-sample mean of the samples' own means: a Hugging Face language model's mean over all
+    the batch's tokens is (1/B)·Σℓᵢ with ℓᵢ = B·(sample i's token losses)/(tokens in the batch), sample i's
+    share of the step's gradient.
+
+    Every layer must keep the samples apart along its batch dimension (a (T, T) relative-position bias, a
+    (B·T, D) flattened input do not); such a layer raises ``ValueError`` naming it, and
+    :func:`per_sample_grad_norms_by_layer`, which takes per-sample values, measures it exactly.
+
+    Args:
+        model: the module whose trainable parameters are measured (its calls inside ``loss_fn`` are recorded).
+        loss_fn: ``() -> L``, a scalar.
+        batch: the number of samples B.
+        wrt: a tensor of shape (B, ...) that requires grad and that ``loss_fn`` uses (the input, or a δ added to
+            a layer's output): also ‖∇ℓᵢ‖ with respect to it, as ``input_norms``; NaN without it. A function
+            ``() -> tensor`` is called after ``loss_fn`` (a δ that the pass itself makes).
+        reduction: ``"mean"`` or ``"sum"``, how L reduces the ℓᵢ.
+        batch_tensors: the batch's tensors: an embedding's ids count as batched only if they come from one of
+            them (T5's (T, T) relative-position buckets never do, even when T equals B).
+
+    Returns:
+        :class:`PerSampleGradNorms` with ``values`` NaN (a scalar loss has no per-sample values).
+
+    Raises:
+        ValueError: ``loss_fn`` returns no scalar with a graph, ``wrt`` gets no gradient, a layer mixes samples.
+
+    Example:
+
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+        >>> mean = lambda: nn.functional.cross_entropy(model(x), y)
+        >>> r = per_sample_grad_norms_of_loss(model, mean, 5)
+        >>> ref = per_sample_grad_norms(model, x, lambda out: nn.functional.cross_entropy(out, y, reduction="none"))
+        >>> torch.allclose(r.param_norms, ref[1])
+        True
+    """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {list(LOSS_REDUCTIONS)}, got {reduction!r}.")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"`batch` must be the number of samples (an int ≥ 1), got {batch!r}.")
+    # Closed-form layers only when every trainable parameter has one (the fused monitor's light recording);
+    # when one of them did not run (its weight used by another module: T5's `shared`), the model is measured
+    # again with every module recorded, and from then on at once (remembered, weakly, with the model)
+    recorder = GradNormRecorder(model, batch, batch_tensors)
+    restricted = _RECORD_ALL.get(model) is None and recorder.restrict_to_closed_forms()
+    with recorder:
+        with torch.enable_grad():
+            loss = loss_fn()
+        if restricted and recorder.not_run():
+            _RECORD_ALL[model] = True
+            recorder.stop()
+            return per_sample_grad_norms_of_loss(model, loss_fn, batch, wrt=wrt, reduction=reduction,
+                                                 batch_tensors=batch_tensors)
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise ValueError(
+                "`loss_fn()` must return the batch's scalar loss with its autograd graph; got "
+                + (f"a tensor of shape {list(loss.shape)} (requires_grad={loss.requires_grad})"
+                   if isinstance(loss, Tensor) else type(loss).__name__)
+                + ". Do not call it under `torch.no_grad()`."
+            )
+        if callable(wrt):
+            wrt = wrt()
+        targets = [wrt] if wrt is not None else []
+        grads = torch.autograd.grad(loss.reshape(()), targets + recorder.outputs(), allow_unused=True)
+    factor = float(batch) if reduction == "mean" else 1.0
+    layer = {k: v * factor**2 for k, v in recorder.layer_squared_norms(batch, upcast_records=True).items()}
+    if wrt is not None:
+        if grads[0] is None:
+            raise ValueError("`loss_fn()` does not depend on `wrt` (no autograd path): pass the tensor the loss uses.")
+        g = grads[0].reshape(batch, -1)
+        x_norms = torch.linalg.vector_norm(g, dim=1, dtype=accumulation_dtype(g.dtype)) * factor
+    else:
+        x_norms = torch.full((batch,), math.nan, device=loss.device)
+    zero = torch.zeros(batch, dtype=accumulation_dtype(loss.dtype), device=loss.device)
+    param_sq = sum(layer.values(), zero)
+    return PerSampleGradNorms(x_norms, param_sq.sqrt(), layer, torch.full_like(zero, math.nan))

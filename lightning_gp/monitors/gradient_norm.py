@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -11,28 +10,39 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._arguments import check_choice
-from lightning_gp._batch import InputKey, resolve_input
+from lightning_gp._arguments import check_bool, check_choice
+from lightning_gp._batch import InputKey, replace_input, resolve_input
 from lightning_gp._log_writer import define_summaries, gathered_rows, has_wandb, log_histograms, log_scatter
 from lightning_gp._logging import logger_step
 from lightning_gp._objective import REDUCTIONS, Reduction
 from lightning_gp._setup_checks import check_forward
-from lightning_gp._site import Site, Target
-from lightning_gp._trainer import loss_scale
+from lightning_gp._site import Site, Target, not_run_error
+from lightning_gp._trainer import attached_trainer, loss_scale
 from lightning_gp.functional._checks import check_per_sample
+from lightning_gp.functional._norm_rules import UnbatchedLayer
 from lightning_gp.functional._recorder import LinearTap
 from lightning_gp.functional._sharded import is_sharded, local
 from lightning_gp.functional._torch_private import tree_flatten
-from lightning_gp.functional.grad_norms import per_sample_grad_norms_by_layer
-from lightning_gp.functional.gradients import tensor_norms
-from lightning_gp.functional.layer_output import per_sample_output_gradient_norms
+from lightning_gp.functional.grad_norms import (
+    PerSampleGradNorms,
+    per_sample_grad_norms_by_layer,
+    per_sample_grad_norms_of_loss,
+)
+from lightning_gp.functional.gradients import per_sample_norm, tensor_norms
+from lightning_gp.functional.layer_output import perturbed_output
 from lightning_gp.interception import StepInterceptor
 from lightning_gp.monitors._base import Monitor, isolated
 from lightning_gp.monitors._batch import default_loss
 from lightning_gp.monitors._fused import FusedRecording, per_sample_factor
-
-#: ``loss_fn(outputs, batch)`` → per-sample losses, shape (B,).
-PerSampleLoss = Callable[[Tensor, Any], Tensor]
+from lightning_gp.monitors._pass import (
+    ForwardFn,
+    MonitorPass,
+    PerSampleLoss,
+    SkippedBatch,
+    batch_size,
+    check_implicit_forward,
+    tensor_entries,
+)
 
 PREFIX = "grad_norm"
 #: How the monitor measures (see the class docstring).
@@ -46,35 +56,36 @@ class GradientNormMonitor(Monitor):
     Per sample i, ‖∇ₓℓᵢ‖ and ‖∇θℓᵢ‖ as mean and max over all ranks' samples (``grad_norm/input_mean``, ``_max``,
     ``param_per_sample_mean``, ``_max``; ``grad_norm/layer/<name>``) and the step's ‖∇θL‖ (``param_batch``:
     after DDP averaging and AMP unscaling, before clipping), every ``every_n_steps``-th optimizer step, with
-    ``<key>_epoch`` aggregates in ``callback_metrics``. Modes, costs, fused-mode limits: ``docs/monitors.md``.
+    ``<key>_epoch`` aggregates in ``callback_metrics``. ℓᵢ is sample i's share of the loss of ``training_step``,
+    re-run in eval mode on the step's batch (masks included), or ``loss_fn`` of ``forward_fn``'s outputs. Modes,
+    costs, Hugging Face recipes: ``docs/monitors.md``.
 
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.
         input_key: the input in the batch: an index, a dict key, or a callable batch → input tensor.
-        histograms: also log W&B media of the per-sample norms: histograms and a table with a scatter of ‖∇ₓℓᵢ‖
-            against ‖∇θℓᵢ‖, over all ranks' samples.
+        histograms: also log W&B histograms of the per-sample norms and a scatter of ‖∇ₓℓᵢ‖ against ‖∇θℓᵢ‖.
         media_every_n_steps: the media at most every this many steps (default: 10 × ``every_n_steps``).
-        loss_fn: ``(outputs, batch) -> per-sample losses (B,)``; default per-sample cross-entropy.
+        loss_fn: ``(outputs, batch) -> (B,)`` per-sample losses of ``forward_fn``'s outputs (default cross-entropy).
+        forward_fn: ``(module, batch) -> outputs``, the model as ``training_step`` calls it.
         per_layer: also log the per-layer per-sample norms.
-        mode: ``"recompute"`` (a separate eval-mode pass of ``loss_fn``) or ``"fused"`` (the step's own).
-        loss_reduction: fused mode: ``"mean"`` or ``"sum"``, how ``training_step`` reduces the ℓᵢ.
+        mode: ``"recompute"`` (a separate eval-mode pass) or ``"fused"`` (the step's own backward).
+        loss_reduction: ``"mean"`` or ``"sum"``, how ``training_step`` reduces the ℓᵢ (checked once).
         target: take ‖∇ℓᵢ‖ w.r.t. this layer's output (dotted path or module), e.g. a token model's embeddings.
         mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
+        check_reduction: check ``loss_reduction`` on the two half-batches of the first measurement.
 
     Raises:
-        ValueError: an unknown ``mode`` or ``loss_reduction``, or a ``loss_fn`` with ``mode="fused"``.
-        RuntimeError: in ``setup``: an unsupported strategy; fused mode with manual optimization or a penalty.
+        ValueError: a bad ``mode`` or ``loss_reduction``; ``loss_fn``/``forward_fn`` with ``mode="fused"``.
+        RuntimeError: in ``setup``: an unsupported strategy, manual optimization, fused mode beside a penalty.
 
     Example::
 
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel  # training_step: a mean loss of self(batch)
         >>> monitor = GradientNormMonitor(every_n_steps=50)  # then: Trainer(callbacks=[monitor])
-        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
-        >>> values, _ = monitor.measure(net, x, (x, y))  # what it logs, here outside a Trainer
+        >>> values, _ = monitor.measure(BoringModel(), torch.randn(8, 32))  # what it logs, here outside a Trainer
         >>> sorted(values)  # doctest: +NORMALIZE_WHITESPACE
-        ['grad_norm/input_max', 'grad_norm/input_mean', 'grad_norm/layer/0', 'grad_norm/layer/2',
-         'grad_norm/param_per_sample_max', 'grad_norm/param_per_sample_mean']
-        >>> fused = GradientNormMonitor(every_n_steps=1, mode="fused")  # every step: Trainer(callbacks=[fused])
+        ['grad_norm/input_max', 'grad_norm/input_mean', 'grad_norm/layer/layer', 'grad_norm/param_per_sample_max',
+         'grad_norm/param_per_sample_mean']
     """
 
     def __init__(
@@ -90,17 +101,22 @@ class GradientNormMonitor(Monitor):
         target: Target = None,
         mask_key: str | None = None,
         media_every_n_steps: int | None = None,
+        forward_fn: ForwardFn | None = None,
+        check_reduction: bool = True,
     ) -> None:
         super().__init__(every_n_steps, media_every_n_steps)
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be callable (outputs, batch) -> (B,), got {type(loss_fn).__name__}.")
-        check_choice(mode, "mode", MODES, type(self).__name__)
-        check_choice(loss_reduction, "loss_reduction", REDUCTIONS, type(self).__name__)
-        if mode == "fused" and loss_fn is not None:
+        owner = type(self).__name__
+        check_choice(mode, "mode", MODES, owner)
+        check_choice(loss_reduction, "loss_reduction", REDUCTIONS, owner)
+        self.pass_ = MonitorPass(owner, forward_fn, loss_fn, loss_reduction,
+                                 check_bool(check_reduction, "check_reduction", owner))
+        if mode == "fused" and not self.pass_.of_step:
             raise ValueError(
-                "`loss_fn` is not used with mode='fused' (the per-sample losses are those of `training_step`); "
-                "drop it, or use mode='recompute' to measure `loss_fn`."
+                f"{owner}(mode='fused'): `loss_fn` and `forward_fn` are not used with mode='fused' (the per-sample "
+                f"losses are those of `training_step`); drop them, or use mode='recompute' to measure them."
             )
+        self.forward_fn = forward_fn
+        self.check_reduction = check_reduction
         self.mode = mode
         self.target, self.mask_key = target, mask_key
         self.site = Site(target, input_key, mask_key, type(self).__name__)
@@ -128,10 +144,12 @@ class GradientNormMonitor(Monitor):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.site.resolve(pl_module)
-        if self.mode == "recompute":
-            check_forward(pl_module, f"{type(self).__name__}(mode='recompute')",
-                          "Define `forward(self, x)` returning the outputs its per-sample loss takes (the logits), "
-                          "or use mode='fused', which measures `training_step` itself.")
+        if self.mode == "recompute" and stage == "fit":
+            self.pass_.setup(pl_module)
+        if self.mode == "recompute" and self.loss_fn is not None and self.forward_fn is None:
+            check_forward(pl_module, f"{type(self).__name__}(loss_fn=...)",
+                          "Define `forward(self, x)` returning the outputs `loss_fn` takes (the logits), pass "
+                          "`forward_fn=lambda module, batch: ...`, or drop `loss_fn` to measure `training_step`.")
         if self.mode != "fused" or stage != "fit":
             return
         name = type(self).__name__
@@ -165,10 +183,12 @@ class GradientNormMonitor(Monitor):
             return
         if not self._due(trainer):
             return
+        try:
+            per_sample, hist = self.measure(pl_module, batch, batch_idx)
+        except SkippedBatch:  # `training_step` returns None on this batch: Lightning skips it, nothing to measure
+            return
         self._pending_step = logger_step(trainer)
         self._global_step_at_start = trainer.global_step
-        inputs = resolve_input(batch, self.input_key, type(self).__name__, computed=True)[0]
-        per_sample, hist = self.measure(pl_module, inputs, batch)
         self._log_media(trainer, hist, self._pending_step)
         self._pending = per_sample
 
@@ -302,31 +322,116 @@ class GradientNormMonitor(Monitor):
         log_scatter(trainer, f"{PREFIX}/input_vs_param", ("input", "param_per_sample"), rows, step,
                     title="‖∇ₓℓᵢ‖ against ‖∇θℓᵢ‖")
 
-    def measure(self, pl_module: torch.nn.Module, inputs: Tensor, batch: Any) -> tuple[dict, dict]:
+    def measure(self, pl_module: torch.nn.Module, batch: Any, batch_idx: int = 0) -> tuple[dict, dict]:
         """Per-sample norms on this batch, reduced over all ranks: ``({key: value}, {key: per-sample})``.
 
         Must be called on every rank at once under DDP (the reduction is a collective).
-        """
-        def per_sample_loss(outputs: Tensor) -> Tensor:
-            return check_per_sample((self.loss_fn or default_loss)(outputs, batch), inputs.shape[0],
-                                    "loss_fn(outputs, batch)")
 
+        Raises:
+            SkippedBatch: ``training_step`` returned None on ``batch`` (measuring the step's own loss).
+        """
         if not self.site.resolved:
             self.site.resolve(pl_module)
-        if self.site.module is None and not inputs.is_floating_point():
+        with isolated(pl_module):
+            norms = self._of_step(pl_module, batch, batch_idx) if self.pass_.of_step else \
+                self._of_forward(pl_module, batch)
+        layers = {k: v.sqrt() for k, v in norms.layer_squared_norms.items()} if self.per_layer else {}
+        return self._reduce(norms.input_norms, norms.param_norms, layers)
+
+    def _floating(self, x: Tensor) -> None:
+        if not x.is_floating_point():
             raise TypeError(
-                f"{type(self).__name__}: the input selected by `input_key={self.input_key!r}` has dtype {inputs.dtype} "
+                f"{type(self).__name__}: the input selected by `input_key={self.input_key!r}` has dtype {x.dtype} "
                 f"(token ids? labels?), so ‖∇ₓℓᵢ‖ does not exist. Pass the floating-point input's `input_key`, or "
                 f"`target=` the layer whose output to differentiate (the embedding layer of a token model)."
             )
-        with isolated(pl_module):
-            norms = per_sample_grad_norms_by_layer(pl_module, inputs, per_sample_loss)
-            input_norms = norms.input_norms
-            if self.site.module is not None:  # ‖∇ℓᵢ‖ w.r.t. the target's output: one more forward/backward
-                input_norms = per_sample_output_gradient_norms(
-                    lambda: per_sample_loss(pl_module(inputs)).sum(), self.site.module, mask=self.site.mask(batch))
-        layers = {k: v.sqrt() for k, v in norms.layer_squared_norms.items()} if self.per_layer else {}
-        return self._reduce(input_norms, norms.param_norms, layers)
+
+    def _of_step(self, pl_module: torch.nn.Module, batch: Any, batch_idx: int) -> PerSampleGradNorms:
+        """The norms of sample i's share of ``training_step``'s loss: the step re-run, the input (or a zero δ on the
+        target's output, padded positions masked) made a leaf, every layer's output gradient recorded."""
+        owner, target = type(self).__name__, self.site.module
+        trainer = attached_trainer(pl_module)
+        strategy = trainer.strategy if trainer is not None else None
+        tensors = [t for _, t in tensor_entries(batch)]
+        made: list[Tensor] = []  # the latest run's loss (and δ on a target's output)
+        if target is None:
+            x, path = resolve_input(batch, self.input_key, owner)
+            self._floating(x)
+            n = x.shape[0]
+            leaf = x.detach().requires_grad_(True)
+            run = replace_input(batch, path, leaf)
+
+            def loss() -> Tensor:
+                made[:] = [self.pass_.loss(pl_module, run, batch_idx)]
+                return made[0]
+
+            wrt: Any = leaf
+        else:
+            mask = self.site.mask(batch)
+            n = batch_size(batch, self.input_key, mask, owner)
+
+            def loss() -> Tensor:  # each run its own δ (a first run may be followed by one recording every module)
+                with perturbed_output(target, mask=mask, owner=owner, names=self.site.names) as record:
+                    value = self.pass_.loss(pl_module, batch, batch_idx)
+                if record.calls == 0:
+                    raise not_run_error(owner, target, self.site.sharing, "training_step")
+                made[:] = [value, record.delta]
+                return value
+
+            def wrt() -> Tensor:
+                return made[1]
+
+        try:
+            norms = per_sample_grad_norms_of_loss(pl_module, loss, n, wrt=wrt, reduction=self.loss_reduction,
+                                                  batch_tensors=tensors)
+        except UnbatchedLayer as err:
+            raise ValueError(
+                f"{owner} reads the per-sample norms off the scalar loss `training_step` returns, which needs every "
+                f"layer to keep the samples apart along its batch dimension: {err} Pass `forward_fn=lambda module, "
+                f"batch: <outputs>` and a per-sample `loss_fn=lambda outputs, batch: <(B,) losses>`, which measure "
+                f"any model exactly (the Hugging Face recipes in docs/monitors.md)."
+            ) from err
+        self.pass_.check_once(pl_module, batch, batch_idx, n, made[0], strategy)
+        return norms
+
+    def _of_forward(self, pl_module: torch.nn.Module, batch: Any) -> PerSampleGradNorms:
+        """The norms of ``loss_fn(forward_fn(module, batch), batch)`` (or of ``module(input)``, checked)."""
+        owner, target = type(self).__name__, self.site.module
+        loss_fn = self.loss_fn or default_loss
+        if self.forward_fn is None:
+            x, path = resolve_input(batch, self.input_key, owner, computed=True)
+            check_implicit_forward(batch, x, owner)
+            forward = pl_module
+        else:
+            try:
+                x, path = resolve_input(batch, self.input_key, owner)
+            except ValueError:
+                if target is None:
+                    raise
+                x, path = next(t for _, t in tensor_entries(batch) if t.ndim > 0), None  # the samples' count only
+
+            def forward(x_: Tensor) -> Any:
+                return self.forward_fn(pl_module, replace_input(batch, path, x_) if path is not None else batch)
+        n = x.shape[0]
+        if target is None:
+            self._floating(x)
+
+        def per_sample_loss(outputs: Any) -> Tensor:
+            return check_per_sample(loss_fn(outputs, batch), n, "loss_fn(outputs, batch)")
+
+        norms = per_sample_grad_norms_by_layer(pl_module, x, per_sample_loss, forward=forward,
+                                               input_norms=target is None)
+        if target is None:
+            return norms
+        # ‖∇ℓᵢ‖ w.r.t. the target's output (padded positions masked): one more forward/backward
+        mask = self.site.mask(batch)
+        with torch.enable_grad(), perturbed_output(target, mask=mask, owner=owner, names=self.site.names) as record:
+            total = per_sample_loss(forward(x)).sum()
+        if record.calls == 0:
+            raise not_run_error(owner, target, self.site.sharing, "forward_fn" if self.forward_fn else "forward")
+        (grad,) = torch.autograd.grad(total, record.delta, allow_unused=True)
+        grad = torch.zeros_like(record.delta) if grad is None else grad
+        return PerSampleGradNorms(per_sample_norm(grad), norms.param_norms, norms.layer_squared_norms, norms.values)
 
     def _reduce(self, input_norms: Tensor, param_norms: Tensor, layers: dict[str, Tensor]) -> tuple[dict, dict]:
         """Mean and max over the samples of all ranks (a collective under DDP), and rank 0's histograms."""
