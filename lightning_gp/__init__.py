@@ -19,7 +19,13 @@ from lightning_gp.callbacks import (
 from lightning_gp.gan import WGANGPMixin
 from lightning_gp.manual import PenaltyMixin, penalized_loss
 from lightning_gp.metrics import PerSampleMeanMax
-from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SharpnessMonitor, SpectralNormMonitor
+from lightning_gp.monitors import (
+    GradientNoiseScale,
+    GradientNormMonitor,
+    MLPInequalityMonitor,
+    SharpnessMonitor,
+    SpectralNormMonitor,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +33,7 @@ __all__ = [
     "AdversarialTraining",
     "DataGradientPenalty",
     "Flooding",
+    "GradientNoiseScale",
     "GradientNormMonitor",
     "MLPInequalityMonitor",
     "ParameterGradientPenalty",

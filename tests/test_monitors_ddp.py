@@ -1,12 +1,12 @@
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
+from lightning_gp.monitors import GradientNoiseScale, GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
 from tests.ddp import run_ddp_script
 from tests.test_monitors_support import Classifier, loader, read_csv, trainer
 from tests.test_wandb_reader import read_run
 
-PREFIXES = ("grad_norm/", "mlp_inequality/", "lipschitz/")
+PREFIXES = ("grad_norm/", "mlp_inequality/", "lipschitz/", "noise_scale/")
 
 
 def _by_step(rows):
@@ -26,16 +26,19 @@ def test_two_ranks_log_what_one_process_logs_on_the_combined_batch(tmp_path):
     model.load_state_dict(ddp["initial"])
     monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=8),
                 SpectralNormMonitor(every_n_steps=2),
-                GradientNormMonitor(every_n_steps=3, histograms=False, mode="fused")]
+                GradientNormMonitor(every_n_steps=3, histograms=False, mode="fused"),
+                GradientNoiseScale(every_n_steps=4, ema=0.9)]
     trainer(tmp_path / "one", callbacks=monitors, logger=CSVLogger(tmp_path / "one"), max_steps=4).fit(
         model, loader(n=32, batch_size=8)
     )
     one_logged = _by_step(read_csv(tmp_path / "one/lightning_logs/version_0/metrics.csv"))
 
-    # 22 keys at steps 1 and 3, the fused monitor's 8 grad_norm keys at step 2
-    assert len(one_logged) == 2 * 22 + 8 and ddp_logged.keys() == one_logged.keys()
+    # 22 keys at steps 1 and 3, the fused monitor's 8 grad_norm keys at step 2, the noise scale's 6 at step 3
+    assert len(one_logged) == 2 * 22 + 8 + 6 and ddp_logged.keys() == one_logged.keys()
     assert ddp_logged == pytest.approx(one_logged, rel=1e-5)
     # every rank holds the reduced values, not only rank 0 (whose loggers write)
+    noise = {k: v for (s, k), v in one_logged.items() if k.startswith("noise_scale/")}
+    assert len(noise) == 6 and ddp["last_logged"][4] == pytest.approx(noise, rel=1e-5)
     last = {k: v for (s, k), v in one_logged.items() if s == 3 and k.startswith("grad_norm/")}
     assert ddp["last_logged"][0] == pytest.approx(last, rel=1e-5)
     fused = {k: v for (s, k), v in one_logged.items() if s == 2}

@@ -19,10 +19,12 @@ from lightning_gp.functional.grad_norms import (
     linear_squared_norms,
     per_sample_grad_norms,
     per_sample_grad_norms_by_layer,
+    per_sample_grad_norms_of_loss,
 )
 from lightning_gp.functional.gradients import input_gradient, per_sample_norm, per_sample_squared_norm
 from lightning_gp.functional.layer_output import output_gradient, per_sample_output_gradient_norms, perturbed_output
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
+from lightning_gp.functional.noise_scale import NoiseScale, noise_scale, two_batch_noise_scale
 from lightning_gp.functional.penalties import (
     PenaltyGradient,
     data_gradient_penalty,
@@ -37,6 +39,7 @@ from lightning_gp.functional.spectral import spectral_norm, spectral_norm_penalt
 __all__ = [
     "GradNormRecorder",
     "MLPInequality",
+    "NoiseScale",
     "PenaltyGradient",
     "PerSampleGradNorms",
     "chain_layers",
@@ -51,11 +54,13 @@ __all__ = [
     "interpolate",
     "linear_squared_norms",
     "mlp_inequality",
+    "noise_scale",
     "output_gradient",
     "parameter_gradient_penalty",
     "parameter_gradient_penalty_fd",
     "per_sample_grad_norms",
     "per_sample_grad_norms_by_layer",
+    "per_sample_grad_norms_of_loss",
     "per_sample_norm",
     "per_sample_output_gradient_norms",
     "per_sample_squared_norm",
@@ -66,6 +71,7 @@ __all__ = [
     "sam_perturbation",
     "spectral_norm",
     "spectral_norm_penalty",
+    "two_batch_noise_scale",
     "wgan_gradient_penalty",
     "wgan_gradient_penalty_fd",
 ]

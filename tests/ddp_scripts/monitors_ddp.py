@@ -4,7 +4,8 @@ Each rank trains on 4 samples per step, rank r on samples r, r+2, ... in order (
 Lightning's shuffling DistributedSampler), so the two ranks together see the same 8 samples per step as
 one process with batch size 8 and no shuffling.
 A fourth monitor, GradientNormMonitor(mode="fused"), logs at step 2 only (each rank reads its own 4 samples'
-norms off its own backward; the per-sample factor is the local batch size).
+norms off its own backward; the per-sample factor is the local batch size). GradientNoiseScale logs at step 3: the
+ranks' per-sample norms and the all-reduced gradient give the estimate on the combined batch.
 Rank 0 saves the initial weights and where the loggers wrote; tests/test_monitors_ddp.py compares the
 logged values with a one-process run on the combined batches.
 """
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, Subset
 
-from lightning_gp.monitors import GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
+from lightning_gp.monitors import GradientNoiseScale, GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
 from tests.ddp import close_process_group
 from tests.test_monitors_support import Classifier, dataset
 
@@ -41,7 +42,8 @@ monitors = [GradientNormMonitor(every_n_steps=2, media_every_n_steps=2),
             MLPInequalityMonitor(every_n_steps=2, max_samples=4, media_every_n_steps=2),
             SpectralNormMonitor(every_n_steps=2),
             # fused mode at other steps (every 3rd: logger step 2), so its keys do not collide in the logs
-            GradientNormMonitor(every_n_steps=3, histograms=False, mode="fused")]
+            GradientNormMonitor(every_n_steps=3, histograms=False, mode="fused"),
+            GradientNoiseScale(every_n_steps=4, ema=0.9)]
 wandb_logger = WandbLogger(offline=True, save_dir=str(root), project="monitors-ddp")
 trainer = pl.Trainer(
     strategy="ddp", accelerator="cpu", devices=2, max_steps=4, log_every_n_steps=1, default_root_dir=root,

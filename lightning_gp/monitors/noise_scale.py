@@ -1,0 +1,129 @@
+"""GradientNoiseScale: the critical batch size B_simple = tr Σ / |G|², from the per-sample gradient norms."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gp._arguments import check_number
+from lightning_gp._batch import InputKey
+from lightning_gp._objective import Reduction
+from lightning_gp.functional.noise_scale import noise_scale
+from lightning_gp.monitors._pass import ForwardFn, PerSampleLoss
+from lightning_gp.monitors.gradient_norm import PREFIX as NORM_PREFIX
+from lightning_gp.monitors.gradient_norm import GradientNormMonitor, Mode
+
+PREFIX = "noise_scale"
+#: The logged ingredients, raw and smoothed.
+KEYS = ("b_simple", "trace_sigma", "grad_sq")
+
+
+class GradientNoiseScale(GradientNormMonitor):
+    r"""Logs the gradient noise scale B_simple = tr Σ / |G|² (McCandlish et al. 2018), the critical batch size.
+
+    From the exact per-sample gradient norms of the step's own backward (``mode="fused"``, no extra pass) and the
+    step's gradient (after DDP averaging and AMP unscaling): S = mean ‖∇θℓᵢ‖² and ‖ḡ‖² over the N samples of the
+    optimizer step, all ranks and micro-batches together, give the unbiased tr Σ = (S − ‖ḡ‖²)·N/(N − 1) and
+    |G|² = (N‖ḡ‖² − S)/(N − 1). Logged every ``every_n_steps`` steps: ``noise_scale/b_simple``, ``trace_sigma``,
+    ``grad_sq`` and their ``*_ema`` (tr Σ and |G|² smoothed apart, bias-corrected, then divided, as the paper
+    advises: one batch's |G|² can be negative). Training is unchanged bit for bit. Notes: ``docs/monitors.md``.
+
+    Args:
+        every_n_steps: measure on every k-th optimizer step.
+        ema: the smoothing factor of the ``*_ema`` keys, in [0, 1); None logs the raw values only.
+        mode: ``"fused"`` (the step's own backward) or ``"recompute"`` (an eval-mode pass of the first micro-batch,
+            for models whose layers mix samples, with ``forward_fn`` and a per-sample ``loss_fn``).
+        loss_reduction: ``"mean"`` or ``"sum"``, how ``training_step`` reduces the per-sample losses.
+        input_key: the input in the batch (its first dimension counts the samples).
+        forward_fn: ``mode="recompute"``: ``(module, batch) -> outputs``, the model as ``training_step`` calls it.
+        loss_fn: ``mode="recompute"``: ``(outputs, batch) -> (B,)`` per-sample losses of ``forward_fn``'s outputs.
+
+    Raises:
+        ValueError: a bad argument (named); RuntimeError: in ``setup``, a callback that adds to the loss (the
+            gradient would not be the loss's), manual optimization.
+
+    Example::
+
+        >>> monitor = GradientNoiseScale(every_n_steps=20, ema=0.9)  # then: Trainer(callbacks=[monitor])
+        >>> monitor
+        GradientNoiseScale(every_n_steps=20, ema=0.9)
+    """
+
+    def __init__(self, every_n_steps: int = 50, *, ema: float | None = 0.95, mode: Mode = "fused",
+                 loss_reduction: Reduction = "mean", input_key: InputKey = None, forward_fn: ForwardFn | None = None,
+                 loss_fn: PerSampleLoss | None = None) -> None:
+        super().__init__(every_n_steps=every_n_steps, input_key=input_key, histograms=False, per_layer=False,
+                         mode=mode, loss_reduction=loss_reduction, forward_fn=forward_fn, loss_fn=loss_fn)
+        if ema is not None:
+            check_number(ema, "ema", type(self).__name__)
+            if not 0 <= ema < 1:
+                raise ValueError(f"{type(self).__name__}(ema={ema!r}): `ema` must lie in [0, 1) (0.95 averages "
+                                 f"about the last 20 measurements), or be None for the raw values only.")
+        self.ema = ema
+        #: {"trace_sigma" | "grad_sq": [weighted sum, total weight]} of the bias-corrected moving averages
+        self._averages: dict[str, list[float]] = {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        penalties = [type(cb).__name__ for cb in trainer.callbacks if getattr(cb, "adds_to_loss", False)]
+        if stage == "fit" and penalties:
+            raise RuntimeError(
+                f"{type(self).__name__} reads |G|² off the step's gradient, but {', '.join(penalties)} add(s) terms "
+                f"to the loss, so that gradient is not the mean of the per-sample gradients. Measure the noise "
+                f"scale in a run without them."
+            )
+        if stage == "fit" and not pl_module.automatic_optimization:
+            raise RuntimeError(f"{type(self).__name__} reads the gradient of Lightning's automatic-optimization "
+                               f"step; `{type(pl_module).__name__}` uses manual optimization.")
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # no W&B summaries of the gradient-norm keys, which this monitor does not log
+
+    @override
+    def _reduce_columns(self, columns: Tensor, layer_names: list[str], extra: list[Tensor] = (),
+                        factor: float = 1.0) -> tuple[dict[str, float], list[float]]:
+        """This rank's Σ‖∇θℓᵢ‖² and sample count (summed over ranks in :meth:`_log`); ``extra`` passed through."""
+        sq = (columns[:, 1].to(torch.float64 if columns.device.type == "cpu" else torch.float32) * factor).square()
+        flat = torch.cat([torch.stack([sq.sum(), sq.new_tensor(float(sq.shape[0]))]),
+                          *[e.to(sq.dtype) for e in extra]]).tolist()
+        return {"_sum_sq": flat[0], "_count": flat[1]}, flat[2:]
+
+    @override
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
+        sums = [metrics.pop("_sum_sq", math.nan), metrics.pop("_count", 0.0)]
+        batch_sq = sum(v * v for k, v in metrics.items() if k.startswith(f"{NORM_PREFIX}/param_batch"))
+        if trainer.world_size > 1:  # every rank's samples: one all-reduce of two numbers at the logging cadence
+            sums = trainer.strategy.reduce(torch.tensor(sums, dtype=torch.float64 if trainer.strategy.root_device.type
+                                                        == "cpu" else torch.float32,
+                                                        device=trainer.strategy.root_device), reduce_op="sum").tolist()
+        sum_sq, count = sums
+        # ḡ is the mean over every sample behind the optimizer step; recompute measures the first micro-batch only
+        n = round(count) * (trainer.accumulate_grad_batches if self.mode == "recompute" else 1)
+        if count < 1 or n < 2:
+            return
+        est = noise_scale(sum_sq / count, batch_sq, n)
+        values = {f"{PREFIX}/{k}": float(v) for k, v in zip(KEYS, (est.b_simple, est.trace_sigma, est.grad_sq),
+                                                             strict=True)}
+        if self.ema is not None:
+            for key, value in (("trace_sigma", float(est.trace_sigma)), ("grad_sq", float(est.grad_sq))):
+                total, weight = self._averages.get(key, [0.0, 0.0])
+                self._averages[key] = [self.ema * total + (1 - self.ema) * value, self.ema * weight + (1 - self.ema)]
+            trace, grad = (t / w for t, w in (self._averages["trace_sigma"], self._averages["grad_sq"]))
+            values.update({f"{PREFIX}/trace_sigma_ema": trace, f"{PREFIX}/grad_sq_ema": grad,
+                           f"{PREFIX}/b_simple_ema": trace / grad if grad != 0 else math.inf})
+        super()._log(trainer, values, step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"averages": {k: list(v) for k, v in self._averages.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._averages = {k: list(v) for k, v in state_dict.get("averages", {}).items()}
