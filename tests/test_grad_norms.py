@@ -293,3 +293,30 @@ def test_input_norms_false_skips_the_input_gradient_and_keeps_the_parameter_norm
     assert not x.requires_grad and x.grad is None
     with pytest.raises(TypeError, match="`input_norms` must be True or False, got str"):
         per_sample_grad_norms(model, x, loss_fn, input_norms="no")
+
+
+def test_per_sample_norms_of_a_scalar_loss_equal_those_of_per_sample_values():
+    """The scalar-loss route (what the monitors use on `training_step`) against the per-sample route, for a mean
+    and a sum, with ∇ w.r.t. the input; its errors name the argument."""
+    from lightning_gp.functional import per_sample_grad_norms_by_layer, per_sample_grad_norms_of_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    ref = per_sample_grad_norms_by_layer(model, x, lambda out: F.cross_entropy(out, y, reduction="none"))
+    for reduction in ("mean", "sum"):
+        leaf = x.clone().requires_grad_(True)
+        got = per_sample_grad_norms_of_loss(
+            model, lambda leaf=leaf, reduction=reduction: F.cross_entropy(model(leaf), y, reduction=reduction),
+            7, wrt=leaf, reduction=reduction)
+        torch.testing.assert_close(got.param_norms, ref.param_norms, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.input_norms, ref.input_norms, rtol=1e-12, atol=0)
+        assert got.layer_squared_norms.keys() == ref.layer_squared_norms.keys()
+    with pytest.raises(ValueError, match=r"`loss_fn\(\)` must return the batch's scalar loss.*shape \[7\]"):
+        per_sample_grad_norms_of_loss(model, lambda: F.cross_entropy(model(x), y, reduction="none"), 7)
+    with pytest.raises(ValueError, match=r"does not depend on `wrt`"):
+        per_sample_grad_norms_of_loss(model, lambda: F.cross_entropy(model(x), y), 7,
+                                      wrt=torch.zeros(7, 4, requires_grad=True))
+    with pytest.raises(ValueError, match=r"`reduction` must be one of \['mean', 'sum'\], got 'avg'"):
+        per_sample_grad_norms_of_loss(model, lambda: F.cross_entropy(model(x), y), 7, reduction="avg")

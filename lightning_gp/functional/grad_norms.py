@@ -210,25 +210,19 @@ def per_sample_grad_norms_of_loss(
 ) -> PerSampleGradNorms:
     """Per-sample ‖∇ℓᵢ‖ of a *scalar* loss over a batch, L = mean ℓᵢ (or Σℓᵢ), from one forward and one backward.
 
-    ``loss_fn()`` runs ``model`` on a batch of ``batch`` samples however it likes (a training step with masks,
-    several inputs, a model-specific loss) and returns the scalar L. Samples must not interact, so the gradient
-    at each layer's output is row by row that of (1/B)·ℓᵢ; the ghost-norm rules of
-    :func:`per_sample_grad_norms_by_layer` then give ‖∇θℓᵢ‖ per layer, multiplied back by B for a mean. The
-    loss need not be a per-sample mean of the samples' own means: a Hugging Face language model's mean over all
-    the batch's tokens is (1/B)·Σℓᵢ with ℓᵢ = B·(sample i's token losses)/(tokens in the batch), sample i's
-    share of the step's gradient.
-
-    Every layer must keep the samples apart along its batch dimension (a (T, T) relative-position bias, a
-    (B·T, D) flattened input do not); such a layer raises ``ValueError`` naming it, and
-    :func:`per_sample_grad_norms_by_layer`, which takes per-sample values, measures it exactly.
+    ``loss_fn()`` runs ``model`` on a batch of ``batch`` samples however it likes (masks, several inputs, a
+    model's own loss) and returns L. Samples must not interact, so each layer's output gradient is row by row that
+    of (1/B)·ℓᵢ, and the ghost norms of :func:`per_sample_grad_norms_by_layer` give ‖∇θℓᵢ‖ (times B for a mean).
+    A Hugging Face LM's mean over the batch's tokens is (1/B)·Σℓᵢ with ℓᵢ sample i's share times B. A layer that
+    mixes samples (a (T, T) position bias, a (B·T, D) flattened input) raises ``ValueError`` naming it: use
+    :func:`per_sample_grad_norms_by_layer` with per-sample values there.
 
     Args:
         model: the module whose trainable parameters are measured (its calls inside ``loss_fn`` are recorded).
         loss_fn: ``() -> L``, a scalar.
         batch: the number of samples B.
-        wrt: a tensor of shape (B, ...) that requires grad and that ``loss_fn`` uses (the input, or a δ added to
-            a layer's output): also ‖∇ℓᵢ‖ with respect to it, as ``input_norms``; NaN without it. A function
-            ``() -> tensor`` is called after ``loss_fn`` (a δ that the pass itself makes).
+        wrt: a (B, ...) tensor that requires grad and that the loss uses (the input, a δ on a layer's output), or a
+            function returning it, called after ``loss_fn``: ‖∇ℓᵢ‖ w.r.t. it as ``input_norms`` (else NaN).
         reduction: ``"mean"`` or ``"sum"``, how L reduces the ℓᵢ.
         batch_tensors: the batch's tensors: an embedding's ids count as batched only if they come from one of
             them (T5's (T, T) relative-position buckets never do, even when T equals B).
@@ -237,14 +231,13 @@ def per_sample_grad_norms_of_loss(
         :class:`PerSampleGradNorms` with ``values`` NaN (a scalar loss has no per-sample values).
 
     Raises:
-        ValueError: ``loss_fn`` returns no scalar with a graph, ``wrt`` gets no gradient, a layer mixes samples.
+        ValueError: no scalar loss with a graph, ``wrt`` without a gradient, a layer that mixes samples.
 
     Example:
 
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
-        >>> mean = lambda: nn.functional.cross_entropy(model(x), y)
-        >>> r = per_sample_grad_norms_of_loss(model, mean, 5)
+        >>> r = per_sample_grad_norms_of_loss(model, lambda: nn.functional.cross_entropy(model(x), y), 5)
         >>> ref = per_sample_grad_norms(model, x, lambda out: nn.functional.cross_entropy(out, y, reduction="none"))
         >>> torch.allclose(r.param_norms, ref[1])
         True
