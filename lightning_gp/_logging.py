@@ -8,6 +8,8 @@ facts come from Lightning internals, read in :mod:`lightning_gp._lightning_priva
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
+from torch import Tensor
 
 from lightning_gp._lightning_private import batches_that_stepped, will_write_logs
 
@@ -33,3 +35,20 @@ def should_log(trainer: pl.Trainer | None) -> bool:
 def logger_step(trainer: pl.Trainer) -> int:
     """The step at which the Trainer's loggers write this batch's metrics (optimizer steps so far)."""
     return batches_that_stepped(trainer)
+
+
+def over_ranks(trainer: pl.Trainer, values: Tensor, weight: float = 1.0) -> Tensor:
+    """``values`` (a tensor of per-step values, each a mean over ``weight`` samples of this rank) averaged over the
+    DDP ranks, each rank weighted by its samples: what one process computes on the combined batch. One all-reduce
+    (of the values and the weight together); the values themselves on one process. Every rank must call it.
+
+    Example::
+
+        >>> over_ranks(pl.Trainer(logger=False, enable_progress_bar=False), torch.tensor([1.0, 2.0]), 4).tolist()
+        [1.0, 2.0]
+    """
+    if trainer.world_size == 1:
+        return values
+    flat = values.detach().reshape(-1)
+    sums = trainer.strategy.reduce(torch.cat([flat * weight, flat.new_tensor([float(weight)])]), reduce_op="sum")
+    return (sums[:-1] / sums[-1]).reshape(values.shape)

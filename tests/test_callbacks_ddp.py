@@ -139,6 +139,11 @@ def _local_sam_reference(rho: float = 0.05) -> dict[str, torch.Tensor]:
         lambda: F.cross_entropy(model.net(x), y), params, rho))
 
 
+#: The prefixes of what the callbacks and monitors log.
+PACKAGE_KEYS = ("penalty/", "adversarial/", "sharpness/", "flooding/", "vat/", "lipschitz/", "grad_norm/",
+                "noise_scale/", "spectral/")
+
+
 @pytest.mark.ddp
 def test_ddp_matches_one_process(tmp_path):
     from tests.ddp import run_ddp_script
@@ -151,9 +156,12 @@ def test_ddp_matches_one_process(tmp_path):
         trainer, model = fit(name, batch_size=2 * PER_RANK_BATCH, devices=1)
         for key, value in model.state_dict().items():
             torch.testing.assert_close(ddp[name]["params"][key], value, atol=1e-5, rtol=0, msg=f"{name} {key}")
-        # The logged penalties are DDP means of per-rank means: the one-process value on the combined batch.
+        # Every value the package logs is the sample-weighted mean over the ranks of per-rank means: the one-process
+        # value on the combined batch.
+        logged = [k for k in trainer.callback_metrics if k.startswith(PACKAGE_KEYS)]
+        assert logged and set(logged) <= set(ddp[name]["metrics"]), name
         for key, value in trainer.callback_metrics.items():
-            if key.startswith(("penalty/", "adversarial/", "sharpness/")):
+            if key.startswith(PACKAGE_KEYS):
                 torch.testing.assert_close(ddp[name]["metrics"][key].double(), value.double(), atol=1e-6,
                                            rtol=1e-6, msg=f"{name} {key}")
 

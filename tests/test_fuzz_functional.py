@@ -873,13 +873,45 @@ def test_public_api_is_covered():
         "per_sample_output_gradient_norms", "per_sample_squared_norm", "perturbed_output", "pgd", "r1_penalty",
         "r2_penalty",
         "spectral_norm", "spectral_norm_penalty", "wgan_gradient_penalty", "wgan_gradient_penalty_fd",
-        "sam_perturbation", "hessian_max_eigenvalue", "hessian_trace",
+        "sam_perturbation", "hessian_max_eigenvalue", "hessian_trace", "noise_scale", "two_batch_noise_scale",
+        "per_sample_grad_norms_of_loss",
     }
     # Classes and helpers tested elsewhere: result tuples, the recorder and the chain check (test_grad_norms.py,
     # test_mlp_inequality.py), and linear_squared_norms / per_sample_grad_norms_by_layer (grad_norms.py).
-    elsewhere = {"GradNormRecorder", "MLPInequality", "PenaltyGradient", "PerSampleGradNorms",
+    elsewhere = {"GradNormRecorder", "MLPInequality", "NoiseScale", "PenaltyGradient", "PerSampleGradNorms",
                  "linear_squared_norms", "per_sample_grad_norms_by_layer"}
     assert covered | elsewhere == set(LF.__all__)
+
+
+# --- the gradient noise scale ------------------------------------------------------------------------------------
+
+
+@FEW
+@given(n=st.integers(2, 9), d=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_noise_scale_is_the_sample_covariance_of_any_gradients(n, d, seed):
+    """tr Σ is the trace of the per-sample gradients' sample covariance; |G|² + tr Σ/n is ‖ḡ‖²; the two-batch
+    estimate of the same batch split in two equal halves solves the same two equations."""
+    g = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    est = LF.noise_scale(g.square().sum(1).mean(), g.mean(0).square().sum(), n)
+    cov = torch.atleast_2d(torch.cov(g.T, correction=1))
+    torch.testing.assert_close(est.trace_sigma, cov.trace(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(est.grad_sq + est.trace_sigma / n, g.mean(0).square().sum(), rtol=1e-10, atol=1e-12)
+    assert math.isclose(float(est.b_simple), float(est.trace_sigma / est.grad_sq), rel_tol=1e-12)
+    with pytest.raises(ValueError, match="b_small < b_big"):
+        LF.two_batch_noise_scale(1.0, 1.0, n, n)
+
+
+@FEW
+@given(b=st.integers(1, 7), width=st.integers(1, 5), reduction=st.sampled_from(["mean", "sum"]),
+       seed=st.integers(0, 2**16))
+def test_per_sample_norms_of_a_scalar_loss_equal_the_per_sample_route(b, width, reduction, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).double()
+    x, y = torch.randn(b, 3, dtype=torch.float64), torch.randint(0, 2, (b,))
+    got = LF.per_sample_grad_norms_of_loss(model, lambda: F.cross_entropy(model(x), y, reduction=reduction), b,
+                                           reduction=reduction)
+    _, want = LF.per_sample_grad_norms(model, x, lambda out: F.cross_entropy(out, y, reduction="none"))
+    torch.testing.assert_close(got.param_norms, want, rtol=1e-10, atol=1e-12)
 
 
 # --- sharpness: SAM's step, the Hessian's top eigenvalue and trace -----------------------------------------------

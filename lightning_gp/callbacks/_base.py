@@ -24,7 +24,7 @@ from lightning_gp._epoch import EpochAggregate
 from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import callback_state_key, compiled_modules
 from lightning_gp._log_writer import log_settings
-from lightning_gp._logging import should_log
+from lightning_gp._logging import over_ranks, should_log
 from lightning_gp._objective import Step, caller_name
 from lightning_gp._setup_checks import check_batch_step, check_strategy, sharded_training
 from lightning_gp._trainer import grad_scaler
@@ -239,7 +239,8 @@ class PenaltyCallback(Callback):
             values.clear()
 
     def record(self, ctx: StepContext, name: str, value: Tensor, batch_size: int | None = None) -> None:
-        """Keep ``value`` for the epoch mean, and log it on the steps the Trainer writes to its loggers.
+        """Keep ``value`` for the epoch mean, and log it on the steps the Trainer writes to its loggers: the mean over
+        the DDP ranks weighted by ``batch_size`` (each rank's samples), what one process logs on the combined batch.
 
         Per step only every ``log_every_n_steps`` (:func:`lightning_gp._logging.should_log`): a ``self.log``
         call costs as much as a small model's step, and a value logged on another step is overwritten unread. All
@@ -257,4 +258,5 @@ class PenaltyCallback(Callback):
         # a running sum, not a list: `penalized_loss` under manual optimization has no epoch hook to clear it
         self._epoch.update(name, value, weight=n)
         if should_log(module.trainer):  # batch_size given: a `training_step(self, dataloader_iter)` needs it
-            pl.LightningModule.log(module, name, value, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
+            pl.LightningModule.log(module, name, over_ranks(module.trainer, value, n), on_step=True, on_epoch=False,
+                                   batch_size=n)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lightning_gp._batch import resolve_input
 from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import merge_initial_hparams
-from lightning_gp._logging import should_log
+from lightning_gp._logging import over_ranks, should_log
 from lightning_gp._setup_checks import sharded_training
 from lightning_gp._trainer import attached_trainer, grad_scaler
 from lightning_gp.functional._autograd import explained_double_backward
@@ -257,8 +257,16 @@ class WGANGPMixin:
         trainer = attached_trainer(self)
         return should_log(trainer) and not (trainer is not None and trainer.barebones)  # barebones forbids self.log
 
-    def _log(self, name: str, value: Tensor) -> None:
-        self.log(f"wgan/{name}", value.detach().float(), on_step=True, on_epoch=False, prog_bar=False)
+    def _log(self, values: dict[str, Tensor], n: int) -> None:
+        """Log a step's values, each a mean over this rank's ``n`` samples, as one process would on every rank's
+        samples together (the sample-weighted mean over the DDP ranks, one all-reduce for all of them)."""
+        names = list(values)
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in names])
+        trainer = attached_trainer(self)
+        if trainer is not None:
+            stacked = over_ranks(trainer, stacked, n)
+        for name, value in zip(names, stacked, strict=True):
+            self.log(f"wgan/{name}", value, on_step=True, on_epoch=False, prog_bar=False)
 
     # ------------------------------------------------------------------------------------------ the loop
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -310,10 +318,6 @@ class WGANGPMixin:
             weight = hp["gp_weight"] * hp["reg_every"]
             loss = loss + weight * term.loss
             logged = logged + weight * term.value
-            if log:
-                self._log("penalty", term.value)
-                if term.grad_norm is not None:
-                    self._log("critic_grad_norm", term.grad_norm)
         optimizer.zero_grad()
         with explained_double_backward():
             self.manual_backward(loss + self._touch(self.critic))
@@ -324,8 +328,12 @@ class WGANGPMixin:
             clip_weights_(self.critic, hp["clip_value"])
         self._wgan_critic_steps += 1
         if log:
-            self._log("critic_loss", logged)
-            self._log("wasserstein_estimate", wasserstein)
+            values = {"critic_loss": logged, "wasserstein_estimate": wasserstein}
+            if regularize:
+                values["penalty"] = term.value
+                if term.grad_norm is not None:
+                    values["critic_grad_norm"] = term.grad_norm
+            self._log(values, n)
         return logged
 
     def generator_step(self, n: int, optimizer: Any) -> Tensor:
@@ -342,7 +350,7 @@ class WGANGPMixin:
         optimizer.step()
         self._wgan_generator_steps += 1
         if self._wgan_should_log():
-            self._log("generator_loss", loss)
+            self._log({"generator_loss": loss}, n)
         return loss.detach()
 
 
