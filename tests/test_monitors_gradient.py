@@ -137,3 +137,35 @@ def test_errors(tmp_path):
     bad = GradientNormMonitor(every_n_steps=1, input_key="image")
     with pytest.raises(ValueError, match="input_key='image'"):
         trainer(tmp_path, callbacks=[bad], max_steps=1).fit(Classifier(), loader())
+
+
+class Manual(Classifier):
+    """Manual optimization: its training_step steps the optimizer, so no monitor may re-run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+        opt.step()
+
+
+def test_a_manually_optimized_module_is_refused_in_setup_or_measured_through_forward_fn(tmp_path):
+    from lightning_gp import MLPInequalityMonitor, SharpnessMonitor
+
+    for monitor, fix in [(GradientNormMonitor(every_n_steps=1), r"Pass `forward_fn=lambda module, batch"),
+                         (MLPInequalityMonitor(every_n_steps=1), r"Pass `forward_fn=lambda module, batch"),
+                         (SharpnessMonitor(every_n_steps=1), r"would train the model")]:
+        with pytest.raises(RuntimeError, match=rf"{type(monitor).__name__} .*manual optimization.*{fix}"):
+            trainer(tmp_path, callbacks=[monitor], max_steps=1).fit(Manual(), loader())
+    model = Manual()
+    before = copy.deepcopy(model)
+    explicit = GradientNormMonitor(every_n_steps=1, histograms=False, forward_fn=lambda m, b: m(b[0]),
+                                   loss_fn=lambda out, b: F.cross_entropy(out, b[1], reduction="none"))
+    trainer(tmp_path, callbacks=[explicit], max_steps=1).fit(model, loader())
+    ref = reference_norms(before, *next(iter(loader())))
+    assert explicit.last_logged["grad_norm/param_per_sample_mean"] == pytest.approx(float(ref["param"].mean()),
+                                                                                     rel=1e-5)

@@ -16,17 +16,14 @@ from lightning_gp._arguments import check_bool, check_choice, check_number, chec
 from lightning_gp._chain import averaged_over_ranks
 from lightning_gp._log_writer import define_summaries
 from lightning_gp._logging import logger_step
-from lightning_gp._module_state import untouched
-from lightning_gp._objective import extract_loss
 from lightning_gp._trainer import attached_trainer
 from lightning_gp.functional._autograd import displaced, no_double_backward_error
 from lightning_gp.functional._rng import forked_rng, mixed_seed, seeded_generator
 from lightning_gp.functional.gradients import squared_norm_sum
-from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.penalties import finite_difference_parameter_step
 from lightning_gp.functional.sharpness import HVP, double_backward_hvp, hutchinson_trace, power_iteration
-from lightning_gp.interception import StepInterceptor, muted_logging
 from lightning_gp.monitors._base import Monitor
+from lightning_gp.monitors._pass import SkippedBatch, step_loss
 
 #: How the monitor takes Hessian-vector products.
 HVPMethod = Literal["auto", "double_backward", "finite_difference"]
@@ -83,6 +80,17 @@ class SharpnessMonitor(Monitor):
         return "its Hessian-vector products are not written for sharded parameters yet"
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and not pl_module.automatic_optimization:
+            raise RuntimeError(
+                f"{type(self).__name__} takes the Hessian of the loss `training_step` returns, re-running it on the "
+                f"step's batch; `{type(pl_module).__name__}` uses manual optimization, whose `training_step` steps the "
+                f"optimizers itself (the measurement would train the model). Measure a module with automatic "
+                f"optimization, or call `lightning_gp.functional.hessian_max_eigenvalue` on your own loss."
+            )
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         define_summaries(trainer, {f"{PREFIX}/lambda_max": "max"})
 
@@ -94,7 +102,7 @@ class SharpnessMonitor(Monitor):
         step = logger_step(trainer)
         try:
             values = self.measure(pl_module, batch, batch_idx, trainer.strategy, step=step)
-        except _SkippedBatch:  # `training_step` returned None: Lightning skips the batch, nothing to measure
+        except SkippedBatch:  # `training_step` returned None: Lightning skips the batch, nothing to measure
             return
         self._log(trainer, values, step)
 
@@ -132,18 +140,12 @@ class SharpnessMonitor(Monitor):
     def _loss(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int, seed: int) -> Callable[[], Tensor]:
         """The raw loss of ``training_step`` on ``batch``, computed in train mode with a fixed random stream (every
         pass sees the same dropout masks, and the step's own stream is untouched) and the module put back after."""
-        interceptor = StepInterceptor.of(pl_module)
-        step_fn = interceptor.original if interceptor is not None else pl_module.training_step
         devices = {p.device for p in pl_module.parameters()}
         name = type(self).__name__
 
         def loss_at() -> Tensor:
-            with forked_rng(*devices, seed=seed), muted_logging(pl_module), untouched(pl_module), forward_pass():
-                with torch.enable_grad():
-                    out = step_fn(batch, batch_idx)
-            if out is None:
-                raise _SkippedBatch
-            return extract_loss(out, name)
+            with forked_rng(*devices, seed=seed), torch.enable_grad():
+                return step_loss(pl_module, batch, batch_idx, name)
 
         return loss_at
 
@@ -175,10 +177,6 @@ class SharpnessMonitor(Monitor):
         if self.method == "auto" and self._resolved is not None:
             text = f"{text[:-1]}{', ' if not text.endswith('()') else ''}method='auto' -> {self._resolved!r})"
         return text
-
-
-class _SkippedBatch(Exception):
-    """``training_step`` returned None on the measured batch (Lightning's way to skip it)."""
 
 
 def _central_difference_hvp(loss_at: Callable[[], Tensor], params: list[Tensor], step: float) -> HVP:
