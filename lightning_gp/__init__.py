@@ -20,6 +20,7 @@ from lightning_gp.gan import WGANGPMixin
 from lightning_gp.manual import PenaltyMixin, penalized_loss
 from lightning_gp.metrics import PerSampleMeanMax
 from lightning_gp.monitors import (
+    CostMonitor,
     GradientNoiseScale,
     GradientNormMonitor,
     MLPInequalityMonitor,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdversarialTraining",
+    "CostMonitor",
     "DataGradientPenalty",
     "Flooding",
     "GradientNoiseScale",

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 
+from lightning_gp._cost import STEP, span
 from lightning_gp._finite import StepValues
 from lightning_gp._lightning_private import fabric_autocast_dtype
 from lightning_gp._module_state import untouched
@@ -117,7 +118,7 @@ class StepContext:
 
     def primary(self, batch: Any) -> Step:
         """The user's step, as Lightning would run it (it logs, it updates BatchNorm statistics)."""
-        with forward_pass():
+        with forward_pass(), span(STEP):
             out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
             raise SkipBatch
@@ -186,7 +187,12 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
         if i == len(members):
             return ctx.primary
         member, inner = members[i], build(i + 1)
-        return lambda batch: member.apply(ctx, batch, inner)
+
+        def run(batch: Any) -> Step:
+            with span(member):  # what the member does around the inner ones is its cost (CostMonitor)
+                return member.apply(ctx, batch, inner)
+
+        return run
 
     mark = None if values is None else (len(values.losses), len(values.values))
     try:

@@ -271,3 +271,13 @@ def _scatter_png(lhs, rhs, step: int):
     fig.savefig(buf, format="png")
     buf.seek(0)
     return Image.open(buf)
+
+
+def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list]) -> None:
+    """A W&B table (rank 0, every W&B logger), e.g. a summary at the end of fit; nothing without W&B."""
+    if not has_wandb(trainer) or not trainer.is_global_zero:
+        return
+    import wandb
+
+    for run, name in _wandb_targets(trainer):
+        run.log({name(key): wandb.Table(columns=columns, data=rows)})

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gp import SharpnessMonitor
+from lightning_gp import CostMonitor, SharpnessMonitor
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
@@ -37,6 +37,8 @@ CONFIGS = {
     # the Hessian of the global loss: the ranks' products averaged
     "sharpness_monitor": lambda: [SharpnessMonitor(every_n_steps=1, iterations=300, tol=1e-12,
                                                    method="double_backward")],
+    # its collective (the time shares averaged over the ranks) runs on every rank; the passes are one process's
+    "cost_monitor": lambda: [DataGradientPenalty(0.5, method="double_backward"), CostMonitor(every_n_steps=1)],
 }
 #: Configurations whose DDP result is, by design, not the one-process one (each rank uses its own gradient).
 LOCAL = ("parameter_local", "sam_local")
@@ -164,6 +166,12 @@ def test_ddp_matches_one_process(tmp_path):
             if key.startswith(PACKAGE_KEYS):
                 torch.testing.assert_close(ddp[name]["metrics"][key].double(), value.double(), atol=1e-6,
                                            rtol=1e-6, msg=f"{name} {key}")
+
+        passes = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("cost/") and "passes" in k}
+        assert passes == {k: float(v) for k, v in ddp[name]["metrics"].items() if k.startswith("cost/")
+                          and "passes" in k}, name
+        assert all(0 <= float(v) <= 1 for k, v in ddp[name]["metrics"].items() if k.endswith("time_fraction"))
+    assert ddp["cost_monitor"]["metrics"]["cost/DataGradientPenalty/backward_passes"] == 1
 
     # scope="local": each rank penalises its own gradient (documented); a hand-written two-rank
     # computation reproduces it, and it differs from the one-process result that scope="global" matches.

@@ -118,3 +118,27 @@ def test_errors(tmp_path):
     with pytest.raises(RuntimeError, match=r"DataGradientPenalty add\(s\) terms to the loss"):
         trainer(tmp_path, callbacks=[GradientNoiseScale(), DataGradientPenalty(0.1)], max_steps=1).fit(
             Classifier(), loader())
+
+
+class SumLoss(Classifier):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="sum")
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_summed_loss_is_checked_and_measured_by_its_reduction(tmp_path, accumulate):
+    """The step's gradient of a sum is B·ḡ: with loss_reduction="sum" the estimate is the mean loss's; declared
+    "mean", the first batch's check names the fix."""
+    torch.manual_seed(0)
+    model = _double(SumLoss())
+    data = dataset(32)
+    data.tensors = tuple(t.double() if t.is_floating_point() else t for t in data.tensors)
+    monitor = GradientNoiseScale(every_n_steps=1, ema=None, loss_reduction="sum")
+    trainer(tmp_path, callbacks=[monitor], max_steps=1, accumulate_grad_batches=accumulate).fit(
+        model, torch.utils.data.DataLoader(data, batch_size=8))
+    want = _brute(model, data.tensors[0][: 8 * accumulate], data.tensors[1][: 8 * accumulate])
+    assert monitor.last_logged == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match=r"GradientNoiseScale\(loss_reduction='mean'\).*behaves like a sum.*Pass "
+                                         r"`loss_reduction='sum'`"):
+        trainer(tmp_path, callbacks=[GradientNoiseScale(every_n_steps=1)], max_steps=1).fit(
+            _double(SumLoss()), torch.utils.data.DataLoader(data, batch_size=8))

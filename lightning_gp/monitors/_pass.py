@@ -140,6 +140,11 @@ class MonitorPass:
         self._checked = False
 
     @property
+    def checked(self) -> bool:
+        """Whether ``loss_reduction`` has been checked (or the check is off)."""
+        return self._checked or not self.check_reduction
+
+    @property
     def of_step(self) -> bool:
         """Whether the pass is the module's own ``training_step`` (neither ``forward_fn`` nor ``loss_fn`` given)."""
         return self.forward_fn is None and self.loss_fn is None

@@ -14,7 +14,8 @@ from lightning_gp._arguments import check_number
 from lightning_gp._batch import InputKey
 from lightning_gp._objective import Reduction
 from lightning_gp.functional.noise_scale import noise_scale
-from lightning_gp.monitors._pass import ForwardFn, PerSampleLoss
+from lightning_gp.monitors._base import isolated
+from lightning_gp.monitors._pass import ForwardFn, PerSampleLoss, SkippedBatch, batch_size
 from lightning_gp.monitors.gradient_norm import PREFIX as NORM_PREFIX
 from lightning_gp.monitors.gradient_norm import GradientNormMonitor, Mode
 
@@ -38,7 +39,8 @@ class GradientNoiseScale(GradientNormMonitor):
         ema: the smoothing factor of the ``*_ema`` keys, in [0, 1); None logs the raw values only.
         mode: ``"fused"`` (the step's own backward) or ``"recompute"`` (an eval-mode pass of the first micro-batch,
             for models whose layers mix samples, with ``forward_fn`` and a per-sample ``loss_fn``).
-        loss_reduction: ``"mean"`` or ``"sum"``, how ``training_step`` reduces the per-sample losses.
+        loss_reduction: ``"mean"`` or ``"sum"``, how ``training_step`` reduces the per-sample losses (checked on the
+            first batch, as the penalties check it; ``check_reduction=False`` skips that).
         input_key: the input in the batch (its first dimension counts the samples).
         forward_fn: ``mode="recompute"``: ``(module, batch) -> outputs``, the model as ``training_step`` calls it.
         loss_fn: ``mode="recompute"``: ``(outputs, batch) -> (B,)`` per-sample losses of ``forward_fn``'s outputs.
@@ -56,9 +58,10 @@ class GradientNoiseScale(GradientNormMonitor):
 
     def __init__(self, every_n_steps: int = 50, *, ema: float | None = 0.95, mode: Mode = "fused",
                  loss_reduction: Reduction = "mean", input_key: InputKey = None, forward_fn: ForwardFn | None = None,
-                 loss_fn: PerSampleLoss | None = None) -> None:
+                 loss_fn: PerSampleLoss | None = None, check_reduction: bool = True) -> None:
         super().__init__(every_n_steps=every_n_steps, input_key=input_key, histograms=False, per_layer=False,
-                         mode=mode, loss_reduction=loss_reduction, forward_fn=forward_fn, loss_fn=loss_fn)
+                         mode=mode, loss_reduction=loss_reduction, forward_fn=forward_fn, loss_fn=loss_fn,
+                         check_reduction=check_reduction)
         if ema is not None:
             check_number(ema, "ema", type(self).__name__)
             if not 0 <= ema < 1:
@@ -87,6 +90,21 @@ class GradientNoiseScale(GradientNormMonitor):
         pass  # no W&B summaries of the gradient-norm keys, which this monitor does not log
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.check_reduction and not self.pass_.checked:
+            # |G|² is read off the step's gradient, whatever measures the per-sample norms: check its reduction on
+            # the first batch (the two half-batches against the whole, without grad, in the monitors' isolation)
+            try:
+                n = batch_size(batch, self.input_key, None, type(self).__name__)
+                with isolated(pl_module), torch.no_grad():
+                    loss = self.pass_.loss(pl_module, batch, batch_idx)
+                self.pass_.check_once(pl_module, batch, batch_idx, n, loss, trainer.strategy)
+            except SkippedBatch:
+                pass  # the step skips this batch: check the next one
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    @override
     def _reduce_columns(self, columns: Tensor, layer_names: list[str], extra: list[Tensor] = (),
                         factor: float = 1.0) -> tuple[dict[str, float], list[float]]:
         """This rank's Σ‖∇θℓᵢ‖² and sample count (summed over ranks in :meth:`_log`); ``extra`` passed through."""
@@ -106,6 +124,9 @@ class GradientNoiseScale(GradientNormMonitor):
         sum_sq, count = sums
         # ḡ is the mean over every sample behind the optimizer step; recompute measures the first micro-batch only
         n = round(count) * (trainer.accumulate_grad_batches if self.mode == "recompute" else 1)
+        if self.loss_reduction == "sum":  # the step's gradient is (samples per rank and micro-batch) × ḡ
+            per_micro_batch = n / (trainer.world_size * trainer.accumulate_grad_batches)
+            batch_sq = batch_sq / per_micro_batch**2
         if count < 1 or n < 2:
             return
         est = noise_scale(sum_sq / count, batch_sq, n)
