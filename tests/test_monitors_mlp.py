@@ -83,3 +83,34 @@ def test_errors(tmp_path):
     model.net[2] = Residual()  # not a chain: caught at setup, before training
     with pytest.raises(ValueError, match=r"Module '2' \(Residual\) is not a Linear"):
         trainer(tmp_path, callbacks=[MLPInequalityMonitor()]).fit(model, loader())
+
+
+class ReshapedAndTempered(Classifier):
+    """The step feeds the chain a reshaped input and divides its logits by a temperature: the function trained is
+    not `net(batch[0])` under cross-entropy."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x.flatten(1)) / 2.0, y)
+
+
+def test_the_sides_are_those_of_the_training_step():
+    """The monitor takes x as the step feeds the chain and f as the step's loss (here the tempered cross-entropy):
+    equal to the functional inequality of that f; the old pass (the chain on the raw input, plain cross-entropy)
+    could not even run on the (B, 2, 3) input, and on the flattened input measures another f (the control)."""
+    from lightning_gp.functional import mlp_inequality
+
+    torch.manual_seed(0)
+    model = ReshapedAndTempered().double()
+    x, y = torch.randn(6, 2, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    _, result = MLPInequalityMonitor(max_samples=6).measure(model, (x, y))
+    want = mlp_inequality(model.net.eval(), x.flatten(1), lambda out: F.cross_entropy(out / 2.0, y, reduction="none"))
+    torch.testing.assert_close(result.lhs, want.lhs, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(result.rhs, want.rhs, rtol=1e-9, atol=1e-12)
+    other = mlp_inequality(model.net, x.flatten(1), lambda out: F.cross_entropy(out, y, reduction="none"))
+    assert float((other.lhs - want.lhs).abs().max()) > 1e-3 * float(want.lhs.abs().max())
+    with pytest.raises(ValueError, match=r"chain `net` ran 2 times in `training_step`"):
+        twice = ReshapedAndTempered().double()
+        twice.training_step = lambda batch, batch_idx: (twice.net(batch[0].flatten(1)) + twice.net(
+            batch[0].flatten(1))).logsumexp(1).mean()
+        MLPInequalityMonitor(max_samples=6, check_reduction=False).measure(twice, (x, y))
