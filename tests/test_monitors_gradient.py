@@ -139,22 +139,10 @@ def test_errors(tmp_path):
         trainer(tmp_path, callbacks=[bad], max_steps=1).fit(Classifier(), loader())
 
 
-class Manual(Classifier):
-    """Manual optimization: its training_step steps the optimizer, so no monitor may re-run it."""
-
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
-        opt.step()
-
-
 def test_a_manually_optimized_module_is_refused_in_setup_or_measured_through_forward_fn(tmp_path):
+    """Its training_step steps the optimizer, so no monitor may re-run it."""
     from lightning_gp import MLPInequalityMonitor, SharpnessMonitor
+    from tests.test_monitors_fused import Manual
 
     for monitor, fix in [(GradientNormMonitor(every_n_steps=1), r"Pass `forward_fn=lambda module, batch"),
                          (MLPInequalityMonitor(every_n_steps=1), r"Pass `forward_fn=lambda module, batch"),
