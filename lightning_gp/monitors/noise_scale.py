@@ -7,13 +7,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_gp._arguments import check_number
 from lightning_gp._batch import InputKey
 from lightning_gp._objective import Reduction
-from lightning_gp.functional.noise_scale import noise_scale
+from lightning_gp._trainer import loss_scale
+from lightning_gp.functional.noise_scale import noise_scale, two_batch_noise_scale
 from lightning_gp.monitors._base import isolated
 from lightning_gp.monitors._pass import ForwardFn, PerSampleLoss, SkippedBatch, batch_size
 from lightning_gp.monitors.gradient_norm import PREFIX as NORM_PREFIX
@@ -32,7 +35,9 @@ class GradientNoiseScale(GradientNormMonitor):
     optimizer step, all ranks and micro-batches together, give the unbiased tr Σ = (S − ‖ḡ‖²)·N/(N − 1) and
     |G|² = (N‖ḡ‖² − S)/(N − 1). Logged every ``every_n_steps`` steps: ``noise_scale/b_simple``, ``trace_sigma``,
     ``grad_sq`` and their ``*_ema`` (tr Σ and |G|² smoothed apart, bias-corrected, then divided, as the paper
-    advises: one batch's |G|² can be negative). Training is unchanged bit for bit. Notes: ``docs/monitors.md``.
+    advises: one batch's |G|² can be negative). Under DDP also the paper's two-batch estimate from a rank's gradient
+    (read by a communication hook before the all-reduce) and the mean one: ``noise_scale/two_batch/*``. Training is
+    unchanged bit for bit. Notes: ``docs/monitors.md``.
 
     Args:
         every_n_steps: measure on every k-th optimizer step.
@@ -70,6 +75,10 @@ class GradientNoiseScale(GradientNormMonitor):
         self.ema = ema
         #: {"trace_sigma" | "grad_sq": [weighted sum, total weight]} of the bias-corrected moving averages
         self._averages: dict[str, list[float]] = {}
+        # DDP: this rank's gradient before the all-reduce (squared norms of its buckets, on measured steps), and the
+        # loss scale of that backward; None where no hook could be registered
+        self._local: list[Tensor] | None = None
+        self._scale = 1.0
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -87,7 +96,22 @@ class GradientNoiseScale(GradientNormMonitor):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # no W&B summaries of the gradient-norm keys, which this monitor does not log
+        # no W&B summaries of the gradient-norm keys, which this monitor does not log; under DDP, the rank's own
+        # gradient for the paper's two-batch estimate: a communication hook sees each bucket before its all-reduce
+        self._local = None
+        model = trainer.strategy.model
+        if trainer.world_size > 1 and isinstance(model, DistributedDataParallel):
+            try:
+                model.register_comm_hook(self, _local_norm_then_allreduce)
+                self._local = []
+            except RuntimeError as err:  # a hook of the user's own (DDPStrategy(ddp_comm_hook=...)): keep it
+                rank_zero_warn(f"{type(self).__name__}: no two-batch estimate (`noise_scale/two_batch/*`), the DDP "
+                               f"model has a communication hook already ({err}).")
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_after_backward(trainer, pl_module)
+        self._scale = loss_scale(trainer)  # the GradScaler's scale of this backward (it may change at the step)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -115,23 +139,28 @@ class GradientNoiseScale(GradientNormMonitor):
 
     @override
     def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
-        sums = [metrics.pop("_sum_sq", math.nan), metrics.pop("_count", 0.0)]
+        local = self._local_sq()
+        sums = [metrics.pop("_sum_sq", math.nan), metrics.pop("_count", 0.0), local]
         batch_sq = sum(v * v for k, v in metrics.items() if k.startswith(f"{NORM_PREFIX}/param_batch"))
-        if trainer.world_size > 1:  # every rank's samples: one all-reduce of two numbers at the logging cadence
+        if trainer.world_size > 1:  # every rank's samples: one all-reduce of three numbers at the logging cadence
             sums = trainer.strategy.reduce(torch.tensor(sums, dtype=torch.float64 if trainer.strategy.root_device.type
                                                         == "cpu" else torch.float32,
                                                         device=trainer.strategy.root_device), reduce_op="sum").tolist()
-        sum_sq, count = sums
+        sum_sq, count, local = sums
         # ḡ is the mean over every sample behind the optimizer step; recompute measures the first micro-batch only
         n = round(count) * (trainer.accumulate_grad_batches if self.mode == "recompute" else 1)
         if self.loss_reduction == "sum":  # the step's gradient is (samples per rank and micro-batch) × ḡ
             per_micro_batch = n / (trainer.world_size * trainer.accumulate_grad_batches)
-            batch_sq = batch_sq / per_micro_batch**2
+            batch_sq, local = batch_sq / per_micro_batch**2, local / per_micro_batch**2
         if count < 1 or n < 2:
             return
         est = noise_scale(sum_sq / count, batch_sq, n)
         values = {f"{PREFIX}/{k}": float(v) for k, v in zip(KEYS, (est.b_simple, est.trace_sigma, est.grad_sq),
                                                              strict=True)}
+        if math.isfinite(local) and trainer.world_size > 1:  # the paper's estimate: a rank's gradient and the mean
+            two = two_batch_noise_scale(local / trainer.world_size, batch_sq, n // trainer.world_size, n)
+            values.update({f"{PREFIX}/two_batch/{k}": float(v) for k, v in zip(
+                KEYS, (two.b_simple, two.trace_sigma, two.grad_sq), strict=True)})
         if self.ema is not None:
             for key, value in (("trace_sigma", float(est.trace_sigma)), ("grad_sq", float(est.grad_sq))):
                 total, weight = self._averages.get(key, [0.0, 0.0])
@@ -141,6 +170,14 @@ class GradientNoiseScale(GradientNormMonitor):
                            f"{PREFIX}/b_simple_ema": trace / grad if grad != 0 else math.inf})
         super()._log(trainer, values, step)
 
+    def _local_sq(self) -> float:
+        """‖this rank's gradient‖² of the measured step (its buckets' squares summed, unscaled); NaN without it."""
+        if not self._local:
+            return math.nan
+        total = float(torch.stack(self._local).sum())
+        self._local.clear()
+        return total / self._scale**2
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"averages": {k: list(v) for k, v in self._averages.items()}}
@@ -148,3 +185,14 @@ class GradientNoiseScale(GradientNormMonitor):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._averages = {k: list(v) for k, v in state_dict.get("averages", {}).items()}
+
+
+def _local_norm_then_allreduce(monitor, bucket):
+    """DDP's own all-reduce (``allreduce_hook``: the bucket divided by the world size, then summed over the ranks),
+    after taking the squared norm of the rank's gradient in the bucket on a measured step (no host read here)."""
+    if monitor._pending is not None and monitor._local is not None:
+        monitor._local.append(bucket.buffer().detach().to(torch.float64 if bucket.buffer().device.type == "cpu"
+                                                          else torch.float32).square().sum())
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    return allreduce_hook(None, bucket)
