@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gp import GradientNormMonitor
+from lightning_gp import GradientNoiseScale, GradientNormMonitor
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
@@ -71,6 +71,8 @@ CONFIGS: dict[str, tuple[str, Callable[[], list]]] = {
     "grad_norm_recompute": ("features", lambda: [GradientNormMonitor(every_n_steps=1, histograms=False)]),
     "grad_norm_fused": ("features", lambda: [GradientNormMonitor(every_n_steps=1, mode="fused", histograms=False)]),
     "grad_norm_target": ("tokens", lambda: [GradientNormMonitor(every_n_steps=1, target="embed", histograms=False)]),
+    # the per-sample norms of each rank's shards of the step and the reduce-scattered gradient: the combined batch
+    "noise_scale": ("features", lambda: [GradientNoiseScale(every_n_steps=1, ema=0.9)]),
 }
 #: Compared with 2-process DDP instead of one process: what is defined per rank (random draws that depend on the
 #: rank: VAT's direction, a random PGD start; Flooding, where each rank floods its own loss), and bf16-mixed, whose
