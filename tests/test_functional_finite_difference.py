@@ -2,6 +2,7 @@
 inside a ``torch.compile``d model and through fused ``scaled_dot_product_attention``."""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -245,3 +246,33 @@ def test_sdpa_fused_kernel_double_backprop_raises_and_fd_matches_math_kernel():
         pen_p = parameter_gradient_penalty((block(x) - y).square().mean(), block)
         ref_p = torch.autograd.grad(pen_p, list(block.parameters()))
     assert _cosine(res_p.grads, ref_p) >= 0.999
+
+
+@pytest.mark.parametrize("given", ["module", "tensors"])
+@pytest.mark.parametrize("which", ["data", "parameter"])
+def test_batchnorm_statistics_are_updated_once_whatever_params_are_given(given, which):
+    """A plain-PyTorch user who passes `list(model.parameters())` got the running statistics updated twice (the
+    second pass's update was kept: num_batches_tracked 2 after one call). They are now those of one forward, bit
+    for bit, and the penalty's gradients equal those with the module given."""
+    from lightning_gp.functional import data_gradient_penalty_fd, parameter_gradient_penalty_fd
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 1)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    plain(x)  # one training forward: the statistics a step should leave
+
+    def run(params):
+        if which == "data":
+            return data_gradient_penalty_fd(lambda z: model(z)[:, 0], x, params)
+        return parameter_gradient_penalty_fd(lambda: model(x).square().mean(), params)
+
+    start = copy.deepcopy(model.state_dict())
+    res = run(model if given == "module" else list(model.parameters()))
+    for name, buf in plain.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[name], buf), name
+    model.load_state_dict(start)
+    ref = run(model)
+    for a, b in zip(res.grads, ref.grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal
 
+import torch
 from torch import nn
+
+#: ``restored_buffers(CALLED)``: the buffers of every module that runs in the block, found as they run.
+CALLED = "called"
 
 
 class BufferSnapshot:
@@ -23,10 +28,37 @@ class BufferSnapshot:
 
 
 @contextlib.contextmanager
-def restored_buffers(module: nn.Module | None) -> Iterator[None]:
-    """Run the block; ``module``'s buffers are put back on exit (nothing to do for None)."""
-    snapshot = BufferSnapshot(module)
+def restored_buffers(module: nn.Module | Literal["called"] | None) -> Iterator[None]:
+    """Run the block; ``module``'s buffers are put back on exit (nothing to do for None).
+
+    With :data:`CALLED` the modules are those the block runs (a function given parameters, not its module): a
+    global forward pre-hook saves each one's own buffers before its first call, so a BatchNorm in training mode
+    updates its statistics once per step, as without the extra pass.
+    """
+    if module != CALLED:
+        snapshot = BufferSnapshot(module)
+        try:
+            yield
+        finally:
+            snapshot.restore()
+        return
+    snapshots: dict[int, BufferSnapshot] = {}
+
+    def save(mod: nn.Module, args: tuple) -> None:
+        if id(mod) not in snapshots and next(mod.buffers(recurse=False), None) is not None:
+            snapshots[id(mod)] = _OwnBuffers(mod)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(save)
     try:
         yield
     finally:
-        snapshot.restore()
+        handle.remove()
+        for snapshot in snapshots.values():
+            snapshot.restore()
+
+
+class _OwnBuffers(BufferSnapshot):
+    """A module's own buffers (its submodules save theirs when they run)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.saved = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]

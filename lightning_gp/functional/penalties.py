@@ -34,13 +34,17 @@ from lightning_gp.functional._checks import (
     grads_or_zeros,
 )
 from lightning_gp.functional._rng import RNGState, replayed_rng
-from lightning_gp.functional._state import restored_buffers
+from lightning_gp.functional._state import CALLED, restored_buffers
 from lightning_gp.functional.gradients import input_gradient, safe_sqrt, squared_norm_sum, squared_norms
 
 Params = nn.Module | Iterable[Tensor] | Tensor
 #: How a penalty's parameter gradient is computed: exactly (double backprop) or by finite differences.
 Method = Literal["double_backward", "finite_difference"]
 METHODS: tuple[str, ...] = get_args(Method)
+
+#: Whose buffers a difference's second pass puts back: a module's, those of every module it runs (``CALLED``), or
+#: none (None: the caller's pass restores the module's state itself, as the callbacks' extra passes do).
+BufferOwner = nn.Module | Literal["called"] | None
 
 
 class PenaltyGradient(NamedTuple):
@@ -192,8 +196,8 @@ def data_gradient_penalty_fd(
     Args:
         fn: maps a batch to per-sample values, shape (B,) or (B, 1). Called twice, with the same dropout masks.
         inputs: the batch (floating point); it is detached, not modified.
-        params: the parameters (a module or tensors) to differentiate; a module's buffers (BatchNorm
-            statistics) are put back after the second pass.
+        params: the parameters (a module or tensors) to differentiate. What the second pass changes in buffers
+            (BatchNorm statistics) is put back: the module's, or those of every module ``fn`` runs.
         power: p ≥ 1 of φ, as in `data_gradient_penalty`.
         center: c ≥ 0 of φ.
         one_sided: penalise only norms above ``center``.
@@ -211,7 +215,8 @@ def data_gradient_penalty_fd(
     _check_callable(fn, "fn", "a batch to per-sample values")
     check_floating_input(inputs, "inputs", requires_grad=False)
     check_non_empty_batch(inputs, "inputs", "data_gradient_penalty_fd")
-    module, params = (params if isinstance(params, nn.Module) else None), as_param_list(params)
+    # the second pass's BatchNorm statistics put back: the module's, or, given tensors, those of what `fn` runs
+    module, params = (params if isinstance(params, nn.Module) else CALLED), as_param_list(params)
     x = inputs.detach().requires_grad_(True)
     batch = x.shape[0]
     rng = _rng_state(x, *params)  # the second pass replays the first's dropout masks
@@ -289,7 +294,7 @@ def finite_difference_parameter_step(params: list[Tensor], grad_norm: Tensor, st
 
 def input_difference(
     loss_at: Callable[[Tensor], Tensor], direction: Tensor, base: Tensor, *, h: float,
-    rng: RNGState | None = None, module: nn.Module | None = None, scale: float = 1.0,
+    rng: RNGState | None = None, module: BufferOwner = None, scale: float = 1.0,
 ) -> Tensor:
     """The input-side difference quotient, as a term of value 0 whose gradient is (scale/h)·(∇L(x + h·d) − ∇base).
 
@@ -317,7 +322,7 @@ def parameter_step_size(params: list[Tensor], grad_norm: Tensor, step: float) ->
 
 def parameter_difference(
     loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], base: Tensor, *, h: float,
-    scale: float = 2.0, rng: RNGState | None = None, module: nn.Module | None = None,
+    scale: float = 2.0, rng: RNGState | None = None, module: BufferOwner = None,
 ) -> tuple[Tensor, Tensor]:
     """The parameter-side difference, as a term of value 0 whose gradient is (scale/h)·(∇L(θ + h·d) − ∇base), and
     the loss at θ + h·d (detached).
@@ -338,7 +343,7 @@ def parameter_difference(
 
 def displaced_linearisation(
     loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], *, h: float,
-    rng: RNGState | None = None, module: nn.Module | None = None,
+    rng: RNGState | None = None, module: BufferOwner = None,
 ) -> Tensor:
     """The loss at θ + h·d, linearised: its value, and its gradient taken while θ is moved in place (θ put back
     bit for bit after, ``rng`` replayed, ``module``'s buffers restored). The pass inside :func:`parameter_difference`,
@@ -370,8 +375,9 @@ def displaced_loss(
 
 
 @contextlib.contextmanager
-def _second_pass(rng: RNGState | None, module: nn.Module | None) -> Iterator[None]:
-    """The difference's second pass: the first pass's random state replayed, ``module``'s buffers put back after."""
+def _second_pass(rng: RNGState | None, module: BufferOwner) -> Iterator[None]:
+    """The difference's second pass: the first pass's random state replayed, ``module``'s buffers put back after
+    (:data:`~lightning_gp.functional._state.CALLED`: those of every module the pass runs; None: the caller's job)."""
     with replayed_rng(rng) if rng is not None else contextlib.nullcontext(), restored_buffers(module):
         yield
 
@@ -390,7 +396,8 @@ def parameter_gradient_penalty_fd(
     Args:
         loss_fn: recomputes the scalar loss from the current parameter values. Called twice, with the same
             random state (dropout masks) both times.
-        params: the parameters (a module or tensors); a module's buffers are put back after the second pass.
+        params: the parameters (a module or tensors); the second pass's buffer updates are put back (the module's,
+            or those of every module ``loss_fn`` runs).
         step: relative parameter displacement of the difference quotient.
 
     Example:
@@ -402,7 +409,8 @@ def parameter_gradient_penalty_fd(
     """
     step = _step(step)
     _check_callable(loss_fn, "loss_fn", "nothing to the scalar loss (a closure over the batch)")
-    module, params = (params if isinstance(params, nn.Module) else None), as_param_list(params)
+    # the second pass's BatchNorm statistics put back: the module's, or, given tensors, those of what `loss_fn` runs
+    module, params = (params if isinstance(params, nn.Module) else CALLED), as_param_list(params)
     rng = _rng_state(*params)  # the second pass replays the first's dropout masks
     loss = check_scalar(loss_fn(), "loss_fn()")
     if not loss.requires_grad:
