@@ -156,3 +156,52 @@ def test_the_gradscaler_skips_no_step_for_a_finite_difference(penalty, method):
                logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False).fit(Module(), DataLoader(data, batch_size=8))
     assert scaler.get_scale() == 2.0**16  # no step was skipped (a skip halves the scale)
+
+
+def _cos_ratio(a, b) -> tuple[float, float]:
+    a = torch.cat([t.flatten() for t in a]).double()
+    b = torch.cat([t.flatten() for t in b]).double()
+    return float(a @ b / (a.norm() * b.norm())), float(a.norm() / b.norm())
+
+
+@pytest.mark.parametrize("which", ["data", "parameter", "wgan", "hvp"])
+def test_every_finite_difference_follows_the_compute_dtype_as_the_callbacks_do(which):
+    """The functional penalties, the GAN's and the sharpness monitor's Hessian-vector product take the callbacks'
+    dtype-aware default step: under bf16 autocast they agree with the double backward as the callbacks do (cos >
+    0.98, norm within 5 %). With their old fixed steps: data 0.978, parameter 0.826 (norm 1.11), HVP 0.54 (1.8)."""
+    from lightning_gp.functional import (
+        data_gradient_penalty,
+        data_gradient_penalty_fd,
+        parameter_gradient_penalty,
+        parameter_gradient_penalty_fd,
+        wgan_gradient_penalty,
+        wgan_gradient_penalty_fd,
+    )
+    from lightning_gp.functional.sharpness import central_difference_hvp, double_backward_hvp
+
+    ce = torch.nn.functional.cross_entropy
+    net = _mlp() if which != "wgan" else torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(),
+                                                             torch.nn.Linear(64, 1))
+    params = list(net.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 5, (32,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if which == "data":
+            xl = x.clone().requires_grad_(True)
+            exact = torch.autograd.grad(data_gradient_penalty(ce(net(xl), y, reduction="none"), xl), params)
+            fd = data_gradient_penalty_fd(lambda z: ce(net(z), y, reduction="none"), x, net).grads
+        elif which == "parameter":
+            exact = torch.autograd.grad(parameter_gradient_penalty(ce(net(x), y), params), params)
+            fd = parameter_gradient_penalty_fd(lambda: ce(net(x), y), net).grads
+        elif which == "wgan":
+            real, fake, alpha = x, torch.randn(32, 16, generator=g), torch.rand(32, 1, generator=g)
+            exact = torch.autograd.grad(wgan_gradient_penalty(net, real, fake, alpha=alpha), params,
+                                        allow_unused=True)
+            exact = [torch.zeros_like(p) if e is None else e for p, e in zip(params, exact, strict=True)]
+            fd = wgan_gradient_penalty_fd(net, real, fake, net, alpha=alpha).grads
+        else:
+            v = [torch.randn(p.shape, generator=g) for p in params]
+            exact = double_backward_hvp(ce(net(x), y), params)(v)
+            fd = central_difference_hvp(lambda: ce(net(x), y), params)(v)
+    cos, ratio = _cos_ratio(fd, exact)
+    assert cos > 0.98 and abs(ratio - 1) < 0.05, (cos, ratio)

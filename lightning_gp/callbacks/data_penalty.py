@@ -26,7 +26,7 @@ from lightning_gp.functional.penalties import (
     finite_difference_input_step_from_norms,
     input_difference,
 )
-from lightning_gp.functional.precision import difference_step
+from lightning_gp.functional.precision import default_step
 
 
 class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
@@ -207,7 +207,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         stats = [sq.sum(), torch.tensor(float(n), device=sq.device), per_sample_squared_norm(direction).max()]
         ranks = ctx.gather(torch.stack([v.float() for v in stats]))
         mean_sq, max_d = ranks[:, 0].sum() / ranks[:, 1].sum(), ranks[:, 2].max()
-        step_rel = self.step if self.step is not None else difference_step(1e-2, ctx.compute_dtype(x), 2 / 3)
+        step_rel = self.step if self.step is not None else default_step("input", ctx.compute_dtype(x))
         h = finite_difference_input_step_from_norms(mean_sq, max_d, step_rel)
         # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L; the same dropout masks as
         # the primary pass, and ctx.extra_loss puts the module's state back.

@@ -17,7 +17,7 @@ from lightning_gp.functional._checks import grads_or_zeros
 from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import parameter_difference, parameter_step_size
-from lightning_gp.functional.precision import difference_step
+from lightning_gp.functional.precision import default_step
 
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
 Scope = Literal["local", "global"]
@@ -120,7 +120,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             step = step.add(weight * penalty)
         else:
             step = step.add(weight * penalty.detach())
-            rel = self.step if self.step is not None else difference_step(1e-3, ctx.compute_dtype(params[0]), 1.0)
+            rel = self.step if self.step is not None else default_step("parameter", ctx.compute_dtype(params[0]))
             # (2/h)·[L(θ + h g) − L(θ)] at θ + h·g in place, with the primary pass's dropout masks; its −L(θ) part
             # through the linearised loss (gradient: the local ∇L). ctx.extra_loss puts the module's state back.
             h = parameter_step_size(params, penalty.detach().sqrt(), rel)

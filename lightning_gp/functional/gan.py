@@ -134,7 +134,7 @@ def wgan_gradient_penalty_fd(
     alpha: Tensor | None = None,
     center: float = 1.0,
     one_sided: bool = False,
-    step: float = 1e-2,
+    step: float | None = None,
 ) -> PenaltyGradient:
     """`wgan_gradient_penalty` and ≈ its parameter gradient by finite differences.
 

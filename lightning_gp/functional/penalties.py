@@ -36,6 +36,7 @@ from lightning_gp.functional._checks import (
 from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional._state import CALLED, restored_buffers
 from lightning_gp.functional.gradients import input_gradient, safe_sqrt, squared_norm_sum, squared_norms
+from lightning_gp.functional.precision import compute_dtype, default_step
 
 Params = nn.Module | Iterable[Tensor] | Tensor
 #: How a penalty's parameter gradient is computed: exactly (double backprop) or by finite differences.
@@ -93,9 +94,13 @@ def gradient_norm_penalty(
     return (gap.abs().pow(power) if power != 2 else gap.square()).to(grad.dtype)
 
 
-def _step(step: object) -> float:
+def _step(step: object, kind: str, like: Tensor | None) -> float:
+    """``step``, checked, or the package's default for ``kind`` in the dtype ``like`` computes in (autocast too)."""
+    if step is None:
+        return default_step(kind, compute_dtype(like))
     return check_finite(step, "step", strict=True, hint="Use a small relative step such as 1e-2 (data) or 1e-3 "
-                        "(parameters); the difference quotient's error is first order in it.")
+                        "(parameters), or None for the default of the compute dtype; the difference quotient's "
+                        "error is first order in it.")
 
 
 def _check_callable(fn: object, name: str, maps: str) -> None:
@@ -180,7 +185,7 @@ def data_gradient_penalty_fd(
     power: float = 2,
     center: float = 0.0,
     one_sided: bool = False,
-    step: float = 1e-2,
+    step: float | None = None,
 ) -> PenaltyGradient:
     """The data-gradient penalty and ≈ its parameter gradient, with no double backward.
 
@@ -190,7 +195,8 @@ def data_gradient_penalty_fd(
 
     Step size: h is chosen so that the sample moved furthest moves by ``step`` times the RMS
     per-sample norm of ``inputs`` (or by ``step`` itself for all-zero inputs). The error is first
-    order in ``step``; 1e-2 gives cosine > 0.999 against double backprop on smooth float32 models.
+    order in ``step``; the default, 1e-2 in float32 (cosine > 0.999 against double backprop on smooth models),
+    follows the dtype the passes compute in (``precision.default_step``: 0.039 under bfloat16 autocast).
     Piecewise-linear models (ReLU) are exact unless the step crosses a kink.
 
     Args:
@@ -201,7 +207,7 @@ def data_gradient_penalty_fd(
         power: p ≥ 1 of φ, as in `data_gradient_penalty`.
         center: c ≥ 0 of φ.
         one_sided: penalise only norms above ``center``.
-        step: relative input displacement of the difference quotient.
+        step: relative input displacement of the difference quotient (None: the compute dtype's default).
 
     Example:
 
@@ -211,10 +217,12 @@ def data_gradient_penalty_fd(
         True
     """
     check_penalty_shape(power, center, one_sided)
-    step = _step(step)
+    if step is not None:
+        _step(step, "input", None)  # a bad step is named before the other arguments are looked at
     _check_callable(fn, "fn", "a batch to per-sample values")
     check_floating_input(inputs, "inputs", requires_grad=False)
     check_non_empty_batch(inputs, "inputs", "data_gradient_penalty_fd")
+    step = _step(step, "input", inputs)
     # the second pass's BatchNorm statistics put back: the module's, or, given tensors, those of what `fn` runs
     module, params = (params if isinstance(params, nn.Module) else CALLED), as_param_list(params)
     x = inputs.detach().requires_grad_(True)
@@ -383,7 +391,7 @@ def _second_pass(rng: RNGState | None, module: BufferOwner) -> Iterator[None]:
 
 
 def parameter_gradient_penalty_fd(
-    loss_fn: Callable[[], Tensor], params: Params, *, step: float = 1e-3
+    loss_fn: Callable[[], Tensor], params: Params, *, step: float | None = None
 ) -> PenaltyGradient:
     """‖∇θL‖² and ≈ its gradient 2·H·∇θL, with no double backward (the GNP / SAM two-pass scheme).
 
@@ -398,7 +406,8 @@ def parameter_gradient_penalty_fd(
             random state (dropout masks) both times.
         params: the parameters (a module or tensors); the second pass's buffer updates are put back (the module's,
             or those of every module ``loss_fn`` runs).
-        step: relative parameter displacement of the difference quotient.
+        step: relative parameter displacement of the difference quotient (None: the compute dtype's default, 1e-3
+            in float32, ε in a less precise one: ``precision.default_step``).
 
     Example:
 
@@ -407,10 +416,10 @@ def parameter_gradient_penalty_fd(
         >>> torch.allclose(res.grads[0], 8 * w.detach(), rtol=1e-3)
         True
     """
-    step = _step(step)
     _check_callable(loss_fn, "loss_fn", "nothing to the scalar loss (a closure over the batch)")
     # the second pass's BatchNorm statistics put back: the module's, or, given tensors, those of what `loss_fn` runs
     module, params = (params if isinstance(params, nn.Module) else CALLED), as_param_list(params)
+    step = _step(step, "parameter", params[0] if params else torch.zeros(()))
     rng = _rng_state(*params)  # the second pass replays the first's dropout masks
     loss = check_scalar(loss_fn(), "loss_fn()")
     if not loss.requires_grad:

@@ -17,11 +17,15 @@ from lightning_gp._chain import averaged_over_ranks
 from lightning_gp._log_writer import define_summaries
 from lightning_gp._logging import logger_step
 from lightning_gp._trainer import attached_trainer
-from lightning_gp.functional._autograd import displaced, no_double_backward_error
+from lightning_gp.functional._autograd import no_double_backward_error
 from lightning_gp.functional._rng import forked_rng, mixed_seed, seeded_generator
-from lightning_gp.functional.gradients import squared_norm_sum
-from lightning_gp.functional.penalties import finite_difference_parameter_step
-from lightning_gp.functional.sharpness import HVP, double_backward_hvp, hutchinson_trace, power_iteration
+from lightning_gp.functional.sharpness import (
+    HVP,
+    central_difference_hvp,
+    double_backward_hvp,
+    hutchinson_trace,
+    power_iteration,
+)
 from lightning_gp.monitors._base import Monitor
 from lightning_gp.monitors._pass import SkippedBatch, step_loss
 
@@ -51,7 +55,8 @@ class SharpnessMonitor(Monitor):
         trace_samples: Rademacher vectors of the trace estimate.
         method: ``"double_backward"``, ``"finite_difference"`` (central differences of gradients at θ ± h·v, for
             SDPA attention and compiled modules), or ``"auto"`` (the first where the model has a double backward).
-        step: the finite difference's relative step: θ moves by ``step``·‖θ‖.
+        step: the finite difference's relative step, θ moves by ``step``·‖θ‖ (None: 1e-3, or √ε of a less precise
+            dtype the model computes in, ``precision.default_step``).
 
     Raises:
         ValueError, TypeError: an invalid argument (named).
@@ -64,7 +69,7 @@ class SharpnessMonitor(Monitor):
     """
 
     def __init__(self, every_n_steps: int = 50, *, trace: bool = False, iterations: int = 20, tol: float = 1e-3,
-                 trace_samples: int = 10, method: HVPMethod = "auto", step: float = 1e-3) -> None:
+                 trace_samples: int = 10, method: HVPMethod = "auto", step: float | None = None) -> None:
         super().__init__(check_positive_int(every_n_steps, "every_n_steps", type(self).__name__))
         owner = type(self).__name__
         self.trace = check_bool(trace, "trace", owner)
@@ -72,7 +77,7 @@ class SharpnessMonitor(Monitor):
         self.tol = check_number(tol, "tol", owner)
         self.trace_samples = check_positive_int(trace_samples, "trace_samples", owner)
         self.method = check_choice(method, "method", HVP_METHODS, owner)
-        self.step = check_number(step, "step", owner, strict=True)
+        self.step = None if step is None else check_number(step, "step", owner, strict=True)
         self._resolved: str | None = None if method == "auto" else method
 
     @override
@@ -169,7 +174,7 @@ class SharpnessMonitor(Monitor):
             log.info("%s(method='auto') uses %r", type(self).__name__, self._resolved)
             if self._resolved == "double_backward":
                 return hvp
-        return _central_difference_hvp(loss_at, params, self.step)
+        return central_difference_hvp(loss_at, params, step=self.step)
 
     @override
     def __repr__(self) -> str:
@@ -177,25 +182,6 @@ class SharpnessMonitor(Monitor):
         if self.method == "auto" and self._resolved is not None:
             text = f"{text[:-1]}{', ' if not text.endswith('()') else ''}method='auto' -> {self._resolved!r})"
         return text
-
-
-def _central_difference_hvp(loss_at: Callable[[], Tensor], params: list[Tensor], step: float) -> HVP:
-    """H·v ≈ [∇L(θ + h·v) − ∇L(θ − h·v)] / 2h, θ moved in place and put back bit for bit (error O(h²))."""
-
-    def grad_at(v: list[Tensor], alpha: float) -> list[Tensor]:
-        with displaced(params, v, alpha):
-            grads = torch.autograd.grad(loss_at(), params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-
-    def hvp(v: list[Tensor]) -> list[Tensor]:
-        v_norm = squared_norm_sum(v).sqrt()
-        if float(v_norm) == 0:
-            return [torch.zeros_like(p) for p in params]
-        h = finite_difference_parameter_step(params, v_norm, step)
-        plus, minus = grad_at(v, h), grad_at(v, -h)
-        return [(a - b) / (2 * h) for a, b in zip(plus, minus, strict=True)]
-
-    return hvp
 
 
 def _learning_rate(pl_module: pl.LightningModule) -> float | None:
