@@ -9,7 +9,8 @@ Design notes: ``docs/design/interception.md``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol
 
 import torch
@@ -130,11 +131,21 @@ class StepContext:
     def extra_loss(self, batch: Any) -> Tensor:
         """The raw loss of an extra pass: no other callback, no logging, and what the step changes on the module
         (buffers, metrics, counters: :mod:`lightning_gp._module_state`) put back after it."""
-        with muted_logging(self.module), untouched(self.module), forward_pass():
+        with extra_pass(self.module):
             out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
             raise SkipBatch
         return extract_loss(out, self.caller)
+
+
+@contextlib.contextmanager
+def extra_pass(module: nn.Module) -> Iterator[None]:
+    """An extra pass of the user's code that leaves no trace: its ``self.log`` calls dropped, what it changes on the
+    module (buffers, metrics, counters: :mod:`lightning_gp._module_state`) put back, marked as a pass of its own
+    (:func:`~lightning_gp.functional.layer_output.forward_pass`). The callbacks' extra losses, VAT's logits and the
+    monitors' re-runs of ``training_step`` all run in it; the random stream is each caller's choice."""
+    with muted_logging(module), untouched(module), forward_pass():
+        yield
 
 
 def averaged_over_ranks(strategy: Strategy | None, tensors: list[Tensor]) -> list[Tensor]:

@@ -10,15 +10,12 @@ from torch import Tensor
 
 from lightning_gp._arguments import check_number, check_positive_int
 from lightning_gp._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
-from lightning_gp._chain import StepContext
-from lightning_gp._module_state import untouched
+from lightning_gp._chain import StepContext, extra_pass
 from lightning_gp._objective import Step
 from lightning_gp._setup_checks import check_forward
 from lightning_gp._site import Probe, Site, SiteCallback, Target
 from lightning_gp.callbacks._base import PenaltyCallback
-from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
-from lightning_gp.interception import muted_logging
 
 #: What ``pl_module(...)`` is called on when the perturbation sits on a layer: a token model's ids first.
 MODEL_INPUT_KEYS = ("input_ids", *DEFAULT_KEYS)
@@ -97,7 +94,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
 
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""
-        with muted_logging(ctx.module), untouched(ctx.module), forward_pass():
+        with extra_pass(ctx.module):
             if self.logits_fn is not None:
                 logits = self.logits_fn(ctx.module, batch)
             elif probe.module is None:

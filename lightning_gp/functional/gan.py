@@ -164,11 +164,7 @@ def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
         >>> torch.allclose(r1_penalty(critic, torch.randn(8, 2)), critic.weight.square().sum())
         True
     """
-    check_floating_input(real, "real", requires_grad=False)
-    check_non_empty_batch(real, "real", "r1_penalty")
-    x = real.detach().requires_grad_(True)
-    scores = check_per_sample(_call(critic, x), x.shape[0], "critic(real)")
-    return data_gradient_penalty(scores, x, power=2, center=0.0)
+    return _zero_centred(critic, real, "real", "r1_penalty")
 
 
 def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
@@ -180,10 +176,15 @@ def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
         >>> torch.allclose(r2_penalty(critic, torch.randn(8, 2)), critic.weight.square().sum())
         True
     """
-    check_floating_input(fake, "fake", requires_grad=False)
-    check_non_empty_batch(fake, "fake", "r2_penalty")
-    x = fake.detach().requires_grad_(True)
-    scores = check_per_sample(_call(critic, x), x.shape[0], "critic(fake)")
+    return _zero_centred(critic, fake, "fake", "r2_penalty")
+
+
+def _zero_centred(critic: Critic, samples: Tensor, name: str, owner: str) -> Tensor:
+    """E[‖∇D(x)‖²] on ``samples`` (R1 on the real ones, R2 on the generated ones)."""
+    check_floating_input(samples, name, requires_grad=False)
+    check_non_empty_batch(samples, name, owner)
+    x = samples.detach().requires_grad_(True)
+    scores = check_per_sample(_call(critic, x), x.shape[0], f"critic({name})")
     return data_gradient_penalty(scores, x, power=2, center=0.0)
 
 

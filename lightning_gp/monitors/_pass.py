@@ -11,21 +11,19 @@ calls ``module(input)``, which the monitor accepts only where the batch holds no
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from lightning_gp._batch import describe, resolve_input
-from lightning_gp._module_state import untouched
+from lightning_gp._chain import extra_pass
 from lightning_gp._objective import extract_loss
 from lightning_gp._reduction import agreed, observed_reduction, reduction_error
-from lightning_gp.functional.layer_output import forward_pass
-from lightning_gp.interception import StepInterceptor, muted_logging
+from lightning_gp.interception import StepInterceptor
 
 #: ``forward_fn(module, batch)`` → the outputs a per-sample ``loss_fn`` takes.
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -53,15 +51,8 @@ def _takes_batch_idx(step_fn: Callable[..., Any]) -> bool:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
 
 
-@contextlib.contextmanager
-def extra_pass(module: nn.Module) -> Iterator[None]:
-    """A pass of the user's step that leaves no trace: no logging, the module's state put back, marked as a pass."""
-    with muted_logging(module), untouched(module), forward_pass():
-        yield
-
-
 def step_loss(module: nn.Module, batch: Any, batch_idx: int, owner: str) -> Tensor:
-    """The scalar loss of the module's own ``training_step`` on ``batch``, run as an extra pass (:func:`extra_pass`).
+    """The scalar loss of the module's own ``training_step`` on ``batch``, as an extra pass (``_chain.extra_pass``).
 
     Raises:
         SkippedBatch: the step returned None.
