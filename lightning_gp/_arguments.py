@@ -80,3 +80,16 @@ def check_positive_int(value: Any, name: str, owner: str) -> int:
     """``value`` if it is an integer ≥ 1, else the functional layer's ValueError, prefixed with ``owner`` and the
     argument."""
     return _owned(functional_check_positive_int, ValueError, value, name, owner)
+
+
+def with_resolved(text: str, method: str, resolved: str | None) -> str:
+    """A ``repr`` that shows what ``method="auto"`` chose, once it has: ``Class(..., method='auto' -> 'x')``.
+
+    Example::
+
+        >>> with_resolved("Penalty(weight=0.1)", "auto", "finite_difference")
+        "Penalty(weight=0.1, method='auto' -> 'finite_difference')"
+    """
+    if method != "auto" or resolved is None:
+        return text
+    return f"{text[:-1]}{', ' if not text.endswith('()') else ''}method='auto' -> {resolved!r})"

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from lightning_gp.functional._autograd import NoDoubleBackwardError, supports_double_backward
+from lightning_gp._arguments import with_resolved
+from lightning_gp.functional._autograd import (
+    METHODS,
+    Method,
+    NoDoubleBackwardError,
+    agreed_method,
+    supports_double_backward,
+)
 
-#: How a penalty callback takes the gradient of a gradient.
-Method = Literal["auto", "double_backward", "finite_difference"]
-METHODS: tuple[str, ...] = get_args(Method)
+__all__ = ["METHODS", "Method", "MethodChoice"]
 
 log = logging.getLogger("lightning_gp")
 
@@ -59,15 +63,14 @@ class MethodChoice:
             works = supports_double_backward(value, inputs)
         except NoDoubleBackwardError:
             works = False
-        failed = torch.tensor([0.0 if works is not False else 1.0],
-                              device=inputs[0].device if inputs else None)
-        if ctx.reduce(failed, "max").item() > 0:  # any rank without a double backward: all ranks difference
-            self.resolve_method("finite_difference", "this model has no double backward (SDPA attention, "
-                                "torch.compile or a custom autograd Function); two ordinary passes instead")
-            return "finite_difference", None
-        if works:
-            self.resolve_method("double_backward", "the model has a double backward")
-        return "double_backward", value
+        method, settled = agreed_method(works, lambda t: ctx.reduce(t, "max"), inputs[0].device if inputs else None)
+        if method == "finite_difference":  # any rank without a double backward: all ranks difference
+            self.resolve_method(method, "this model has no double backward (SDPA attention, torch.compile or a "
+                                "custom autograd Function); two ordinary passes instead")
+            return method, None
+        if settled:
+            self.resolve_method(method, "the model has a double backward")
+        return method, value
 
     def unsupported_when_sharded(self) -> str | None:
         """Under FSDP2 a penalty with a ``method`` runs by finite differences; its double backward cannot."""
@@ -77,7 +80,4 @@ class MethodChoice:
         return None
 
     def __repr__(self) -> str:
-        text = super().__repr__()
-        if self.method == "auto" and self.resolved_method is not None:
-            text = f"{text[:-1]}{', ' if not text.endswith('()') else ''}method='auto' -> {self.resolved_method!r})"
-        return text
+        return with_resolved(super().__repr__(), self.method, self.resolved_method)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +121,35 @@ def finite_difference_term(perturbed: Tensor, base: Tensor, *, step: float, scal
 #: ``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` (SDPA, the default attention of most Hugging
 #: Face model classes), custom autograd Functions whose backward is not differentiable.
 _NO_DOUBLE_BACKWARD = re.compile(r"double backward|donated buffer|derivative for .+ is not implemented")
+
+
+#: How the package takes the gradient of a gradient (a penalty's, a Hessian-vector product's): "auto" is the double
+#: backward where the model has one and finite differences where it has none, decided once (:func:`agreed_method`).
+Method = Literal["auto", "double_backward", "finite_difference"]
+METHODS: tuple[str, ...] = get_args(Method)
+#: A method without "auto": what the functional penalties and the GAN regularizers take, and what "auto" resolves to.
+ExplicitMethod = Literal["double_backward", "finite_difference"]
+EXPLICIT_METHODS: tuple[str, ...] = get_args(ExplicitMethod)
+
+
+def agreed_method(works: bool | None, any_rank: Callable[[Tensor], Tensor] | None = None,
+                  device: torch.device | None = None) -> tuple[ExplicitMethod, bool]:
+    """What ``method="auto"`` takes given whether this rank's double backward ``works`` (None: nothing to try it on),
+    and whether that is settled: finite differences on every rank as soon as one rank has no double backward.
+
+    ``any_rank`` is the max over the ranks (a collective every rank calls; None on one process).
+
+    Example::
+
+        >>> agreed_method(True), agreed_method(False), agreed_method(None)
+        (('double_backward', True), ('finite_difference', True), ('double_backward', False))
+    """
+    failed = torch.tensor([0.0 if works is not False else 1.0], device=device)
+    if any_rank is not None:
+        failed = any_rank(failed)
+    if float(failed) > 0:
+        return "finite_difference", True
+    return "double_backward", works is True
 
 
 class NoDoubleBackwardError(RuntimeError):

@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gp.functional._autograd import (
+    EXPLICIT_METHODS,
     Displacement,
+    ExplicitMethod,
     displaced,
     finite_difference_term,
     linearised,
@@ -40,8 +42,8 @@ from lightning_gp.functional.precision import compute_dtype, default_step
 
 Params = nn.Module | Iterable[Tensor] | Tensor
 #: How a penalty's parameter gradient is computed: exactly (double backprop) or by finite differences.
-Method = Literal["double_backward", "finite_difference"]
-METHODS: tuple[str, ...] = get_args(Method)
+Method = ExplicitMethod  # the functional penalties take no "auto": the callbacks resolve it (_autograd.agreed_method)
+METHODS = EXPLICIT_METHODS
 
 #: Whose buffers a difference's second pass puts back: a module's, those of every module it runs (``CALLED``), or
 #: none (None: the caller's pass restores the module's state itself, as the callbacks' extra passes do).

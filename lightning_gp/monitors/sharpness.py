@@ -5,19 +5,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._arguments import check_bool, check_choice, check_number, check_positive_int
+from lightning_gp._arguments import check_bool, check_choice, check_number, check_positive_int, with_resolved
 from lightning_gp._chain import averaged_over_ranks
 from lightning_gp._log_writer import define_summaries
 from lightning_gp._logging import logger_step
 from lightning_gp._trainer import attached_trainer
-from lightning_gp.functional._autograd import no_double_backward_error
+from lightning_gp.functional._autograd import METHODS, Method, agreed_method, no_double_backward_error
 from lightning_gp.functional._rng import forked_rng, mixed_seed, seeded_generator
 from lightning_gp.functional.sharpness import (
     HVP,
@@ -29,9 +29,9 @@ from lightning_gp.functional.sharpness import (
 from lightning_gp.monitors._base import Monitor
 from lightning_gp.monitors._pass import SkippedBatch, step_loss
 
-#: How the monitor takes Hessian-vector products.
-HVPMethod = Literal["auto", "double_backward", "finite_difference"]
-HVP_METHODS: tuple[str, ...] = get_args(HVPMethod)
+#: How the monitor takes Hessian-vector products (the package's one method type).
+HVPMethod = Method
+HVP_METHODS = METHODS
 PREFIX = "sharpness"
 log = logging.getLogger("lightning_gp")
 
@@ -159,18 +159,17 @@ class SharpnessMonitor(Monitor):
         if self._resolved == "double_backward":
             return double_backward_hvp(loss_at(), params)
         if self._resolved is None:
-            works = 1.0
+            works = True
             try:  # "auto", first measurement: the gradient with its graph, and one product (thrown away)
                 hvp = double_backward_hvp(loss_at(), params)
                 hvp([torch.zeros_like(p) for p in params])
             except RuntimeError as err:  # a compiled backward may refuse already the graph of the gradient
                 if no_double_backward_error(err) is None:
                     raise
-                works = 0.0
-            flag = torch.tensor([works], device=params[0].device)
-            if strategy is not None and strategy.world_size > 1:  # every rank differences if one cannot
-                flag = strategy.reduce(flag, reduce_op="min")
-            self._resolved = "double_backward" if float(flag) > 0 else "finite_difference"
+                works = False
+            world = strategy is not None and strategy.world_size > 1  # every rank differences if one cannot
+            self._resolved = agreed_method(works, (lambda t: strategy.reduce(t, reduce_op="max")) if world else None,
+                                           params[0].device)[0]
             log.info("%s(method='auto') uses %r", type(self).__name__, self._resolved)
             if self._resolved == "double_backward":
                 return hvp
@@ -178,10 +177,7 @@ class SharpnessMonitor(Monitor):
 
     @override
     def __repr__(self) -> str:
-        text = super().__repr__()
-        if self.method == "auto" and self._resolved is not None:
-            text = f"{text[:-1]}{', ' if not text.endswith('()') else ''}method='auto' -> {self._resolved!r})"
-        return text
+        return with_resolved(super().__repr__(), self.method, self._resolved)
 
 
 def _learning_rate(pl_module: pl.LightningModule) -> float | None:
