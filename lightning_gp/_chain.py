@@ -1,8 +1,9 @@
 """One training step run through the penalty callbacks: the step's context, its passes, and the chain.
 
 :class:`~lightning_gp.interception.StepInterceptor`, the one wrapper of ``training_step``, calls
-:func:`run_chain`, which nests the members in a fixed order (adversarial training outermost, then the data,
-parameter and spectral penalties) and returns the output with "loss" = loss + every term. The members are
+:func:`run_chain`, which nests the members in the fixed order of :data:`ORDER` (flooding outermost, then adversarial
+training, the data, parameter and spectral penalties, VAT, and SAM innermost) and returns the output with "loss" =
+loss + every term. The members are
 duck-typed (:class:`ChainMember`): anything with ``order``, ``needs_loss_graph`` and ``apply``.
 Design notes: ``docs/design/interception.md``.
 """
@@ -26,6 +27,20 @@ from lightning_gp.functional._sharded import Sharding, fsdp_modules, is_sharded,
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.precision import compute_dtype
 from lightning_gp.interception import muted_logging
+
+#: Where each penalty callback sits in the chain, outermost first (:func:`run_chain` sorts by it). A member's number
+#: also seeds its random generator (``PenaltyCallback.generator``), so the numbers stay what they are.
+ORDER: dict[str, int] = {
+    "Flooding": -1,  # it floods the loss the user's step returned, before any other term is added
+    "AdversarialTraining": 0,  # the passes inside it see the adversarial batch
+    "DataGradientPenalty": 1,
+    "ParameterGradientPenalty": 2,
+    "SpectralNormPenalty": 3,
+    "VirtualAdversarialTraining": 4,
+    "SharpnessAwareMinimization": 5,  # it perturbs θ for the loss of the pass it wraps (the adversarial one)
+}
+#: The place of a member the table does not list: inside all of them.
+DEFAULT_ORDER = 10
 
 
 class ChainMember(Protocol):

@@ -55,7 +55,7 @@ class StepInterceptor:
 
     Two kinds of members: *observers*, called with the batch at the top of every intercepted step (the
     fused monitor starts its recording there), and *members* with an ``order``, run by ``runner`` (the
-    penalty callbacks: :func:`lightning_gp.callbacks._base.run_chain`).
+    penalty callbacks: :func:`lightning_gp._chain.run_chain`).
     """
 
     def __init__(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:

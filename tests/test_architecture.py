@@ -104,19 +104,6 @@ def test_the_accessor_modules_do_read_private_names():
     assert not any(_rel(LIGHTNING_PRIVATE) == _rel(p) for p in FILES if _in(p, "functional"))
 
 
-def test_the_deprecated_loggers_module_warns_and_still_imports():
-    import importlib
-    import sys
-    import warnings
-
-    sys.modules.pop("lightning_gp.loggers", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module("lightning_gp.loggers")
-    assert any(issubclass(w.category, DeprecationWarning) and "0.3" in str(w.message) for w in caught)
-    assert callable(module.log_scalars)
-
-
 def _module_name(path: pathlib.Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

@@ -19,7 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gp._arguments import check_bool, check_number, check_positive_int, init_repr
-from lightning_gp._chain import StepContext, run_chain
+from lightning_gp._chain import DEFAULT_ORDER, StepContext, run_chain
 from lightning_gp._epoch import EpochAggregate
 from lightning_gp._finite import StepValues, check_step, param_names
 from lightning_gp._lightning_private import callback_state_key, compiled_modules
@@ -52,7 +52,7 @@ class PenaltyCallback(Callback):
     #: backward refuse to share a Trainer with one).
     adds_to_loss = True
     #: Nesting position in the shared wrapper (smaller = outer).
-    order = 10
+    order = DEFAULT_ORDER
     #: Whether :meth:`apply` differentiates the loss of the inner chain through its graph (after it returned).
     needs_loss_graph = False
     #: ``penalty/<log_name>`` in the logs.

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_gp._arguments import check_bool, check_choice, check_number, check_positive_int
 from lightning_gp._batch import InputKey, replace_input
-from lightning_gp._chain import StepContext
+from lightning_gp._chain import ORDER, StepContext
 from lightning_gp._objective import Step
 from lightning_gp._site import Probe, Site, SiteCallback, Target
 from lightning_gp.callbacks._base import PenaltyCallback
@@ -58,7 +58,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         True
     """
 
-    order = 0
+    order = ORDER["AdversarialTraining"]  # its place in the chain: _chain.ORDER
     needs_loss_graph = True  # FreeLB and a clean first pass differentiate the primary loss after the chain
 
     def __init__(

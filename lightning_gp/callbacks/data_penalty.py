@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_gp._arguments import check_bool, check_choice, check_number
 from lightning_gp._batch import InputKey
-from lightning_gp._chain import StepContext
+from lightning_gp._chain import ORDER, StepContext
 from lightning_gp._objective import REDUCTIONS, Reduction, Step
 from lightning_gp._reduction import agreed, observed_reduction, reduction_error
 from lightning_gp._site import Probe, Site, SiteCallback, Target
@@ -67,7 +67,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         True
     """
 
-    order = 1
+    order = ORDER["DataGradientPenalty"]  # its place in the chain: _chain.ORDER
     log_name = "penalty/data_gradient"
 
     def __init__(

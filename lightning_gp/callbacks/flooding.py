@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning_gp._arguments import check_number
-from lightning_gp._chain import StepContext
+from lightning_gp._chain import ORDER, StepContext
 from lightning_gp._objective import Step
 from lightning_gp.callbacks._base import PenaltyCallback
 
@@ -35,7 +35,7 @@ class Flooding(PenaltyCallback):
         (0.8, -0.1)
     """
 
-    order = -1  # outermost: it floods the loss the user's step returned, before any other term is added
+    order = ORDER["Flooding"]  # its place in the chain: _chain.ORDER
 
     def __init__(self, level: float, *, check_finite: bool = True) -> None:
         super().__init__(1.0, check_finite=check_finite)

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from lightning_gp._arguments import check_choice, check_number
-from lightning_gp._chain import StepContext
+from lightning_gp._chain import ORDER, StepContext
 from lightning_gp._objective import Step
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
@@ -62,7 +62,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         True
     """
 
-    order = 2
+    order = ORDER["ParameterGradientPenalty"]  # its place in the chain: _chain.ORDER
     log_name = "penalty/parameter_gradient"
 
     def __init__(

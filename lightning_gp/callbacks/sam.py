@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_gp._arguments import check_bool, check_choice, check_number
-from lightning_gp._chain import StepContext
+from lightning_gp._chain import ORDER, StepContext
 from lightning_gp._lightning_private import compiled_modules
 from lightning_gp._objective import Step
 from lightning_gp.callbacks._base import PenaltyCallback
@@ -63,7 +63,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         True
     """
 
-    order = 5  # innermost: it perturbs θ for the loss of the pass it wraps (the adversarial one under attack)
+    order = ORDER["SharpnessAwareMinimization"]  # its place in the chain: _chain.ORDER
     log_name = "sharpness/sam_gap"
 
     def __init__(

@@ -9,7 +9,7 @@ import torch
 from typing_extensions import override
 
 from lightning_gp._arguments import check_positive_int
-from lightning_gp._chain import StepContext
+from lightning_gp._chain import ORDER, StepContext
 from lightning_gp._objective import Step
 from lightning_gp._setup_checks import vectors_fit
 from lightning_gp.callbacks._base import PenaltyCallback
@@ -48,7 +48,7 @@ class SpectralNormPenalty(PenaltyCallback):
         ['']
     """
 
-    order = 3
+    order = ORDER["SpectralNormPenalty"]  # its place in the chain: _chain.ORDER
     log_name = "penalty/spectral_norm"
 
     def __init__(self, weight: float, *, n_iter: int = 1, check_finite: bool = True) -> None:

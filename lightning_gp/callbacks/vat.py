@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_gp._arguments import check_number, check_positive_int
 from lightning_gp._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
-from lightning_gp._chain import StepContext, extra_pass
+from lightning_gp._chain import ORDER, StepContext, extra_pass
 from lightning_gp._objective import Step
 from lightning_gp._setup_checks import check_forward
 from lightning_gp._site import Probe, Site, SiteCallback, Target
@@ -60,7 +60,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         True
     """
 
-    order = 4
+    order = ORDER["VirtualAdversarialTraining"]  # its place in the chain: _chain.ORDER
     log_name = "penalty/vat"
 
     def __init__(

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from lightning_gp._batch import describe, resolve_input
-from lightning_gp._chain import extra_pass
+from lightning_gp._chain import SkipBatch, extra_pass
 from lightning_gp._objective import extract_loss
 from lightning_gp._reduction import agreed, observed_reduction, reduction_error
 from lightning_gp.interception import StepInterceptor
@@ -29,10 +29,6 @@ from lightning_gp.interception import StepInterceptor
 ForwardFn = Callable[[nn.Module, Any], Any]
 #: ``loss_fn(outputs, batch)`` → per-sample losses, shape (B,).
 PerSampleLoss = Callable[[Any, Any], Tensor]
-
-
-class SkippedBatch(Exception):
-    """``training_step`` returned None on the measured batch (Lightning's way to skip it): nothing to measure."""
 
 
 def step_function(module: nn.Module) -> Callable[..., Any]:
@@ -55,13 +51,13 @@ def step_loss(module: nn.Module, batch: Any, batch_idx: int, owner: str) -> Tens
     """The scalar loss of the module's own ``training_step`` on ``batch``, as an extra pass (``_chain.extra_pass``).
 
     Raises:
-        SkippedBatch: the step returned None.
+        SkipBatch: the step returned None.
     """
     step_fn = step_function(module)
     with extra_pass(module):
         out = step_fn(batch, batch_idx) if _takes_batch_idx(step_fn) else step_fn(batch)
     if out is None:
-        raise SkippedBatch
+        raise SkipBatch
     return extract_loss(out, owner)
 
 
@@ -170,7 +166,7 @@ class MonitorPass:
         def run(half: Any) -> Tensor | None:
             try:
                 return self.loss(module, half, batch_idx)
-            except SkippedBatch:
+            except SkipBatch:
                 return None
 
         actual, detail = observed_reduction(run, batch, n, loss)

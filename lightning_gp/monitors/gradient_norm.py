@@ -38,7 +38,7 @@ from lightning_gp.monitors._pass import (
     ForwardFn,
     MonitorPass,
     PerSampleLoss,
-    SkippedBatch,
+    SkipBatch,
     batch_size,
     check_implicit_forward,
     tensor_entries,
@@ -185,7 +185,7 @@ class GradientNormMonitor(Monitor):
             return
         try:
             per_sample, hist = self.measure(pl_module, batch, batch_idx)
-        except SkippedBatch:  # `training_step` returns None on this batch: Lightning skips it, nothing to measure
+        except SkipBatch:  # `training_step` returns None on this batch: Lightning skips it, nothing to measure
             return
         self._pending_step = logger_step(trainer)
         self._global_step_at_start = trainer.global_step
@@ -328,7 +328,7 @@ class GradientNormMonitor(Monitor):
         Must be called on every rank at once under DDP (the reduction is a collective).
 
         Raises:
-            SkippedBatch: ``training_step`` returned None on ``batch`` (measuring the step's own loss).
+            SkipBatch: ``training_step`` returned None on ``batch`` (measuring the step's own loss).
         """
         if not self.site.resolved:
             self.site.resolve(pl_module)

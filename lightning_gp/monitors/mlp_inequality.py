@@ -24,7 +24,7 @@ from lightning_gp.monitors._pass import (
     ForwardFn,
     MonitorPass,
     PerSampleLoss,
-    SkippedBatch,
+    SkipBatch,
     batch_size,
     check_implicit_forward,
 )
@@ -149,7 +149,7 @@ class MLPInequalityMonitor(Monitor):
         step = logger_step(trainer)
         try:
             values, result = self.measure(pl_module, batch, batch_idx)
-        except SkippedBatch:  # `training_step` returns None on this batch: Lightning skips it
+        except SkipBatch:  # `training_step` returns None on this batch: Lightning skips it
             return
         self._log(trainer, values, step)
         if self.tables and has_wandb(trainer) and self._media_due(step):  # the same decision on every rank
@@ -162,7 +162,7 @@ class MLPInequalityMonitor(Monitor):
         Must be called on every rank at once under DDP (the reduction is a collective).
 
         Raises:
-            SkippedBatch: ``training_step`` returned None on ``batch`` (measuring the step's own loss).
+            SkipBatch: ``training_step`` returned None on ``batch`` (measuring the step's own loss).
         """
         owner = type(self).__name__
         name, chain = self._chain(module)

@@ -18,7 +18,7 @@ from lightning_gp._objective import Reduction
 from lightning_gp._trainer import loss_scale
 from lightning_gp.functional.noise_scale import noise_scale, two_batch_noise_scale
 from lightning_gp.monitors._base import isolated
-from lightning_gp.monitors._pass import ForwardFn, PerSampleLoss, SkippedBatch, batch_size
+from lightning_gp.monitors._pass import ForwardFn, PerSampleLoss, SkipBatch, batch_size
 from lightning_gp.monitors.gradient_norm import PREFIX as NORM_PREFIX
 from lightning_gp.monitors.gradient_norm import GradientNormMonitor, Mode
 
@@ -124,7 +124,7 @@ class GradientNoiseScale(GradientNormMonitor):
                 with isolated(pl_module), torch.no_grad():
                     loss = self.pass_.loss(pl_module, batch, batch_idx)
                 self.pass_.check_once(pl_module, batch, batch_idx, n, loss, trainer.strategy)
-            except SkippedBatch:
+            except SkipBatch:
                 pass  # the step skips this batch: check the next one
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 

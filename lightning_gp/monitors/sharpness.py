@@ -27,7 +27,7 @@ from lightning_gp.functional.sharpness import (
     power_iteration,
 )
 from lightning_gp.monitors._base import Monitor
-from lightning_gp.monitors._pass import SkippedBatch, step_loss
+from lightning_gp.monitors._pass import SkipBatch, step_loss
 
 #: How the monitor takes Hessian-vector products (the package's one method type).
 HVPMethod = Method
@@ -107,7 +107,7 @@ class SharpnessMonitor(Monitor):
         step = logger_step(trainer)
         try:
             values = self.measure(pl_module, batch, batch_idx, trainer.strategy, step=step)
-        except SkippedBatch:  # `training_step` returned None: Lightning skips the batch, nothing to measure
+        except SkipBatch:  # `training_step` returned None: Lightning skips the batch, nothing to measure
             return
         self._log(trainer, values, step)
 
