@@ -17,7 +17,8 @@ __all__ = ["check_bool", "check_choice", "check_number", "check_positive_int", "
 def init_arguments(obj: Any) -> dict[str, Any]:
     """``{argument: value}`` of ``obj``'s constructor, read back from the attributes of the same names.
 
-    Example::
+    Example:
+
 
         >>> class Penalty:
         ...     def __init__(self, weight, *, power=2):
@@ -32,7 +33,8 @@ def init_arguments(obj: Any) -> dict[str, Any]:
 def init_repr(obj: Any) -> str:
     """``Class(arg=value, ...)`` from the constructor's parameters that differ from their defaults.
 
-    Example::
+    Example:
+
 
         >>> class Penalty:
         ...     def __init__(self, weight, *, power=2, center=0.0):
@@ -85,7 +87,8 @@ def check_positive_int(value: Any, name: str, owner: str) -> int:
 def with_resolved(text: str, method: str, resolved: str | None) -> str:
     """A ``repr`` that shows what ``method="auto"`` chose, once it has: ``Class(..., method='auto' -> 'x')``.
 
-    Example::
+    Example:
+
 
         >>> with_resolved("Penalty(weight=0.1)", "auto", "finite_difference")
         "Penalty(weight=0.1, method='auto' -> 'finite_difference')"

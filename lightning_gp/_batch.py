@@ -84,7 +84,8 @@ def resolve_input(
     ``whole_batch``, a batch whose input the defaults cannot find is itself the input (what a module is called
     on: a LightningModule's ``forward`` may take the whole dict), path ``()``.
 
-    Example::
+    Example:
+
 
         >>> x, y = torch.zeros(4, 3), torch.zeros(4)
         >>> resolve_input({"x": x, "y": y}, None, "Callback")[1], resolve_input((x, y), 1, "Callback")[1]

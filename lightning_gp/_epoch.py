@@ -15,7 +15,8 @@ class EpochAggregate:
     by torchmetrics' ``MeanMetric``/``MaxMetric`` (``sync_on_compute``), so ranks weigh by their samples. Every
     rank must call :meth:`compute` with the same names (all ranks log on the same steps).
 
-    Example::
+    Example:
+
 
         >>> agg = EpochAggregate()
         >>> agg.update("loss", torch.tensor(1.0), weight=3); agg.update("loss", torch.tensor(2.0), weight=1)

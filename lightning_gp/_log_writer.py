@@ -80,6 +80,7 @@ def prefixed(name: str, prefix: str, join: str = "-") -> str:
     logger's ``LOGGER_JOIN_CHAR``), or ``name`` itself without a prefix.
 
     Example:
+
         >>> prefixed("grad_norm/input", "exp"), prefixed("grad_norm/input", "")
         ('exp-grad_norm/input', 'grad_norm/input')
     """
@@ -145,6 +146,7 @@ def _thinned_out(offered: int) -> bool:
     history; log-spaced increments keep a run of 100 000 measurements at 216, spread over the whole run.
 
     Example:
+
         >>> [n for n in range(30, 75) if not _thinned_out(n)]
         [30, 31, 32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62, 64, 68, 72]
     """

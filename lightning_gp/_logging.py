@@ -20,7 +20,8 @@ def should_log(trainer: pl.Trainer | None) -> bool:
     All DDP ranks agree (the condition depends on the step counter only), so ``sync_dist=True`` on the
     logging steps cannot deadlock.
 
-    Example::
+    Example:
+
 
         >>> should_log(None)
         False
@@ -42,7 +43,8 @@ def over_ranks(trainer: pl.Trainer, values: Tensor, weight: float = 1.0) -> Tens
     DDP ranks, each rank weighted by its samples: what one process computes on the combined batch. One all-reduce
     (of the values and the weight together); the values themselves on one process. Every rank must call it.
 
-    Example::
+    Example:
+
 
         >>> over_ranks(pl.Trainer(logger=False, enable_progress_bar=False), torch.tensor([1.0, 2.0]), 4).tolist()
         [1.0, 2.0]

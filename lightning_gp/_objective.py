@@ -88,7 +88,8 @@ def caller_name(members: Iterable[object]) -> str:
     """How messages name the callbacks running a step: their class names in order, each once, joined by "and"
     ("lightning_gp" for none).
 
-    Example::
+    Example:
+
 
         >>> class A: pass
         >>> class B: pass

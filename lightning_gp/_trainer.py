@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 def attached_trainer(module: Any) -> pl.Trainer | None:
     """``module.trainer`` for a LightningModule attached to a Trainer, else None.
 
-    Example::
+    Example:
+
 
         >>> attached_trainer(pl.LightningModule()) is None
         True

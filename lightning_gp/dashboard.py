@@ -28,6 +28,7 @@ def workspace(entity: str, project: str, *, prefix: str = "", name: str = "light
         ImportError: ``wandb-workspaces`` is not installed (``pip install "lightning-gp[dashboard]"``).
 
     Example:
+
         >>> view = workspace("my-team", "my-project")  # doctest: +SKIP
         >>> view.save()  # needs a W&B account  # doctest: +SKIP
     """

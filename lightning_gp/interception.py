@@ -18,7 +18,8 @@ Rules (each one has a test):
   calls ``self.training_step``), or when the call comes from inside the wrapper itself;
 - nothing else is rebound but ``log``/``log_dict`` during extra passes (:func:`muted_logging`).
 
-Example::
+Example:
+
 
     >>> import lightning.pytorch as pl
     >>> from lightning.pytorch.demos.boring_classes import BoringModel

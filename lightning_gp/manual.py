@@ -48,7 +48,8 @@ def penalized_loss(
         TypeError: an element of ``penalties`` that is not a lightning_gp penalty callback, or a bad ``module``.
         ValueError: a ``ParameterGradientPenalty`` on a ``module`` with no parameter that requires grad.
 
-    Example::
+    Example:
+
 
         >>> import torch
         >>> from lightning_gp.callbacks import DataGradientPenalty
@@ -91,6 +92,7 @@ class PenaltyMixin:
 
     Example:
 
+
         >>> import lightning.pytorch as pl
         >>> import torch
         >>> from lightning_gp import DataGradientPenalty
@@ -114,7 +116,7 @@ class PenaltyMixin:
             batch: its argument.
             penalties: callback objects kept on the module (not passed to the Trainer).
 
-        Example::
+        Example:
 
             class GAN(PenaltyMixin, pl.LightningModule):
                 def __init__(self):

@@ -35,6 +35,7 @@ class PerSampleMeanMax(Metric):
 
     Example:
 
+
         >>> metric = PerSampleMeanMax(num_values=2)
         >>> metric.update(torch.tensor([[1.0, 10.0], [3.0, 20.0]]))
         >>> metric.update(torch.tensor([[5.0, 0.0]]))  # one more sample, e.g. from another rank
@@ -78,6 +79,7 @@ class PerSampleMeanMax(Metric):
         (about as much time as the reduction itself on a small batch).
 
         Example:
+
 
             >>> mean, maximum = PerSampleMeanMax(num_values=2).reduce(torch.tensor([[1.0, 10.0], [3.0, 20.0]]))
             >>> mean.tolist(), maximum.tolist()

@@ -45,10 +45,10 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         check_finite: see `DataGradientPenalty`.
 
     Raises:
-        ValueError, TypeError: an invalid argument, an input the loss ignores, or one not floating point.
-        FloatingPointError: a step whose loss or gradients are NaN/Inf (see `DataGradientPenalty`).
+        ValueError, TypeError: a bad argument or input; FloatingPointError: a NaN/Inf step (see `DataGradientPenalty`).
 
     Example:
+
         >>> from lightning_gp.manual import penalized_loss
         >>> net = torch.nn.Linear(3, 1)
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)

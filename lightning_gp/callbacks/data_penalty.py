@@ -52,11 +52,11 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         check_reduction: check ``loss_reduction`` on the two half-batches of the first penalized step.
 
     Raises:
-        ValueError: a bad argument; a loss that acts as the other ``loss_reduction`` or ignores the input.
-        TypeError: the selected input is not floating point.
+        ValueError, TypeError: a bad argument; a loss that acts as the other ``loss_reduction`` or ignores the input.
         FloatingPointError: a step whose loss, penalty or gradient (after DDP's all-reduce) is NaN/Inf.
 
     Example:
+
         >>> from lightning_gp.manual import penalized_loss
         >>> net = torch.nn.Linear(3, 1)
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)

@@ -27,6 +27,7 @@ class Flooding(PenaltyCallback):
 
     Example:
 
+
         >>> import torch
         >>> from lightning_gp.manual import penalized_loss
         >>> w = torch.tensor([2.0], requires_grad=True)

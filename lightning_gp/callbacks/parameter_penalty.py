@@ -52,6 +52,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             rank raises.
 
     Example:
+
         >>> from lightning_gp.manual import penalized_loss
         >>> w = torch.nn.Linear(2, 1, bias=False)
         >>> loss_fn = lambda b: (w(b) ** 2).mean()

@@ -46,7 +46,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         FloatingPointError: a step whose loss, gap or gradients are NaN/Inf.
 
     Example:
-        >>> import torch
+
         >>> from lightning_gp.manual import penalized_loss
         >>> w = torch.nn.Linear(2, 1, bias=False)
         >>> loss_fn = lambda b: (w(b) ** 2).mean()

@@ -36,6 +36,7 @@ class SpectralNormPenalty(PenaltyCallback):
             rank raises.
 
     Example:
+
         >>> from lightning_gp.manual import penalized_loss
         >>> net = torch.nn.Linear(2, 2, bias=False)
         >>> with torch.no_grad():

@@ -51,6 +51,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
 
     Example:
 
+
         >>> from lightning_gp.manual import penalized_loss
         >>> net = torch.nn.Linear(3, 4)
         >>> x = torch.randn(8, 3)

@@ -105,7 +105,8 @@ def finite_difference_term(perturbed: Tensor, base: Tensor, *, step: float, scal
     itself, usually :func:`linearised` (its gradient without a second pass through its graph). Adding the
     term to an objective adds ≈ ∇ of the penalty to the objective's gradient and leaves its value alone.
 
-    Example::
+    Example:
+
 
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> term = finite_difference_term((w + 1e-3).square().sum(), w.square().sum(), step=1e-3)
@@ -139,7 +140,8 @@ def agreed_method(works: bool | None, any_rank: Callable[[Tensor], Tensor] | Non
 
     ``any_rank`` is the max over the ranks (a collective every rank calls; None on one process).
 
-    Example::
+    Example:
+
 
         >>> agreed_method(True), agreed_method(False), agreed_method(None)
         (('double_backward', True), ('finite_difference', True), ('double_backward', False))
@@ -284,7 +286,8 @@ def displaced(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: flo
     counters do not move, so graphs built before the block (the clean pass's) can still run backward after
     it. A graph built *inside* the block saw θ + α·d; take its gradients inside the block too.
 
-    Example::
+    Example:
+
 
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> with displaced([w], [torch.ones(2)], 0.5):

@@ -21,7 +21,8 @@ DROPOUT_LAYERS: tuple[type[nn.Module], ...] = (DropoutBase,)
 def batch_norms(module: nn.Module, *, training_only: bool = True) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` of the BatchNorm layers in ``module`` (those in training mode with ``training_only``).
 
-    Example::
+    Example:
+
 
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4))
         >>> [name for name, _ in batch_norms(net)], [name for name, _ in batch_norms(net.eval())]

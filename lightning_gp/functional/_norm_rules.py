@@ -406,6 +406,7 @@ def linear_squared_norms(h: Tensor, g: Tensor, *, weight: bool = True, bias: boo
 
     Example:
 
+
         >>> h, g = torch.randn(3, 4), torch.randn(3, 2)
         >>> explicit = torch.einsum("bo,bi->boi", g, h).square().sum((1, 2)) + g.square().sum(1)
         >>> torch.allclose(linear_squared_norms(h, g), explicit)

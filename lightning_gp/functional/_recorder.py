@@ -88,6 +88,7 @@ class GradNormRecorder(_HookSet):
 
     Example:
 
+
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> x = torch.randn(5, 3)
         >>> with GradNormRecorder(model) as rec:

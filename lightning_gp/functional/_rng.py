@@ -20,7 +20,8 @@ _MASK64 = (1 << 64) - 1
 def mixed_seed(*values: int) -> int:
     """A well-spread 63-bit seed from integers (the splitmix64 finalizer over a running hash).
 
-    Example::
+    Example:
+
 
         >>> mixed_seed(0, 1) == mixed_seed(0, 1) != mixed_seed(1, 0)
         True

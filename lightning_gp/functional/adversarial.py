@@ -71,7 +71,8 @@ def default_step_size(epsilon: float, steps: int, random_start: bool) -> float:
     """The step length when none is given: ε for FGSM, 1.25·ε for FGSM from a random start (Wong et al. 2020),
     2.5·ε/steps for PGD (Madry et al. 2018).
 
-    Example::
+    Example:
+
 
         >>> default_step_size(0.1, 1, False), default_step_size(0.1, 1, True), default_step_size(0.1, 10, True)
         (0.1, 0.125, 0.025)
@@ -89,7 +90,8 @@ def pgd_step(point: Tensor, grad: Tensor, *, epsilon: float, step_size: float, n
     The one PGD step of the package (:func:`pgd`, FreeLB, PGD on a layer's output), in torchattacks' order of
     operations on an input (step, project the difference to the origin, clamp).
 
-    Example::
+    Example:
+
 
         >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), epsilon=1.0, step_size=2.0, norm="l2")
         tensor([[0.6000, 0.8000]])
@@ -175,6 +177,7 @@ def pgd(
 
     Example:
 
+
         >>> model = torch.nn.Linear(4, 3)
         >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
         >>> loss_fn = lambda inp: torch.nn.functional.cross_entropy(model(inp), y, reduction="none")
@@ -220,6 +223,7 @@ def fgsm(
     min(``step_size``, ε) from the clean point, no projection. ``inputs`` must lie inside ``clamp``.
 
     Example:
+
 
         >>> model = torch.nn.Linear(4, 3)
         >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))

@@ -86,6 +86,7 @@ def interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None) -> Tens
 
     Example:
 
+
         >>> real, fake = torch.ones(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
         >>> x_hat = interpolate(real, fake)
         >>> bool((x_hat.flatten(1).std(dim=1) == 0).all())  # one α per sample
@@ -113,6 +114,7 @@ def wgan_gradient_penalty(
     ``one_sided=True`` penalises only ‖∇D‖ > center, i.e. E[max(0, ‖∇D(x̂)‖ − center)²].
 
     Example:
+
 
         >>> critic = torch.nn.Linear(2, 1)
         >>> gp = wgan_gradient_penalty(critic, torch.randn(8, 2), torch.randn(8, 2))
@@ -143,6 +145,7 @@ def wgan_gradient_penalty_fd(
 
     Example:
 
+
         >>> critic = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         >>> res = wgan_gradient_penalty_fd(critic, torch.randn(8, 2), torch.randn(8, 2), critic)
         >>> res.penalty.shape
@@ -160,6 +163,7 @@ def r1_penalty(critic: Critic, real: Tensor) -> Tensor:
 
     Example:
 
+
         >>> critic = torch.nn.Linear(2, 1)
         >>> torch.allclose(r1_penalty(critic, torch.randn(8, 2)), critic.weight.square().sum())
         True
@@ -171,6 +175,7 @@ def r2_penalty(critic: Critic, fake: Tensor) -> Tensor:
     """R2: E[‖∇D(x̃)‖²] on generated samples. See `r1_penalty`.
 
     Example:
+
 
         >>> critic = torch.nn.Linear(2, 1)
         >>> torch.allclose(r2_penalty(critic, torch.randn(8, 2)), critic.weight.square().sum())
@@ -203,6 +208,7 @@ def difference_penalty(
     ‖∇D‖ (no gradient of a gradient at all). Pairs closer than 1e-12 are left out of the mean.
 
     Example:
+
 
         >>> critic = torch.nn.Linear(2, 1, bias=False)
         >>> real, fake = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]])

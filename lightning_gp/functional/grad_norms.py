@@ -83,6 +83,7 @@ def per_sample_grad_norms_by_layer(
 
     Example:
 
+
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
         >>> r = per_sample_grad_norms_by_layer(model, torch.randn(5, 3), lambda out: out[:, 0])
         >>> sorted(r.layer_squared_norms), r.param_norms.shape
@@ -185,6 +186,7 @@ def per_sample_grad_norms(
 
     Example:
 
+
         >>> model = nn.Linear(3, 1)
         >>> x = torch.randn(4, 3)
         >>> input_norms, param_norms = per_sample_grad_norms(model, x, lambda out: out[:, 0])
@@ -234,6 +236,7 @@ def per_sample_grad_norms_of_loss(
         ValueError: no scalar loss with a graph, ``wrt`` without a gradient, a layer that mixes samples.
 
     Example:
+
 
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))

@@ -23,6 +23,7 @@ def input_gradient(output: Tensor, inputs: Tensor, *, create_graph: bool = False
 
     Example:
 
+
         >>> x = torch.randn(4, 3, requires_grad=True)
         >>> g = input_gradient((x**2).sum(dim=1), x)
         >>> torch.allclose(g, 2 * x)
@@ -82,6 +83,7 @@ def per_sample_squared_norm(t: Tensor) -> Tensor:
 
     Example:
 
+
         >>> per_sample_squared_norm(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
         tensor([25.,  0.])
     """
@@ -110,6 +112,7 @@ def per_sample_norm(t: Tensor) -> Tensor:
 
     Example:
 
+
         >>> per_sample_norm(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
         tensor([5., 0.])
     """
@@ -120,7 +123,8 @@ def real_view(t: Tensor) -> Tensor:
     """``t``, or for a complex tensor its (real, imaginary) pairs (``torch.view_as_real``): a complex parameter is two
     real coordinates, and torch packs a gradient (and a Hessian-vector product) w.r.t. a + ib as ∂/∂a + i·∂/∂b.
 
-    Example::
+    Example:
+
 
         >>> real_view(torch.tensor([1 + 2j])).tolist()
         [[1.0, 2.0]]
@@ -136,6 +140,7 @@ def tensor_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     with the other logged values (one host transfer a step, no extra kernel).
 
     Example:
+
 
         >>> tensor_norms([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
         tensor([3., 4.])
@@ -158,6 +163,7 @@ def total_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 
     Example:
 
+
         >>> total_norm([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
         tensor(5.)
     """
@@ -172,6 +178,7 @@ def squared_norm_sum(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     this runs on every step of the parameter penalty.
 
     Example:
+
 
         >>> squared_norm_sum([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
         tensor(25.)

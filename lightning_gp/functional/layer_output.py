@@ -102,6 +102,7 @@ def perturbed_output(
 
     Example:
 
+
         >>> emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)
         >>> ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
         >>> mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
@@ -181,6 +182,7 @@ def output_gradient(
 
     Example:
 
+
         >>> emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)
         >>> ids = torch.tensor([[1, 2], [3, 4]])
         >>> loss, grad, out = output_gradient(lambda: head(emb(ids)).sum(), emb)
@@ -216,6 +218,7 @@ def per_sample_output_gradient_norms(
     ``loss_fn`` returns the sum of per-sample losses.
 
     Example:
+
 
         >>> emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)
         >>> ids = torch.tensor([[1, 2], [3, 4]])

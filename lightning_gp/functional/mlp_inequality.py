@@ -88,6 +88,7 @@ def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     Example:
 
+
         >>> net = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 2))
         >>> [name for name, _ in chain_layers(net)]
         ['0', '1.0', '1.1', '2']
@@ -330,6 +331,7 @@ def mlp_inequality(
         max_iter: the most power iterations.
 
     Example:
+
 
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         >>> r = mlp_inequality(model, torch.randn(16, 4), lambda out: out[:, 0])

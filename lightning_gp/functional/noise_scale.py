@@ -59,6 +59,7 @@ def noise_scale(per_sample_sq_mean: Tensor | float, mean_grad_sq: Tensor | float
 
     Example:
 
+
         >>> g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # three per-sample gradients
         >>> est = noise_scale(g.square().sum(1).mean(), g.mean(0).square().sum(), 3)
         >>> torch.allclose(est.trace_sigma, torch.cov(g.T).trace())  # the sample covariance's trace
@@ -83,6 +84,7 @@ def two_batch_noise_scale(small_sq: Tensor | float, big_sq: Tensor | float, b_sm
         ValueError: ``b_big`` not larger than ``b_small``.
 
     Example:
+
 
         >>> est = two_batch_noise_scale(small_sq=2.0, big_sq=1.25, b_small=4, b_big=16)
         >>> float(est.grad_sq), float(est.trace_sigma)  # E‖g_b‖² = 1 + 4/b

@@ -76,6 +76,7 @@ def gradient_norm_penalty(
 
     Example:
 
+
         >>> gradient_norm_penalty(torch.tensor([[3.0, 4.0]]), center=1.0)
         tensor([16.])
     """
@@ -137,6 +138,7 @@ def data_gradient_penalty(
 
     Example:
 
+
         >>> model = torch.nn.Linear(3, 1)
         >>> x = torch.randn(8, 3, requires_grad=True)
         >>> penalty = data_gradient_penalty(model(x), x)
@@ -165,6 +167,7 @@ def parameter_gradient_penalty(loss: Tensor, params: Params) -> Tensor:
     cancels the leading discretisation error of the step (implicit gradient regularization).
 
     Example:
+
 
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> parameter_gradient_penalty((w**2).sum(), [w])  # ∇ = 2w, ‖∇‖² = 20
@@ -212,6 +215,7 @@ def data_gradient_penalty_fd(
         step: relative input displacement of the difference quotient (None: the compute dtype's default).
 
     Example:
+
 
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> res = data_gradient_penalty_fd(model, torch.randn(16, 3), model)
@@ -412,6 +416,7 @@ def parameter_gradient_penalty_fd(
             in float32, ε in a less precise one: ``precision.default_step``).
 
     Example:
+
 
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> res = parameter_gradient_penalty_fd(lambda: (w**2).sum(), [w])  # H = 2I, ∇‖g‖² = 8w

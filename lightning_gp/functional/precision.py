@@ -27,6 +27,7 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
     Example:
 
+
         >>> compute_dtype(torch.zeros(2))
         torch.float32
         >>> with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -53,6 +54,7 @@ def difference_scale(dtype: torch.dtype) -> float:
 
     Example:
 
+
         >>> round(difference_scale(torch.float32), 4)
         0.0049
     """
@@ -70,6 +72,7 @@ def difference_step(base: float, dtype: torch.dtype, exponent: float) -> float:
 
     Example:
 
+
         >>> difference_step(1e-3, torch.float32, 1.0), round(difference_step(1e-2, torch.bfloat16, 2 / 3), 3)
         (0.001, 0.039)
     """
@@ -81,6 +84,7 @@ def default_step(kind: Literal["input", "parameter", "hvp"], dtype: torch.dtype)
     callbacks', the functional penalties', the GAN's and the sharpness monitor's alike (:data:`STEPS`).
 
     Example:
+
 
         >>> default_step("parameter", torch.float32), default_step("parameter", torch.bfloat16)
         (0.001, 0.0078125)

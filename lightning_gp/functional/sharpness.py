@@ -36,6 +36,7 @@ def sam_perturbation(params: Sequence[Tensor], grads: Sequence[Tensor], *, rho: 
 
     Example:
 
+
         >>> w = torch.tensor([3.0, 4.0])
         >>> d, h = sam_perturbation([w], [torch.tensor([0.6, 0.8])], rho=0.5)
         >>> h * d[0]  # ρ·g/‖g‖
@@ -142,6 +143,7 @@ def central_difference_hvp(loss_at: Callable[[], Tensor], params: Sequence[Tenso
 
     Example:
 
+
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> hvp = central_difference_hvp(lambda: (w**3).sum(), [w])  # H = diag(6w)
         >>> torch.allclose(hvp([torch.ones(2)])[0], torch.tensor([6.0, 12.0]), rtol=1e-4)
@@ -179,6 +181,7 @@ def hessian_max_eigenvalue(loss: Tensor, params: torch.nn.Module | Sequence[Tens
 
     Example:
 
+
         >>> w = torch.tensor([1.0, 1.0], requires_grad=True)
         >>> loss = 3 * w[0] ** 2 + 0.5 * w[1] ** 2  # H = diag(6, 1)
         >>> round(float(hessian_max_eigenvalue(loss, [w])), 4)
@@ -198,6 +201,7 @@ def hessian_trace(loss: Tensor, params: torch.nn.Module | Sequence[Tensor], *, s
     """Hutchinson's estimate of the trace of the Hessian of ``loss`` w.r.t. ``params`` (unbiased).
 
     Example:
+
 
         >>> w = torch.tensor([1.0, 1.0], requires_grad=True)
         >>> loss = 3 * w[0] ** 2 + 0.5 * w[1] ** 2  # H = diag(6, 1): Rademacher vᵀHv = 7 exactly

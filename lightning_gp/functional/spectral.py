@@ -70,6 +70,7 @@ def spectral_norm(weight: Tensor, *, n_iter: int | None = None, u: Tensor | None
 
     Example:
 
+
         >>> w = torch.diag(torch.tensor([3.0, 1.0]))
         >>> sigma, u = spectral_norm(w)
         >>> round(float(sigma), 4)
@@ -115,6 +116,7 @@ def spectral_norm_penalty(
             so one iteration per training step suffices; keep it in your checkpoint.
 
     Example:
+
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> state = {}

@@ -27,6 +27,7 @@ def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
 
     Example:
 
+
         >>> logits = torch.tensor([[1.0, 2.0, 0.5]])
         >>> float(kl_divergence(logits, logits))
         0.0
@@ -44,6 +45,7 @@ def virtual_adversarial_xi(base: Tensor, dtype: torch.dtype | None = None) -> Te
     below float32's resolution of a unit-scale input and gave directions at |cos| 0.0–0.8 to the exact one.
 
     Example:
+
 
         >>> xi = virtual_adversarial_xi(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
         >>> xi.shape, bool(xi[0] == xi[1])
@@ -85,6 +87,7 @@ def virtual_adversarial_direction(
         ValueError: the KL does not depend on r.
 
     Example:
+
 
         >>> net = torch.nn.Linear(3, 4)
         >>> x = torch.randn(5, 3)

@@ -55,10 +55,10 @@ class WGANGPMixin:
         **kwargs: passed on to the next class of the MRO; forward yours so ``load_from_checkpoint`` works.
 
     Raises:
-        ValueError, TypeError: an invalid or unknown argument (named with the nearest one); a BatchNorm critic.
-        FloatingPointError: before an update whose loss or gradients are NaN/Inf (on every DDP rank).
+        ValueError, TypeError: a bad or unknown argument (the nearest named); FloatingPointError: a NaN/Inf update.
 
     Example:
+
         >>> import lightning as L
         >>> class ToyGAN(WGANGPMixin, L.LightningModule):
         ...     def __init__(self, **kwargs):

@@ -105,6 +105,7 @@ def critic_penalty(
 
     Example:
 
+
         >>> critic = torch.nn.Linear(2, 1)
         >>> term = critic_penalty("gp", critic, torch.randn(8, 2), torch.randn(8, 2))
         >>> torch.allclose(term.grad_norm, critic.weight.norm())
@@ -152,6 +153,7 @@ def check_no_batch_norm(critic: nn.Module) -> None:
 
     Example:
 
+
         >>> check_no_batch_norm(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4)))
         Traceback (most recent call last):
         ...
@@ -175,6 +177,7 @@ def apply_spectral_normalization(critic: nn.Module) -> list[str]:
     ``parametrizations.weight.original``, so build the optimizers afterwards).
 
     Example:
+
 
         >>> critic = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
         >>> apply_spectral_normalization(critic)
@@ -200,6 +203,7 @@ def clip_weights_(critic: nn.Module, clip_value: float) -> None:
     """Clamp every parameter of ``critic`` into [−clip_value, clip_value] in place (the original WGAN).
 
     Example:
+
 
         >>> critic = torch.nn.Linear(2, 1)
         >>> clip_weights_(critic, 0.01)

@@ -34,7 +34,8 @@ class CostMonitor(Monitor):
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.
 
-    Example::
+    Example:
+
 
         >>> from lightning_gp import SharpnessAwareMinimization
         >>> callbacks = [SharpnessAwareMinimization(0.05), CostMonitor(every_n_steps=10)]  # Trainer(callbacks=...)

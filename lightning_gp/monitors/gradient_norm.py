@@ -75,10 +75,10 @@ class GradientNormMonitor(Monitor):
         check_reduction: check ``loss_reduction`` on the two half-batches of the first measurement.
 
     Raises:
-        ValueError: a bad ``mode`` or ``loss_reduction``; ``loss_fn``/``forward_fn`` with ``mode="fused"``.
-        RuntimeError: in ``setup``: an unsupported strategy, manual optimization, fused mode beside a penalty.
+        ValueError: a bad argument; RuntimeError: in ``setup``, manual optimization, fused mode beside a penalty.
 
-    Example::
+    Example:
+
 
         >>> from lightning.pytorch.demos.boring_classes import BoringModel  # training_step: a mean loss of self(batch)
         >>> monitor = GradientNormMonitor(every_n_steps=50)  # then: Trainer(callbacks=[monitor])

@@ -35,11 +35,10 @@ PREFIX = "mlp_inequality"
 class MLPInequalityMonitor(Monitor):
     r"""Logs the MLP inequality ‖∇ₓf‖²·Σₜ(1 + ‖h⁽ᵗ⁾‖²)/(‖W⁽ᵗ⁾‖₂²‖∇ₓh⁽ᵗ⁾‖₂²) ≤ ‖∇θf‖² per sample.
 
-    For a chain of Linear layers and elementwise activations (an ``nn.Sequential`` of the module; Dherin et al.,
-    "The Geometric Occam's Razor Implicit in Deep Learning") lhs/rhs lies in [0, 1]; x and f are the chain's input
-    and sample i's loss as ``training_step`` runs them. Logged over each rank's first ``max_samples`` samples,
-    reduced across ranks (``mlp_inequality/ratio_mean``, ``ratio_max``, ``lhs_mean``, ``rhs_mean``, per-layer
-    terms; W&B media), in eval mode, training unchanged. Keys and rules: ``docs/monitors.md``.
+    For a chain of Linear layers and elementwise activations (an ``nn.Sequential`` of the module; Dherin et al.
+    2021) lhs/rhs lies in [0, 1]; x and f are the chain's input and sample i's loss as ``training_step`` runs them.
+    Logged over each rank's first ``max_samples`` samples, reduced across ranks (``mlp_inequality/ratio_mean``,
+    ``ratio_max``, ``lhs_mean``, ``rhs_mean``, per-layer terms), in eval mode. Keys, rules: ``docs/monitors.md``.
 
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.
@@ -57,7 +56,8 @@ class MLPInequalityMonitor(Monitor):
     Raises:
         ValueError: at setup, no single chain or a layer that is not allowed; a chain that does not run once.
 
-    Example::
+    Example:
+
 
         >>> class Net(pl.LightningModule):
         ...     def __init__(self):

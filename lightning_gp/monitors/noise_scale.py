@@ -54,7 +54,8 @@ class GradientNoiseScale(GradientNormMonitor):
         ValueError: a bad argument (named); RuntimeError: in ``setup``, a callback that adds to the loss (the
             gradient would not be the loss's), manual optimization.
 
-    Example::
+    Example:
+
 
         >>> monitor = GradientNoiseScale(every_n_steps=20, ema=0.9)  # then: Trainer(callbacks=[monitor])
         >>> monitor

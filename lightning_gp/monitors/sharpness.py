@@ -63,6 +63,7 @@ class SharpnessMonitor(Monitor):
 
     Example:
 
+
         >>> monitor = SharpnessMonitor(every_n_steps=100, trace=True)  # then: Trainer(callbacks=[monitor])
         >>> monitor
         SharpnessMonitor(every_n_steps=100, trace=True)

@@ -44,6 +44,7 @@ class SpectralNormMonitor(Monitor):
 
     Example:
 
+
         >>> net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
         >>> with torch.no_grad():
         ...     _ = net[0].weight.copy_(torch.diag(torch.tensor([3.0, 1.0])))
