@@ -33,7 +33,6 @@ class Usage:
 
     calls: dict[str, int] = field(default_factory=dict)  # layer name → forward calls
     grads: dict[str, int] = field(default_factory=dict)  # layer name → gradients arrived at its outputs
-    seconds: float = 0.0
 
 
 class _Clock:

@@ -174,10 +174,3 @@ class MonitorPass:
         actual = agreed(actual, (lambda t: strategy.broadcast(t, src=0)) if world > 1 else None, loss.device)
         if actual is not None and actual != self.loss_reduction:
             raise ValueError(reduction_error(self.owner, self.loss_reduction, actual, detail))
-
-    def outputs(self, module: nn.Module, batch: Any, inputs: Tensor) -> Any:
-        """The outputs of the explicit forward: ``forward_fn(module, batch)``, or ``module(inputs)`` (checked)."""
-        if self.forward_fn is not None:
-            return self.forward_fn(module, batch)
-        check_implicit_forward(batch, inputs, self.owner)
-        return module(inputs)

@@ -133,7 +133,7 @@ class GradientNoiseScale(GradientNormMonitor):
     def _reduce_columns(self, columns: Tensor, layer_names: list[str], extra: list[Tensor] = (),
                         factor: float = 1.0) -> tuple[dict[str, float], list[float]]:
         """This rank's Σ‖∇θℓᵢ‖² and sample count (summed over ranks in :meth:`_log`); ``extra`` passed through."""
-        sq = (columns[:, 1].to(torch.float64 if columns.device.type == "cpu" else torch.float32) * factor).square()
+        sq = (columns[:, 1].to(_sum_dtype(columns.device)) * factor).square()
         flat = torch.cat([torch.stack([sq.sum(), sq.new_tensor(float(sq.shape[0]))]),
                           *[e.to(sq.dtype) for e in extra]]).tolist()
         return {"_sum_sq": flat[0], "_count": flat[1]}, flat[2:]
@@ -144,9 +144,9 @@ class GradientNoiseScale(GradientNormMonitor):
         sums = [metrics.pop("_sum_sq", math.nan), metrics.pop("_count", 0.0), local]
         batch_sq = sum(v * v for k, v in metrics.items() if k.startswith(f"{NORM_PREFIX}/param_batch"))
         if trainer.world_size > 1:  # every rank's samples: one all-reduce of three numbers at the logging cadence
-            sums = trainer.strategy.reduce(torch.tensor(sums, dtype=torch.float64 if trainer.strategy.root_device.type
-                                                        == "cpu" else torch.float32,
-                                                        device=trainer.strategy.root_device), reduce_op="sum").tolist()
+            device = trainer.strategy.root_device
+            sums = trainer.strategy.reduce(torch.tensor(sums, dtype=_sum_dtype(device), device=device),
+                                           reduce_op="sum").tolist()
         sum_sq, count, local = sums
         # ḡ is the mean over every sample behind the optimizer step; recompute measures the first micro-batch only
         n = round(count) * (trainer.accumulate_grad_batches if self.mode == "recompute" else 1)
@@ -192,8 +192,14 @@ def _local_norm_then_allreduce(monitor, bucket):
     """DDP's own all-reduce (``allreduce_hook``: the bucket divided by the world size, then summed over the ranks),
     after taking the squared norm of the rank's gradient in the bucket on a measured step (no host read here)."""
     if monitor._pending is not None and monitor._local is not None:
-        monitor._local.append(bucket.buffer().detach().to(torch.float64 if bucket.buffer().device.type == "cpu"
-                                                          else torch.float32).square().sum())
+        buffer = bucket.buffer().detach()
+        monitor._local.append(buffer.to(_sum_dtype(buffer.device)).square().sum())
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     return allreduce_hook(None, bucket)
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the estimate's sums of squares are taken in: float64 where the device has it cheaply (the CPU),
+    float32 elsewhere (the two equations subtract near-equal terms)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
