@@ -1,9 +1,16 @@
 """lightning-gp: gradient-based regularization for PyTorch Lightning.
 
-Layers, each importing only those above it (``tests/test_architecture.py``): ``functional`` (pure torch math, no
-Lightning); the shared plumbing beside ``interception`` (batch and site, the step's objective and chain, the log
-writer, Lightning's private names); then ``callbacks``, ``monitors``, ``gan`` and ``manual``, thin Lightning
-adapters over the math. Design notes: ``docs/design/``.
+Rooms, lowest first; each imports only its own and lower ones (``tests/test_architecture.py``):
+
+- ``functional/``: the math, pure torch (no Lightning), usable in a plain PyTorch loop;
+- ``_lightning/``: what the adapters know about Lightning (private names, trainer, setup checks, logging);
+  ``metrics`` and ``dashboard`` beside it;
+- ``step/``: the intercepted training step (interception, the chain of callbacks, the extra pass, sites);
+- ``callbacks/``, ``monitors/``, ``gan/``: thin Lightning adapters over the math;
+- ``manual``, and this root, which re-exports the public surface.
+
+A leading underscore marks a module outside the public API (it may be imported inside the package, down the
+layers). Design notes: ``docs/design/``.
 """
 
 from lightning_gp import functional, manual

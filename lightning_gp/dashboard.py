@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_gp._log_writer import STEP_KEY, prefixed
+from lightning_gp._lightning.log_writer import STEP_KEY, prefixed
 
 
 def workspace(entity: str, project: str, *, prefix: str = "", name: str = "lightning-gp") -> Any:

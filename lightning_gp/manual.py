@@ -13,12 +13,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_gp._chain import run_chain
-from lightning_gp._lightning_private import fabric_internal_gradients
-from lightning_gp._objective import extract_loss
-from lightning_gp._trainer import attached_trainer
+from lightning_gp._lightning.private import fabric_internal_gradients
+from lightning_gp._lightning.trainer import attached_trainer
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
+from lightning_gp.step._chain import run_chain
+from lightning_gp.step._objective import extract_loss
 
 
 def penalized_loss(

@@ -1,10 +1,13 @@
 """The package's layers and where it reads private names of torch and Lightning, stated as tests.
 
-- ``lightning_gp/functional/`` is pure torch: it imports nothing of the package outside itself, and no Lightning.
-- ``monitors/`` and ``gan/`` import no ``callbacks/``: what they share (the batch and site model, the step model)
-  lives beside ``interception.py``.
+- The layers, lowest first; a module imports its own layer and those below, never one above (``LAYERS``):
+  ``functional/`` (pure torch: nothing of the package outside itself, and no Lightning) → ``_lightning/``
+  (Lightning's facts), ``metrics``, ``dashboard`` → ``step/`` (the intercepted step) → ``callbacks/``,
+  ``monitors/``, ``gan/`` → ``manual``, the package root.
+- ``monitors/`` and ``gan/`` import no ``callbacks/``: what they share lives in ``step/``.
+- No circle of imports between modules.
 - A private name of torch is read only in ``functional/_torch_private.py``; one of Lightning (or torchmetrics)
-  only in ``_lightning_private.py``.
+  only in ``_lightning/private.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lightning_gp"
 FILES = sorted(PACKAGE.rglob("*.py"))
 TORCH_PRIVATE = PACKAGE / "functional" / "_torch_private.py"
-LIGHTNING_PRIVATE = PACKAGE / "_lightning_private.py"
+LIGHTNING_PRIVATE = PACKAGE / "_lightning" / "private.py"
+# A module's layer, read off its path inside the package (the first matching prefix wins).
+LAYERS = {"functional/": 0, "_lightning/": 1, "metrics.py": 1, "dashboard.py": 1, "step/": 2, "callbacks/": 3,
+          "monitors/": 3, "gan/": 3, "manual.py": 4, "__init__.py": 4}
 
 
 def _rel(path: pathlib.Path) -> str:
@@ -50,7 +56,37 @@ def test_functional_imports_only_itself_and_torch(path):
 @pytest.mark.parametrize("path", [p for p in FILES if _in(p, "monitors") or _in(p, "gan")], ids=_rel)
 def test_monitors_and_gan_import_no_callbacks(path):
     bad = [m for m in _imports(path) if m.startswith("lightning_gp.callbacks")]
-    assert not bad, f"{_rel(path)} imports {bad}: shared plumbing belongs beside interception.py"
+    assert not bad, f"{_rel(path)} imports {bad}: shared plumbing belongs in step/"
+
+
+def _layer(path: pathlib.Path) -> int:
+    inside = path.relative_to(PACKAGE).as_posix()
+    return next(layer for prefix, layer in LAYERS.items() if inside.startswith(prefix))
+
+
+def _module_path(module: str) -> pathlib.Path | None:
+    """The file of ``lightning_gp.a.b`` (or of ``a`` when ``b`` is a name defined in it)."""
+    parts = module.split(".")[1:]
+    while parts:
+        for candidate in (PACKAGE.joinpath(*parts).with_suffix(".py"), PACKAGE.joinpath(*parts, "__init__.py")):
+            if candidate.is_file():
+                return candidate
+        parts = parts[:-1]
+    return None
+
+
+@pytest.mark.parametrize("path", FILES, ids=_rel)
+def test_imports_run_down_the_layers(path):
+    up = sorted({f"{m} (layer {_layer(target)})" for m in _imports(path) if m.startswith("lightning_gp.")
+                 and (target := _module_path(m)) is not None and target.name != "__init__.py"
+                 and _layer(target) > _layer(path)})
+    assert not up, f"{_rel(path)} (layer {_layer(path)}) imports from a higher layer: {up}"
+
+
+def test_every_module_has_a_layer_and_the_check_can_fail():
+    assert all(isinstance(_layer(p), int) for p in FILES)
+    assert _layer(PACKAGE / "functional" / "gan.py") < _layer(PACKAGE / "step" / "_chain.py")
+    assert _module_path("lightning_gp.step._chain.run_chain") == PACKAGE / "step" / "_chain.py"
 
 
 def _package_names() -> set[str]:

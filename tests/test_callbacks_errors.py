@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gp._batch import describe, resolve_input
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
     ParameterGradientPenalty,
     SpectralNormPenalty,
 )
+from lightning_gp.step._batch import describe, resolve_input
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
              max_steps=1)

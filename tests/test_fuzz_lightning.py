@@ -27,7 +27,6 @@ from lightning_gp import (
     SharpnessMonitor,
     SpectralNormMonitor,
 )
-from lightning_gp._finite import StepValues, check_step
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
@@ -38,6 +37,7 @@ from lightning_gp.callbacks import (
 )
 from lightning_gp.gan import WGANGPMixin
 from lightning_gp.manual import penalized_loss
+from lightning_gp.step._finite import StepValues, check_step
 
 QUIET = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
              enable_model_summary=False)

@@ -17,7 +17,7 @@ from lightning_gp import (
     ParameterGradientPenalty,
     SpectralNormPenalty,
 )
-from lightning_gp.interception import StepInterceptor
+from lightning_gp.step.interception import StepInterceptor
 from tests.test_callbacks_exactness import BATCH, dataset, make_net
 from tests.test_callbacks_features import Module, fit
 

@@ -1,7 +1,7 @@
 """The private names of torch and Lightning the package reads still exist and behave as relied upon.
 
 Each lives behind one accessor: torch's in ``lightning_gp.functional._torch_private``, Lightning's in
-``lightning_gp._lightning_private``. When a release moves one, a test here fails and names it.
+``lightning_gp._lightning.private``. When a release moves one, a test here fails and names it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from lightning_gp._lightning_private import merge_initial_hparams
+from lightning_gp._lightning.private import merge_initial_hparams
 from lightning_gp.functional._torch_private import tensor_version, tree_flatten, tree_map, tree_unflatten
 
 
@@ -58,7 +58,7 @@ def test_merge_initial_hparams_keeps_the_users_values_and_logger_choice():
 def test_fabric_s_backward_guard_flag_exists_and_is_restored():
     import lightning.fabric.wrappers as wrappers
 
-    from lightning_gp._lightning_private import fabric_internal_gradients
+    from lightning_gp._lightning.private import fabric_internal_gradients
 
     assert hasattr(wrappers, "_in_fabric_backward"), "Fabric renamed its guard flag: _compat needs a new route"
     before = wrappers._in_fabric_backward
@@ -70,7 +70,7 @@ def test_fabric_s_backward_guard_flag_exists_and_is_restored():
 def test_metric_update_count_accessors():
     import torchmetrics
 
-    from lightning_gp._lightning_private import metric_update_count, set_metric_update_count
+    from lightning_gp._lightning.private import metric_update_count, set_metric_update_count
 
     metric = torchmetrics.SumMetric()
     metric.update(torch.tensor(2.0))
@@ -82,7 +82,7 @@ def test_metric_update_count_accessors():
 def test_fabric_autocast_dtype_reads_the_wrapped_module_s_precision():
     from lightning.fabric import Fabric
 
-    from lightning_gp._lightning_private import fabric_autocast_dtype
+    from lightning_gp._lightning.private import fabric_autocast_dtype
 
     for precision, want in [("bf16-mixed", torch.bfloat16), ("32-true", None)]:
         model = Fabric(accelerator="cpu", devices=1, precision=precision).setup(torch.nn.Linear(2, 2))
@@ -128,7 +128,7 @@ def test_multihead_attention_packed_projection_flag():
 def test_compiled_modules_are_found_through_orig_mod_and_compiler_ctx():
     from torch import nn
 
-    from lightning_gp._lightning_private import compiled_modules
+    from lightning_gp._lightning.private import compiled_modules
     from lightning_gp.functional._torch_private import compiled_original
 
     inner = nn.Linear(2, 2)
@@ -139,7 +139,7 @@ def test_compiled_modules_are_found_through_orig_mod_and_compiler_ctx():
 
 
 def test_lightning_logging_internals():
-    from lightning_gp._lightning_private import batches_that_stepped, will_write_logs
+    from lightning_gp._lightning.private import batches_that_stepped, will_write_logs
 
     trainer = pl.Trainer(log_every_n_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
     assert will_write_logs(trainer) in (True, False), "Lightning moved _logger_connector.should_update_logs"
@@ -149,7 +149,7 @@ def test_lightning_logging_internals():
 def test_callback_state_key_is_lightnings_own():
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from lightning_gp._lightning_private import callback_state_key
+    from lightning_gp._lightning.private import callback_state_key
 
     stop = EarlyStopping(monitor="loss")
     assert callback_state_key(stop, monitor="loss", mode="min") == stop.state_key
@@ -158,7 +158,7 @@ def test_callback_state_key_is_lightnings_own():
 def test_logger_prefix_is_what_the_logger_writes_before_its_keys(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    from lightning_gp._lightning_private import logger_prefix
+    from lightning_gp._lightning.private import logger_prefix
 
     assert logger_prefix(CSVLogger(tmp_path, prefix="exp")) == "exp", "Lightning moved the loggers' _prefix"
     assert logger_prefix(CSVLogger(tmp_path)) == ""

@@ -18,8 +18,8 @@ from lightning_gp import (
     SpectralNormMonitor,
     SpectralNormPenalty,
 )
-from lightning_gp._logging import logger_step, should_log
-from lightning_gp._setup_checks import check_strategy
+from lightning_gp._lightning.logging import logger_step, should_log
+from lightning_gp._lightning.setup_checks import check_strategy
 from lightning_gp.functional._torch_private import tensor_version
 from tests.test_callbacks_exactness import make_net
 from tests.test_callbacks_features import Module, fit
@@ -98,7 +98,7 @@ class Probe(pl.Callback):
 
 def test_the_lightning_internals_we_read_still_exist_and_mean_what_we_need():
     """Fails loudly if a Lightning release moves `_logger_connector.should_update_logs` or
-    `fit_loop.epoch_loop._batches_that_stepped` (lightning_gp/_lightning_private.py reads them, nowhere else)."""
+    `fit_loop.epoch_loop._batches_that_stepped` (lightning_gp/_lightning/private.py reads them, nowhere else)."""
     probe = Probe()
     fit(Module(make_net()), [probe], steps=6, log_every_n_steps=3)
     # in on_train_batch_end: the logger step is the 0-based step of this batch, one behind global_step
@@ -119,11 +119,11 @@ def test_the_torch_internal_we_read_still_exists():
 
 def test_compiled_modules_finds_what_torch_and_lightning_compile():
     """Fails loudly if torch's compiled wrapper stops keeping `_orig_mod`, or Lightning's `from_compiled`
-    stops setting `_compiler_ctx` (read in lightning_gp/_lightning_private.py and functional/_torch_private.py)."""
+    stops setting `_compiler_ctx` (read in lightning_gp/_lightning/private.py and functional/_torch_private.py)."""
     import torch
     from lightning.pytorch.utilities.compile import from_compiled
 
-    from lightning_gp._lightning_private import compiled_modules
+    from lightning_gp._lightning.private import compiled_modules
 
     module = Module(torch.compile(make_net(), backend="eager"))
     assert compiled_modules(module) == ["net"]

@@ -1,8 +1,8 @@
 """The Callback base of the loss-changing callbacks: wiring, scheduling, checkpoint state and logging.
 
-A callback registers with :class:`lightning_gp.interception.StepInterceptor`, the one wrapper of
-``training_step``, whose runner is :func:`lightning_gp._chain.run_chain`; the objective's algebra is
-:mod:`lightning_gp._objective`. Design notes: ``docs/design/interception.md``.
+A callback registers with :class:`lightning_gp.step.interception.StepInterceptor`, the one wrapper of
+``training_step``, whose runner is :func:`lightning_gp.step._chain.run_chain`; the objective's algebra is
+:mod:`lightning_gp.step._objective`. Design notes: ``docs/design/interception.md``.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._arguments import check_bool, check_number, check_positive_int, init_repr
-from lightning_gp._chain import DEFAULT_ORDER, StepContext, run_chain
-from lightning_gp._epoch import EpochAggregate
-from lightning_gp._finite import StepValues, check_step, param_names
-from lightning_gp._lightning_private import callback_state_key, compiled_modules
-from lightning_gp._log_writer import log_settings
-from lightning_gp._logging import over_ranks, should_log
-from lightning_gp._objective import Step, caller_name
-from lightning_gp._setup_checks import check_batch_step, check_strategy, sharded_training
-from lightning_gp._trainer import grad_scaler
+from lightning_gp._lightning.arguments import check_bool, check_number, check_positive_int, init_repr
+from lightning_gp._lightning.epoch import EpochAggregate
+from lightning_gp._lightning.log_writer import log_settings
+from lightning_gp._lightning.logging import over_ranks, should_log
+from lightning_gp._lightning.private import callback_state_key, compiled_modules
+from lightning_gp._lightning.setup_checks import check_batch_step, check_strategy, sharded_training
+from lightning_gp._lightning.trainer import grad_scaler
 from lightning_gp.functional._rng import seeded_generator
 from lightning_gp.functional._sharded import whole
-from lightning_gp.interception import StepInterceptor
+from lightning_gp.step._chain import DEFAULT_ORDER, StepContext, run_chain
+from lightning_gp.step._finite import StepValues, check_step, param_names
+from lightning_gp.step._objective import Step, caller_name
+from lightning_gp.step.interception import StepInterceptor
 
 
 def _run_intercepted(interceptor: StepInterceptor, step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -207,7 +207,7 @@ class PenaltyCallback(Callback):
         """Check ``value`` for NaN/Inf (with ``check_finite``), then :meth:`record`.
 
         In a Trainer the value joins the step's record, checked once before the optimizer step with the
-        gradients (:mod:`lightning_gp._finite`: one host read a step, every DDP rank raising together).
+        gradients (:mod:`lightning_gp.step._finite`: one host read a step, every DDP rank raising together).
         Outside a Trainer (``penalized_loss``) it is checked at once.
         """
         value = whole(value.detach())  # a norm over FSDP2's shards is a DTensor
@@ -242,7 +242,7 @@ class PenaltyCallback(Callback):
         """Keep ``value`` for the epoch mean, and log it on the steps the Trainer writes to its loggers: the mean over
         the DDP ranks weighted by ``batch_size`` (each rank's samples), what one process logs on the combined batch.
 
-        Per step only every ``log_every_n_steps`` (:func:`lightning_gp._logging.should_log`): a ``self.log``
+        Per step only every ``log_every_n_steps`` (:func:`lightning_gp._lightning.logging.should_log`): a ``self.log``
         call costs as much as a small model's step, and a value logged on another step is overwritten unread. All
         ranks take the same decision, so ``sync_dist`` cannot deadlock.
         """

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_gp._arguments import with_resolved
+from lightning_gp._lightning.arguments import with_resolved
 from lightning_gp.functional._autograd import (
     METHODS,
     Method,

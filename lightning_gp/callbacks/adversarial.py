@@ -8,16 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._arguments import check_bool, check_choice, check_number, check_positive_int
-from lightning_gp._batch import InputKey, replace_input
-from lightning_gp._chain import ORDER, StepContext
-from lightning_gp._objective import Step
-from lightning_gp._site import Probe, Site, SiteCallback, Target
+from lightning_gp._lightning.arguments import check_bool, check_choice, check_number, check_positive_int
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import fgsm, pgd
 from lightning_gp.functional._checks import check_clamp
 from lightning_gp.functional.adversarial import NORMS, Norm, default_step_size, pgd_step, random_start
 from lightning_gp.functional.layer_output import expand_mask
+from lightning_gp.step._batch import InputKey, replace_input
+from lightning_gp.step._chain import ORDER, StepContext
+from lightning_gp.step._objective import Step
+from lightning_gp.step._site import Probe, Site, SiteCallback, Target
 
 
 class AdversarialTraining(SiteCallback, PenaltyCallback):

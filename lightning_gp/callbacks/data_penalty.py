@@ -8,12 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._arguments import check_bool, check_choice, check_number
-from lightning_gp._batch import InputKey
-from lightning_gp._chain import ORDER, StepContext
-from lightning_gp._objective import REDUCTIONS, Reduction, Step
-from lightning_gp._reduction import agreed, observed_reduction, reduction_error
-from lightning_gp._site import Probe, Site, SiteCallback, Target
+from lightning_gp._lightning.arguments import check_bool, check_choice, check_number
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
 from lightning_gp.functional import gradient_norm_penalty
@@ -27,6 +22,11 @@ from lightning_gp.functional.penalties import (
     input_difference,
 )
 from lightning_gp.functional.precision import default_step
+from lightning_gp.step._batch import InputKey
+from lightning_gp.step._chain import ORDER, StepContext
+from lightning_gp.step._objective import REDUCTIONS, Reduction, Step
+from lightning_gp.step._reduction import agreed, observed_reduction, reduction_error
+from lightning_gp.step._site import Probe, Site, SiteCallback, Target
 
 
 class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):

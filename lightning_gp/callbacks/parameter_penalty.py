@@ -7,9 +7,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from lightning_gp._arguments import check_choice, check_number
-from lightning_gp._chain import ORDER, StepContext
-from lightning_gp._objective import Step
+from lightning_gp._lightning.arguments import check_choice, check_number
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
 from lightning_gp.functional._autograd import grad as autograd_grad
@@ -18,6 +16,8 @@ from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import parameter_difference, parameter_step_size
 from lightning_gp.functional.precision import default_step
+from lightning_gp.step._chain import ORDER, StepContext
+from lightning_gp.step._objective import Step
 
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
 Scope = Literal["local", "global"]

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_gp._arguments import check_positive_int
-from lightning_gp._chain import ORDER, StepContext
-from lightning_gp._objective import Step
-from lightning_gp._setup_checks import vectors_fit
+from lightning_gp._lightning.arguments import check_positive_int
+from lightning_gp._lightning.setup_checks import vectors_fit
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import spectral_norm_penalty
+from lightning_gp.step._chain import ORDER, StepContext
+from lightning_gp.step._objective import Step
 
 
 class SpectralNormPenalty(PenaltyCallback):

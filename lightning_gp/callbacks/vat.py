@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._arguments import check_number, check_positive_int
-from lightning_gp._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
-from lightning_gp._chain import ORDER, StepContext, extra_pass
-from lightning_gp._objective import Step
-from lightning_gp._setup_checks import check_forward
-from lightning_gp._site import Probe, Site, SiteCallback, Target
+from lightning_gp._lightning.arguments import check_number, check_positive_int
+from lightning_gp._lightning.setup_checks import check_forward
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
+from lightning_gp.step._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
+from lightning_gp.step._chain import ORDER, StepContext, extra_pass
+from lightning_gp.step._objective import Step
+from lightning_gp.step._site import Probe, Site, SiteCallback, Target
 
 #: What ``pl_module(...)`` is called on when the perturbation sits on a layer: a token model's ids first.
 MODEL_INPUT_KEYS = ("input_ids", *DEFAULT_KEYS)

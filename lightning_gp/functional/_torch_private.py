@@ -2,7 +2,7 @@
 
 torch offers no public route to these facts; nothing else in the package touches a private attribute or
 module of torch, and ``tests/test_private_names.py`` fails and names the accessor when a torch release moves
-one. Lightning's private names live in :mod:`lightning_gp._lightning_private`.
+one. Lightning's private names live in :mod:`lightning_gp._lightning.private`.
 """
 
 from __future__ import annotations

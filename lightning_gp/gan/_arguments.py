@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_gp._arguments import check_choice, check_number, check_positive_int
+from lightning_gp._lightning.arguments import check_choice, check_number, check_positive_int
 from lightning_gp.gan.regularizers import METHODS, REGULARIZERS
 
 #: The mixin's own keyword arguments.

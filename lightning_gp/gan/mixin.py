@@ -14,12 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gp._batch import resolve_input
-from lightning_gp._finite import StepValues, check_step, param_names
-from lightning_gp._lightning_private import merge_initial_hparams
-from lightning_gp._logging import over_ranks, should_log
-from lightning_gp._setup_checks import sharded_training
-from lightning_gp._trainer import attached_trainer, grad_scaler
+from lightning_gp._lightning.logging import over_ranks, should_log
+from lightning_gp._lightning.private import merge_initial_hparams
+from lightning_gp._lightning.setup_checks import sharded_training
+from lightning_gp._lightning.trainer import attached_trainer, grad_scaler
 from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional._rng import forked_rng, mixed_seed
@@ -33,6 +31,8 @@ from lightning_gp.gan.regularizers import (
     clip_weights_,
     critic_penalty,
 )
+from lightning_gp.step._batch import resolve_input
+from lightning_gp.step._finite import StepValues, check_step, param_names
 
 
 class WGANGPMixin:
@@ -231,7 +231,7 @@ class WGANGPMixin:
 
     def _wgan_check_finite(self, optimizer: Any, which: str, real: Tensor | None,
                            losses: list[tuple[str, Tensor]], penalties: list[tuple[str, Tensor]]) -> None:
-        """Raise before ``optimizer.step`` when the step is non-finite on any rank (:mod:`lightning_gp._finite`:
+        """Raise before ``optimizer.step`` when the step is non-finite on any rank (:mod:`lightning_gp.step._finite`:
         the all-reduced gradients and this rank's loss and penalty, one host read, every rank raising)."""
         values = StepValues()
         for what, v in losses:

@@ -3,7 +3,7 @@ the Hessian's top eigenvalue, the gradient noise scale, and what each callback c
 
 Each is a thin adapter over `lightning_gp.functional`; reductions across DDP ranks use
 `lightning_gp.metrics.PerSampleMeanMax`; scalars reach every Lightning logger and W&B also gets
-histograms, tables and charts (`lightning_gp._log_writer`).
+histograms, tables and charts (`lightning_gp._lightning.log_writer`).
 """
 
 from lightning_gp.monitors.cost import CostMonitor

@@ -23,14 +23,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_gp._arguments import check_positive_int, init_repr
-from lightning_gp._epoch import EpochAggregate
-from lightning_gp._log_writer import log_scalars, log_settings
-from lightning_gp._logging import logger_step, should_log
-from lightning_gp._module_state import untouched
-from lightning_gp._setup_checks import check_batch_step, check_strategy
+from lightning_gp._lightning.arguments import check_positive_int, init_repr
+from lightning_gp._lightning.epoch import EpochAggregate
+from lightning_gp._lightning.log_writer import log_scalars, log_settings
+from lightning_gp._lightning.logging import logger_step, should_log
+from lightning_gp._lightning.setup_checks import check_batch_step, check_strategy
 from lightning_gp.functional._rng import forked_rng
 from lightning_gp.metrics import PerSampleMeanMax
+from lightning_gp.step._module_state import untouched
 
 #: Interval used when ``every_n_steps=None`` and the trainer logs nothing (``log_every_n_steps=0``).
 FALLBACK_INTERVAL = 50

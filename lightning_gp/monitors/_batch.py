@@ -1,6 +1,6 @@
 """The targets of a batch for the monitors' default per-sample loss.
 
-The input is found by :func:`lightning_gp._batch.resolve_input`, as for the penalty callbacks, so
+The input is found by :func:`lightning_gp.step._batch.resolve_input`, as for the penalty callbacks, so
 ``input_key`` means the same everywhere.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._batch import describe
+from lightning_gp.step._batch import describe
 
 #: Dict keys tried, in order, for the targets of the default loss.
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")

@@ -4,7 +4,7 @@ The recorded gradients are those of ``loss · s / k`` (``k`` the ``accumulate_gr
 GradScaler's scale), so each is the per-sample gradient times ``s / (B·k)`` for a mean loss;
 :func:`per_sample_factor` undoes that. All-Linear models take the light
 :class:`~lightning_gp.functional._recorder.LinearTap`; others the general recorder. The recording starts at the top
-of ``training_step``, called by the :class:`~lightning_gp.interception.StepInterceptor`. Design notes:
+of ``training_step``, called by the :class:`~lightning_gp.step.interception.StepInterceptor`. Design notes:
 ``docs/design/fused-monitor.md``.
 """
 

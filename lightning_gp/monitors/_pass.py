@@ -19,11 +19,11 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
-from lightning_gp._batch import describe, resolve_input
-from lightning_gp._chain import SkipBatch, extra_pass
-from lightning_gp._objective import extract_loss
-from lightning_gp._reduction import agreed, observed_reduction, reduction_error
-from lightning_gp.interception import StepInterceptor
+from lightning_gp.step._batch import describe, resolve_input
+from lightning_gp.step._chain import SkipBatch, extra_pass
+from lightning_gp.step._objective import extract_loss
+from lightning_gp.step._reduction import agreed, observed_reduction, reduction_error
+from lightning_gp.step.interception import StepInterceptor
 
 #: ``forward_fn(module, batch)`` → the outputs a per-sample ``loss_fn`` takes.
 ForwardFn = Callable[[nn.Module, Any], Any]

@@ -9,10 +9,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_gp._cost import STEP, PassMeter
-from lightning_gp._log_writer import log_table
-from lightning_gp._logging import logger_step, over_ranks
+from lightning_gp._lightning.log_writer import log_table
+from lightning_gp._lightning.logging import logger_step, over_ranks
 from lightning_gp.monitors._base import Monitor
+from lightning_gp.step._cost import STEP, PassMeter
 
 PREFIX = "cost"
 #: The callback hooks timed (each callback's work in them is its own).

@@ -10,14 +10,11 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._arguments import check_bool, check_choice
-from lightning_gp._batch import InputKey, replace_input, resolve_input
-from lightning_gp._log_writer import define_summaries, gathered_rows, has_wandb, log_histograms, log_scatter
-from lightning_gp._logging import logger_step
-from lightning_gp._objective import REDUCTIONS, Reduction
-from lightning_gp._setup_checks import check_forward
-from lightning_gp._site import Site, Target, not_run_error
-from lightning_gp._trainer import attached_trainer, loss_scale
+from lightning_gp._lightning.arguments import check_bool, check_choice
+from lightning_gp._lightning.log_writer import define_summaries, gathered_rows, has_wandb, log_histograms, log_scatter
+from lightning_gp._lightning.logging import logger_step
+from lightning_gp._lightning.setup_checks import check_forward
+from lightning_gp._lightning.trainer import attached_trainer, loss_scale
 from lightning_gp.functional._checks import check_per_sample
 from lightning_gp.functional._norm_rules import UnbatchedLayer
 from lightning_gp.functional._recorder import LinearTap
@@ -30,7 +27,6 @@ from lightning_gp.functional.grad_norms import (
 )
 from lightning_gp.functional.gradients import per_sample_norm, tensor_norms
 from lightning_gp.functional.layer_output import perturbed_output
-from lightning_gp.interception import StepInterceptor
 from lightning_gp.monitors._base import Monitor, isolated
 from lightning_gp.monitors._batch import default_loss
 from lightning_gp.monitors._fused import FusedRecording, per_sample_factor
@@ -43,6 +39,10 @@ from lightning_gp.monitors._pass import (
     check_implicit_forward,
     tensor_entries,
 )
+from lightning_gp.step._batch import InputKey, replace_input, resolve_input
+from lightning_gp.step._objective import REDUCTIONS, Reduction
+from lightning_gp.step._site import Site, Target, not_run_error
+from lightning_gp.step.interception import StepInterceptor
 
 PREFIX = "grad_norm"
 #: How the monitor measures (see the class docstring).

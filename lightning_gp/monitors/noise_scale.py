@@ -12,15 +12,15 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_gp._arguments import check_number
-from lightning_gp._batch import InputKey
-from lightning_gp._objective import Reduction
-from lightning_gp._trainer import loss_scale
+from lightning_gp._lightning.arguments import check_number
+from lightning_gp._lightning.trainer import loss_scale
 from lightning_gp.functional.noise_scale import noise_scale, two_batch_noise_scale
 from lightning_gp.monitors._base import isolated
 from lightning_gp.monitors._pass import ForwardFn, PerSampleLoss, SkipBatch, batch_size
 from lightning_gp.monitors.gradient_norm import PREFIX as NORM_PREFIX
 from lightning_gp.monitors.gradient_norm import GradientNormMonitor, Mode
+from lightning_gp.step._batch import InputKey
+from lightning_gp.step._objective import Reduction
 
 PREFIX = "noise_scale"
 #: The logged ingredients, raw and smoothed.

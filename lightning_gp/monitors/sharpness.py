@@ -12,11 +12,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._arguments import check_bool, check_choice, check_number, check_positive_int, with_resolved
-from lightning_gp._chain import averaged_over_ranks
-from lightning_gp._log_writer import define_summaries
-from lightning_gp._logging import logger_step
-from lightning_gp._trainer import attached_trainer
+from lightning_gp._lightning.arguments import check_bool, check_choice, check_number, check_positive_int, with_resolved
+from lightning_gp._lightning.log_writer import define_summaries
+from lightning_gp._lightning.logging import logger_step
+from lightning_gp._lightning.trainer import attached_trainer
 from lightning_gp.functional._autograd import METHODS, Method, agreed_method, no_double_backward_error
 from lightning_gp.functional._rng import forked_rng, mixed_seed, seeded_generator
 from lightning_gp.functional.sharpness import (
@@ -28,6 +27,7 @@ from lightning_gp.functional.sharpness import (
 )
 from lightning_gp.monitors._base import Monitor
 from lightning_gp.monitors._pass import SkipBatch, step_loss
+from lightning_gp.step._chain import averaged_over_ranks
 
 #: How the monitor takes Hessian-vector products (the package's one method type).
 HVPMethod = Method

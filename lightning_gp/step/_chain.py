@@ -1,6 +1,6 @@
 """One training step run through the penalty callbacks: the step's context, its passes, and the chain.
 
-:class:`~lightning_gp.interception.StepInterceptor`, the one wrapper of ``training_step``, calls
+:class:`~lightning_gp.step.interception.StepInterceptor`, the one wrapper of ``training_step``, calls
 :func:`run_chain`, which nests the members in the fixed order of :data:`ORDER` (flooding outermost, then adversarial
 training, the data, parameter and spectral penalties, VAT, and SAM innermost) and returns the output with "loss" =
 loss + every term. The members are
@@ -18,15 +18,15 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 
-from lightning_gp._cost import STEP, span
-from lightning_gp._finite import StepValues
-from lightning_gp._lightning_private import fabric_autocast_dtype
-from lightning_gp._module_state import untouched
-from lightning_gp._objective import Step, caller_name, extract_loss
+from lightning_gp._lightning.private import fabric_autocast_dtype
 from lightning_gp.functional._sharded import Sharding, fsdp_modules, is_sharded, sharded
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.precision import compute_dtype
-from lightning_gp.interception import muted_logging
+from lightning_gp.step._cost import STEP, span
+from lightning_gp.step._finite import StepValues
+from lightning_gp.step._module_state import untouched
+from lightning_gp.step._objective import Step, caller_name, extract_loss
+from lightning_gp.step.interception import muted_logging
 
 #: Where each penalty callback sits in the chain, outermost first (:func:`run_chain` sorts by it). A member's number
 #: also seeds its random generator (``PenaltyCallback.generator``), so the numbers stay what they are.
@@ -145,7 +145,7 @@ class StepContext:
 
     def extra_loss(self, batch: Any) -> Tensor:
         """The raw loss of an extra pass: no other callback, no logging, and what the step changes on the module
-        (buffers, metrics, counters: :mod:`lightning_gp._module_state`) put back after it."""
+        (buffers, metrics, counters: :mod:`lightning_gp.step._module_state`) put back after it."""
         with extra_pass(self.module):
             out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
@@ -156,7 +156,7 @@ class StepContext:
 @contextlib.contextmanager
 def extra_pass(module: nn.Module) -> Iterator[None]:
     """An extra pass of the user's code that leaves no trace: its ``self.log`` calls dropped, what it changes on the
-    module (buffers, metrics, counters: :mod:`lightning_gp._module_state`) put back, marked as a pass of its own
+    module (buffers, metrics, counters: :mod:`lightning_gp.step._module_state`) put back, marked as a pass of its own
     (:func:`~lightning_gp.functional.layer_output.forward_pass`). The callbacks' extra losses, VAT's logits and the
     monitors' re-runs of ``training_step`` all run in it; the random stream is each caller's choice."""
     with muted_logging(module), untouched(module), forward_pass():

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_gp._lightning_private import metric_update_count, set_metric_update_count
+from lightning_gp._lightning.private import metric_update_count, set_metric_update_count
 from lightning_gp.functional._state import BufferSnapshot
 
 _PLAIN = (int, float, bool, str, type(None))
@@ -48,7 +48,7 @@ class _Contents:
 
 
 class ModuleState:
-    """A snapshot of what :mod:`lightning_gp._module_state` restores (see there)."""
+    """A snapshot of what :mod:`lightning_gp.step._module_state` restores (see there)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.buffers = BufferSnapshot(module)

@@ -22,8 +22,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_gp._arguments import init_arguments
-from lightning_gp._lightning_private import logger_prefix
+from lightning_gp._lightning.arguments import init_arguments
+from lightning_gp._lightning.private import logger_prefix
 
 #: The x-axis Lightning's WandbLogger defines for every metric; media logged here use it too.
 STEP_KEY = "trainer/global_step"

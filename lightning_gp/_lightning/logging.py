@@ -2,7 +2,7 @@
 
 A ``self.log`` call costs as much as a small model's step, and a value logged on a
 step the loggers do not write is overwritten unread, so the package logs on the written steps only. The two
-facts come from Lightning internals, read in :mod:`lightning_gp._lightning_private`.
+facts come from Lightning internals, read in :mod:`lightning_gp._lightning.private`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_gp._lightning_private import batches_that_stepped, will_write_logs
+from lightning_gp._lightning.private import batches_that_stepped, will_write_logs
 
 
 def should_log(trainer: pl.Trainer | None) -> bool:

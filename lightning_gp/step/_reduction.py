@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._batch import slice_batch
 from lightning_gp.functional._rng import forked_rng
+from lightning_gp.step._batch import slice_batch
 
 #: Relative tolerance of the comparison.
 RTOL = 1e-4

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from lightning_gp._batch import InputKey, replace_input, resolve_input
 from lightning_gp.functional.layer_output import expand_mask, perturbed_output
+from lightning_gp.step._batch import InputKey, replace_input, resolve_input
 
 #: What a target may be: None (the batch input), a dotted submodule path, or a module.
 Target = str | nn.Module | None

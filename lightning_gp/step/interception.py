@@ -23,7 +23,7 @@ Example:
 
     >>> import lightning.pytorch as pl
     >>> from lightning.pytorch.demos.boring_classes import BoringModel
-    >>> from lightning_gp.interception import StepInterceptor
+    >>> from lightning_gp.step.interception import StepInterceptor
     >>> model = BoringModel()
     >>> interceptor = StepInterceptor.attach(pl.Trainer(logger=False), model)
     >>> interceptor.observe(print)  # called with the batch at the top of every training step
@@ -56,7 +56,7 @@ class StepInterceptor:
 
     Two kinds of members: *observers*, called with the batch at the top of every intercepted step (the
     fused monitor starts its recording there), and *members* with an ``order``, run by ``runner`` (the
-    penalty callbacks: :func:`lightning_gp._chain.run_chain`).
+    penalty callbacks: :func:`lightning_gp.step._chain.run_chain`).
     """
 
     def __init__(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -69,7 +69,7 @@ class StepInterceptor:
         self.runner: Runner | None = None
         self.active = True
         self._running = False
-        #: The penalty callbacks' record of the current optimizer step (``lightning_gp._finite.StepValues``).
+        #: The penalty callbacks' record of the current optimizer step (``lightning_gp.step._finite.StepValues``).
         self.step_values: Any = None
 
         # A real function (Lightning's `is_overridden` reads `__code__`); `wraps` keeps the user's signature
