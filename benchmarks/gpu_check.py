@@ -5,8 +5,8 @@ Run ``bash benchmarks/gpu_check.sh`` (or ``python -m benchmarks.gpu_check``) fro
 goes to ``--out`` (default ``$OUT/gpu_check.md`` where ``OUT`` is set, else ``gpu_check_report.md``) and to stdout.
 Parts, each with its own time limit inside the overall budget (a part that would not fit is reported as skipped):
 
-1. the CUDA tier, ``pytest -m cuda tests/test_cuda.py``: every callback, the mixin and the monitors on CUDA in
-   32-true, bf16-mixed and 16-mixed, dropout replay with CUDA's RNG, SDPA flash and memory-efficient attention,
+1. the CUDA tier, ``pytest -m cuda tests/integration/test_cuda.py``: every callback, the mixin and the monitors on CUDA
+   in 32-true, bf16-mixed and 16-mixed, dropout replay with CUDA's RNG, SDPA flash and memory-efficient attention,
    no host synchronisation inside a step;
 2. callbacks ÷ hand-written loops, SAM among them (``bench_callbacks``);
 3. finite differences ÷ double backward (``bench_functional``);
@@ -50,7 +50,7 @@ def parts(gpu: bool) -> list[Part]:
              else ["-m", "benchmarks.bench_grad_norms", *quick])
     return [
         Part("CUDA tier of the tests", ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                                        "--no-header", "-rfEs", "tests/test_cuda.py"], 240, smoke=True),
+                                        "--no-header", "-rfEs", "tests/integration/test_cuda.py"], 240, smoke=True),
         Part("callbacks ÷ hand-written loops (SAM included)", ["-m", "benchmarks.bench_callbacks", *quick], 90),
         Part("finite differences ÷ double backward", ["-m", "benchmarks.bench_functional", *quick], 45, smoke=True),
         Part("per-sample gradient norms against the peers", peers, 90),

@@ -2,7 +2,8 @@
 (an embedding model for the target-layer methods, a feature model for the batch-input ones), the callbacks under
 test, and a fit that runs them on one process or under ``ModelParallelStrategy`` (2 CPU processes, gloo).
 
-Shared by tests/ddp_scripts/fsdp2.py (the 2-process runs) and tests/test_fsdp2.py (the one-process references).
+Shared by tests/ddp_scripts/fsdp2.py (the 2-process runs) and tests/integration/test_fsdp2.py (the one-process
+references).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lightning_gp.callbacks import (
     SharpnessAwareMinimization,
     VirtualAdversarialTraining,
 )
-from tests.test_callbacks_ddp import _RankSampler  # rank r takes samples r, r + W, ...: one batch split
+from tests.integration.test_ddp_callbacks import _RankSampler  # rank r takes samples r, r + W, ...: one batch split
 
 PER_RANK_BATCH = 4
 STEPS = 3
@@ -86,7 +87,8 @@ VERSUS_DDP: dict[str, tuple[str, Callable[[], list]]] = {
 }
 
 
-#: Configurations with a finite difference (their quotient divides rounding by the step: tests/test_fsdp2.py).
+#: Configurations with a finite difference (their quotient divides rounding by the step:
+#: tests/integration/test_fsdp2.py).
 FINITE_DIFFERENCES = {"data_fd_input", "data_auto_target", "parameter_global_fd", "parameter_global_auto",
                       "sam_fgm_penalty", "parameter_accumulated", "parameter_frozen", "sam_unused", "fgm_bf16"}
 #: Trainer arguments of a configuration beyond the defaults.

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 transformers = __import__("pytest").importorskip("transformers")
 
-VOCAB, T, B, CLASSES = 40, 6, 4, 3  # VOCAB ≥ tests/test_targets.py's, CLASSES equal
+VOCAB, T, B, CLASSES = 40, 6, 4, 3  # VOCAB ≥ tests/callbacks/test_targets.py's, CLASSES equal
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from lightning_gp import (
     SpectralNormPenalty,
     VirtualAdversarialTraining,
 )
-from tests.test_monitors_support import Classifier, loader, trainer
-from tests.test_wandb_reader import read_run
+from tests._lightning.test_wandb_reader import read_run
+from tests.monitors.support import Classifier, loader, trainer
 
 pytest.importorskip("wandb_workspaces")
 

@@ -1,7 +1,7 @@
 """Every private name of Lightning (and torchmetrics) that lightning-gp reads, each behind one accessor.
 
 Lightning has no public API for these facts; nothing else in the package touches a private attribute or
-module of Lightning, and ``tests/test_private_names.py`` fails and names the accessor when a release moves
+module of Lightning, and ``tests/_lightning/test_private_names.py`` fails and names the accessor when a release moves
 one. torch's private names live in :mod:`lightning_gp.functional._torch_private`.
 """
 

@@ -1,7 +1,7 @@
 """Every private name of torch that lightning-gp reads, each behind one accessor.
 
 torch offers no public route to these facts; nothing else in the package touches a private attribute or
-module of torch, and ``tests/test_private_names.py`` fails and names the accessor when a torch release moves
+module of torch, and ``tests/_lightning/test_private_names.py`` fails and names the accessor when a torch release moves
 one. Lightning's private names live in :mod:`lightning_gp._lightning.private`.
 """
 

@@ -16,9 +16,10 @@ from torch import Tensor
 __all__ = ["compute_dtype", "default_step", "difference_scale", "difference_step"]
 
 #: Each kind of finite difference: its relative step in float32, and the power of ε it keeps to in a less precise
-#: dtype (:func:`difference_step`). Measured (``tests/test_precision.py``): the data penalty's one-sided input
-#: difference ε^(2/3), the parameter penalty's one-sided parameter difference ε, a central Hessian-vector difference
-#: ε^(1/2) (bf16: 0.088, cos 0.9997 against the double backward, where 1e-3 gave cos 0.54 and a norm 1.8× too large).
+#: dtype (:func:`difference_step`). Measured (``tests/functional/test_precision.py``): the data penalty's one-sided
+#: input difference ε^(2/3), the parameter penalty's one-sided parameter difference ε, a central Hessian-vector
+#: difference ε^(1/2) (bf16: 0.088, cos 0.9997 against the double backward, where 1e-3 gave cos 0.54 and a norm
+#: 1.8× too large).
 STEPS: dict[str, tuple[float, float]] = {"input": (1e-2, 2 / 3), "parameter": (1e-3, 1.0), "hvp": (1e-3, 1 / 2)}
 
 
@@ -50,7 +51,7 @@ def difference_scale(dtype: torch.dtype) -> float:
 
     ε/h + h is smallest at h = √ε for an exact f, but the step must also survive the rounding of the
     perturbed point itself (bfloat16 keeps 8 bits): ε^(1/3) measured better in bfloat16 and as well in
-    float32 (``tests/test_precision.py``). About 4.9e-3 for float32, 6.1e-6 for float64, 0.2 for bfloat16.
+    float32 (``tests/functional/test_precision.py``). About 4.9e-3 for float32, 6.1e-6 for float64, 0.2 for bfloat16.
 
     Example:
 
@@ -67,8 +68,8 @@ def difference_step(base: float, dtype: torch.dtype, exponent: float) -> float:
 
     A step below the rounding of the gradients it differences measures rounding: in bfloat16 the parameter
     penalty's term came out at cos 0.81 to the exact one with its float32 step 1e-3. The exponents are measured
-    (``tests/test_precision.py``): ε for the parameter penalty (bf16: 0.0078, cos 0.99, norm within 2 %), whose
-    truncation error grows fast with the step, and ε^(2/3) for the data penalty (bf16: 0.039, cos 0.998).
+    (``tests/functional/test_precision.py``): ε for the parameter penalty (bf16: 0.0078, cos 0.99, norm within
+    2 %), whose truncation error grows fast with the step, and ε^(2/3) for the data penalty (bf16: 0.039, cos 0.998).
 
     Example:
 

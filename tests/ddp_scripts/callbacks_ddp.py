@@ -1,6 +1,6 @@
 """Train several callback configurations under real 2-process CPU DDP in one launch; save final params.
 
-Used by tests/test_callbacks_ddp.py, which compares them to one process on the combined batch.
+Used by tests/integration/test_ddp_callbacks.py, which compares them to one process on the combined batch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.ddp import close_process_group
-from tests.test_callbacks_ddp import CONFIGS, PER_RANK_BATCH, fit
+from tests.integration.test_ddp_callbacks import CONFIGS, PER_RANK_BATCH, fit
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ one process with batch size 8 and no shuffling.
 A fourth monitor, GradientNormMonitor(mode="fused"), logs at step 2 only (each rank reads its own 4 samples'
 norms off its own backward; the per-sample factor is the local batch size). GradientNoiseScale logs at step 3: the
 ranks' per-sample norms and the all-reduced gradient give the estimate on the combined batch.
-Rank 0 saves the initial weights and where the loggers wrote; tests/test_monitors_ddp.py compares the
+Rank 0 saves the initial weights and where the loggers wrote; tests/integration/test_ddp_monitors.py compares the
 logged values with a one-process run on the combined batches.
 """
 
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_gp.monitors import GradientNoiseScale, GradientNormMonitor, MLPInequalityMonitor, SpectralNormMonitor
 from tests.ddp import close_process_group
-from tests.test_monitors_support import Classifier, dataset
+from tests.monitors.support import Classifier, dataset
 
 
 class Shards(pl.LightningDataModule):

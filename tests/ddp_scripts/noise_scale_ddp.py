@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_gp.monitors import GradientNoiseScale
 from tests.ddp import close_process_group
-from tests.test_monitors_support import Classifier, dataset
+from tests.monitors.support import Classifier, dataset
 
 PER_RANK, STEPS = 4, 160
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_gp.callbacks import AdversarialTraining, DataGradientPenalty, ParameterGradientPenalty
 from lightning_gp.gan import WGANGPMixin
 from tests.ddp import close_process_group
-from tests.test_callbacks_ddp import _RankSampler
+from tests.integration.test_ddp_callbacks import _RankSampler
 
 PER_RANK = 4
 NAN_INDEX = 11  # rank 1's second batch (rank r gets samples r, r + 2, ...)

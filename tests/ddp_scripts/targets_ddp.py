@@ -1,6 +1,6 @@
 """FGM and VAT with an embedding target on a Hugging Face BERT under real 2-process CPU DDP (default
 settings, Lightning's DistributedSampler); saves the final parameters, the sample indices each rank saw per
-step, and each rank's initial seed. Used by tests/test_targets_hf.py::test_ddp_matches_one_process."""
+step, and each rank's initial seed. Used by tests/callbacks/test_targets_hf.py::test_ddp_matches_one_process."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.callbacks.test_targets_hf import DDP_CONFIGS, ddp_fit
 from tests.ddp import close_process_group
-from tests.test_targets_hf import DDP_CONFIGS, ddp_fit
 
 
 def main() -> None:

@@ -1,0 +1,129 @@
+"""The benchmarks stay runnable: each timed step executes and trains (no timing is asserted here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.bench_functional import build_steps, main, mlp
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_every_functional_step_runs_and_updates_the_model(optimizer):
+    net = mlp()
+    steps = build_steps(torch.device("cpu"), batch=16, optimizer=optimizer, model=net)
+    for name, step in steps.items():
+        before = [p.detach().clone() for p in net.parameters()]
+        step()
+        changed = any(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
+        assert changed or name.startswith("WGAN"), name  # the critic rows train the critic instead
+
+
+def test_functional_benchmark_prints_a_table_with_its_targets():
+    text = main(["--quick", "--threads", "1"])
+    assert "| data penalty, finite difference |" in text and "≤ 1.90×" in text and "SGD" in text
+
+
+def _rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """(model, route) → the other cells of a Markdown table's rows."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 5 and cells[0] != "model":
+            rows[cells[0], cells[1]] = cells[2:]
+    return rows
+
+
+def test_peers_benchmark_has_every_route_and_they_agree():
+    pytest.importorskip("opacus", reason="the peers benchmark needs the `bench` extra (opacus is not in `test`)")
+    pytest.importorskip("backpack", reason="the peers benchmark needs backpack-for-pytorch")
+    from benchmarks.bench_peers import MODELS, ROUTES, build_case
+    from benchmarks.bench_peers import main as peers
+
+    text = peers(["--tiny", "--repeats", "1", "--threads", "1", "--no-progress"])
+    rows = _rows(text)
+    labels = [build_case(name, tiny=True).label for name in MODELS]
+    assert len(rows) == len(labels) * len(ROUTES)
+    for label in labels:
+        for route in ROUTES:
+            ratio, _, agreement = rows[label, route]
+            if ratio == "n/a":  # only BackPACK lacks a rule (LayerNorm with parameters)
+                assert route == "BackPACK BatchL2Grad" and "LayerNorm" in agreement, (label, route, agreement)
+            else:
+                assert float(ratio) > 0 and float(agreement) <= 1e-4, (label, route, ratio, agreement)
+    assert "Verdict" in text and "Method: " in text
+
+
+def test_attacks_benchmark_is_bitwise_equal_to_torchattacks():
+    pytest.importorskip("torchattacks")
+    from benchmarks.bench_attacks import main as attacks
+
+    text = attacks(["--tiny", "--repeats", "2", "--threads", "1"])
+    assert "Bitwise equal to torchattacks.FGSM: yes" in text and "| lightning_gp fgsm |" in text
+
+
+def test_monitor_benchmark_runs_the_fused_monitor_on_the_cnn_and_bert():
+    pytest.importorskip("transformers")
+    from benchmarks.bench_monitors import main as monitors
+
+    text = monitors(["--models", "cnn,bert", "--tiny", "--threads", "1"])
+    assert "| CNN (2 conv + 2 linear), batch" in text and "| tiny BERT, T=8, batch 4 |" in text
+    assert text.count("≤ 1.25×") == 2
+
+
+@pytest.mark.ddp
+def test_communication_benchmark_counts_the_collectives_of_ddp_and_fsdp2(tmp_path):
+    """2 processes: DDP's plain step is one gradient all-reduce; FSDP2's all-gathers each of the 3 Linear units in the
+    forward and in the backward and reduce-scatters them in the backward (the root holds no parameter of its own);
+    FGM adds an attack pass."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_communication", "--configs",
+                           "plain step;FGM (AdversarialTraining)"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["plain step"][:2] == ["1", "0.34"]  # one all-reduce of the 85k float32 gradients
+    assert "- plain step, FSDP2: allgather_base 6, reduce_scatter_base 3" in proc.stdout
+    assert float(rows["FGM (AdversarialTraining)"][2]) > float(rows["plain step"][2])
+
+
+def test_gpu_check_runs_as_a_cpu_smoke_test_and_writes_its_report(tmp_path):
+    """The one-command GPU check: here the CUDA tier is collected and skipped, the quickest benchmark runs."""
+    from benchmarks.gpu_check import main as gpu_check
+
+    out = tmp_path / "report.md"
+    report = gpu_check(["--smoke", "--out", str(out)])
+    assert out.read_text() == report
+    assert "## CUDA tier of the tests\n\npassed" in report and "skipped" in report  # collected, every test skipped
+    assert "## finite differences ÷ double backward\n\npassed" in report
+    assert "| data penalty, finite difference |" in report  # the benchmark's table, with times and ratios
+    assert "skipped: smoke test (no GPU)" in report
+
+
+def test_callbacks_benchmark_alternates_the_two_sides_and_reports_per_round_ratios(monkeypatch):
+    """One round of the SAM rows: both sides timed step by step in the same chunk, every cell a median with its
+    spread, and every hand-written step of the chunk run (one per Lightning step)."""
+    from benchmarks import bench_callbacks
+
+    monkeypatch.setenv("LGP_BENCH_DEVICES", "cpu")
+    text = bench_callbacks.main(["--quick", "--rounds", "1", "--steps", "2", "--threads", "1", "--clock", "cpu",
+                                 "--only", "SAM (ρ = 0.05)", "SAM, check_finite=False"])
+    comparison = text.split("Lightning steps ÷ plain Lightning step")[0]  # the first of the two tables
+    rows = {line.split("|")[1].strip(): line for line in comparison.splitlines() if line.startswith("| ")}
+    for name in ("plain", "SAM (ρ = 0.05)", "SAM, check_finite=False"):
+        assert name in rows and rows[name].count("(") >= 4, rows.get(name)  # median (low–high) in the ratio cells
+    assert "1 rounds × 2 kept steps, cpu clock" in text
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    calls = []
+    lit, hand = bench_callbacks.lightning_chunk("SAM (ρ = 0.05)", torch.device("cpu"), (x, y), 3,
+                                                lambda: calls.append(1))
+    assert len(lit) == len(hand) == len(calls) == 3

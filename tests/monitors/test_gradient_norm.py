@@ -1,0 +1,159 @@
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_gp.monitors.gradient_norm import GradientNormMonitor
+from lightning_gp.monitors.spectral_norm import SpectralNormMonitor
+from tests.monitors.support import Classifier, loader, read_csv, reference_norms, trainer
+
+
+class Snapshot(pl.Callback):
+    """Copies the module and the batch at the start of the batch that takes optimizer step ``step``."""
+
+    def __init__(self, step):
+        self.step, self.model, self.batch = step, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.model, self.batch = copy.deepcopy(pl_module), [t.clone() for t in batch]
+
+
+def test_logged_values_equal_torch_func_per_sample_norms(tmp_path):
+    monitor, snap = GradientNormMonitor(every_n_steps=2), Snapshot(3)
+    trainer(tmp_path, callbacks=[monitor, snap], logger=CSVLogger(tmp_path), max_steps=4).fit(Classifier(), loader())
+    rows = [r for r in read_csv(tmp_path / "lightning_logs/version_0/metrics.csv") if "grad_norm/input_mean" in r]
+    assert [r["step"] for r in rows] == [1.0, 3.0]  # the 2nd and 4th optimizer steps only
+    got = rows[-1]
+
+    x, y = snap.batch
+    ref = reference_norms(snap.model, x, y)
+    assert got["grad_norm/input_mean"] == pytest.approx(float(ref["input"].mean()), rel=1e-5)
+    assert got["grad_norm/input_max"] == pytest.approx(float(ref["input"].max()), rel=1e-5)
+    assert got["grad_norm/param_per_sample_mean"] == pytest.approx(float(ref["param"].mean()), rel=1e-5)
+    assert got["grad_norm/param_per_sample_max"] == pytest.approx(float(ref["param"].max()), rel=1e-5)
+    for layer in ("net.0", "net.2", "net.4"):
+        assert got[f"grad_norm/layer/{layer}"] == pytest.approx(float(ref[f"layer/{layer}"].mean()), rel=1e-5)
+    # ‖∇θL‖ of the batch-mean loss of that step
+    grads = torch.autograd.grad(F.cross_entropy(snap.model(x), y), list(snap.model.parameters()))
+    batch_norm = torch.cat([g.flatten() for g in grads]).norm()
+    assert got["grad_norm/param_batch"] == pytest.approx(float(batch_norm), rel=1e-5)
+    assert monitor.last_logged == {k: pytest.approx(v) for k, v in got.items() if k.startswith("grad_norm/")}
+
+
+def _fit(tmp_path, callbacks, model, max_steps=4):
+    torch.manual_seed(0)
+    trainer(tmp_path, callbacks=callbacks, max_steps=max_steps).fit(model, loader())
+    return model
+
+
+def test_monitors_never_change_training(tmp_path):
+    # dropout draws random numbers and BatchNorm updates running statistics in training mode: the
+    # monitors' extra passes must do neither
+    torch.manual_seed(0)
+    base = Classifier(dropout=0.3, batchnorm=True)
+    plain = _fit(tmp_path / "a", [], copy.deepcopy(base))
+    monitored = _fit(tmp_path / "b", [GradientNormMonitor(every_n_steps=1), SpectralNormMonitor(every_n_steps=1)],
+                     copy.deepcopy(base))
+    for (name, a), b in zip(plain.state_dict().items(), monitored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(plain.parameters(), monitored.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+class Modes(pl.Callback):
+    """Puts the dropout layer in eval mode before the monitor runs; records every module's mode after it."""
+
+    def __init__(self, before):
+        self.before, self.seen = before, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.before:
+            pl_module.net[3].eval()
+        else:
+            self.seen.append({name: m.training for name, m in pl_module.named_modules()})
+
+
+def test_module_modes_are_restored(tmp_path):
+    before, after = Modes(True), Modes(False)
+    model = Classifier(dropout=0.3, batchnorm=True)
+    _fit(tmp_path, [before, GradientNormMonitor(every_n_steps=1), after], model, max_steps=2)
+    expected = {name: name != "net.3" for name, _ in model.named_modules()}
+    assert after.seen == [expected, expected]
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("where", ["monitor", "training_step"])
+def test_nothing_is_left_behind_when_a_step_raises(tmp_path, where):
+    # forward calls with a monitor at every step: step 0 = calls 1 (monitor), 2 and 3 (the reduction check on the
+    # two half-batches, first measurement only), 4 (training); step 1 = 5 (monitor), 6 (training)
+    torch.manual_seed(0)
+    base = Classifier()
+    base.net[2].weight.requires_grad_(False)  # a frozen weight must stay frozen
+    reference = copy.deepcopy(base)
+    reference.raise_at_call = 2  # no monitor: the training forward of step 1 raises
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path / "ref", [], reference)
+
+    model = copy.deepcopy(base)
+    model.raise_at_call = 5 if where == "monitor" else 6
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path / "mon", [GradientNormMonitor(every_n_steps=1)], model)
+    assert _hooks(model) == 0
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in reference.parameters()]
+    assert all(m.training for m in model.modules())
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+
+
+def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
+    monitor = GradientNormMonitor(every_n_steps=1, per_layer=False, histograms=False)
+    trainer(tmp_path, callbacks=[monitor], logger=CSVLogger(tmp_path), max_steps=2,
+            accumulate_grad_batches=2).fit(Classifier(), loader())
+    rows = [r for r in read_csv(tmp_path / "lightning_logs/version_0/metrics.csv") if "grad_norm/input_mean" in r]
+    assert [r["step"] for r in rows] == [0.0, 1.0]
+    assert all("grad_norm/param_batch" in r and "grad_norm/layer/net.0" not in r for r in rows)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="`every_n_steps` must be an integer >= 1, got 0"):
+        GradientNormMonitor(every_n_steps=0)
+    with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+        GradientNormMonitor(loss_fn="ce")
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    net = Classifier()
+    with pytest.raises(ValueError, match=r"default per-sample loss .* finds no targets in the batch"):
+        GradientNormMonitor(forward_fn=lambda m, b: m(b["x"])).measure(net, {"x": x})
+    with pytest.raises(ValueError, match=r"`loss_fn\(outputs, batch\)` must hold one value per sample"):
+        GradientNormMonitor(loss_fn=lambda out, batch: out).measure(net, (x, y))
+    bad = GradientNormMonitor(every_n_steps=1, input_key="image")
+    with pytest.raises(ValueError, match="input_key='image'"):
+        trainer(tmp_path, callbacks=[bad], max_steps=1).fit(Classifier(), loader())
+
+
+def test_a_manually_optimized_module_is_refused_in_setup_or_measured_through_forward_fn(tmp_path):
+    """Its training_step steps the optimizer, so no monitor may re-run it."""
+    from lightning_gp import MLPInequalityMonitor, SharpnessMonitor
+    from tests.monitors.test_fused import Manual
+
+    for monitor, fix in [(GradientNormMonitor(every_n_steps=1), r"Pass `forward_fn=lambda module, batch"),
+                         (MLPInequalityMonitor(every_n_steps=1), r"Pass `forward_fn=lambda module, batch"),
+                         (SharpnessMonitor(every_n_steps=1), r"would train the model")]:
+        with pytest.raises(RuntimeError, match=rf"{type(monitor).__name__} .*manual optimization.*{fix}"):
+            trainer(tmp_path, callbacks=[monitor], max_steps=1).fit(Manual(), loader())
+    model = Manual()
+    before = copy.deepcopy(model)
+    explicit = GradientNormMonitor(every_n_steps=1, histograms=False, forward_fn=lambda m, b: m(b[0]),
+                                   loss_fn=lambda out, b: F.cross_entropy(out, b[1], reduction="none"))
+    trainer(tmp_path, callbacks=[explicit], max_steps=1).fit(model, loader())
+    ref = reference_norms(before, *next(iter(loader())))
+    assert explicit.last_logged["grad_norm/param_per_sample_mean"] == pytest.approx(float(ref["param"].mean()),
+                                                                                     rel=1e-5)
