@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gp.callbacks import (
     AdversarialTraining,
     DataGradientPenalty,
-    Flooding,
     ParameterGradientPenalty,
     VirtualAdversarialTraining,
 )
@@ -370,13 +369,6 @@ def test_transformer_embedding_matches_hand_written_loop(name):
     run_case(TOKEN_PROBLEM, name, 1e-9)
 
 
-def test_vat_default_logits_on_mlp():
-    """Without logits_fn, a layer target calls ``pl_module(batch[0])`` for a tuple batch."""
-    expected = reference(MLP_PROBLEM, ref_vat(1.0, 1.0, xi=1e-3))
-    _, got = fit(MLP_PROBLEM, [VirtualAdversarialTraining(1.0, xi=1e-3, target="net.2")])
-    assert_same_training(got, expected, MLP_PROBLEM, 1e-9)
-
-
 def test_target_as_module_object():
     module = TOKEN_PROBLEM.make(torch.float64)
     _, got = fit(TOKEN_PROBLEM, [AdversarialTraining(0.5, adversarial_weight=0.5, target=module.emb)], module=module)
@@ -517,22 +509,6 @@ def test_checkpoint_resume_is_bit_identical(callbacks, tmp_path):
 
 # ---- Flooding --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("level", [0.0, 1.3, 5.0])
-def test_flooding_matches_hand_written_loop(level):
-    """Above the level it is plain descent, below it ascent (|L − b| + b); 1.3 is crossed during the run."""
-    losses = []
-
-    def objective(P, t, m):
-        loss = P.loss()
-        losses.append(float(loss))
-        return (loss - level).abs() + level
-
-    expected = reference(MLP_PROBLEM, objective, steps=5)
-    _, got = fit(MLP_PROBLEM, [Flooding(level)], steps=5)
-    assert_same_training(got, expected, MLP_PROBLEM, 1e-9)
-    if level == 1.3:
-        assert min(losses) < level < max(losses)
-
 
 # ---- errors ----------------------------------------------------------------------------------------------
 
@@ -650,24 +626,6 @@ def test_mask_of_wrong_shape(callback):
         quick_fit(MaskFree(), [callback("absent")], BadMaskData(LENGTH))
 
 
-class SequenceOutput(MLP):
-    def forward(self, x):
-        return self.net(x).unsqueeze(1).expand(-1, 2, -1)  # (B, T, C): per-token logits
-
-
-class DictOutput(MLP):
-    def forward(self, x):
-        return {"scores": self.net(x)}
-
-
-@pytest.mark.parametrize(("model", "shown"), [(SequenceOutput, r"\(4, 2, 3\)"), (DictOutput, "dict")])
-def test_vat_logits_not_found(model, shown):
-    data = TensorDataset(torch.randn(8, 5), torch.randint(0, CLASSES, (8,)))
-    for target in ("net.2", None):
-        with pytest.raises(ValueError, match=rf"needs \(B, C\) logits; `{model.__name__}` gave {shown}.*logits_fn="):
-            quick_fit(model(torch.float32), [VirtualAdversarialTraining(0.1, target=target)], data)
-
-
 def test_probe_hook_is_removed_after_each_step():
     """No forward hook stays on the target between steps (it exists only during a pass)."""
     module = TOKEN_PROBLEM.make(torch.float64)
@@ -675,4 +633,3 @@ def test_probe_hook_is_removed_after_each_step():
                         VirtualAdversarialTraining(1.0, target="emb", logits_fn=TOKEN_PROBLEM.logits_fn),
                         DataGradientPenalty(0.05, target="emb")], module=module, steps=1)
     assert not module.emb._forward_hooks
-

@@ -17,7 +17,6 @@ from lightning_gp import (
     Flooding,
     GradientNormMonitor,
     ParameterGradientPenalty,
-    SpectralNormMonitor,
     SpectralNormPenalty,
     VirtualAdversarialTraining,
     penalized_loss,
@@ -68,13 +67,6 @@ def test_iterator_steps_are_refused_in_setup_with_what_to_do(name):
     with pytest.raises(RuntimeError, match=r"training_step\(self, dataloader_iter\)` draws its own batches.*"
                                            r"training_step\(self, batch, batch_idx\)`.*penalized_loss"):
         trainer.fit(IteratorStep(), DataLoader(data(), batch_size=8))
-
-
-def test_the_spectral_monitor_reads_weights_and_runs_with_iterator_steps():
-    monitor = SpectralNormMonitor(every_n_steps=1)
-    trainer = pl.Trainer(max_steps=2, callbacks=[monitor], **QUIET)
-    trainer.fit(IteratorStep(), DataLoader(data(), batch_size=8))
-    assert monitor.last_logged
 
 
 def test_penalized_loss_inside_an_iterator_step_is_the_way_in():

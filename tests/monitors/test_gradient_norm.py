@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import copy
 
 import lightning.pytorch as pl
@@ -5,9 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gp.monitors.gradient_norm import GradientNormMonitor
-from lightning_gp.monitors.spectral_norm import SpectralNormMonitor
+from lightning_gp import (
+    GradientNormMonitor,
+    MLPInequalityMonitor,
+    SharpnessMonitor,
+    SpectralNormMonitor,
+)
+from tests.integration.test_fuzz_lightning import Net, fit
 from tests.monitors.support import Classifier, loader, read_csv, reference_norms, trainer
 
 
@@ -141,7 +149,6 @@ def test_errors(tmp_path):
 
 def test_a_manually_optimized_module_is_refused_in_setup_or_measured_through_forward_fn(tmp_path):
     """Its training_step steps the optimizer, so no monitor may re-run it."""
-    from lightning_gp import MLPInequalityMonitor, SharpnessMonitor
     from tests.monitors.test_fused import Manual
 
     for monitor, fix in [(GradientNormMonitor(every_n_steps=1), r"Pass `forward_fn=lambda module, batch"),
@@ -157,3 +164,39 @@ def test_a_manually_optimized_module_is_refused_in_setup_or_measured_through_for
     ref = reference_norms(before, *next(iter(loader())))
     assert explicit.last_logged["grad_norm/param_per_sample_mean"] == pytest.approx(float(ref["param"].mean()),
                                                                                      rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- monitors
+class Regression(Net):
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self.net(batch[0])[:, :1], batch[1])
+
+def regression_loader():
+    gen = torch.Generator().manual_seed(4)
+    return DataLoader(TensorDataset(torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)), batch_size=4)
+
+def test_gradient_norm_monitor_measures_the_step_and_refuses_float_targets_for_its_cross_entropy():
+    """The default measures the step's own loss (an MSE here); the explicit forward with the default cross-entropy
+    refuses float targets and names `loss_fn`; a given `loss_fn` is measured."""
+    x, y = next(iter(regression_loader()))
+    module = Regression()
+    xl = x.clone().requires_grad_(True)
+    # B · ∇ₓ of the step's mean loss: each row is ∇ₓℓᵢ
+    (g,) = torch.autograd.grad(F.mse_loss(module.net(xl)[:, :1], y) * len(x), xl)
+    default = GradientNormMonitor(every_n_steps=1, histograms=False)
+    fit(module, [default], regression_loader(), steps=1)
+    assert abs(default.last_logged["grad_norm/input_max"] - float(g.norm(dim=1).max())) < 1e-5
+    with pytest.raises(ValueError, match=r"cross-entropy against integer class labels.*torch.float32 of shape "
+                                         r"\[4, 1\].*Pass your per-sample loss, e.g. `loss_fn="):
+        fit(Regression(), [GradientNormMonitor(every_n_steps=1, forward_fn=lambda m, b: m(b[0]))],
+            regression_loader(), steps=1)
+
+    def mse(outputs, batch):
+        return (outputs[:, :1] - batch[1]).square().flatten(1).mean(1)
+
+    monitor = GradientNormMonitor(every_n_steps=1, loss_fn=mse, histograms=False)
+    module = Regression()
+    (g,) = torch.autograd.grad(mse(module.net(xl), (x, y)).sum(), xl)  # eval = train here (no dropout)
+    fit(module, [monitor], regression_loader(), steps=1)
+    assert monitor.last_logged["grad_norm/input_max"] > 0
+    assert abs(monitor.last_logged["grad_norm/input_max"] - float(g.norm(dim=1).max())) < 1e-5

@@ -1,3 +1,7 @@
+from __future__ import annotations
+
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +9,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.func import jacrev
 
-from lightning_gp.monitors.mlp_inequality import MLPInequalityMonitor
+from lightning_gp import (
+    MLPInequalityMonitor,
+)
+from tests.integration.test_fuzz_lightning import Net, fit
 from tests.monitors.support import Classifier, loader, read_csv, reference_norms, trainer
 from tests.monitors.test_gradient_norm import Snapshot
 
@@ -114,3 +121,15 @@ def test_the_sides_are_those_of_the_training_step():
         twice.training_step = lambda batch, batch_idx: (twice.net(batch[0].flatten(1)) + twice.net(
             batch[0].flatten(1))).logsumexp(1).mean()
         MLPInequalityMonitor(max_samples=6, check_reduction=False).measure(twice, (x, y))
+
+
+class NotAChain(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.MultiheadAttention(6, 1), torch.nn.Linear(6, 3))
+
+def test_mlp_monitor_does_not_suggest_an_argument_it_lacks():
+    with pytest.raises(ValueError) as info:
+        fit(NotAChain(), [MLPInequalityMonitor(every_n_steps=1)])
+    assert "allow_non_chain" not in str(info.value)
+    assert re.search(r"MLPInequalityMonitor: .*MultiheadAttention.*pass `submodule=", str(info.value))

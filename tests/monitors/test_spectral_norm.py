@@ -1,10 +1,16 @@
+from __future__ import annotations
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from torch.utils.data import DataLoader
 
-from lightning_gp.monitors.spectral_norm import SpectralNormMonitor
+from lightning_gp import (
+    SpectralNormMonitor,
+)
+from tests.integration.test_trainer_features import QUIET, IteratorStep, data
 from tests.monitors.support import Classifier, loader, read_csv, trainer
 
 
@@ -67,3 +73,10 @@ def test_errors(tmp_path):
 
     with pytest.raises(ValueError, match="found no Linear or Conv layer in NoLayers"):
         trainer(tmp_path, callbacks=[SpectralNormMonitor()]).fit(NoLayers(), loader())
+
+
+def test_the_spectral_monitor_reads_weights_and_runs_with_iterator_steps():
+    monitor = SpectralNormMonitor(every_n_steps=1)
+    trainer = pl.Trainer(max_steps=2, callbacks=[monitor], **QUIET)
+    trainer.fit(IteratorStep(), DataLoader(data(), batch_size=8))
+    assert monitor.last_logged
