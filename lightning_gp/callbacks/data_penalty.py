@@ -160,7 +160,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         return step
 
     def _check_reduction(self, ctx: StepContext, batch: Any, x: Tensor, loss: Tensor) -> None:
-        actual, detail = observed_reduction(ctx.extra_loss, batch, x.shape[0], loss)
+        actual, detail = observed_reduction(lambda half: ctx.extra_loss(half, "fork"), batch, x.shape[0], loss)
         actual = agreed(actual, ctx.broadcast if ctx.world_size > 1 else None, x.device)
         if actual is not None and actual != self.loss_reduction:
             raise ValueError(reduction_error(type(self).__name__, self.loss_reduction, actual, detail))
@@ -210,7 +210,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         step_rel = self.step if self.step is not None else default_step("input", ctx.compute_dtype(x))
         h = finite_difference_input_step_from_norms(mean_sq, max_d, step_rel)
         # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L; the same dropout masks as
-        # the primary pass, and ctx.extra_loss puts the module's state back.
-        term = input_difference(lambda delta: probe.run(ctx.extra_loss, delta)[0], direction.to(x.dtype),
-                                linearised_loss, h=h, rng=before, scale=per_sample_scale / n)
+        # the primary pass (replayed from `before`), and ctx.extra_loss puts the module's state back.
+        term = input_difference(lambda delta: probe.run(lambda b: ctx.extra_loss(b, before), delta)[0],
+                                direction.to(x.dtype), linearised_loss, h=h, scale=per_sample_scale / n)
         return phi.mean(), term

@@ -125,8 +125,8 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             # (2/h)·[L(θ + h g) − L(θ)] at θ + h·g in place, with the primary pass's dropout masks; its −L(θ) part
             # through the linearised loss (gradient: the local ∇L). ctx.extra_loss puts the module's state back.
             h = parameter_step_size(params, penalty.detach().sqrt(), rel)
-            term, _ = parameter_difference(lambda: ctx.extra_loss(batch), params, grads, step.linearised_loss, h=h,
-                                           rng=before)
+            term, _ = parameter_difference(lambda: ctx.extra_loss(batch, before), params, grads,
+                                           step.linearised_loss, h=h)
             step = step.add(weight * term)
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1

@@ -156,22 +156,21 @@ class SharpnessAwareMinimization(PenaltyCallback):
         if self.scope == "global":  # one flat all-reduce of a copy (the linearised loss keeps the local g)
             grads = ctx.average_over_ranks(grads)
         direction, h = sam_perturbation(params, grads, rho=self.rho, adaptive=self.adaptive)
-        loss_at = lambda: ctx.extra_loss(batch)  # noqa: E731  (puts the module's buffers and other state back)
+        loss_at = lambda: ctx.extra_loss(batch, before)  # noqa: E731  (the clean pass's dropout masks; state put back)
         if held or (alone and h != 0 and math.isfinite(h)):
             # The objective is L(θ + ε), with L(θ)'s value (a zero or non-finite g displaces by 0 or NaN: the
             # gradient is then g itself, or NaN for the finiteness check).
             if held:
-                at, self._displacement = displaced_loss(loss_at, params, direction, h=h, rng=before,
+                at, self._displacement = displaced_loss(loss_at, params, direction, h=h,
                                                         owner=None if self._compiled else ctx.module)
             else:  # the perturbed gradient taken now, handed over by the final backward in one multiply
-                at = displaced_linearisation(loss_at, params, direction, h=h, rng=before)
+                at = displaced_linearisation(loss_at, params, direction, h=h)
             perturbed = at.detach()
             step = replace(step, linearised_loss=at - perturbed + loss.detach())
         else:
             # (h/h)·[∇L(θ + h·d) − ∇L(θ)] added to the clean gradient: the objective's gradient is ∇L(θ + ε), its
             # value still L(θ), and the members outside see the clean ∇L(θ) in `step.grads`.
-            term, perturbed = parameter_difference(loss_at, params, direction, step.linearised_loss, h=h, scale=h,
-                                                   rng=before)
+            term, perturbed = parameter_difference(loss_at, params, direction, step.linearised_loss, h=h, scale=h)
             step = step.add(term)
         self.check_and_log(ctx, self.log_name, perturbed - loss.detach())
         self.applied += 1

@@ -247,14 +247,15 @@ def data_gradient_penalty_fd(
     h = finite_difference_input_step(x.detach(), direction, step)
 
     def mean_at(delta: Tensor) -> Tensor:
-        out2 = check_per_sample(fn(x.detach() + delta), batch, "fn(inputs)")
+        with second_pass(rng, module):
+            out2 = check_per_sample(fn(x.detach() + delta), batch, "fn(inputs)")
         if not out2.requires_grad:
             raise ValueError("`fn(inputs)` does not depend on `params` (it has no autograd graph).")
         return out2.mean()
 
     # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h, the base gradient entering through the linearised mean
     base_mean = linearised(out.mean(), list(zip(params, base, strict=True)))
-    term = input_difference(mean_at, direction, base_mean, h=h, rng=rng, module=module)
+    term = input_difference(mean_at, direction, base_mean, h=h)
     second = torch.autograd.grad(term, params, allow_unused=True)
     grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
     penalty = phi.detach().mean() + _nan_if_nonfinite(out)
@@ -307,20 +308,18 @@ def finite_difference_parameter_step(params: list[Tensor], grad_norm: Tensor, st
 
 
 def input_difference(
-    loss_at: Callable[[Tensor], Tensor], direction: Tensor, base: Tensor, *, h: float,
-    rng: RNGState | None = None, module: BufferOwner = None, scale: float = 1.0,
+    loss_at: Callable[[Tensor], Tensor], direction: Tensor, base: Tensor, *, h: float, scale: float = 1.0,
 ) -> Tensor:
     """The input-side difference quotient, as a term of value 0 whose gradient is (scale/h)·(∇L(x + h·d) − ∇base).
 
     The one finite-difference term of the data penalties (functional, callback and mixin alike). ``loss_at(δ)``
-    is the loss with the input moved by δ = h·d; its gradient is taken at once (:func:`linearised_now`),
-    with the random state ``rng`` of the first pass replayed (the same dropout masks) and ``module``'s buffers put
-    back after. ``h = 0`` (φ flat at every sample) gives a zero term; a NaN ``h`` a NaN one.
+    is the loss with the input moved by δ = h·d, a pass that isolates itself (the first pass's dropout masks, the
+    module's state put back: :func:`second_pass` here, ``StepContext.extra_loss`` in a callback); its gradient is
+    taken at once (:func:`linearised_now`). ``h = 0`` (φ flat at every sample) gives a zero term; a NaN ``h`` a NaN one.
     """
     if h == 0:
         return base * 0
-    with _second_pass(rng, module):
-        at = linearised_now(loss_at(h * direction))
+    at = linearised_now(loss_at(h * direction))
     return finite_difference_term(at, base, step=h, scale=scale)
 
 
@@ -336,7 +335,7 @@ def parameter_step_size(params: list[Tensor], grad_norm: Tensor, step: float) ->
 
 def parameter_difference(
     loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], base: Tensor, *, h: float,
-    scale: float = 2.0, rng: RNGState | None = None, module: BufferOwner = None,
+    scale: float = 2.0,
 ) -> tuple[Tensor, Tensor]:
     """The parameter-side difference, as a term of value 0 whose gradient is (scale/h)·(∇L(θ + h·d) − ∇base), and
     the loss at θ + h·d (detached).
@@ -344,31 +343,30 @@ def parameter_difference(
     The one parameter displacement of the package: the parameter penalty's finite difference (d = g, scale 2)
     and SAM's ascent step (d = g or θ²⊙g, scale = h: the gradient becomes ∇L(θ + ε)). θ moves in place by h·d,
     ties and aliases intact, and comes back bit for bit (:func:`displaced`); ``loss_at()``'s gradient is taken
-    while θ is moved, with ``rng`` replayed (the same dropout masks) and ``module``'s buffers put back after.
+    while θ is moved (``loss_at`` is a pass that isolates itself, as in :func:`input_difference`).
     ``h = 0`` gives a zero term and no pass; a NaN ``h`` (a non-finite gradient) a NaN term, never a dropped one.
     """
     if h == 0:
         return base * 0, base.detach()
     if not math.isfinite(h):
         return base * math.nan, base.detach() * math.nan
-    at = displaced_linearisation(loss_at, params, direction, h=h, rng=rng, module=module)
+    at = displaced_linearisation(loss_at, params, direction, h=h)
     return finite_difference_term(at, base, step=h, scale=scale), at.detach()
 
 
 def displaced_linearisation(
     loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], *, h: float,
-    rng: RNGState | None = None, module: BufferOwner = None,
 ) -> Tensor:
     """The loss at θ + h·d, linearised: its value, and its gradient taken while θ is moved in place (θ put back
-    bit for bit after, ``rng`` replayed, ``module``'s buffers restored). The pass inside :func:`parameter_difference`,
-    and SAM's whole objective when nothing else needs the clean gradient."""
-    with displaced(params, [d.detach() for d in direction], h), _second_pass(rng, module):
+    bit for bit after). The pass inside :func:`parameter_difference`, and SAM's whole objective when nothing else
+    needs the clean gradient."""
+    with displaced(params, [d.detach() for d in direction], h):
         return linearised_now(loss_at())
 
 
 def displaced_loss(
     loss_at: Callable[[], Tensor], params: list[Tensor], direction: list[Tensor], *, h: float,
-    rng: RNGState | None = None, owner: nn.Module | None = None,
+    owner: nn.Module | None = None,
 ) -> tuple[Tensor, Displacement]:
     """The loss at θ + h·d with its graph, for a backward that runs later: SAM's objective when the step's own
     backward (Lightning's) is the one to differentiate it, as in a hand-written two-pass loop.
@@ -380,8 +378,7 @@ def displaced_loss(
     """
     displacement = Displacement(params, [d.detach() for d in direction], h, owner=owner)
     try:
-        with _second_pass(rng, None):  # `loss_at` puts the module's state back itself (SAM's extra pass)
-            loss = loss_at()
+        loss = loss_at()  # a pass that isolates itself (SAM's extra pass)
     except BaseException:
         displacement.restore()
         raise
@@ -389,10 +386,11 @@ def displaced_loss(
 
 
 @contextlib.contextmanager
-def _second_pass(rng: RNGState | None, module: BufferOwner) -> Iterator[None]:
-    """The difference's second pass: the first pass's random state replayed, ``module``'s buffers put back after
-    (:data:`~lightning_gp.functional._state.CALLED`: those of every module the pass runs; None: the caller's job)."""
-    with replayed_rng(rng) if rng is not None else contextlib.nullcontext(), restored_buffers(module):
+def second_pass(rng: RNGState, module: BufferOwner) -> Iterator[None]:
+    """The isolation of a plain-PyTorch difference's second pass (the functional penalties' own; a callback's pass
+    is ``StepContext.extra_loss``): the first pass's random state ``rng`` replayed, ``module``'s buffers put back
+    after (:data:`~lightning_gp.functional._state.CALLED`: those of every module the pass runs)."""
+    with replayed_rng(rng), restored_buffers(module):
         yield
 
 
@@ -437,7 +435,8 @@ def parameter_gradient_penalty_fd(
     g_sq = squared_norm_sum(g)
 
     def loss_at() -> Tensor:
-        loss2 = check_scalar(loss_fn(), "loss_fn()")
+        with second_pass(rng, module):
+            loss2 = check_scalar(loss_fn(), "loss_fn()")
         if not loss2.requires_grad:
             raise ValueError("`loss_fn()` does not depend on `params` (it has no autograd graph).")
         return loss2
@@ -445,7 +444,7 @@ def parameter_gradient_penalty_fd(
     # 2·(∇θL(θ + h g) − ∇θL(θ)) / h, ∇θL(θ) entering through the linearised loss
     base = linearised(loss, list(zip(params, g, strict=True)))
     h = parameter_step_size(params, g_sq.sqrt(), step)
-    term, _ = parameter_difference(loss_at, params, g, base, h=h, rng=rng, module=module)
+    term, _ = parameter_difference(loss_at, params, g, base, h=h)
     g2 = torch.autograd.grad(term, params, allow_unused=True)
     grads = tuple(grads_or_zeros(g2, params, what="`loss_fn()`", wrt="params"))
     return PenaltyGradient(g_sq.detach(), grads, loss.detach(), tuple(g))

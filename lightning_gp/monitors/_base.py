@@ -4,7 +4,7 @@ A monitor must never change training. Its extra forward/backward passes therefor
 
 - in eval mode (no dropout draw, no BatchNorm running-statistics update, and BatchNorm then acts per
   sample, so per-sample values really are per sample), each sub-module's own mode restored afterwards;
-- on a forked random stream (:func:`~lightning_gp.functional._rng.forked_rng`), so any random op in the model
+- on a forked random stream (:func:`~lightning_gp.step._chain.untraced`), so any random op in the model
   leaves the training RNG stream as it was;
 - with ``torch.autograd.grad`` only (in the functional layer), so no ``.grad`` is written and DDP's
   gradient hooks never fire;
@@ -28,9 +28,8 @@ from lightning_gp._lightning.epoch import EpochAggregate
 from lightning_gp._lightning.log_writer import log_scalars, log_settings
 from lightning_gp._lightning.logging import logger_step, should_log
 from lightning_gp._lightning.setup_checks import check_batch_step, check_strategy
-from lightning_gp.functional._rng import forked_rng
 from lightning_gp.metrics import PerSampleMeanMax
-from lightning_gp.step._module_state import untouched
+from lightning_gp.step._chain import untraced
 
 #: Interval used when ``every_n_steps=None`` and the trainer logs nothing (``log_every_n_steps=0``).
 FALLBACK_INTERVAL = 50
@@ -41,9 +40,8 @@ def isolated(module: torch.nn.Module) -> Iterator[None]:
     """Run a measurement on ``module`` without leaving a trace on training (see the module docstring)."""
     modes = [(m, m.training) for m in module.modules()]
     flags = [(p, p.requires_grad) for p in module.parameters()]
-    devices = {p.device for p in module.parameters()}
     try:
-        with forked_rng(*devices), torch.enable_grad(), untouched(module):
+        with untraced(module, "fork"), torch.enable_grad():
             module.eval()
             yield
     finally:

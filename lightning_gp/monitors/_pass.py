@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from lightning_gp.step._batch import describe, resolve_input
-from lightning_gp.step._chain import SkipBatch, extra_pass
+from lightning_gp.step._chain import PassRNG, SkipBatch, extra_pass
 from lightning_gp.step._objective import extract_loss
 from lightning_gp.step._reduction import agreed, observed_reduction, reduction_error
 from lightning_gp.step.interception import StepInterceptor
@@ -47,14 +47,15 @@ def _takes_batch_idx(step_fn: Callable[..., Any]) -> bool:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
 
 
-def step_loss(module: nn.Module, batch: Any, batch_idx: int, owner: str) -> Tensor:
-    """The scalar loss of the module's own ``training_step`` on ``batch``, as an extra pass (``_chain.extra_pass``).
+def step_loss(module: nn.Module, batch: Any, batch_idx: int, owner: str, rng: PassRNG = None) -> Tensor:
+    """The scalar loss of the module's own ``training_step`` on ``batch``, as an extra pass (``_chain.extra_pass``)
+    on the random stream ``rng``.
 
     Raises:
         SkipBatch: the step returned None.
     """
     step_fn = step_function(module)
-    with extra_pass(module):
+    with extra_pass(module, rng):
         out = step_fn(batch, batch_idx) if _takes_batch_idx(step_fn) else step_fn(batch)
     if out is None:
         raise SkipBatch

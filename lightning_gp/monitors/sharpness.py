@@ -17,7 +17,7 @@ from lightning_gp._lightning.log_writer import define_summaries
 from lightning_gp._lightning.logging import logger_step
 from lightning_gp._lightning.trainer import attached_trainer
 from lightning_gp.functional._autograd import METHODS, Method, agreed_method, no_double_backward_error
-from lightning_gp.functional._rng import forked_rng, mixed_seed, seeded_generator
+from lightning_gp.functional._rng import mixed_seed, seeded_generator
 from lightning_gp.functional.sharpness import (
     HVP,
     central_difference_hvp,
@@ -146,12 +146,11 @@ class SharpnessMonitor(Monitor):
     def _loss(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int, seed: int) -> Callable[[], Tensor]:
         """The raw loss of ``training_step`` on ``batch``, computed in train mode with a fixed random stream (every
         pass sees the same dropout masks, and the step's own stream is untouched) and the module put back after."""
-        devices = {p.device for p in pl_module.parameters()}
         name = type(self).__name__
 
         def loss_at() -> Tensor:
-            with forked_rng(*devices, seed=seed), torch.enable_grad():
-                return step_loss(pl_module, batch, batch_idx, name)
+            with torch.enable_grad():
+                return step_loss(pl_module, batch, batch_idx, name, rng=seed)
 
         return loss_at
 

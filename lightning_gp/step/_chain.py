@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 
 from lightning_gp._lightning.private import fabric_autocast_dtype
+from lightning_gp.functional._rng import RNGState, forked_rng, replayed_rng
 from lightning_gp.functional._sharded import Sharding, fsdp_modules, is_sharded, sharded
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.precision import compute_dtype
@@ -143,24 +144,55 @@ class StepContext:
             self.values.add_loss(loss)
         return Step(loss=loss, output=out)
 
-    def extra_loss(self, batch: Any) -> Tensor:
-        """The raw loss of an extra pass: no other callback, no logging, and what the step changes on the module
-        (buffers, metrics, counters: :mod:`lightning_gp.step._module_state`) put back after it."""
-        with extra_pass(self.module):
+    def extra_loss(self, batch: Any, rng: PassRNG = None) -> Tensor:
+        """The raw loss of an extra pass (:func:`extra_pass`, on the random stream ``rng``): no other callback, no
+        logging, and what the step changes on the module put back after it."""
+        with extra_pass(self.module, rng):
             out = self.step_fn(batch, *self.rest_args, **self.kwargs)
         if out is None:
             raise SkipBatch
         return extract_loss(out, self.caller)
 
 
+#: The random stream an extra pass draws from (dropout): None, the step's own, as a hand-written loop's extra forward
+#: would (VAT's logits); "fork", a copy of it, put back after (the run's stream untouched: the reduction check); an
+#: :class:`~lightning_gp.functional._rng.RNGState` captured before an earlier pass, replayed (that pass's dropout
+#: masks: a finite difference's second pass, SAM's perturbed pass); an int, a stream seeded with it (the sharpness
+#: monitor's fixed masks).
+PassRNG = None | Literal["fork"] | RNGState | int
+
+
 @contextlib.contextmanager
-def extra_pass(module: nn.Module) -> Iterator[None]:
+def extra_pass(module: nn.Module, rng: PassRNG = None) -> Iterator[None]:
     """An extra pass of the user's code that leaves no trace: its ``self.log`` calls dropped, what it changes on the
-    module (buffers, metrics, counters: :mod:`lightning_gp.step._module_state`) put back, marked as a pass of its own
-    (:func:`~lightning_gp.functional.layer_output.forward_pass`). The callbacks' extra losses, VAT's logits and the
-    monitors' re-runs of ``training_step`` all run in it; the random stream is each caller's choice."""
-    with muted_logging(module), untouched(module), forward_pass():
+    module put back (:func:`untraced`), marked as a pass of its own
+    (:func:`~lightning_gp.functional.layer_output.forward_pass`), on the random stream ``rng`` (:data:`PassRNG`).
+    The one isolation of every extra pass: the callbacks' extra losses, VAT's logits and the monitors' re-runs of
+    ``training_step``."""
+    with muted_logging(module), untraced(module, rng), forward_pass():
         yield
+
+
+@contextlib.contextmanager
+def untraced(module: nn.Module, rng: PassRNG = None) -> Iterator[None]:
+    """What a block changes on ``module`` (buffers, metrics, counters: :mod:`lightning_gp.step._module_state`) put
+    back after it, on the random stream ``rng``: the part of :func:`extra_pass` a monitor's whole measurement
+    shares."""
+    with untouched(module), _stream(module, rng):
+        yield
+
+
+def _stream(module: nn.Module, rng: PassRNG) -> contextlib.AbstractContextManager[None]:
+    if rng is None:
+        return contextlib.nullcontext()
+    if isinstance(rng, RNGState):
+        return replayed_rng(rng)
+    devices = {t.device for t in module.parameters()} | {t.device for t in module.buffers()}
+    if rng == "fork":
+        return forked_rng(*devices)
+    if isinstance(rng, int) and not isinstance(rng, bool):
+        return forked_rng(*devices, seed=rng)
+    raise TypeError(f"extra_pass: `rng` must be None, 'fork', an RNGState or an int seed, got {rng!r}.")
 
 
 def averaged_over_ranks(strategy: Strategy | None, tensors: list[Tensor]) -> list[Tensor]:

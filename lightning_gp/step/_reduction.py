@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp.functional._rng import forked_rng
 from lightning_gp.step._batch import slice_batch
 
 #: Relative tolerance of the comparison.
@@ -23,11 +22,12 @@ RTOL = 1e-4
 
 def observed_reduction(run: Callable[[Any], Tensor], batch: Any, n: int, loss: Tensor) -> tuple[str | None, str]:
     """``("sum" | "mean" | None, detail)``: what ``loss`` (``run(batch)`` of ``n`` samples) behaves like, and the
-    three values for a message. ``run`` must put back whatever the step changes (an extra pass)."""
+    three values for a message. ``run`` must be an extra pass on a forked random stream (it puts back whatever the
+    step changes, and leaves the run's stream alone: ``StepContext.extra_loss(half, "fork")``)."""
     if n < 2:
         return None, ""
     try:
-        with forked_rng(loss.device), torch.no_grad():
+        with torch.no_grad():
             halves = [run(slice_batch(batch, n, part)) for part in (slice(0, n // 2), slice(n // 2, n))]
     except (RuntimeError, ValueError, IndexError, TypeError):  # a step that cannot run on half a batch
         return None, ""
