@@ -17,6 +17,7 @@ from lightning_gp._lightning.private import fabric_internal_gradients
 from lightning_gp._lightning.trainer import attached_trainer
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
+from lightning_gp.functional._checks import check_callable
 from lightning_gp.step._chain import run_chain
 from lightning_gp.step._objective import extract_loss
 
@@ -64,8 +65,7 @@ def penalized_loss(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"`module` must be an nn.Module (usually `self`), got {type(module).__name__}.")
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be a callable mapping the batch to the loss, got {type(loss_fn).__name__}.")
+    check_callable(loss_fn, "loss_fn", "a callable mapping the batch to the loss", "penalized_loss")
     if isinstance(penalties, PenaltyCallback):
         raise TypeError("`penalties` must be a sequence of callbacks, got a single one. Wrap it: `[penalty]`.")
     needs_params = [type(p).__name__ for p in penalties if isinstance(p, ParameterGradientPenalty)]

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_gp._lightning.arguments import check_positive_int
+from lightning_gp.functional._checks import check_positive_int
 
 
 class PerSampleMeanMax(Metric):

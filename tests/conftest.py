@@ -16,5 +16,6 @@ def _seed():
     torch.manual_seed(0)
     yield
 
+
 # Standalone scripts launched by tests/ddp.py (Lightning's DDP launcher re-executes them); not test modules.
 collect_ignore_glob = ["ddp_scripts/*"]

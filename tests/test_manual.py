@@ -35,6 +35,7 @@ class ManualModule(PenaltyMixin, pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR)
 
+
 def test_manual_optimization_helper_matches_hand_written_loop():
     module = ManualModule()
     trainer = fit(module, [], precision="64-true")
@@ -42,6 +43,7 @@ def test_manual_optimization_helper_matches_hand_written_loop():
     for name, value in expected.items():
         torch.testing.assert_close(module.net.state_dict()[name], value, atol=1e-6, rtol=0)
     assert "penalty/data_gradient" in trainer.callback_metrics
+
 
 def test_callback_on_manual_optimization_module_points_to_the_helper():
     with pytest.raises(RuntimeError, match=r"manual optimization.*penalized_loss"):

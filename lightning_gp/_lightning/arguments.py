@@ -1,17 +1,12 @@
-"""The constructor arguments of the callbacks and monitors: checked with errors that name them, and printed."""
+"""The constructor arguments of the callbacks and monitors, read back and printed (their checks, which name the owner,
+the argument and its value, are the functional layer's: :mod:`lightning_gp.functional._checks`)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
-from lightning_gp.functional._checks import check_bool as functional_check_bool
-from lightning_gp.functional._checks import check_choice as functional_check_choice
-from lightning_gp.functional._checks import check_number
-from lightning_gp.functional._checks import check_positive_int as functional_check_positive_int
-
-__all__ = ["check_bool", "check_choice", "check_number", "check_positive_int", "init_arguments", "init_repr"]
+__all__ = ["init_arguments", "init_repr", "with_resolved"]
 
 
 def init_arguments(obj: Any) -> dict[str, Any]:
@@ -56,32 +51,6 @@ def _same(a: Any, b: Any) -> bool:
     except Exception:  # a value without a plain ==
         return False
     return equal if isinstance(equal, bool) else False
-
-
-def _owned(check: Callable[..., Any], error: type[Exception], value: Any, name: str, owner: str, *args: Any) -> Any:
-    """``check(value, name, *args)`` of the functional layer, its ``error`` prefixed with ``owner`` and the argument
-    (``SharpnessAwareMinimization(scope='Local'): ...``)."""
-    try:
-        return check(value, name, *args)
-    except error as err:
-        raise error(f"{owner}({name}={value!r}): {err}") from None
-
-
-def check_bool(value: Any, name: str, owner: str) -> bool:
-    """``value`` if it is a bool, else the functional layer's TypeError, prefixed with ``owner`` and the argument."""
-    return _owned(functional_check_bool, TypeError, value, name, owner)
-
-
-def check_choice(value: Any, name: str, choices: Any, owner: str) -> str:
-    """``value`` if it is one of ``choices``, else the functional layer's ValueError, prefixed with ``owner`` and the
-    argument."""
-    return _owned(functional_check_choice, ValueError, value, name, owner, choices)
-
-
-def check_positive_int(value: Any, name: str, owner: str) -> int:
-    """``value`` if it is an integer ≥ 1, else the functional layer's ValueError, prefixed with ``owner`` and the
-    argument."""
-    return _owned(functional_check_positive_int, ValueError, value, name, owner)
 
 
 def with_resolved(text: str, method: str, resolved: str | None) -> str:

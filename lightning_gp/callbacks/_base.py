@@ -18,18 +18,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_bool, check_number, check_positive_int, init_repr
+from lightning_gp._lightning.arguments import init_repr
 from lightning_gp._lightning.epoch import EpochAggregate
 from lightning_gp._lightning.log_writer import log_settings
 from lightning_gp._lightning.logging import over_ranks, should_log
 from lightning_gp._lightning.private import callback_state_key, compiled_modules
 from lightning_gp._lightning.setup_checks import check_batch_step, check_strategy, sharded_training
 from lightning_gp._lightning.trainer import grad_scaler
-from lightning_gp.functional._rng import seeded_generator
+from lightning_gp.functional._checks import check_bool, check_number, check_positive_int
 from lightning_gp.functional._sharded import whole
 from lightning_gp.step._chain import DEFAULT_ORDER, StepContext, run_chain
 from lightning_gp.step._finite import StepValues, check_step, param_names
 from lightning_gp.step._objective import Step, caller_name
+from lightning_gp.step._seed import RunSeed
 from lightning_gp.step.interception import StepInterceptor
 
 
@@ -65,6 +66,10 @@ class PenaltyCallback(Callback):
         self.check_finite = check_bool(check_finite, "check_finite", owner)
         self.applied = 0  # how many steps carried the term (the schedule itself follows trainer.global_step)
         self._epoch = EpochAggregate()  # the sample-weighted epoch mean of every logged value
+        self._values_epoch: int | None = None  # the epoch `_epoch` holds (reset by `record` under `penalized_loss`)
+        self._state_key: str | None = None  # computed once, at the first read of `state_key`
+        self._draw: tuple[int, int] | None = None  # (global step, micro-batch) of the last `step_generator`
+        self.seed = RunSeed()  # the base of every draw (attack starts, VAT directions): checkpointed
 
     def __repr__(self) -> str:
         return init_repr(self)
@@ -74,12 +79,10 @@ class PenaltyCallback(Callback):
     def state_key(self) -> str:
         """Identifies the callback in checkpoints: its class and what it applies to (:meth:`state_key_fields`),
         never a hyperparameter a user may tune on resume. Computed once (Lightning reads it on every hook)."""
-        key = self.__dict__.get("_state_key")
-        if key is None:
+        if self._state_key is None:
             fields = self.state_key_fields()
-            key = callback_state_key(self, **fields) if fields else type(self).__qualname__
-            self.__dict__["_state_key"] = key
-        return key
+            self._state_key = callback_state_key(self, **fields) if fields else type(self).__qualname__
+        return self._state_key
 
     def state_key_fields(self) -> dict[str, Any]:
         """What tells two instances of the callback apart in a checkpoint (e.g. the input they perturb)."""
@@ -91,6 +94,7 @@ class PenaltyCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__, self.unsupported_when_sharded())
+        self.seed.setup(trainer.strategy)
         check_batch_step(pl_module, type(self).__name__)
         if not pl_module.automatic_optimization:
             raise RuntimeError(
@@ -132,11 +136,12 @@ class PenaltyCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"applied": self.applied}
+        return {"applied": self.applied, **self.seed.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied = state_dict.get("applied", 0)
+        self.seed.load_state_dict(state_dict)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -190,18 +195,18 @@ class PenaltyCallback(Callback):
         return self.weight * self.every_n_steps
 
     def step_generator(self, ctx: StepContext) -> torch.Generator:
-        """A generator for what the callback draws (attack starts, VAT directions), seeded by
-        (``torch.initial_seed()``, rank, ``global_step``, micro-batch within the step, the callback's order).
+        """A generator for what the callback draws (attack starts, VAT directions), seeded by (the run's seed,
+        rank, ``global_step``, micro-batch within the step, the callback's order): :class:`RunSeed`.
 
-        So a resumed run draws exactly what the uninterrupted one drew (``seed_everything`` sets the initial
-        seed), and the draws do not consume the global RNG the user's own dropout uses.
+        So a resumed run draws exactly what the uninterrupted one drew (the seed is checkpointed), and the draws do
+        not consume the global RNG the user's own dropout uses.
         """
-        draw = self.__dict__.get("_draw")
+        draw = self._draw
         index = draw[1] + 1 if draw is not None and draw[0] == ctx.global_step else 0
-        self.__dict__["_draw"] = (ctx.global_step, index)
+        self._draw = (ctx.global_step, index)
         rank = ctx.strategy.global_rank if ctx.strategy is not None else 0
         device = next((p.device for p in ctx.module.parameters()), torch.device("cpu"))
-        return seeded_generator(device, torch.initial_seed(), rank, ctx.global_step, index, self.order)
+        return self.seed.generator(device, rank, ctx.global_step, index, self.order)
 
     def check_and_log(self, ctx: StepContext, name: str, value: Tensor, batch_size: int | None = None) -> None:
         """Check ``value`` for NaN/Inf (with ``check_finite``), then :meth:`record`.
@@ -252,8 +257,8 @@ class PenaltyCallback(Callback):
         value = whole(value.detach())
         n = batch_size or 1
         epoch = module.trainer.current_epoch
-        if self.__dict__.get("_values_epoch") != epoch:  # no epoch hook under `penalized_loss`: reset here
-            self.__dict__["_values_epoch"] = epoch
+        if self._values_epoch != epoch:  # no epoch hook under `penalized_loss`: reset here
+            self._values_epoch = epoch
             self._epoch.reset()
         # a running sum, not a list: `penalized_loss` under manual optimization has no epoch hook to clear it
         self._epoch.update(name, value, weight=n)

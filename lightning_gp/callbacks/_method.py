@@ -23,6 +23,7 @@ from lightning_gp.functional._autograd import (
     agreed_method,
     supports_double_backward,
 )
+from lightning_gp.functional._checks import check_choice
 
 __all__ = ["METHODS", "Method", "MethodChoice"]
 
@@ -33,6 +34,12 @@ class MethodChoice:
     """Mixin of the callbacks with a ``method``: :attr:`resolved_method` and the first step's decision."""
 
     method: str
+    _resolved: str | None
+
+    def init_method(self, method: str) -> None:
+        """Check and set ``method`` (called from the callback's ``__init__``); "auto" starts undecided."""
+        self.method = check_choice(method, "method", METHODS, type(self).__name__)
+        self._resolved = None  # what "auto" chose, at the first penalized step
 
     @property
     def needs_loss_graph(self) -> bool:
@@ -44,12 +51,12 @@ class MethodChoice:
         """``method``, or what ``"auto"`` chose (None until the first penalized step)."""
         if self.method != "auto":
             return self.method
-        return self.__dict__.get("_resolved")
+        return self._resolved
 
     def resolve_method(self, method: str, why: str) -> None:
         """Fix what ``"auto"`` stands for from now on (no-op for an explicit ``method``)."""
-        if self.method == "auto" and self.__dict__.get("_resolved") is None:
-            self.__dict__["_resolved"] = method
+        if self.method == "auto" and self._resolved is None:
+            self._resolved = method
             log.info("%s(method='auto') uses %r: %s", type(self).__name__, method, why)
 
     def decide_method(self, ctx: Any, build: Callable[[], Tensor], inputs: list[Tensor]) -> tuple[str, Tensor | None]:

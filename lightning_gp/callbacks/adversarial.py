@@ -8,10 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._lightning.arguments import check_bool, check_choice, check_number, check_positive_int
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import fgsm, pgd
-from lightning_gp.functional._checks import check_clamp
+from lightning_gp.functional._checks import check_bool, check_choice, check_clamp, check_number, check_positive_int
 from lightning_gp.functional.adversarial import NORMS, Norm, default_step_size, pgd_step, random_start
 from lightning_gp.functional.layer_output import expand_mask
 from lightning_gp.step._batch import InputKey, replace_input
@@ -90,7 +89,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         self.clamp = check_clamp(clamp)
         try:
             a = check_number(adversarial_weight, "adversarial_weight", owner, high=1)
-        except ValueError:
+        except ValueError:  # a share of the objective: say its interval
             raise ValueError(f"{owner}(adversarial_weight={adversarial_weight!r}): `adversarial_weight` must be in "
                              f"[0, 1], got {adversarial_weight!r}.") from None
         if average_steps and a != 1:

@@ -8,12 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._lightning.arguments import check_bool, check_choice, check_number
 from lightning_gp.callbacks._base import PenaltyCallback
-from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
+from lightning_gp.callbacks._method import Method, MethodChoice
 from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import grad as autograd_grad
-from lightning_gp.functional._checks import check_penalty_shape
+from lightning_gp.functional._checks import check_bool, check_choice, check_number, check_penalty_shape
 from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import (
@@ -99,7 +98,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         self.check_reduction = check_bool(check_reduction, "check_reduction", owner)
         self.input_key, self.target, self.mask_key = input_key, target, mask_key
         self.site = Site(target, input_key, mask_key, owner)
-        self.method = check_choice(method, "method", METHODS, owner)
+        self.init_method(method)
         self.loss_reduction = check_choice(loss_reduction, "loss_reduction", REDUCTIONS, owner)
         self.step = None if step is None else check_number(step, "step", owner, strict=True)
         if self.form():  # λ‖∇ₓℓ‖² and ε‖∇ₓℓ‖ side by side log under two names

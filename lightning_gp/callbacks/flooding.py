@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lightning_gp._lightning.arguments import check_number
 from lightning_gp.callbacks._base import PenaltyCallback
+from lightning_gp.functional._checks import check_number
 from lightning_gp.step._chain import ORDER, StepContext
 from lightning_gp.step._objective import Step
 

@@ -7,11 +7,10 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from lightning_gp._lightning.arguments import check_choice, check_number
 from lightning_gp.callbacks._base import PenaltyCallback
-from lightning_gp.callbacks._method import METHODS, Method, MethodChoice
+from lightning_gp.callbacks._method import Method, MethodChoice
 from lightning_gp.functional._autograd import grad as autograd_grad
-from lightning_gp.functional._checks import grads_or_zeros
+from lightning_gp.functional._checks import check_choice, check_number, grads_or_zeros
 from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import parameter_difference, parameter_step_size
@@ -77,7 +76,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         check_finite: bool = True,
     ) -> None:
         super().__init__(weight, every_n_steps, check_finite)
-        self.method = check_choice(method, "method", METHODS, type(self).__name__)
+        self.init_method(method)
         self.scope = check_choice(scope, "scope", SCOPES, type(self).__name__)
         self.step = None if step is None else check_number(step, "step", type(self).__name__, strict=True)
 

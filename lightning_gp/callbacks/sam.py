@@ -11,13 +11,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_bool, check_choice, check_number
 from lightning_gp._lightning.private import compiled_modules
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks.flooding import Flooding
 from lightning_gp.callbacks.parameter_penalty import LOCAL_SCOPE_SHARDED, SCOPES, Scope
 from lightning_gp.functional._autograd import Displacement
-from lightning_gp.functional._checks import grads_or_zeros
+from lightning_gp.functional._checks import check_bool, check_choice, check_number, grads_or_zeros
 from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.penalties import displaced_linearisation, displaced_loss, parameter_difference
 from lightning_gp.functional.sharpness import sam_perturbation

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_positive_int
 from lightning_gp._lightning.setup_checks import vectors_fit
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import spectral_norm_penalty
+from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.step._chain import ORDER, StepContext
 from lightning_gp.step._objective import Step
 
@@ -56,6 +56,7 @@ class SpectralNormPenalty(PenaltyCallback):
         super().__init__(weight, 1, check_finite)
         self.n_iter = check_positive_int(n_iter, "n_iter", type(self).__name__)
         self.vectors: dict[str, torch.Tensor] = {}
+        self._fitted = False  # the warm-start vectors are checked against the model at the first step after setup
 
     @override
     def unsupported_when_sharded(self) -> str | None:
@@ -63,7 +64,7 @@ class SpectralNormPenalty(PenaltyCallback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._fitted = False  # the warm-start vectors are checked against this model on the first step
+        self._fitted = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -85,7 +86,7 @@ class SpectralNormPenalty(PenaltyCallback):
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
         step = inner(batch)
-        if not self.__dict__.get("_fitted", False):
+        if not self._fitted:
             # Vectors of another model (the callback reused on a wider one): start cold for this model.
             if not vectors_fit(self.vectors, ctx.module):
                 self.vectors = {}

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._lightning.arguments import check_number, check_positive_int
 from lightning_gp._lightning.setup_checks import check_forward
 from lightning_gp.callbacks._base import PenaltyCallback
+from lightning_gp.functional._checks import check_callable, check_number, check_positive_int
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
 from lightning_gp.step._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
 from lightning_gp.step._chain import ORDER, StepContext, extra_pass
@@ -81,9 +81,8 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         self.epsilon = check_number(epsilon, "epsilon", type(self).__name__, strict=True)
         self.xi = None if xi is None else check_number(xi, "xi", type(self).__name__, strict=True)
         self.power_iterations = check_positive_int(power_iterations, "power_iterations", type(self).__name__)
-        if logits_fn is not None and not callable(logits_fn):
-            raise TypeError(f"`logits_fn` must be callable (pl_module, batch) -> logits, got "
-                            f"{type(logits_fn).__name__}.")
+        if logits_fn is not None:
+            check_callable(logits_fn, "logits_fn", "callable (pl_module, batch) -> logits", type(self).__name__)
         self.input_key, self.target, self.mask_key, self.logits_fn = input_key, target, mask_key, logits_fn
         self.site = Site(target, input_key, mask_key, type(self).__name__)
 

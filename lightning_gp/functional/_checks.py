@@ -84,7 +84,7 @@ def check_number(value: Any, name: str, owner: str | None = None, *, low: float 
         TypeError: not a real number (a bool, a string, a tensor...).
         ValueError: NaN, ±Inf or out of range; the message names ``owner``, the argument and the value.
     """
-    where = f"{owner}({name}={value!r}): `{name}` must be a" if owner else f"`{name}` must be a"
+    where = f"{_where(value, name, owner)}`{name}` must be a"
     if isinstance(value, Tensor):
         fix = f"Pass a Python number, e.g. `float({name})`. {fix}".strip()
     tail = f" {fix}" if fix else ""
@@ -122,25 +122,38 @@ def check_non_empty_batch(t: Tensor, name: str, what: str) -> None:
         )
 
 
-def check_bool(value: object, name: str) -> bool:
+def _where(value: object, name: str, owner: str | None) -> str:
+    """The start of a message: ``Owner(name=value): `` for a callback's or monitor's argument, nothing for a
+    function's (whose traceback names it)."""
+    return f"{owner}({name}={value!r}): " if owner else ""
+
+
+def check_bool(value: object, name: str, owner: str | None = None) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r}.")
+        raise TypeError(f"{_where(value, name, owner)}`{name}` must be True or False, got {type(value).__name__} "
+                        f"{value!r}.")
     return value
 
 
-def check_positive_int(value: int, name: str) -> int:
+def check_positive_int(value: int, name: str, owner: str | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        raise ValueError(f"{_where(value, name, owner)}`{name}` must be an integer >= 1, got {value!r}.")
     return value
 
 
-def check_choice(value: str, name: str, choices: Iterable[str]) -> str:
+def check_choice(value: str, name: str, choices: Iterable[str], owner: str | None = None) -> str:
     choices = tuple(choices)
     if value not in choices:
         near = [c for c in choices if isinstance(value, str) and c.lower() == value.strip().lower().replace("-", "_")]
         hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.{hint}")
+        raise ValueError(f"{_where(value, name, owner)}`{name}` must be one of {list(choices)}, got {value!r}.{hint}")
     return value
+
+
+def check_callable(value: object, name: str, what: str, owner: str | None = None) -> None:
+    """Refuse a ``value`` that cannot be called; ``what`` says what it must be (``a callable mapping ...``)."""
+    if not callable(value):
+        raise TypeError(f"{owner + ': ' if owner else ''}`{name}` must be {what}, got {type(value).__name__}.")
 
 
 def check_penalty_shape(power: float, center: float, one_sided: object = False) -> None:

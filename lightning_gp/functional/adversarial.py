@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_gp.functional._checks import (
     check_bool,
+    check_callable,
     check_choice,
     check_clamp,
     check_finite,
@@ -123,8 +124,7 @@ _draw_start = random_start  # `pgd`'s argument `random_start` shadows the functi
 
 def _check_common(loss_fn: object, inputs: Tensor, epsilon: float, norm: Norm, clamp: object, random_start: object,
                   generator: object) -> tuple[float, tuple[float, float] | None]:
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be a callable mapping inputs to losses, got {type(loss_fn).__name__}.")
+    check_callable(loss_fn, "loss_fn", "a callable mapping inputs to losses")
     check_floating_input(inputs, "inputs", requires_grad=False)
     epsilon = check_finite(epsilon, "epsilon", hint="Pass the radius of the perturbation ball, e.g. 8/255 (l∞).")
     check_choice(norm, "norm", NORMS)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_gp.functional._checks import (
     check_batched,
+    check_callable,
     check_finite,
     check_floating_input,
     check_non_empty_batch,
@@ -42,9 +43,7 @@ def _check_pair(real: Tensor, fake: Tensor, what: str | None = None) -> None:
 
 def _call(critic: object, x: Tensor) -> Tensor:
     """``critic(x)``, with a clear error for a critic that is not callable or returns no tensor."""
-    if not callable(critic):
-        raise TypeError(f"`critic` must be a callable (a module or function) mapping samples to scores, got "
-                        f"{type(critic).__name__}.")
+    check_callable(critic, "critic", "a callable (a module or function) mapping samples to scores")
     scores = critic(x)
     if not isinstance(scores, Tensor):
         raise TypeError(f"`critic` must return a tensor of per-sample scores, got {type(scores).__name__}.")

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_gp.functional._checks import check_batched, check_bool, check_per_sample
+from lightning_gp.functional._checks import check_batched, check_bool, check_callable, check_per_sample
 from lightning_gp.functional._exact_route import (
     STRUCTURES,
     exact_squared_norms,
@@ -99,8 +99,8 @@ def per_sample_grad_norms_by_layer(
     # Hook only the layers with parameters when all have a closed form; if one of them did not run (its
     # parameters may be used by another module's forward), measure again with every module hooked.
     restricted = closed_form_modules(modules)
-    if forward is not None and not callable(forward):
-        raise TypeError(f"`forward` must be callable (inputs) -> outputs, got {type(forward).__name__}.")
+    if forward is not None:
+        check_callable(forward, "forward", "callable (inputs) -> outputs")
     forward = model if forward is None else forward
     result = _measure(model, inputs, loss_fn, restricted, input_norms, forward) if restricted is not None else None
     return result if result is not None else _measure(model, inputs, loss_fn, None, input_norms, forward)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gp.functional._autograd import grad as autograd_grad
+from lightning_gp.functional._checks import check_callable
 from lightning_gp.functional.gradients import per_sample_norm
 
 
@@ -189,9 +190,7 @@ def output_gradient(
         >>> torch.allclose(grad, head.weight.expand(2, 2, 4))
         True
     """
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be a callable taking no argument and returning the summed loss, got "
-                        f"{type(loss_fn).__name__}.")
+    check_callable(loss_fn, "loss_fn", "a callable taking no argument and returning the summed loss")
     with torch.enable_grad(), perturbed_output(module, mask=mask, owner="output_gradient") as record:
         loss = loss_fn()
     if record.calls == 0:

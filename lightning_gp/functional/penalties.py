@@ -27,6 +27,7 @@ from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import (
     as_param_list,
     check_batched,
+    check_callable,
     check_finite,
     check_floating_input,
     check_non_empty_batch,
@@ -104,11 +105,6 @@ def _step(step: object, kind: str, like: Tensor | None) -> float:
     return check_finite(step, "step", strict=True, hint="Use a small relative step such as 1e-2 (data) or 1e-3 "
                         "(parameters), or None for the default of the compute dtype; the difference quotient's "
                         "error is first order in it.")
-
-
-def _check_callable(fn: object, name: str, maps: str) -> None:
-    if not callable(fn):
-        raise TypeError(f"`{name}` must be a callable mapping {maps}, got {type(fn).__name__}.")
 
 
 def _rng_state(*tensors: Tensor) -> RNGState:
@@ -225,7 +221,7 @@ def data_gradient_penalty_fd(
     check_penalty_shape(power, center, one_sided)
     if step is not None:
         _step(step, "input", None)  # a bad step is named before the other arguments are looked at
-    _check_callable(fn, "fn", "a batch to per-sample values")
+    check_callable(fn, "fn", "a callable mapping a batch to per-sample values")
     check_floating_input(inputs, "inputs", requires_grad=False)
     check_non_empty_batch(inputs, "inputs", "data_gradient_penalty_fd")
     step = _step(step, "input", inputs)
@@ -421,7 +417,7 @@ def parameter_gradient_penalty_fd(
         >>> torch.allclose(res.grads[0], 8 * w.detach(), rtol=1e-3)
         True
     """
-    _check_callable(loss_fn, "loss_fn", "nothing to the scalar loss (a closure over the batch)")
+    check_callable(loss_fn, "loss_fn", "a callable mapping nothing to the scalar loss (a closure over the batch)")
     # the second pass's BatchNorm statistics put back: the module's, or, given tensors, those of what `loss_fn` runs
     module, params = (params if isinstance(params, nn.Module) else CALLED), as_param_list(params)
     step = _step(step, "parameter", params[0] if params else torch.zeros(()))

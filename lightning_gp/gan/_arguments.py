@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_gp._lightning.arguments import check_choice, check_number, check_positive_int
+from lightning_gp.functional._checks import check_choice, check_number, check_positive_int
 from lightning_gp.gan.regularizers import METHODS, REGULARIZERS
 
 #: The mixin's own keyword arguments.
@@ -48,9 +48,9 @@ def checked_hparams(*, n_critic: Any, regularizer: Any, gp_weight: Any, clip_val
         or len(betas) != 2
         or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
     ):
-        raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
+        raise ValueError(f"{owner}(betas={betas!r}): `betas` must be two numbers in [0, 1), got {betas!r}.")
     if not all(math.isfinite(b) for b in betas):
-        raise ValueError(f"`betas` must be two finite numbers in [0, 1), got {betas!r}.")
+        raise ValueError(f"{owner}(betas={betas!r}): `betas` must be two finite numbers in [0, 1), got {betas!r}.")
     return {
         "n_critic": n_critic,
         "regularizer": regularizer,

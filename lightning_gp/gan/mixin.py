@@ -20,7 +20,7 @@ from lightning_gp._lightning.setup_checks import sharded_training
 from lightning_gp._lightning.trainer import attached_trainer, grad_scaler
 from lightning_gp.functional._autograd import explained_double_backward
 from lightning_gp.functional._checks import check_per_sample
-from lightning_gp.functional._rng import forked_rng, mixed_seed
+from lightning_gp.functional._rng import forked_rng
 from lightning_gp.gan._arguments import check_networks, checked_hparams, explained_unknown_argument
 from lightning_gp.gan.regularizers import (
     PENALTIES,
@@ -33,6 +33,7 @@ from lightning_gp.gan.regularizers import (
 )
 from lightning_gp.step._batch import resolve_input
 from lightning_gp.step._finite import StepValues, check_step, param_names
+from lightning_gp.step._seed import RunSeed
 
 
 class WGANGPMixin:
@@ -97,7 +98,7 @@ class WGANGPMixin:
         self.automatic_optimization = False
         self._wgan_critic_steps = 0
         self._wgan_generator_steps = 0
-        self._wgan_seed: int | None = None
+        self._wgan_seed = RunSeed()  # the base of the noise and interpolation draws: checkpointed
         self._wgan_touch_unused = False
         self._wgan_idle: dict[tuple[int, ...], list[Tensor]] = {}
         self._wgan_optimizers_checked = False
@@ -136,14 +137,14 @@ class WGANGPMixin:
         return {
             "critic_steps": self._wgan_critic_steps,
             "generator_steps": self._wgan_generator_steps,
-            "seed": self._wgan_seed,
+            **self._wgan_seed.state_dict(),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `get_extra_state` saved (a resumed run continues its n_critic cycle)."""
         self._wgan_critic_steps = int(state.get("critic_steps", 0))
         self._wgan_generator_steps = int(state.get("generator_steps", 0))
-        self._wgan_seed = state.get("seed", self._wgan_seed)
+        self._wgan_seed.load_state_dict(state)
 
     def _merge_wgan_hparams(self) -> None:
         # A user's own `save_hyperparameters()` replaces hparams; put the mixin's back (theirs win).
@@ -158,9 +159,8 @@ class WGANGPMixin:
         check_no_batch_norm(self.critic)
         if self.wgan_hparams["regularizer"] == "spectral_normalization":
             apply_spectral_normalization(self.critic)
-        if self._wgan_seed is None:
-            self._wgan_seed = torch.initial_seed()
         trainer = attached_trainer(self)
+        self._wgan_seed.setup(None if trainer is None else trainer.strategy)
         if trainer is not None and sharded_training(trainer):
             raise RuntimeError(
                 f"{type(self).__name__} (WGANGPMixin) does not run under `ModelParallelStrategy` (FSDP2): its gradient "
@@ -182,8 +182,7 @@ class WGANGPMixin:
     @contextlib.contextmanager
     def _wgan_rng(self, stream: int) -> Iterator[None]:
         """Seed the global RNG from (seed, rank, critic step, stream) for the block, then restore it."""
-        seed = self._wgan_seed if self._wgan_seed is not None else torch.initial_seed()
-        with forked_rng(self.device, seed=mixed_seed(seed, self.global_rank, self._wgan_critic_steps, stream)):
+        with forked_rng(self.device, seed=self._wgan_seed.mixed(self.global_rank, self._wgan_critic_steps, stream)):
             yield
 
     def _wgan_optimizers(self) -> tuple[Any, Any]:

@@ -23,11 +23,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_positive_int, init_repr
+from lightning_gp._lightning.arguments import init_repr
 from lightning_gp._lightning.epoch import EpochAggregate
 from lightning_gp._lightning.log_writer import log_scalars, log_settings
 from lightning_gp._lightning.logging import logger_step, should_log
 from lightning_gp._lightning.setup_checks import check_batch_step, check_strategy
+from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.metrics import PerSampleMeanMax
 from lightning_gp.step._chain import untraced
 

@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
+from lightning_gp.functional._checks import check_callable
 from lightning_gp.step._batch import describe, resolve_input
 from lightning_gp.step._chain import PassRNG, SkipBatch, extra_pass
 from lightning_gp.step._objective import extract_loss
@@ -119,8 +120,8 @@ class MonitorPass:
                  loss_reduction: str, check_reduction: bool = True) -> None:
         for name, fn, signature in (("forward_fn", forward_fn, "(module, batch) -> outputs"),
                                     ("loss_fn", loss_fn, "(outputs, batch) -> (B,)")):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{owner}: `{name}` must be callable {signature}, got {type(fn).__name__}.")
+            if fn is not None:
+                check_callable(fn, name, f"callable {signature}", owner)
         self.owner = owner
         self.forward_fn, self.loss_fn = forward_fn, loss_fn
         self.loss_reduction = loss_reduction

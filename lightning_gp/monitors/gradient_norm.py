@@ -10,12 +10,11 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_bool, check_choice
 from lightning_gp._lightning.log_writer import define_summaries, gathered_rows, has_wandb, log_histograms, log_scatter
 from lightning_gp._lightning.logging import logger_step
 from lightning_gp._lightning.setup_checks import check_forward
 from lightning_gp._lightning.trainer import attached_trainer, loss_scale
-from lightning_gp.functional._checks import check_per_sample
+from lightning_gp.functional._checks import check_bool, check_choice, check_per_sample
 from lightning_gp.functional._norm_rules import UnbatchedLayer
 from lightning_gp.functional._recorder import LinearTap
 from lightning_gp.functional._sharded import is_sharded, local

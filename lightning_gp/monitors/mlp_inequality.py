@@ -10,11 +10,10 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_bool, check_choice, check_positive_int
 from lightning_gp._lightning.log_writer import define_summaries, gathered_rows, has_wandb, log_inequality
 from lightning_gp._lightning.logging import logger_step
 from lightning_gp._lightning.trainer import attached_trainer
-from lightning_gp.functional._checks import check_per_sample
+from lightning_gp.functional._checks import check_bool, check_choice, check_per_sample, check_positive_int
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
 from lightning_gp.monitors._base import Monitor, isolated
 from lightning_gp.monitors._batch import default_loss

@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_number
 from lightning_gp._lightning.trainer import loss_scale
+from lightning_gp.functional._checks import check_number
 from lightning_gp.functional.noise_scale import noise_scale, two_batch_noise_scale
 from lightning_gp.monitors._base import isolated
 from lightning_gp.monitors._pass import ForwardFn, PerSampleLoss, SkipBatch, batch_size

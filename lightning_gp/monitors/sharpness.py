@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_bool, check_choice, check_number, check_positive_int, with_resolved
+from lightning_gp._lightning.arguments import with_resolved
 from lightning_gp._lightning.log_writer import define_summaries
 from lightning_gp._lightning.logging import logger_step
 from lightning_gp._lightning.trainer import attached_trainer
 from lightning_gp.functional._autograd import METHODS, Method, agreed_method, no_double_backward_error
+from lightning_gp.functional._checks import check_bool, check_choice, check_number, check_positive_int
 from lightning_gp.functional._rng import mixed_seed, seeded_generator
 from lightning_gp.functional.sharpness import (
     HVP,
@@ -28,6 +29,7 @@ from lightning_gp.functional.sharpness import (
 from lightning_gp.monitors._base import Monitor
 from lightning_gp.monitors._pass import SkipBatch, step_loss
 from lightning_gp.step._chain import averaged_over_ranks
+from lightning_gp.step._seed import RunSeed
 
 #: How the monitor takes Hessian-vector products (the package's one method type).
 HVPMethod = Method
@@ -80,6 +82,15 @@ class SharpnessMonitor(Monitor):
         self.method = check_choice(method, "method", HVP_METHODS, owner)
         self.step = None if step is None else check_number(step, "step", owner, strict=True)
         self._resolved: str | None = None if method == "auto" else method
+        self.seed = RunSeed()  # the base of the dropout masks and the power iteration's start: checkpointed
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.seed.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed.load_state_dict(state_dict)
 
     @override
     def unsupported_when_sharded(self) -> str | None:
@@ -88,6 +99,7 @@ class SharpnessMonitor(Monitor):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.seed.setup(trainer.strategy)
         if stage == "fit" and not pl_module.automatic_optimization:
             raise RuntimeError(
                 f"{type(self).__name__} takes the Hessian of the loss `training_step` returns, re-running it on the "
@@ -119,20 +131,18 @@ class SharpnessMonitor(Monitor):
         params = [p for p in pl_module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{type(self).__name__}: `{type(pl_module).__name__}` has no trainable parameter.")
-        world = 1 if strategy is None else strategy.world_size
         device = params[0].device
-        seed = torch.tensor([mixed_seed(torch.initial_seed(), step) % (2**62)],
-                            device=device)
-        if world > 1:  # every rank draws the same vectors: the averaged products are then H·v of the global loss
-            seed = strategy.broadcast(seed, src=0)
+        self.seed.setup(strategy)  # chosen at `setup` in a Trainer (kept); here for a direct call
+        # the same start vector on every rank (the averaged products are H·v of the global loss); each rank's masks
+        seed = self.seed.mixed(step)
         rank = 0 if strategy is None else strategy.global_rank
-        loss_at = self._loss(pl_module, batch, batch_idx, seed=mixed_seed(int(seed), rank))
+        loss_at = self._loss(pl_module, batch, batch_idx, seed=mixed_seed(seed, rank))
         local = self._hvp(loss_at, params, strategy)
 
         def hvp(v: list[Tensor]) -> list[Tensor]:
             return averaged_over_ranks(strategy, local(v))
 
-        generator = seeded_generator(device, int(seed))
+        generator = seeded_generator(device, seed)
         value, _ = power_iteration(hvp, params, iterations=self.iterations, tol=self.tol, generator=generator)
         out = {f"{PREFIX}/lambda_max": value.float()}
         lr = _learning_rate(pl_module)

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_gp._lightning.arguments import check_positive_int
 from lightning_gp._lightning.log_writer import define_summaries
 from lightning_gp._lightning.logging import logger_step
 from lightning_gp._lightning.setup_checks import vectors_fit
+from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.functional._layers import LINEAR_MAP_LAYERS
 from lightning_gp.functional.spectral import spectral_norm
 from lightning_gp.monitors._base import Monitor

@@ -25,12 +25,14 @@ def test_adversarial_primary_pass_is_the_adversarial_one_when_weight_is_one():
     m = trainer.callback_metrics
     torch.testing.assert_close(m["train_loss"], m["adversarial/loss"])  # the user's log saw x_adv
 
-@pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_resume_with_random_starts_is_bit_identical(tmp_path, norm):
-    """The attack's random start comes from a generator seeded by (initial seed, rank, step, micro-batch):
-    a resumed run draws what the uninterrupted one drew (the global RNG is not checkpointed by Lightning)."""
-    def run(epochs, ckpt=None, save=None):
-        pl.seed_everything(0)
+
+@pytest.mark.parametrize(("norm", "resume_seed"), [("l2", 0), ("linf", 0), ("linf", 1)])
+def test_resume_with_random_starts_is_bit_identical(tmp_path, norm, resume_seed):
+    """The attack's random start comes from a generator seeded by (the run's seed, rank, step, micro-batch):
+    a resumed run draws what the uninterrupted one drew (the global RNG is not checkpointed by Lightning), and the
+    run's seed is checkpointed, so a resumed process seeded otherwise (``resume_seed=1``) still draws the same."""
+    def run(epochs, ckpt=None, save=None, seed=0):
+        pl.seed_everything(seed)
         trainer = pl.Trainer(max_epochs=epochs, precision="64-true", default_root_dir=tmp_path,
                              callbacks=[AdversarialTraining(0.2, norm=norm, steps=2, random_start=True)], **QUIET)
         module = Module(make_net())
@@ -42,7 +44,7 @@ def test_resume_with_random_starts_is_bit_identical(tmp_path, norm):
     full = run(2)
     run(1, save=tmp_path / "half.ckpt")
     # seed_everything(0) again: with the global RNG the resumed steps would redraw step 0's starts
-    resumed = run(2, ckpt=tmp_path / "half.ckpt")
+    resumed = run(2, ckpt=tmp_path / "half.ckpt", seed=resume_seed)
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
 

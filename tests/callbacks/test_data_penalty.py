@@ -29,6 +29,7 @@ def test_finite_difference_replays_dropout_masks():
     exact, fd = update("double_backward"), update("finite_difference")
     assert (fd - exact).norm() / exact.norm() < 2e-2
 
+
 def test_bf16_mixed_matches_autocast_loop():
     def run_lightning():
         net = make_net().float()
@@ -55,6 +56,7 @@ def test_bf16_mixed_matches_autocast_loop():
         moved = (value - start[key]).abs().max()
         assert (got[key] - value).abs().max() <= 0.05 * moved + 1e-3, key
 
+
 def test_dict_batch_and_callable_input_key_match_tuple_batch():
     class DictData(torch.utils.data.Dataset):
         def __len__(self):
@@ -71,6 +73,7 @@ def test_dict_batch_and_callable_input_key_match_tuple_batch():
             precision="64-true")
         for name, value in expected.items():
             torch.testing.assert_close(module.net.state_dict()[name], value, atol=1e-6, rtol=0)
+
 
 @pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
 def test_penalty_is_per_sample_whatever_the_reduction(method):
@@ -94,9 +97,11 @@ def test_loss_not_depending_on_input():
     with pytest.raises(ValueError, match="does not depend on the input selected by `input_key=None`"):
         run(lambda m, b: m.net.weight.square().sum(), DataGradientPenalty(1.0))
 
+
 def test_unresolvable_input_key_in_a_run():
     with pytest.raises(ValueError, match=r"input_key='image'.*Batch: \[Tensor\[4, 4\], Tensor\[4\]"):
         run(ce, DataGradientPenalty(1.0, input_key="image"))
+
 
 def test_summed_loss_declared_as_mean_is_caught():
     with pytest.raises(ValueError, match=r"loss_reduction='mean'\): `training_step` returned a loss that behaves like "

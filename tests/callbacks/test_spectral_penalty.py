@@ -29,6 +29,7 @@ class ParameterFree(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
+
 def test_a_model_without_layers():
     for name in ("data", "parameter", "adversarial", "vat", "flooding"):
         module = ParameterFree()

@@ -28,13 +28,16 @@ def test_vat_default_logits_on_mlp():
     _, got = fit(MLP_PROBLEM, [VirtualAdversarialTraining(1.0, xi=1e-3, target="net.2")])
     assert_same_training(got, expected, MLP_PROBLEM, 1e-9)
 
+
 class SequenceOutput(MLP):
     def forward(self, x):
         return self.net(x).unsqueeze(1).expand(-1, 2, -1)  # (B, T, C): per-token logits
 
+
 class DictOutput(MLP):
     def forward(self, x):
         return {"scores": self.net(x)}
+
 
 @pytest.mark.parametrize(("model", "shown"), [(SequenceOutput, r"\(4, 2, 3\)"), (DictOutput, "dict")])
 def test_vat_logits_not_found(model, shown):

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from lightning_gp.step._seed import RunSeed
 from tests.ddp import close_process_group
 from tests.integration.test_ddp_callbacks import CONFIGS, PER_RANK_BATCH, fit
 
@@ -30,8 +31,13 @@ def main() -> None:
             "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "metrics": {k: v.detach().clone() for k, v in trainer.callback_metrics.items()},
         }
+    # The one seeding policy: each rank's process seeded otherwise, the run's seed is still rank 0's on every rank.
+    torch.manual_seed(100 + trainer.global_rank)
+    seed = RunSeed()
+    seed.setup(trainer.strategy)
+    seeds = trainer.strategy.all_gather(torch.tensor([seed.base, torch.initial_seed()]))
     if trainer is not None and trainer.global_rank == 0:
-        torch.save(results, args.out)
+        torch.save({**results, "run_seed": seeds}, args.out)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,8 @@ def test_ddp_matches_one_process(tmp_path):
     from tests.ddp import run_ddp_script
 
     ddp = run_ddp_script("callbacks_ddp.py", tmp_path / "out.pt")
+    # RunSeed: rank 0's seed on both ranks, though the ranks' processes were seeded 100 and 101
+    assert ddp.pop("run_seed").tolist() == [[100, 100], [100, 101]]
     assert set(ddp) == set(CONFIGS)
     for name in CONFIGS:
         if name in LOCAL:

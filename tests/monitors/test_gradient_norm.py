@@ -171,9 +171,11 @@ class Regression(Net):
     def training_step(self, batch, batch_idx):
         return F.mse_loss(self.net(batch[0])[:, :1], batch[1])
 
+
 def regression_loader():
     gen = torch.Generator().manual_seed(4)
     return DataLoader(TensorDataset(torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)), batch_size=4)
+
 
 def test_gradient_norm_monitor_measures_the_step_and_refuses_float_targets_for_its_cross_entropy():
     """The default measures the step's own loss (an MSE here); the explicit forward with the default cross-entropy

@@ -128,6 +128,7 @@ class NotAChain(Net):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.MultiheadAttention(6, 1), torch.nn.Linear(6, 3))
 
+
 def test_mlp_monitor_does_not_suggest_an_argument_it_lacks():
     with pytest.raises(ValueError) as info:
         fit(NotAChain(), [MLPInequalityMonitor(every_n_steps=1)])
