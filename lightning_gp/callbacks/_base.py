@@ -29,7 +29,7 @@ from lightning_gp.functional._checks import check_bool, check_number, check_posi
 from lightning_gp.functional._sharded import whole
 from lightning_gp.step._chain import DEFAULT_ORDER, StepContext, run_chain
 from lightning_gp.step._finite import StepValues, check_step, param_names
-from lightning_gp.step._objective import Step, caller_name
+from lightning_gp.step._objective import Objective, caller_name
 from lightning_gp.step._seed import RunSeed
 from lightning_gp.step.interception import StepInterceptor
 
@@ -163,7 +163,7 @@ class PenaltyCallback(Callback):
         return "it reads whole parameters"
 
     # -- per step ---------------------------------------------------------------------------------------
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
         """Run ``inner`` (the rest of the chain) on ``batch`` and return the step with this term added."""
         raise NotImplementedError
 
@@ -178,11 +178,11 @@ class PenaltyCallback(Callback):
             )
         return params
 
-    def loss_with_graph(self, step: Step) -> Tensor:
+    def loss_with_graph(self, objective: Objective) -> Tensor:
         """``step.loss``, or the error saying it has no autograd graph (nothing to differentiate)."""
-        if not step.loss.requires_grad:
+        if not objective.loss.requires_grad:
             raise ValueError(f"{type(self).__name__}: the loss returned by `training_step` has no autograd graph.")
-        return step.loss
+        return objective.loss
 
     def active_weight(self, ctx: StepContext) -> float:
         """Lazy regularization: weight × k on optimizer steps (``global_step``) divisible by k, else 0.

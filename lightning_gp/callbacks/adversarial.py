@@ -15,7 +15,7 @@ from lightning_gp.functional.adversarial import NORMS, Norm, default_step_size, 
 from lightning_gp.functional.layer_output import expand_mask
 from lightning_gp.step._batch import InputKey, replace_input
 from lightning_gp.step._chain import ORDER, StepContext
-from lightning_gp.step._objective import Step
+from lightning_gp.step._objective import Objective
 from lightning_gp.step._site import Probe, Site, SiteCallback, Target
 
 
@@ -136,7 +136,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
     def unsupported_when_sharded(self) -> str | None:
         return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
 
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
         a = self.adversarial_weight
         if a == 0:
             return inner(batch)
@@ -152,7 +152,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         self.applied += 1
         return result
 
-    def _apply_on_input(self, ctx: StepContext, probe: Probe, inner: Callable[[Any], Step]) -> tuple:
+    def _apply_on_input(self, ctx: StepContext, probe: Probe, inner: Callable[[Any], Objective]) -> tuple:
         """A batch input: FGSM/PGD of :mod:`lightning_gp.functional` (equal to torchattacks), then train."""
         a, batch, x = self.adversarial_weight, probe.batch, probe.x
         x_adv, clean_loss = self.attack(ctx, batch, x.detach(), probe.path)
@@ -160,15 +160,15 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             x_adv = x + (x_adv - x.detach())
         adv_batch = replace_input(batch, probe.path, x_adv)
         if a < 1:
-            step = inner(batch)  # primary: clean
+            objective = inner(batch)  # primary: clean
             adv_loss = ctx.extra_loss(adv_batch)
             # (1 − a)·L_clean + a·L_adv, with the inner callbacks' penalties kept at full weight. `loss_in_objective`
-            # has the clean loss's value and gradient (possibly without its graph, see `Step`).
-            return step.add(a * (adv_loss - step.loss_in_objective)), adv_loss, step.loss
-        step = inner(adv_batch)  # primary: adversarial
-        return step, step.loss, clean_loss
+            # has the clean loss's value and gradient (possibly without its graph, see `Objective`).
+            return objective.add(a * (adv_loss - objective.loss_in_objective)), adv_loss, objective.loss
+        objective = inner(adv_batch)  # primary: adversarial
+        return objective, objective.loss, clean_loss
 
-    def _apply_in_delta(self, ctx: StepContext, probe: Probe, inner: Callable[[Any], Step]) -> tuple:
+    def _apply_in_delta(self, ctx: StepContext, probe: Probe, inner: Callable[[Any], Objective]) -> tuple:
         """A perturbation δ of the input or of a layer's output: FGM/PGD, or FreeLB with ``average_steps``.
 
         The passes whose losses enter the objective keep their graphs (FreeLB: all K, one backward in the
@@ -212,8 +212,8 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             result = first.add(rest / k - (1 - 1 / k) * first.loss_in_objective)
             return result, torch.stack([v.detach() for v in losses]).mean(), clean_loss
         if a == 1:
-            step, _ = probe.run(inner, delta, chain=True)  # primary: adversarial
-            return step, step.loss, clean_loss
+            objective, _ = probe.run(inner, delta, chain=True)  # primary: adversarial
+            return objective, objective.loss, clean_loss
         if first is None:  # random start: the clean primary pass comes now
             first, _ = probe.run(inner, lambda like: like.detach().new_zeros(like.shape), chain=True)
             clean_loss = first.loss.detach()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (the docstring example)
 from torch import Tensor
 
 from lightning_gp.callbacks._base import PenaltyCallback
@@ -14,18 +14,18 @@ from lightning_gp.functional import gradient_norm_penalty
 from lightning_gp.functional._autograd import grad as autograd_grad
 from lightning_gp.functional._checks import check_bool, check_choice, check_number, check_penalty_shape
 from lightning_gp.functional._rng import RNGState
-from lightning_gp.functional.gradients import per_sample_squared_norm
 from lightning_gp.functional.penalties import (
     finite_difference_direction,
-    finite_difference_input_step_from_norms,
     input_difference,
+    input_step_from_statistics,
+    input_step_statistics,
 )
 from lightning_gp.functional.precision import default_step
 from lightning_gp.step._batch import InputKey
 from lightning_gp.step._chain import ORDER, StepContext
-from lightning_gp.step._objective import REDUCTIONS, Reduction, Step
-from lightning_gp.step._reduction import agreed, observed_reduction, reduction_error
-from lightning_gp.step._site import Probe, Site, SiteCallback, Target
+from lightning_gp.step._objective import REDUCTIONS, Objective, Reduction
+from lightning_gp.step._reduction import check_reduction
+from lightning_gp.step._site import Site, SiteCallback, Target
 
 
 class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
@@ -115,101 +115,57 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         defaults = {"power": 2, "center": 0.0, "one_sided": False}
         return {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
 
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
         weight = self.active_weight(ctx)
         if weight == 0:
             return inner(batch)
+        owner = type(self).__name__
+        # probe → inner step, with δ a zero leaf on the input (or the target's output)
         probe = self.site.probe(ctx.module, batch)
-        device = probe.x.device if probe.x is not None else next(ctx.module.parameters()).device
         method = self.resolved_method  # None: "auto", undecided until this step's graph is tried
-        before = RNGState.capture(device) if method != "double_backward" else None
-        step, leaf = probe.run(inner, chain=True)  # δ: a zero leaf on the input (or the target's output)
-        loss = step.loss
-        n = probe.base.shape[0]
+        device = probe.x.device if probe.x is not None else next(ctx.module.parameters()).device
+        before = RNGState.capture(device) if method != "double_backward" else None  # replayed at x + h·d
+        objective, leaf = probe.run(inner, chain=True)
+        loss, n = objective.loss, probe.base.shape[0]
         if self.check_reduction and not self._reduction_checked:
             self._reduction_checked = True
-            self._check_reduction(ctx, batch, probe.base, loss)
-        # Per-sample sum S = Σᵢ ℓᵢ: B·L for a mean-reduced loss, L itself for a summed one.
-        per_sample_scale = float(n) if self.loss_reduction == "mean" else 1.0
+            check_reduction(owner, self.loss_reduction, lambda half: ctx.extra_loss(half, "fork"), batch, n, loss,
+                            ctx.broadcast if ctx.world_size > 1 else None)
+        scale = float(n) if self.loss_reduction == "mean" else 1.0  # S = Σᵢ ℓᵢ: B·L for a mean, L for a sum
+        params = ctx.trainable_parameters() if method is None else []
+        if method != "double_backward":  # what the difference needs of the step: x, and h's relative step
+            dtype = ctx.compute_dtype(probe.base)
+            x = probe.masked(probe.base.detach())
+            rel_step = self.step if self.step is not None else default_step("input", dtype)
 
-        def double_backward_penalty() -> Tensor:
-            grad = self._input_grad(loss, leaf) * per_sample_scale
+        def double_backward_penalty() -> Tensor:  # ∇ₓL with its graph, then φ
+            found = autograd_grad(loss, leaf, create_graph=True, retain_graph=True, allow_unused=True)[0] \
+                if loss.requires_grad else None
+            grad = self.site.input_gradient(found) * scale
             return gradient_norm_penalty(grad, power=self.power, center=self.center, one_sided=self.one_sided).mean()
 
         penalty = None
         if method is None:
-            params = ctx.trainable_parameters()
             method, penalty = self.decide_method(ctx, double_backward_penalty, params)
         if method == "double_backward":
             penalty = double_backward_penalty() if penalty is None else penalty
-            step = step.add(weight * penalty)
+            objective = objective.add(weight * penalty)
         else:
-            # ∇ₓL together with ∇L for every other leaf (the parameters) in one backward; the loss is
-            # linearised (see `Step.loss_grads`), so the final backward runs through the second pass's graph
-            # only, as a hand-written loop would: two backward passes per step, not three.
-            step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self)) if loss.requires_grad else step
-            grad = self._missing_input(step.grad_of(leaf) if step.grads is not None else None) * per_sample_scale
-            penalty, term = self._finite_difference(
-                ctx, probe=probe, grad=grad, linearised_loss=step.linearised_loss, before=before,
-                per_sample_scale=per_sample_scale,
-            )
-            step = step.add(weight * penalty + weight * term)
+            # ∇ₓL with ∇L of every other leaf (the parameters) in one backward; the loss is linearised
+            # (`Objective.loss_grads`): the final backward runs through the second pass's graph only, two backward
+            # passes a step as in a hand-written loop, not three
+            if loss.requires_grad:
+                objective = objective.loss_grads(retain=ctx.loss_graph_needed_outside(self))
+            grad = self.site.input_gradient(objective.grad_of(leaf) if objective.grads is not None else None) * scale
+            phi, d = finite_difference_direction(grad, power=self.power, center=self.center, one_sided=self.one_sided)
+            # the same h on every rank as one process on the combined batch: one gather of the statistics it needs
+            h = input_step_from_statistics(ctx.gather(input_step_statistics(x, d)), rel_step)
+            # ∇θ mean φ ≈ [∇θ S(x + h·d) − ∇θ S(x)] / (h·B): one extra pass at x + h·d, the primary pass's dropout
+            # masks replayed from `before`
+            term = input_difference(lambda delta: probe.run(lambda b: ctx.extra_loss(b, before), delta)[0],
+                                    d.to(x.dtype), objective.linearised_loss, h=h, scale=scale / n)
+            penalty = phi.mean()
+            objective = objective.add(weight * penalty + weight * term)
         self.check_and_log(ctx, self.log_name, penalty, batch_size=n)
         self.applied += 1
-        return step
-
-    def _check_reduction(self, ctx: StepContext, batch: Any, x: Tensor, loss: Tensor) -> None:
-        actual, detail = observed_reduction(lambda half: ctx.extra_loss(half, "fork"), batch, x.shape[0], loss)
-        actual = agreed(actual, ctx.broadcast if ctx.world_size > 1 else None, x.device)
-        if actual is not None and actual != self.loss_reduction:
-            raise ValueError(reduction_error(type(self).__name__, self.loss_reduction, actual, detail))
-
-    def _input_grad(self, loss: Tensor, leaf: Tensor) -> Tensor:
-        """∇ₓL with ``create_graph`` (double backward), or the error saying the loss ignores the input."""
-        grad = None
-        if loss.requires_grad:
-            (grad,) = autograd_grad(loss, leaf, create_graph=True, retain_graph=True, allow_unused=True)
-        return self._missing_input(grad)
-
-    def _missing_input(self, grad: Tensor | None) -> Tensor:
-        if grad is None:
-            raise ValueError(
-                f"{type(self).__name__}: the loss returned by `training_step` does not depend on "
-                + (f"the output of `target={self.target!r}`" if self.target is not None
-                   else f"the input selected by `input_key={self.input_key!r}`")
-                + " (no autograd path). Make sure the model is applied to this batch element, not to a detached "
-                "copy or another entry of the batch."
-            )
-        return grad
-
-    def _finite_difference(
-        self,
-        ctx: StepContext,
-        *,
-        probe: Probe,
-        grad: Tensor,
-        linearised_loss: Tensor,
-        before: RNGState,
-        per_sample_scale: float,
-    ) -> tuple[Tensor, Tensor]:
-        """Returns (penalty value, surrogate term whose value is 0 and whose θ-gradient ≈ ∇θ penalty).
-
-        ``linearised_loss`` has the gradient of the primary loss without its graph (``Step.linearised_loss``).
-        """
-        phi, direction = finite_difference_direction(grad, power=self.power, center=self.center,
-                                                      one_sided=self.one_sided)
-        x = probe.masked(probe.base.detach())
-        n = x.shape[0]
-        sq = per_sample_squared_norm(x)
-        # Same h on every rank as one process on the combined batch: the mean of ‖xᵢ‖² and the max of ‖dᵢ‖² over
-        # all ranks' samples, from one gather of (Σ‖xᵢ‖², count, max ‖dᵢ‖²)
-        stats = [sq.sum(), torch.tensor(float(n), device=sq.device), per_sample_squared_norm(direction).max()]
-        ranks = ctx.gather(torch.stack([v.float() for v in stats]))
-        mean_sq, max_d = ranks[:, 0].sum() / ranks[:, 1].sum(), ranks[:, 2].max()
-        step_rel = self.step if self.step is not None else default_step("input", ctx.compute_dtype(x))
-        h = finite_difference_input_step_from_norms(mean_sq, max_d, step_rel)
-        # ∇θ mean φ ≈ [∇θ S(x + h d) − ∇θ S(x)] / (h·B), with S = per_sample_scale · L; the same dropout masks as
-        # the primary pass (replayed from `before`), and ctx.extra_loss puts the module's state back.
-        term = input_difference(lambda delta: probe.run(lambda b: ctx.extra_loss(b, before), delta)[0],
-                                direction.to(x.dtype), linearised_loss, h=h, scale=per_sample_scale / n)
-        return phi.mean(), term
+        return objective

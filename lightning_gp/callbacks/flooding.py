@@ -8,7 +8,7 @@ from typing import Any
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional._checks import check_number
 from lightning_gp.step._chain import ORDER, StepContext
-from lightning_gp.step._objective import Step
+from lightning_gp.step._objective import Objective
 
 
 class Flooding(PenaltyCallback):
@@ -45,14 +45,14 @@ class Flooding(PenaltyCallback):
     def unsupported_when_sharded(self) -> str | None:
         return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
 
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
-        step = inner(batch)
-        loss = step.loss
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
+        objective = inner(batch)
+        loss = objective.loss
         # |L − b| + b = L above b and 2b − L below: the term added to the objective is max(0, 2(b − L)),
         # whose gradient below b is −2∇L (with the loss's own ∇L through `loss_in_objective`: the flooded −∇L).
         # No host sync: the branch is a clamp.
-        term = (2.0 * (self.level - step.loss_in_objective)).clamp_min(0.0)
+        term = (2.0 * (self.level - objective.loss_in_objective)).clamp_min(0.0)
         self.record(ctx, "flooding/loss", loss, None)
         self.record(ctx, "flooding/flooded", (loss.detach() < self.level).to(loss.dtype), None)
         self.applied += 1
-        return step.add(term)
+        return objective.add(term)

@@ -16,7 +16,7 @@ from lightning_gp.functional.gradients import squared_norm_sum
 from lightning_gp.functional.penalties import parameter_difference, parameter_step_size
 from lightning_gp.functional.precision import default_step
 from lightning_gp.step._chain import ORDER, StepContext
-from lightning_gp.step._objective import Step
+from lightning_gp.step._objective import Objective
 
 #: Whose gradient each DDP rank penalises: its own batch's, or the one averaged over ranks.
 Scope = Literal["local", "global"]
@@ -83,7 +83,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
     def unsupported_when_sharded(self) -> str | None:
         return super().unsupported_when_sharded() or (LOCAL_SCOPE_SHARDED if self.scope == "local" else None)
 
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
         weight = self.active_weight(ctx)
         if weight == 0:
             return inner(batch)
@@ -91,8 +91,8 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         device = params[0].device
         method = self.resolved_method  # None: "auto", undecided until this step's graph is tried
         before = RNGState.capture(device) if method != "double_backward" else None
-        step = inner(batch)
-        loss = self.loss_with_graph(step)
+        objective = inner(batch)
+        loss = self.loss_with_graph(objective)
         tried: list = []  # the gradients "auto" built to try the double backward, used when it works
         if method is None:
             def local_penalty() -> torch.Tensor:
@@ -104,10 +104,10 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         if double:
             grads = tried or autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
         else:
-            # ∇L for every leaf of the loss in one backward; the loss is linearised (see `Step.loss_grads`), so
+            # ∇L for every leaf of the loss in one backward; the loss is linearised (see `Objective.loss_grads`), so
             # the final backward runs through the second pass's graph only, as a hand-written loop would.
-            step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self))
-            grads = [step.grad_of(p) for p in params]
+            objective = objective.loss_grads(retain=ctx.loss_graph_needed_outside(self))
+            grads = [objective.grad_of(p) for p in params]
         grads = grads_or_zeros(grads, params, what="the loss returned by `training_step`", wrt="parameters")
         world = ctx.world_size
         if self.scope == "global" and world > 1:
@@ -117,16 +117,16 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
                 grads = ctx.average_over_ranks(grads)
         penalty = squared_norm_sum(grads)
         if double:
-            step = step.add(weight * penalty)
+            objective = objective.add(weight * penalty)
         else:
-            step = step.add(weight * penalty.detach())
+            objective = objective.add(weight * penalty.detach())
             rel = self.step if self.step is not None else default_step("parameter", ctx.compute_dtype(params[0]))
             # (2/h)·[L(θ + h g) − L(θ)] at θ + h·g in place, with the primary pass's dropout masks; its −L(θ) part
             # through the linearised loss (gradient: the local ∇L). ctx.extra_loss puts the module's state back.
             h = parameter_step_size(params, penalty.detach().sqrt(), rel)
             term, _ = parameter_difference(lambda: ctx.extra_loss(batch, before), params, grads,
-                                           step.linearised_loss, h=h)
-            step = step.add(weight * term)
+                                           objective.linearised_loss, h=h)
+            objective = objective.add(weight * term)
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1
-        return step
+        return objective

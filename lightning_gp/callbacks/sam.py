@@ -21,7 +21,7 @@ from lightning_gp.functional._rng import RNGState
 from lightning_gp.functional.penalties import displaced_linearisation, displaced_loss, parameter_difference
 from lightning_gp.functional.sharpness import sam_perturbation
 from lightning_gp.step._chain import ORDER, StepContext
-from lightning_gp.step._objective import Step
+from lightning_gp.step._objective import Objective
 
 
 class SharpnessAwareMinimization(PenaltyCallback):
@@ -131,14 +131,14 @@ class SharpnessAwareMinimization(PenaltyCallback):
         self._release()
         super().teardown(trainer, pl_module, stage)
 
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
         self._release()  # a previous micro-batch's displacement whose backward never came
         if ctx.global_step % self.every_n_steps != 0 or self.rho == 0:
             return inner(batch)
         params = self.trainable_parameters(ctx, "so there is nothing to perturb")
         before = RNGState.capture(params[0].device)  # the clean pass's dropout masks, replayed at θ + ε
-        step = inner(batch)
-        loss = self.loss_with_graph(step)
+        objective = inner(batch)
+        loss = self.loss_with_graph(objective)
         alone = ctx.members == [self]  # nothing else in the chain reads the clean gradient or the loss's graph
         # Lightning's backward differentiates the perturbed pass itself, as the second backward of a hand-written
         # loop: θ stays at θ + ε until that backward is over and comes back bit for bit in `on_after_backward` (the
@@ -147,10 +147,10 @@ class SharpnessAwareMinimization(PenaltyCallback):
         if held:
             found = torch.autograd.grad(loss, params, allow_unused=True)
         else:
-            # ∇L for every leaf of the loss in one backward; the loss is linearised (`Step.loss_grads`), so the
+            # ∇L for every leaf of the loss in one backward; the loss is linearised (`Objective.loss_grads`), so the
             # final backward runs through the perturbed pass's graph only, as a hand-written two-pass loop does.
-            step = step.loss_grads(retain=ctx.loss_graph_needed_outside(self))
-            found = [step.grad_of(p) for p in params]
+            objective = objective.loss_grads(retain=ctx.loss_graph_needed_outside(self))
+            found = [objective.grad_of(p) for p in params]
         grads = grads_or_zeros(found, params, what="the loss returned by `training_step`", wrt="parameters")
         if self.scope == "global":  # one flat all-reduce of a copy (the linearised loss keeps the local g)
             grads = ctx.average_over_ranks(grads)
@@ -165,12 +165,12 @@ class SharpnessAwareMinimization(PenaltyCallback):
             else:  # the perturbed gradient taken now, handed over by the final backward in one multiply
                 at = displaced_linearisation(loss_at, params, direction, h=h)
             perturbed = at.detach()
-            step = replace(step, linearised_loss=at - perturbed + loss.detach())
+            objective = replace(objective, linearised_loss=at - perturbed + loss.detach())
         else:
             # (h/h)·[∇L(θ + h·d) − ∇L(θ)] added to the clean gradient: the objective's gradient is ∇L(θ + ε), its
             # value still L(θ), and the members outside see the clean ∇L(θ) in `step.grads`.
-            term, perturbed = parameter_difference(loss_at, params, direction, step.linearised_loss, h=h, scale=h)
-            step = step.add(term)
+            term, perturbed = parameter_difference(loss_at, params, direction, objective.linearised_loss, h=h, scale=h)
+            objective = objective.add(term)
         self.check_and_log(ctx, self.log_name, perturbed - loss.detach())
         self.applied += 1
-        return step
+        return objective

@@ -13,7 +13,7 @@ from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import spectral_norm_penalty
 from lightning_gp.functional._checks import check_positive_int
 from lightning_gp.step._chain import ORDER, StepContext
-from lightning_gp.step._objective import Step
+from lightning_gp.step._objective import Objective
 
 
 class SpectralNormPenalty(PenaltyCallback):
@@ -84,8 +84,8 @@ class SpectralNormPenalty(PenaltyCallback):
         self.vectors = {k: v.clone() for k, v in vectors.items()}
         self._fitted = False
 
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
-        step = inner(batch)
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
+        objective = inner(batch)
         if not self._fitted:
             # Vectors of another model (the callback reused on a wider one): start cold for this model.
             if not vectors_fit(self.vectors, ctx.module):
@@ -96,4 +96,4 @@ class SpectralNormPenalty(PenaltyCallback):
         penalty = spectral_norm_penalty(ctx.module, n_iter=n_iter, vectors=self.vectors)
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1
-        return step.add(self.weight * penalty)
+        return objective.add(self.weight * penalty)

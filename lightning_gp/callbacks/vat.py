@@ -14,7 +14,7 @@ from lightning_gp.functional._checks import check_callable, check_number, check_
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
 from lightning_gp.step._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
 from lightning_gp.step._chain import ORDER, StepContext, extra_pass
-from lightning_gp.step._objective import Step
+from lightning_gp.step._objective import Objective
 from lightning_gp.step._site import Probe, Site, SiteCallback, Target
 
 #: What ``pl_module(...)`` is called on when the perturbation sits on a layer: a token model's ids first.
@@ -114,11 +114,11 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
     def unsupported_when_sharded(self) -> str | None:
         return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
 
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step:
-        step = inner(batch)
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
+        objective = inner(batch)
         weight = self.active_weight(ctx)
         if weight == 0:
-            return step
+            return objective
         probe = self.site.probe(ctx.module, batch)
         with torch.no_grad():  # p(·|x), detached
             clean, _ = probe.run(lambda b: self._logits(ctx, probe, b), lambda like: like.new_zeros(like.shape))
@@ -134,5 +134,5 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         vat = kl_at(self.epsilon * d)
         self.check_and_log(ctx, self.log_name, vat, batch_size=clean.shape[0])
         self.applied += 1
-        return step.add(weight * vat)
+        return objective.add(weight * vat)
 

@@ -38,7 +38,13 @@ from lightning_gp.functional._checks import (
 )
 from lightning_gp.functional._rng import RNGState, replayed_rng
 from lightning_gp.functional._state import CALLED, restored_buffers
-from lightning_gp.functional.gradients import input_gradient, safe_sqrt, squared_norm_sum, squared_norms
+from lightning_gp.functional.gradients import (
+    input_gradient,
+    per_sample_squared_norm,
+    safe_sqrt,
+    squared_norm_sum,
+    squared_norms,
+)
 from lightning_gp.functional.precision import compute_dtype, default_step
 
 Params = nn.Module | Iterable[Tensor] | Tensor
@@ -292,6 +298,29 @@ def finite_difference_input_step_from_norms(
         return 0.0
     scale = float(mean_squared_input_norm.sqrt())
     return step * (scale if scale > 0 else 1.0) / largest
+
+
+def input_step_statistics(inputs: Tensor, direction: Tensor) -> Tensor:
+    """The statistics h depends on, (Σᵢ‖xᵢ‖², B, maxᵢ‖dᵢ‖²) in float32: gathered over DDP ranks, they give every rank
+    the h of one process on the combined batch (:func:`input_step_from_statistics`)."""
+    sq = per_sample_squared_norm(inputs)
+    return torch.stack([sq.sum().float(), torch.tensor(float(inputs.shape[0]), device=sq.device),
+                        per_sample_squared_norm(direction).max().float()])
+
+
+def input_step_from_statistics(statistics: Tensor, step: float) -> float:
+    """:func:`finite_difference_input_step` from the (R, 3) statistics of R ranks (:func:`input_step_statistics`).
+
+    Example:
+
+
+        >>> x, d = torch.ones(4, 3), torch.ones(4, 3)
+        >>> stats = input_step_statistics(x, d)
+        >>> input_step_from_statistics(stats[None], 0.01) == finite_difference_input_step(x, d, 0.01)
+        True
+    """
+    mean_sq = statistics[:, 0].sum() / statistics[:, 1].sum()
+    return finite_difference_input_step_from_norms(mean_sq, statistics[:, 2].max(), step)
 
 
 def finite_difference_parameter_step(params: list[Tensor], grad_norm: Tensor, step: float) -> float:

@@ -23,7 +23,7 @@ from lightning_gp.functional._checks import check_callable
 from lightning_gp.step._batch import describe, resolve_input
 from lightning_gp.step._chain import PassRNG, SkipBatch, extra_pass
 from lightning_gp.step._objective import extract_loss
-from lightning_gp.step._reduction import agreed, observed_reduction, reduction_error
+from lightning_gp.step._reduction import check_reduction
 from lightning_gp.step.interception import StepInterceptor
 
 #: ``forward_fn(module, batch)`` → the outputs a per-sample ``loss_fn`` takes.
@@ -171,8 +171,6 @@ class MonitorPass:
             except SkipBatch:
                 return None
 
-        actual, detail = observed_reduction(run, batch, n, loss)
         world = 1 if strategy is None else strategy.world_size
-        actual = agreed(actual, (lambda t: strategy.broadcast(t, src=0)) if world > 1 else None, loss.device)
-        if actual is not None and actual != self.loss_reduction:
-            raise ValueError(reduction_error(self.owner, self.loss_reduction, actual, detail))
+        check_reduction(self.owner, self.loss_reduction, run, batch, n, loss,
+                        (lambda t: strategy.broadcast(t, src=0)) if world > 1 else None)

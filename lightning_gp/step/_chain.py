@@ -26,7 +26,7 @@ from lightning_gp.functional.precision import compute_dtype
 from lightning_gp.step._cost import STEP, span
 from lightning_gp.step._finite import StepValues
 from lightning_gp.step._module_state import untouched
-from lightning_gp.step._objective import Step, caller_name, extract_loss
+from lightning_gp.step._objective import Objective, caller_name, extract_loss
 from lightning_gp.step.interception import muted_logging
 
 #: Where each penalty callback sits in the chain, outermost first (:func:`run_chain` sorts by it). A member's number
@@ -50,7 +50,7 @@ class ChainMember(Protocol):
     order: int
     needs_loss_graph: bool
 
-    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Step]) -> Step: ...
+    def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective: ...
 
 
 class StepContext:
@@ -133,7 +133,7 @@ class StepContext:
         outer = self.members[: self.members.index(member)] if member in self.members else self.members
         return any(m.needs_loss_graph for m in outer)
 
-    def primary(self, batch: Any) -> Step:
+    def primary(self, batch: Any) -> Objective:
         """The user's step, as Lightning would run it (it logs, it updates BatchNorm statistics)."""
         with forward_pass(), span(STEP):
             out = self.step_fn(batch, *self.rest_args, **self.kwargs)
@@ -142,7 +142,7 @@ class StepContext:
         loss = extract_loss(out, self.caller)
         if self.values is not None:
             self.values.add_loss(loss)
-        return Step(loss=loss, output=out)
+        return Objective(loss=loss, output=out)
 
     def extra_loss(self, batch: Any, rng: PassRNG = None) -> Tensor:
         """The raw loss of an extra pass (:func:`extra_pass`, on the random stream ``rng``): no other callback, no
@@ -178,7 +178,7 @@ def untraced(module: nn.Module, rng: PassRNG = None) -> Iterator[None]:
     """What a block changes on ``module`` (buffers, metrics, counters: :mod:`lightning_gp.step._module_state`) put
     back after it, on the random stream ``rng``: the part of :func:`extra_pass` a monitor's whole measurement
     shares."""
-    with untouched(module), _stream(module, rng):
+    with _stream(module, rng), untouched(module):
         yield
 
 
@@ -241,12 +241,12 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
     ctx = StepContext(module, step_fn, args, kwargs, global_step, caller, strategy, values, lightning_backward)
     ctx.members = members
 
-    def build(i: int) -> Callable[[Any], Step]:
+    def build(i: int) -> Callable[[Any], Objective]:
         if i == len(members):
             return ctx.primary
         member, inner = members[i], build(i + 1)
 
-        def run(batch: Any) -> Step:
+        def run(batch: Any) -> Objective:
             with span(member):  # what the member does around the inner ones is its cost (CostMonitor)
                 return member.apply(ctx, batch, inner)
 
@@ -255,7 +255,7 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
     mark = None if values is None else (len(values.losses), len(values.values))
     try:
         with sharded(ctx.sharding):
-            step = build(0)(args[0])
+            objective = build(0)(args[0])
     except RuntimeError as err:
         if _REENTRANT_CHECKPOINT not in str(err):
             raise
@@ -273,6 +273,6 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
         return None
     if values is not None:
         values.batches.append(args[0])
-    return step.finalize()
+    return objective.finalize()
 
 

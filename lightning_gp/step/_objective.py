@@ -1,7 +1,7 @@
 """The objective a training step backpropagates: the loss, the terms the callbacks add, and their algebra.
 
 A finite-difference callback takes ∇L once and replaces the loss by its linearisation (same value, same
-gradient, no second trip through the loss's graph); :class:`Step` keeps track of which tensor currently
+gradient, no second trip through the loss's graph); :class:`Objective` keeps track of which tensor currently
 stands for the loss. Design notes: ``docs/design/interception.md``.
 """
 
@@ -21,7 +21,7 @@ REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 @dataclass
-class Step:
+class Objective:
     """What a training step produced: the raw loss, the terms the callbacks added, the user's output.
 
     The objective to backpropagate is :attr:`total` = :attr:`loss_in_objective` + :attr:`terms`.
@@ -47,13 +47,13 @@ class Step:
         """What the final backward differentiates: the loss (or its linearisation) plus every added term."""
         return self.loss_in_objective if self.terms is None else self.loss_in_objective + self.terms
 
-    def add(self, term: Tensor) -> Step:
+    def add(self, term: Tensor) -> Objective:
         """This step with ``term`` added to the objective."""
         terms = term if self.terms is None else self.terms + term
-        return Step(loss=self.loss, output=self.output, terms=terms, linearised_loss=self.linearised_loss,
+        return Objective(loss=self.loss, output=self.output, terms=terms, linearised_loss=self.linearised_loss,
                     grads=self.grads)
 
-    def loss_grads(self, retain: bool = True) -> Step:
+    def loss_grads(self, retain: bool = True) -> Objective:
         """This step with ∇L w.r.t. every autograd leaf of the loss, and the loss linearised (see above).
 
         One backward through the loss's graph (``retain``: whether an outer callback still differentiates the
@@ -66,7 +66,7 @@ class Step:
         if self.grads is not None:
             return self
         pairs = {id(v): (v, g) for v, g in leaf_gradients(self.loss, retain=retain)}
-        return Step(loss=self.loss, output=self.output, terms=self.terms,
+        return Objective(loss=self.loss, output=self.output, terms=self.terms,
                     linearised_loss=linearised(self.loss, list(pairs.values())), grads=pairs)
 
     def grad_of(self, tensor: Tensor) -> Tensor | None:

@@ -56,3 +56,17 @@ def reduction_error(owner: str, declared: str, actual: str, detail: str, off: st
     return (f"{owner}(loss_reduction={declared!r}): `training_step` returned a loss that behaves like a {actual} over "
             f"the batch{detail}. Per-sample gradients would be off by a factor of the batch size. Pass "
             f"`loss_reduction={actual!r}` (or `{off}` if this is intended).")
+
+
+def check_reduction(owner: str, declared: str, run: Callable[[Any], Tensor | None], batch: Any, n: int, loss: Tensor,
+                    broadcast: Callable[[Tensor], Tensor] | None = None) -> None:
+    """The one loss-reduction check: raise when ``loss`` (of ``batch``, ``n`` samples) behaves like the other
+    reduction than ``declared``, rank 0's verdict on every rank (``run``: :func:`observed_reduction`'s).
+
+    Raises:
+        ValueError: :func:`reduction_error`'s message.
+    """
+    actual, detail = observed_reduction(run, batch, n, loss)
+    actual = agreed(actual, broadcast, loss.device)
+    if actual is not None and actual != declared:
+        raise ValueError(reduction_error(owner, declared, actual, detail))

@@ -159,6 +159,19 @@ class Site:
                     self.sharing.append(n)
         self.resolved = True
 
+    def input_gradient(self, grad: Tensor | None) -> Tensor:
+        """``grad``, the loss's gradient at the site, or the error saying the loss does not depend on it (None: no
+        autograd path)."""
+        if grad is None:
+            raise ValueError(
+                f"{self.owner}: the loss returned by `training_step` does not depend on "
+                + (f"the output of `target={self.target!r}`" if self.target is not None
+                   else f"the input selected by `input_key={self.input_key!r}`")
+                + " (no autograd path). Make sure the model is applied to this batch element, not to a detached "
+                "copy or another entry of the batch."
+            )
+        return grad
+
     def probe(self, root: nn.Module, batch: Any) -> Probe:
         if not self.resolved:
             self.resolve(root)
