@@ -1,7 +1,8 @@
 """``method="auto"``: double backward where the model has one, finite differences where it has none.
 
-Decided once, at the first penalized step: the penalty's own double backward is tried on that step's graph
-(one extra backward, its result thrown away). SDPA attention (the default of most Hugging Face model classes),
+Decided once, at the first penalized step, before the chain runs (:meth:`MethodChoice.prepare`): the penalty's
+double backward is tried on a trial extra pass of that step's batch, its result thrown away; inside the chain every
+member's method is then known. SDPA attention (the default of most Hugging Face model classes),
 torch.compile'd modules and custom autograd Functions have no double backward; with ``"auto"`` they train by
 finite differences instead of failing inside Lightning's backward. The choice shows in the ``repr`` and in
 ``lightning_gp``'s log; under DDP every rank takes finite differences if any rank lacks a double backward.
@@ -58,6 +59,18 @@ class MethodChoice:
         if self.method == "auto" and self._resolved is None:
             self._resolved = method
             log.info("%s(method='auto') uses %r: %s", type(self).__name__, method, why)
+
+    def trial_penalty(self, ctx: Any, batch: Any) -> Tensor:
+        """The double-backward penalty on ``batch``, built on an extra pass (the trial of :meth:`prepare`)."""
+        raise NotImplementedError
+
+    def prepare(self, ctx: Any, batch: Any) -> None:
+        """Before the chain runs: decide what ``"auto"`` stands for, on a trial extra pass of ``batch`` (a forked
+        random stream, the module put back, the result thrown away), once; every member's ``method`` is then
+        known inside the chain. Skipped on a step the member does not apply."""
+        if self.resolved_method is not None or self.active_weight(ctx) == 0:
+            return
+        self.decide_method(ctx, lambda: self.trial_penalty(ctx, batch), ctx.trainable_parameters())
 
     def decide_method(self, ctx: Any, build: Callable[[], Tensor], inputs: list[Tensor]) -> tuple[str, Tensor | None]:
         """For ``"auto"`` still undecided: build the double-backward penalty and try differentiating it.

@@ -122,7 +122,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         owner = type(self).__name__
         # probe → inner step, with δ a zero leaf on the input (or the target's output)
         probe = self.site.probe(ctx.module, batch)
-        method = self.resolved_method  # None: "auto", undecided until this step's graph is tried
+        method = self.resolved_method or "double_backward"  # `prepare` decided "auto" (or had nothing to try it on)
         device = probe.x.device if probe.x is not None else next(ctx.module.parameters()).device
         before = RNGState.capture(device) if method != "double_backward" else None  # replayed at x + h·d
         objective, leaf = probe.run(inner, chain=True)
@@ -132,23 +132,13 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
             check_reduction(owner, self.loss_reduction, lambda half: ctx.extra_loss(half, "fork"), batch, n, loss,
                             ctx.broadcast if ctx.world_size > 1 else None)
         scale = float(n) if self.loss_reduction == "mean" else 1.0  # S = Σᵢ ℓᵢ: B·L for a mean, L for a sum
-        params = ctx.trainable_parameters() if method is None else []
         if method != "double_backward":  # what the difference needs of the step: x, and h's relative step
             dtype = ctx.compute_dtype(probe.base)
             x = probe.masked(probe.base.detach())
             rel_step = self.step if self.step is not None else default_step("input", dtype)
 
-        def double_backward_penalty() -> Tensor:  # ∇ₓL with its graph, then φ
-            found = autograd_grad(loss, leaf, create_graph=True, retain_graph=True, allow_unused=True)[0] \
-                if loss.requires_grad else None
-            grad = self.site.input_gradient(found) * scale
-            return gradient_norm_penalty(grad, power=self.power, center=self.center, one_sided=self.one_sided).mean()
-
-        penalty = None
-        if method is None:
-            method, penalty = self.decide_method(ctx, double_backward_penalty, params)
         if method == "double_backward":
-            penalty = double_backward_penalty() if penalty is None else penalty
+            penalty = self._double_backward_penalty(loss, leaf, scale)
             objective = objective.add(weight * penalty)
         else:
             # ∇ₓL with ∇L of every other leaf (the parameters) in one backward; the loss is linearised
@@ -169,3 +159,15 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
         self.check_and_log(ctx, self.log_name, penalty, batch_size=n)
         self.applied += 1
         return objective
+
+    def _double_backward_penalty(self, loss: Tensor, leaf: Tensor, scale: float) -> Tensor:
+        """mean φ(‖∇ₓS‖) with the graph of ∇ₓL (S = ``scale``·L), for the final backward to differentiate."""
+        found = autograd_grad(loss, leaf, create_graph=True, retain_graph=True, allow_unused=True)[0] \
+            if loss.requires_grad else None
+        grad = self.site.input_gradient(found) * scale
+        return gradient_norm_penalty(grad, power=self.power, center=self.center, one_sided=self.one_sided).mean()
+
+    def trial_penalty(self, ctx: StepContext, batch: Any) -> Tensor:
+        probe = self.site.probe(ctx.module, batch)
+        loss, leaf = probe.run(lambda b: ctx.extra_loss(b, "fork"))
+        return self._double_backward_penalty(loss, leaf, 1.0)

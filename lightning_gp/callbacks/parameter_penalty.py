@@ -38,7 +38,7 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         every_n_steps: lazy regularization: every k-th optimizer step with weight × k.
         method: ``"double_backward"``, ``"finite_difference"`` (a second pass at θ + h·∇θL, as in SAM, with the
             parameters displaced in place and restored bit for bit), or ``"auto"``: double backward where the
-            model has one, else finite differences, decided at the first penalized step.
+            model has one, else finite differences, decided before the first penalized step.
         scope: ``"local"`` (each DDP rank penalises its own gradient, as SAM does) or ``"global"`` (the
             gradient averaged over ranks inside the graph: the one-process result, one more collective).
         step: relative parameter displacement of the finite difference; None: 1e-3, or the unit roundoff of the
@@ -89,20 +89,13 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
             return inner(batch)
         params = self.trainable_parameters(ctx, "so ‖∇θL‖² has nothing to penalise")
         device = params[0].device
-        method = self.resolved_method  # None: "auto", undecided until this step's graph is tried
+        method = self.resolved_method or "double_backward"  # `prepare` decided "auto" (or had nothing to try it on)
         before = RNGState.capture(device) if method != "double_backward" else None
         objective = inner(batch)
         loss = self.loss_with_graph(objective)
-        tried: list = []  # the gradients "auto" built to try the double backward, used when it works
-        if method is None:
-            def local_penalty() -> torch.Tensor:
-                tried[:] = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
-                return squared_norm_sum([g for g in tried if g is not None])
-
-            method, _ = self.decide_method(ctx, local_penalty, params)
         double = method == "double_backward"
         if double:
-            grads = tried or autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
+            grads = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
         else:
             # ∇L for every leaf of the loss in one backward; the loss is linearised (see `Objective.loss_grads`), so
             # the final backward runs through the second pass's graph only, as a hand-written loop would.
@@ -130,3 +123,9 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
         self.check_and_log(ctx, self.log_name, penalty)
         self.applied += 1
         return objective
+
+    def trial_penalty(self, ctx: StepContext, batch: Any) -> torch.Tensor:
+        loss = ctx.extra_loss(batch, "fork")
+        params = ctx.trainable_parameters()
+        grads = autograd_grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
+        return squared_norm_sum([g for g in grads if g is not None])

@@ -45,7 +45,9 @@ DEFAULT_ORDER = 10
 
 
 class ChainMember(Protocol):
-    """What :func:`run_chain` needs of a member (the penalty callbacks)."""
+    """What :func:`run_chain` needs of a member (the penalty callbacks); a member may also define
+    ``prepare(ctx, batch)``, which the chain calls on every member before any ``apply`` (the penalties decide what
+    ``method="auto"`` stands for there)."""
 
     order: int
     needs_loss_graph: bool
@@ -255,6 +257,11 @@ def run_chain(module: nn.Module, step_fn: Callable[..., Any], members: list[Chai
     mark = None if values is None else (len(values.losses), len(values.values))
     try:
         with sharded(ctx.sharding):
+            for member in members:  # what "auto" stands for, decided before the chain runs (a member's `prepare`)
+                prepare = getattr(member, "prepare", None)
+                if prepare is not None:
+                    with span(member):
+                        prepare(ctx, args[0])
             objective = build(0)(args[0])
     except RuntimeError as err:
         if _REENTRANT_CHECKPOINT not in str(err):
