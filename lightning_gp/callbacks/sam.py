@@ -155,6 +155,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
         if self.scope == "global":  # one flat all-reduce of a copy (the linearised loss keeps the local g)
             grads = ctx.average_over_ranks(grads)
         direction, h = sam_perturbation(params, grads, rho=self.rho, adaptive=self.adaptive)
+        del found, grads  # `direction` is the last reference to g: `displaced_loss` lets it go once θ has moved
         loss_at = lambda: ctx.extra_loss(batch, before)  # noqa: E731  (the clean pass's dropout masks; state put back)
         if held or (alone and h != 0 and math.isfinite(h)):
             # The objective is L(θ + ε), with L(θ)'s value (a zero or non-finite g displaces by 0 or NaN: the

@@ -399,9 +399,13 @@ def displaced_loss(
     θ stays at θ + h·d after this returns: the graph saved it, and its backward must see it. The caller calls
     ``restore()`` on the returned :class:`Displacement` once that backward is over, and wherever one may not come
     (an exception, a skipped step). With ``owner`` (the module whose parameters and buffers are every tensor the pass
-    reads), parameters alone on their storage are displaced by a storage swap (:class:`Displacement`).
+    reads), parameters alone on their storage are displaced by a storage swap (:class:`Displacement`). A ``direction``
+    list is emptied once θ has moved, so a caller that holds no other reference to it frees it before the pass, as
+    the reference implementation frees g before its second forward.
     """
     displacement = Displacement(params, [d.detach() for d in direction], h, owner=owner)
+    if isinstance(direction, list):
+        direction.clear()
     try:
         loss = loss_at()  # a pass that isolates itself (SAM's extra pass)
     except BaseException:

@@ -127,3 +127,48 @@ def test_callbacks_benchmark_alternates_the_two_sides_and_reports_per_round_rati
     lit, hand = bench_callbacks.lightning_chunk("SAM (ρ = 0.05)", torch.device("cpu"), (x, y), 3,
                                                 lambda: calls.append(1))
     assert len(lit) == len(hand) == len(calls) == 3
+
+
+def _tiny_token_classifier(monkeypatch) -> None:
+    import benchmarks.bench_targets as bt
+
+    for name, value in {"LAYERS": 1, "D": 32, "HEADS": 2, "T": 16}.items():
+        monkeypatch.setattr(bt, name, value)  # put back after the test (the benchmark sets them per process)
+
+
+@pytest.mark.parametrize("row", ["FGM (weight 0.5), callback", "FGM (adversarial only), callback",
+                                 "FreeLB K=3, callback", "SAM (ρ = 0.05), callback"])
+def test_memory_benchmark_s_hand_written_twins_train_as_the_callbacks_do(row, monkeypatch):
+    """The memory table compares like with like: in float64, two steps of each callback and of its hand-written twin
+    give the same parameters."""
+    import lightning as L
+
+    import benchmarks.bench_targets as bt
+    from benchmarks.bench_callbacks import RepeatedBatch
+    from benchmarks.bench_memory import CELLS, ROWS
+
+    _tiny_token_classifier(monkeypatch)
+    batch = bt.make_batch(b=8)
+    params = []
+    for name in (row, ROWS[row]):
+        torch.manual_seed(0)
+        cls, factory = CELLS[name]
+        module = cls()
+        L.Trainer(accelerator="cpu", max_steps=2, precision="64-true", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[factory()] if factory is not None else []).fit(module, RepeatedBatch(batch, 2))
+        params.append([p.detach().clone() for p in module.parameters()])
+    torch.manual_seed(0)
+    init = [p.detach().double() for p in CELLS["plain"][0]().parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(params[0], init, strict=True))  # the steps did train
+    for a, b in zip(*params, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+def test_memory_benchmark_measures_a_cell_in_its_process_and_prints_the_table():
+    from benchmarks.bench_memory import ROWS, cell_peak, table
+
+    assert 1 < cell_peak("plain", "tiny") < 1000  # MiB above the model and one plain step: the fit's activations
+    peaks = {"tiny": {"plain": 10.0, **{r: 12.0 for r in ROWS}, **{h: 10.0 for h in ROWS.values()}}}
+    text = table(peaks)
+    assert "| FreeLB K=3 | 12.0 ÷ 10.0 = **1.20** |" in text and "| plain step | 10.0 |" in text

@@ -1,0 +1,190 @@
+"""Peak memory of a training step with each embedding-space callback and SAM, against the same math written by hand.
+
+Setting: :mod:`benchmarks.bench_targets`' token classifier (embedding → transformer encoder → masked mean pooling →
+linear, dict batches with padding, SGD, ε = 1) at two sizes, CPU, 2 threads:
+
+- *tiny*: 2 layers × 128, B = 64, T = 64;
+- *mid*: 4 layers × 256, B = 64, T = 128.
+
+Method. Each cell runs in a process of its own (``python -m benchmarks.bench_memory --cell NAME --size SIZE``):
+it builds the model and the batch, runs one plain step by hand (forward, backward, gradients dropped), then resets
+the process's high-water mark (``echo 5 > /proc/self/clear_refs``) and reads the resident set (``VmRSS``); it then
+fits 3 steps in a ``Trainer`` (the callback on the plain module, or the hand-written module alone) and reads the
+high-water mark (``VmHWM``), with glibc told to return freed blocks of 64 KiB or more to the system
+(:data:`ALLOCATOR`), so that the resident set follows the live tensors. A cell's figure is the peak above that
+resident set, in MiB; a row's ratio is the callback's figure ÷ its hand-written twin's, each the median of
+``--repeats`` processes (1 by default: repeated cells agreed within 0.5 %). The hand-written steps are those
+:mod:`benchmarks.bench_targets` times (the same K, α, ε and weight as the callbacks' defaults).
+
+Run::
+
+    python -m benchmarks.bench_memory                 # both sizes, one process a cell
+    python -m benchmarks.bench_memory --sizes tiny --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+import benchmarks.bench_targets as bt
+from benchmarks.bench_callbacks import RepeatedBatch
+from lightning_gp.callbacks import AdversarialTraining, SharpnessAwareMinimization
+
+#: glibc's allocator returns every block of 64 KiB or more to the system when freed (and keeps one arena), so the
+#: resident set follows the live tensors: without it the same cell's peak moved by ±20 % from process to process.
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0"}
+#: name: (layers, width, heads, T)
+SIZES = {"tiny": (2, 128, 4, 64), "mid": (4, 256, 4, 128)}
+STEPS = 3
+RHO = 0.05
+
+
+class HandFGMAdversarialOnly(bt.HandFGM):
+    """FGM by hand, trained on the adversarial loss alone (``adversarial_weight=1``)."""
+
+    def training_step(self, batch, batch_idx):
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        leaf: list[Tensor] = []
+
+        def zero_leaf(module, args, out):
+            leaf.append(torch.zeros_like(out, requires_grad=True))
+            return out + leaf[0]
+
+        clean = self._loss_with(batch, zero_leaf)
+        (g,) = torch.autograd.grad(clean, leaf[0])  # the clean graph is freed here
+        r = bt.EPS * bt._per_seq_unit(g * mask)
+        return self._loss_with(batch, lambda module, args, out: out + r)
+
+
+class HandSAM(bt.TokenClassifier):
+    """SAM by hand, as its reference implementation steps (davda54/sam): a backward, θ += ε = ρ·g/‖g‖ with the
+    gradients dropped, a second backward, θ −= ε, the optimizer's step. Manual optimization (two backward passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        params = [p for p in self.parameters() if p.requires_grad]
+        loss = self.loss(batch)
+        self.manual_backward(loss)
+        with torch.no_grad():
+            scale = RHO / torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            e_w = [p.grad * scale for p in params]
+            for p, e in zip(params, e_w, strict=True):
+                p.add_(e)
+        opt.zero_grad(set_to_none=True)  # the reference's first_step(zero_grad=True): g is freed here
+        self.manual_backward(self.loss(batch))
+        with torch.no_grad():
+            for p, e in zip(params, e_w, strict=True):
+                p.sub_(e)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def _fgm(weight: float) -> Callable[[], AdversarialTraining]:
+    return lambda: AdversarialTraining(bt.EPS, steps=1, adversarial_weight=weight, target="embed")
+
+
+#: cell name: (module class, callback factory or None)
+CELLS: dict[str, tuple[type, Callable[[], object] | None]] = {
+    "plain": (bt.TokenClassifier, None),
+    "FGM (weight 0.5), callback": (bt.TokenClassifier, _fgm(bt.WEIGHT)),
+    "FGM (weight 0.5), hand-written": (bt.HandFGM, None),
+    "FGM (adversarial only), callback": (bt.TokenClassifier, _fgm(1.0)),
+    "FGM (adversarial only), hand-written": (HandFGMAdversarialOnly, None),
+    "FreeLB K=3, callback": (bt.TokenClassifier, lambda: AdversarialTraining(bt.EPS, steps=bt.K, average_steps=True,
+                                                                             target="embed")),
+    "FreeLB K=3, hand-written": (bt.HandFreeLB, None),
+    "SAM (ρ = 0.05), callback": (bt.TokenClassifier, lambda: SharpnessAwareMinimization(RHO)),
+    "SAM (ρ = 0.05), hand-written": (HandSAM, None),
+}
+#: callback row: its hand-written twin
+ROWS = {"FGM (weight 0.5), callback": "FGM (weight 0.5), hand-written",
+        "FGM (adversarial only), callback": "FGM (adversarial only), hand-written",
+        "FreeLB K=3, callback": "FreeLB K=3, hand-written",
+        "SAM (ρ = 0.05), callback": "SAM (ρ = 0.05), hand-written"}
+
+
+def _status(field: str) -> float:
+    """``field`` of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}: this benchmark needs Linux")
+
+
+def run_cell(name: str, size: str) -> float:
+    """The peak memory (MiB) of ``name``'s 3-step fit above the resident set after the model and one plain step."""
+    bt.LAYERS, bt.D, bt.HEADS, bt.T = SIZES[size]
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cls, factory = CELLS[name]
+    module = cls()
+    batch = bt.make_batch()
+    module.loss(batch).backward()  # one plain step's allocations, as the reference point
+    module.zero_grad(set_to_none=True)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    base = _status("VmRSS")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[factory()] if factory is not None else [])
+    trainer.fit(module, train_dataloaders=RepeatedBatch(batch, STEPS))
+    return _status("VmHWM") - base
+
+
+def cell_peak(name: str, size: str) -> float:
+    """:func:`run_cell` in a process of its own, with :data:`ALLOCATOR`'s settings."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_memory", "--cell", name, "--size", size],
+                          capture_output=True, text=True, check=True, env={**os.environ, **ALLOCATOR})
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def measure(sizes: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    """``{size: {cell: median peak MiB over repeats}}``, each cell in fresh processes."""
+    return {size: {name: statistics.median(cell_peak(name, size) for _ in range(repeats)) for name in CELLS}
+            for size in sizes}
+
+
+def table(peaks: dict[str, dict[str, float]]) -> str:
+    sizes = list(peaks)
+    head = "| row | " + " | ".join(f"{s}: MiB (÷ hand-written)" for s in sizes) + " |"
+    lines = [head, "|---|" + "---:|" * len(sizes)]
+    lines.append("| plain step | " + " | ".join(f"{peaks[s]['plain']:.1f}" for s in sizes) + " |")
+    for row, hand in ROWS.items():
+        cells = [f"{peaks[s][row]:.1f} ÷ {peaks[s][hand]:.1f} = **{peaks[s][row] / peaks[s][hand]:.2f}**"
+                 for s in sizes]
+        lines.append(f"| {row.removesuffix(', callback')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=1, help="processes a cell (the median is kept)")
+    parser.add_argument("--cell", choices=list(CELLS), help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.cell is not None:  # one cell, in this process
+        print(json.dumps({"peak_mib": run_cell(args.cell, args.size)}))
+        return ""
+    text = table(measure(args.sizes, args.repeats))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
