@@ -35,7 +35,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import Tensor
 
 import benchmarks.bench_targets as bt
 from benchmarks.bench_callbacks import RepeatedBatch
@@ -54,16 +53,7 @@ class HandFGMAdversarialOnly(bt.HandFGM):
     """FGM by hand, trained on the adversarial loss alone (``adversarial_weight=1``)."""
 
     def training_step(self, batch, batch_idx):
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        leaf: list[Tensor] = []
-
-        def zero_leaf(module, args, out):
-            leaf.append(torch.zeros_like(out, requires_grad=True))
-            return out + leaf[0]
-
-        clean = self._loss_with(batch, zero_leaf)
-        (g,) = torch.autograd.grad(clean, leaf[0])  # the clean graph is freed here
-        r = bt.EPS * bt._per_seq_unit(g * mask)
+        _, r = self.clean_and_perturbation(batch, keep_graph=False)  # the clean graph is freed here
         return self._loss_with(batch, lambda module, args, out: out + r)
 
 

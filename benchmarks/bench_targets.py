@@ -128,7 +128,8 @@ class HandFGM(TokenClassifier):
         finally:
             handle.remove()
 
-    def training_step(self, batch, batch_idx):
+    def clean_and_perturbation(self, batch: dict, keep_graph: bool = True) -> tuple[Tensor, Tensor]:
+        """The clean loss (with its graph if ``keep_graph``) and r = ε·g/‖g‖ per sequence, masked."""
         mask = batch["attention_mask"].unsqueeze(-1).float()
         leaf: list[Tensor] = []
 
@@ -137,8 +138,11 @@ class HandFGM(TokenClassifier):
             return out + leaf[0]
 
         clean = self._loss_with(batch, zero_leaf)
-        (g,) = torch.autograd.grad(clean, leaf[0], retain_graph=True)
-        r = EPS * _per_seq_unit(g * mask)
+        (g,) = torch.autograd.grad(clean, leaf[0], retain_graph=keep_graph)
+        return clean, EPS * _per_seq_unit(g * mask)
+
+    def training_step(self, batch, batch_idx):
+        clean, r = self.clean_and_perturbation(batch)
         adv = self._loss_with(batch, lambda module, args, out: out + r)
         return WEIGHT * (clean + adv)
 
