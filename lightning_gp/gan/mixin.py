@@ -11,6 +11,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
@@ -73,6 +74,18 @@ class WGANGPMixin:
         >>> gan.critic_steps, gan.generator_steps, trainer.global_step  # 4 + 2 optimizer steps
         (4, 2, 6)
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse the mixin after ``LightningModule`` in the bases, where Lightning's own ``training_step`` (which
+        only says that none is defined) would hide the mixin's."""
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if pl.LightningModule in mro and mro.index(pl.LightningModule) < mro.index(WGANGPMixin):
+            raise TypeError(
+                f"{cls.__name__}: put WGANGPMixin before LightningModule in the class bases, "
+                f"`class {cls.__name__}(WGANGPMixin, L.LightningModule)`. After it, LightningModule's own "
+                f"`training_step` and `configure_optimizers` come first and hide the mixin's critic/generator loop."
+            )
 
     def __init__(
         self,

@@ -208,6 +208,21 @@ def test_errors_for_bad_configuration():
         TinyGAN(betas=(0.5,))
 
 
+def test_the_mixin_after_lightning_module_in_the_bases_is_refused_with_the_order_to_use():
+    with pytest.raises(TypeError, match=r"Backwards: put WGANGPMixin before LightningModule .*"
+                                        r"class Backwards\(WGANGPMixin, L.LightningModule\)"):
+        class Backwards(L.LightningModule, WGANGPMixin):
+            pass
+
+    class Forwards(WGANGPMixin, L.LightningModule):  # the documented order, and subclasses of it, are accepted
+        pass
+
+    class Sub(Forwards):
+        pass
+
+    assert issubclass(Sub, WGANGPMixin)
+
+
 def test_errors_for_bad_user_code():
     data = _real(16, dtype=torch.float32)
 
