@@ -35,10 +35,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import Tensor
 
 import benchmarks.bench_targets as bt
 from benchmarks.bench_callbacks import RepeatedBatch
-from lightning_gp.callbacks import AdversarialTraining, SharpnessAwareMinimization
+from lightning_gp.callbacks import AdversarialTraining, DataGradientPenalty, SharpnessAwareMinimization
+from lightning_gp.functional.penalties import (
+    finite_difference_direction,
+    input_step_from_statistics,
+    input_step_statistics,
+)
+from lightning_gp.functional.precision import default_step
 
 #: glibc's allocator returns every block of 64 KiB or more to the system when freed (and keeps one arena), so the
 #: resident set follows the live tensors: without it the same cell's peak moved by ±20 % from process to process.
@@ -47,6 +54,7 @@ ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "MALLOC
 SIZES = {"tiny": (2, 128, 4, 64), "mid": (4, 256, 4, 128)}
 STEPS = 3
 RHO = 0.05
+LAMBDA = 0.1
 
 
 class HandFGMAdversarialOnly(bt.HandFGM):
@@ -55,6 +63,32 @@ class HandFGMAdversarialOnly(bt.HandFGM):
     def training_step(self, batch, batch_idx):
         _, r = self.clean_and_perturbation(batch, keep_graph=False)  # the clean graph is freed here
         return self._loss_with(batch, lambda module, args, out: out + r)
+
+
+class HandDataPenaltyFD(bt.HandFGM):
+    """λ·mean‖∇ₑℓᵢ‖² on the embedding output e, by finite differences by hand: ∇ₑL and ∇θL in one backward (the
+    graph freed), a second pass at e + h·d, and an objective whose one backward runs through that pass only (∇θL
+    enters linearised)."""
+
+    def training_step(self, batch, batch_idx):
+        params = [p for p in self.parameters() if p.requires_grad]
+        leaf: list[Tensor] = []
+
+        def zero_leaf(module, args, out):
+            leaf.append(torch.zeros_like(out, requires_grad=True))
+            leaf.append(out.detach())
+            return out + leaf[0]
+
+        loss = self._loss_with(batch, zero_leaf)
+        found = torch.autograd.grad(loss, [leaf[0], *params], allow_unused=True)  # frees the graph
+        g_e = found[0] * leaf[0].shape[0]  # ∇ₑℓᵢ of a mean-reduced loss
+        g_p = [torch.zeros_like(p) if g is None else g for p, g in zip(params, found[1:], strict=True)]
+        phi, d = finite_difference_direction(g_e)
+        h = input_step_from_statistics(input_step_statistics(leaf[1], d)[None], default_step("input", g_e.dtype))
+        moved = self._loss_with(batch, lambda module, args, out: out + h * d)
+        k = LAMBDA / h  # ∇θ mean φ ≈ (∇θL(e + h·d) − ∇θL(e)) / h
+        linear = sum((p * (g * (1 - k))).sum() for p, g in zip(params, g_p, strict=True))
+        return loss.detach() + LAMBDA * phi.mean() + linear - linear.detach() + k * (moved - moved.detach())
 
 
 class HandSAM(bt.TokenClassifier):
@@ -99,6 +133,11 @@ CELLS: dict[str, tuple[type, Callable[[], object] | None]] = {
     "FreeLB K=3, callback": (bt.TokenClassifier, lambda: AdversarialTraining(bt.EPS, steps=bt.K, average_steps=True,
                                                                              target="embed")),
     "FreeLB K=3, hand-written": (bt.HandFreeLB, None),
+    "data penalty, finite difference, callback": (
+        bt.TokenClassifier, lambda: DataGradientPenalty(LAMBDA, target="embed", method="finite_difference")),
+    "data penalty, finite difference, hand-written": (HandDataPenaltyFD, None),
+    # the encoder's attention (SDPA) has no double backward here: "auto" decides so on a trial pass of step 0
+    "data penalty, auto, callback": (bt.TokenClassifier, lambda: DataGradientPenalty(LAMBDA, target="embed")),
     "SAM (ρ = 0.05), callback": (bt.TokenClassifier, lambda: SharpnessAwareMinimization(RHO)),
     "SAM (ρ = 0.05), hand-written": (HandSAM, None),
 }
@@ -106,6 +145,8 @@ CELLS: dict[str, tuple[type, Callable[[], object] | None]] = {
 ROWS = {"FGM (weight 0.5), callback": "FGM (weight 0.5), hand-written",
         "FGM (adversarial only), callback": "FGM (adversarial only), hand-written",
         "FreeLB K=3, callback": "FreeLB K=3, hand-written",
+        "data penalty, finite difference, callback": "data penalty, finite difference, hand-written",
+        "data penalty, auto, callback": "data penalty, finite difference, hand-written",
         "SAM (ρ = 0.05), callback": "SAM (ρ = 0.05), hand-written"}
 
 

@@ -25,8 +25,13 @@ from lightning_gp.functional._autograd import (
     supports_double_backward,
 )
 from lightning_gp.functional._checks import check_choice
+from lightning_gp.step._batch import first_samples
+from lightning_gp.step._chain import SkipBatch
 
 __all__ = ["METHODS", "Method", "MethodChoice"]
+
+#: How many samples the trial of ``method="auto"`` runs on (two: BatchNorm in training mode refuses one).
+TRIAL_SAMPLES = 2
 
 log = logging.getLogger("lightning_gp")
 
@@ -65,12 +70,24 @@ class MethodChoice:
         raise NotImplementedError
 
     def prepare(self, ctx: Any, batch: Any) -> None:
-        """Before the chain runs: decide what ``"auto"`` stands for, on a trial extra pass of ``batch`` (a forked
-        random stream, the module put back, the result thrown away), once; every member's ``method`` is then
-        known inside the chain. Skipped on a step the member does not apply."""
+        """Before the chain runs: decide what ``"auto"`` stands for, once, on a trial extra pass (a forked random
+        stream, the module put back, the result thrown away) of the batch's first :data:`TRIAL_SAMPLES` samples:
+        whether the model has a double backward does not depend on the batch size, and the trial then costs a
+        small part of the step it precedes. The whole batch where the step cannot run on a part of it. Every
+        member's ``method`` is then known inside the chain; skipped on a step the member does not apply."""
         if self.resolved_method is not None or self.active_weight(ctx) == 0:
             return
-        self.decide_method(ctx, lambda: self.trial_penalty(ctx, batch), ctx.trainable_parameters())
+        params = ctx.trainable_parameters()
+        part = first_samples(batch, TRIAL_SAMPLES)
+        for trial in ([part] if part is not None else []) + [batch]:
+            try:
+                self.decide_method(ctx, lambda b=trial: self.trial_penalty(ctx, b), params)
+                return
+            except SkipBatch:  # the step skips this (part of the) batch: nothing to try it on, decide later
+                return
+            except (RuntimeError, ValueError, IndexError, TypeError):
+                if trial is batch:
+                    raise
 
     def decide_method(self, ctx: Any, build: Callable[[], Tensor], inputs: list[Tensor]) -> tuple[str, Tensor | None]:
         """For ``"auto"`` still undecided: build the double-backward penalty and try differentiating it.

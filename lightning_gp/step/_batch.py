@@ -174,3 +174,13 @@ def slice_batch(batch: Any, size: int, index: slice) -> Any:
         return t[index] if t.ndim > 0 and t.shape[0] == size else t
 
     return apply_to_collection(batch, Tensor, cut)
+
+
+def first_samples(batch: Any, k: int) -> Any | None:
+    """``batch`` cut to its first ``k`` samples (every tensor whose first dimension is the first tensor's), or None
+    when it has no tensor with a first dimension above ``k``."""
+    sizes: list[int] = []
+    apply_to_collection(batch, Tensor, lambda t: sizes.append(t.shape[0]) if t.ndim > 0 else None)
+    if not sizes or sizes[0] <= k:
+        return None
+    return slice_batch(batch, sizes[0], slice(0, k))
