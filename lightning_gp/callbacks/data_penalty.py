@@ -25,7 +25,7 @@ from lightning_gp.step._batch import InputKey
 from lightning_gp.step._chain import ORDER, StepContext
 from lightning_gp.step._objective import REDUCTIONS, Objective, Reduction
 from lightning_gp.step._reduction import check_reduction
-from lightning_gp.step._site import Site, SiteCallback, Target
+from lightning_gp.step._site import Probe, Site, SiteCallback, Target
 
 
 class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
@@ -132,10 +132,6 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
             check_reduction(owner, self.loss_reduction, lambda half: ctx.extra_loss(half, "fork"), batch, n, loss,
                             ctx.broadcast if ctx.world_size > 1 else None)
         scale = float(n) if self.loss_reduction == "mean" else 1.0  # S = Σᵢ ℓᵢ: B·L for a mean, L for a sum
-        if method != "double_backward":  # what the difference needs of the step: x, and h's relative step
-            dtype = ctx.compute_dtype(probe.base)
-            x = probe.masked(probe.base.detach())
-            rel_step = self.step if self.step is not None else default_step("input", dtype)
 
         if method == "double_backward":
             penalty = self._double_backward_penalty(loss, leaf, scale)
@@ -145,20 +141,29 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
             # (`Objective.loss_grads`): the final backward runs through the second pass's graph only, two backward
             # passes a step as in a hand-written loop, not three
             if loss.requires_grad:
-                objective = objective.loss_grads(retain=ctx.loss_graph_needed_outside(self))
-            grad = self.site.input_gradient(objective.grad_of(leaf) if objective.grads is not None else None) * scale
-            phi, d = finite_difference_direction(grad, power=self.power, center=self.center, one_sided=self.one_sided)
-            # the same h on every rank as one process on the combined batch: one gather of the statistics it needs
-            h = input_step_from_statistics(ctx.gather(input_step_statistics(x, d)), rel_step)
+                objective = objective.loss_grads(retain=ctx.loss_graph_needed_outside(self), private=(leaf,))
+            penalty, h, moved = self._difference_point(ctx, probe, objective, leaf, scale)
             # ∇θ mean φ ≈ [∇θ S(x + h·d) − ∇θ S(x)] / (h·B): one extra pass at x + h·d, the primary pass's dropout
             # masks replayed from `before`
             term = input_difference(lambda delta: probe.run(lambda b: ctx.extra_loss(b, before), delta)[0],
-                                    d.to(x.dtype), objective.linearised_loss, h=h, scale=scale / n)
-            penalty = phi.mean()
+                                    moved, objective.linearised_loss, h=h, scale=scale / n)
             objective = objective.add(weight * penalty + weight * term)
         self.check_and_log(ctx, self.log_name, penalty, batch_size=n)
         self.applied += 1
         return objective
+
+    def _difference_point(self, ctx: StepContext, probe: Probe, objective: Objective, leaf: Tensor,
+                          scale: float) -> tuple[Tensor, float, Tensor]:
+        """(mean φ, h, h·d) of the finite difference. Its input-sized temporaries (x, ∇ₓS, d) end with this call,
+        before the second pass runs, as they would in a hand-written step's frame."""
+        taken = objective.take_grad(leaf) if objective.grads is not None else None
+        grad = self.site.input_gradient(taken) * scale
+        phi, d = finite_difference_direction(grad, power=self.power, center=self.center, one_sided=self.one_sided)
+        x = probe.masked(probe.base.detach())
+        rel_step = self.step if self.step is not None else default_step("input", ctx.compute_dtype(probe.base))
+        # the same h on every rank as one process on the combined batch: one gather of the statistics it needs
+        h = input_step_from_statistics(ctx.gather(input_step_statistics(x, d)), rel_step)
+        return phi.mean(), h, h * d.to(x.dtype)
 
     def _double_backward_penalty(self, loss: Tensor, leaf: Tensor, scale: float) -> Tensor:
         """mean φ(‖∇ₓS‖) with the graph of ∇ₓL (S = ``scale``·L), for the final backward to differentiate."""

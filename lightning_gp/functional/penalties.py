@@ -257,7 +257,7 @@ def data_gradient_penalty_fd(
 
     # (∇θ mean f(x + h d) − ∇θ mean f(x)) / h, the base gradient entering through the linearised mean
     base_mean = linearised(out.mean(), list(zip(params, base, strict=True)))
-    term = input_difference(mean_at, direction, base_mean, h=h)
+    term = input_difference(mean_at, h * direction, base_mean, h=h)
     second = torch.autograd.grad(term, params, allow_unused=True)
     grads = tuple(grads_or_zeros(second, params, what="`fn(inputs)`", wrt="params"))
     penalty = phi.detach().mean() + _nan_if_nonfinite(out)
@@ -333,18 +333,19 @@ def finite_difference_parameter_step(params: list[Tensor], grad_norm: Tensor, st
 
 
 def input_difference(
-    loss_at: Callable[[Tensor], Tensor], direction: Tensor, base: Tensor, *, h: float, scale: float = 1.0,
+    loss_at: Callable[[Tensor], Tensor], displacement: Tensor, base: Tensor, *, h: float, scale: float = 1.0,
 ) -> Tensor:
     """The input-side difference quotient, as a term of value 0 whose gradient is (scale/h)·(∇L(x + h·d) − ∇base).
 
     The one finite-difference term of the data penalties (functional, callback and mixin alike). ``loss_at(δ)``
-    is the loss with the input moved by δ = h·d, a pass that isolates itself (the first pass's dropout masks, the
+    is the loss with the input moved by δ = ``displacement`` = h·d (the caller's only copy of it: d itself may be
+    freed before the pass), a pass that isolates itself (the first pass's dropout masks, the
     module's state put back: :func:`second_pass` here, ``StepContext.extra_loss`` in a callback); its gradient is
     taken at once (:func:`linearised_now`). ``h = 0`` (φ flat at every sample) gives a zero term; a NaN ``h`` a NaN one.
     """
     if h == 0:
         return base * 0
-    at = linearised_now(loss_at(h * direction))
+    at = linearised_now(loss_at(displacement))
     return finite_difference_term(at, base, step=h, scale=scale)
 
 

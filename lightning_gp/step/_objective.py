@@ -53,7 +53,7 @@ class Objective:
         return Objective(loss=self.loss, output=self.output, terms=terms, linearised_loss=self.linearised_loss,
                     grads=self.grads)
 
-    def loss_grads(self, retain: bool = True) -> Objective:
+    def loss_grads(self, retain: bool = True, private: tuple[Tensor, ...] = ()) -> Objective:
         """This step with ∇L w.r.t. every autograd leaf of the loss, and the loss linearised (see above).
 
         One backward through the loss's graph (``retain``: whether an outer callback still differentiates the
@@ -61,13 +61,23 @@ class Objective:
         leaves at once — the parameters, the input leaf of a data penalty, any other tensor the loss depends
         on — so the final backward deposits exactly the gradients the loss's own graph would have, into the
         same tensors (parameters the loss does not use stay without a gradient, as before). A no-op when a
-        callback already did it.
+        callback already did it. ``private`` leaves (a callback's own zero leaf δ, whose gradient it takes with
+        :meth:`take_grad` and no one reads after) stay out of the linearised loss, so their gradient is neither held
+        until the final backward nor deposited by it.
         """
         if self.grads is not None:
             return self
         pairs = {id(v): (v, g) for v, g in leaf_gradients(self.loss, retain=retain)}
+        skip = {id(t) for t in private}
         return Objective(loss=self.loss, output=self.output, terms=self.terms,
-                    linearised_loss=linearised(self.loss, list(pairs.values())), grads=pairs)
+                         linearised_loss=linearised(self.loss, [p for k, p in pairs.items() if k not in skip]),
+                         grads=pairs)
+
+    def take_grad(self, tensor: Tensor) -> Tensor | None:
+        """:meth:`grad_of`, and the gradient let go of here (a ``private`` leaf's: its reader is its only holder)."""
+        assert self.grads is not None
+        pair = self.grads.pop(id(tensor), None)
+        return None if pair is None else pair[1]
 
     def grad_of(self, tensor: Tensor) -> Tensor | None:
         """∇L w.r.t. ``tensor`` (after :meth:`loss_grads`); None when the loss does not depend on it."""
