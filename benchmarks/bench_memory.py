@@ -39,11 +39,17 @@ from torch import Tensor
 
 import benchmarks.bench_targets as bt
 from benchmarks.bench_callbacks import RepeatedBatch
-from lightning_gp.callbacks import AdversarialTraining, DataGradientPenalty, SharpnessAwareMinimization
+from lightning_gp.callbacks import (
+    AdversarialTraining,
+    DataGradientPenalty,
+    ParameterGradientPenalty,
+    SharpnessAwareMinimization,
+)
 from lightning_gp.functional.penalties import (
     finite_difference_direction,
     input_step_from_statistics,
     input_step_statistics,
+    parameter_step_size,
 )
 from lightning_gp.functional.precision import default_step
 
@@ -89,6 +95,29 @@ class HandDataPenaltyFD(bt.HandFGM):
         k = LAMBDA / h  # ∇θ mean φ ≈ (∇θL(e + h·d) − ∇θL(e)) / h
         linear = sum((p * (g * (1 - k))).sum() for p, g in zip(params, g_p, strict=True))
         return loss.detach() + LAMBDA * phi.mean() + linear - linear.detach() + k * (moved - moved.detach())
+
+
+class HandParameterPenaltyFD(bt.TokenClassifier):
+    """γ·‖∇θL‖² by finite differences by hand: g (the graph freed), θ += h·g, ∇θL there (that graph freed), θ put
+    back, and an objective with the gradient g + 2γ·(∇θL(θ + h·g) − g)/h and no graph of its own."""
+
+    def training_step(self, batch, batch_idx):
+        params = [p for p in self.parameters() if p.requires_grad]
+        loss = self.loss(batch)
+        g = torch.autograd.grad(loss, params)
+        g_sq = sum(t.square().sum() for t in g)
+        h = parameter_step_size(params, g_sq.sqrt(), default_step("parameter", g[0].dtype))
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, t in zip(params, g, strict=True):
+                p.add_(t, alpha=h)
+        moved = torch.autograd.grad(self.loss(batch), params)
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+        total = [a + LAMBDA * 2 * (b - a) / h for a, b in zip(g, moved, strict=True)]
+        linear = sum((p * t).sum() for p, t in zip(params, total, strict=True))
+        return loss.detach() + LAMBDA * g_sq + linear - linear.detach()
 
 
 class HandSAM(bt.TokenClassifier):
@@ -138,6 +167,9 @@ CELLS: dict[str, tuple[type, Callable[[], object] | None]] = {
     "data penalty, finite difference, hand-written": (HandDataPenaltyFD, None),
     # the encoder's attention (SDPA) has no double backward here: "auto" decides so on a trial pass of step 0
     "data penalty, auto, callback": (bt.TokenClassifier, lambda: DataGradientPenalty(LAMBDA, target="embed")),
+    "parameter penalty, finite difference, callback": (
+        bt.TokenClassifier, lambda: ParameterGradientPenalty(LAMBDA, method="finite_difference")),
+    "parameter penalty, finite difference, hand-written": (HandParameterPenaltyFD, None),
     "SAM (ρ = 0.05), callback": (bt.TokenClassifier, lambda: SharpnessAwareMinimization(RHO)),
     "SAM (ρ = 0.05), hand-written": (HandSAM, None),
 }
@@ -147,6 +179,7 @@ ROWS = {"FGM (weight 0.5), callback": "FGM (weight 0.5), hand-written",
         "FreeLB K=3, callback": "FreeLB K=3, hand-written",
         "data penalty, finite difference, callback": "data penalty, finite difference, hand-written",
         "data penalty, auto, callback": "data penalty, finite difference, hand-written",
+        "parameter penalty, finite difference, callback": "parameter penalty, finite difference, hand-written",
         "SAM (ρ = 0.05), callback": "SAM (ρ = 0.05), hand-written"}
 
 

@@ -138,7 +138,8 @@ def _tiny_token_classifier(monkeypatch) -> None:
 
 @pytest.mark.parametrize("row", ["FGM (weight 0.5), callback", "FGM (adversarial only), callback",
                                  "FreeLB K=3, callback", "SAM (ρ = 0.05), callback",
-                                 "data penalty, finite difference, callback", "data penalty, auto, callback"])
+                                 "data penalty, finite difference, callback", "data penalty, auto, callback",
+                                 "parameter penalty, finite difference, callback"])
 def test_memory_benchmark_s_hand_written_twins_train_as_the_callbacks_do(row, monkeypatch):
     """The memory table compares like with like: in float64, two steps of each callback and of its hand-written twin
     give the same parameters."""
