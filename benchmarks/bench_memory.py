@@ -25,6 +25,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -36,6 +37,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import benchmarks.bench_targets as bt
 from benchmarks.bench_callbacks import RepeatedBatch
@@ -69,6 +71,22 @@ class HandFGMAdversarialOnly(bt.HandFGM):
     def training_step(self, batch, batch_idx):
         _, r = self.clean_and_perturbation(batch, keep_graph=False)  # the clean graph is freed here
         return self._loss_with(batch, lambda module, args, out: out + r)
+
+
+class HandDataPenaltyDB(bt.HandFGM):
+    """λ·mean‖∇ₑℓᵢ‖² on the embedding output e by hand, double backward: ∇ₑL with its graph, one backward."""
+
+    def training_step(self, batch, batch_idx):
+        leaf: list[Tensor] = []
+
+        def zero_leaf(module, args, out):
+            leaf.append(torch.zeros_like(out, requires_grad=True))
+            return out + leaf[0]
+
+        loss = self._loss_with(batch, zero_leaf)
+        (g,) = torch.autograd.grad(loss, leaf[0], create_graph=True)
+        per_sample = g * g.shape[0]  # ∇ₑℓᵢ of a mean-reduced loss
+        return loss + LAMBDA * per_sample.square().flatten(1).sum(1).mean()
 
 
 class HandDataPenaltyFD(bt.HandFGM):
@@ -162,6 +180,9 @@ CELLS: dict[str, tuple[type, Callable[[], object] | None]] = {
     "FreeLB K=3, callback": (bt.TokenClassifier, lambda: AdversarialTraining(bt.EPS, steps=bt.K, average_steps=True,
                                                                              target="embed")),
     "FreeLB K=3, hand-written": (bt.HandFreeLB, None),
+    "data penalty, double backward, callback": (
+        bt.TokenClassifier, lambda: DataGradientPenalty(LAMBDA, target="embed", method="double_backward")),
+    "data penalty, double backward, hand-written": (HandDataPenaltyDB, None),
     "data penalty, finite difference, callback": (
         bt.TokenClassifier, lambda: DataGradientPenalty(LAMBDA, target="embed", method="finite_difference")),
     "data penalty, finite difference, hand-written": (HandDataPenaltyFD, None),
@@ -177,10 +198,20 @@ CELLS: dict[str, tuple[type, Callable[[], object] | None]] = {
 ROWS = {"FGM (weight 0.5), callback": "FGM (weight 0.5), hand-written",
         "FGM (adversarial only), callback": "FGM (adversarial only), hand-written",
         "FreeLB K=3, callback": "FreeLB K=3, hand-written",
+        "data penalty, double backward, callback": "data penalty, double backward, hand-written",
         "data penalty, finite difference, callback": "data penalty, finite difference, hand-written",
         "data penalty, auto, callback": "data penalty, finite difference, hand-written",
         "parameter penalty, finite difference, callback": "parameter penalty, finite difference, hand-written",
         "SAM (ρ = 0.05), callback": "SAM (ρ = 0.05), hand-written"}
+
+
+#: Cells run with SDPA's math kernel, which has a double backward (the fused CPU kernel has none).
+MATH_ATTENTION = {"data penalty, double backward, callback", "data penalty, double backward, hand-written"}
+
+
+def attention_for(name: str) -> contextlib.AbstractContextManager[None]:
+    """The attention kernel cell ``name`` trains with (:data:`MATH_ATTENTION`)."""
+    return sdpa_kernel(SDPBackend.MATH) if name in MATH_ATTENTION else contextlib.nullcontext()
 
 
 def _status(field: str) -> float:
@@ -206,7 +237,8 @@ def run_cell(name: str, size: str) -> float:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[factory()] if factory is not None else [])
-    trainer.fit(module, train_dataloaders=RepeatedBatch(batch, STEPS))
+    with attention_for(name):
+        trainer.fit(module, train_dataloaders=RepeatedBatch(batch, STEPS))
     return _status("VmHWM") - base
 
 

@@ -139,7 +139,8 @@ def _tiny_token_classifier(monkeypatch) -> None:
 @pytest.mark.parametrize("row", ["FGM (weight 0.5), callback", "FGM (adversarial only), callback",
                                  "FreeLB K=3, callback", "SAM (ρ = 0.05), callback",
                                  "data penalty, finite difference, callback", "data penalty, auto, callback",
-                                 "parameter penalty, finite difference, callback"])
+                                 "parameter penalty, finite difference, callback",
+                                 "data penalty, double backward, callback"])
 def test_memory_benchmark_s_hand_written_twins_train_as_the_callbacks_do(row, monkeypatch):
     """The memory table compares like with like: in float64, two steps of each callback and of its hand-written twin
     give the same parameters."""
@@ -147,7 +148,7 @@ def test_memory_benchmark_s_hand_written_twins_train_as_the_callbacks_do(row, mo
 
     import benchmarks.bench_targets as bt
     from benchmarks.bench_callbacks import RepeatedBatch
-    from benchmarks.bench_memory import CELLS, ROWS
+    from benchmarks.bench_memory import CELLS, ROWS, attention_for
 
     _tiny_token_classifier(monkeypatch)
     batch = bt.make_batch(b=8)
@@ -156,9 +157,10 @@ def test_memory_benchmark_s_hand_written_twins_train_as_the_callbacks_do(row, mo
         torch.manual_seed(0)
         cls, factory = CELLS[name]
         module = cls()
-        L.Trainer(accelerator="cpu", max_steps=2, precision="64-true", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False,
-                  callbacks=[factory()] if factory is not None else []).fit(module, RepeatedBatch(batch, 2))
+        with attention_for(name):
+            L.Trainer(accelerator="cpu", max_steps=2, precision="64-true", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[factory()] if factory is not None else []).fit(module, RepeatedBatch(batch, 2))
         params.append([p.detach().clone() for p in module.parameters()])
     torch.manual_seed(0)
     init = [p.detach().double() for p in CELLS["plain"][0]().parameters()]
