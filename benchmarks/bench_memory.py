@@ -36,7 +36,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import benchmarks.bench_targets as bt
@@ -77,14 +76,8 @@ class HandDataPenaltyDB(bt.HandFGM):
     """λ·mean‖∇ₑℓᵢ‖² on the embedding output e by hand, double backward: ∇ₑL with its graph, one backward."""
 
     def training_step(self, batch, batch_idx):
-        leaf: list[Tensor] = []
-
-        def zero_leaf(module, args, out):
-            leaf.append(torch.zeros_like(out, requires_grad=True))
-            return out + leaf[0]
-
-        loss = self._loss_with(batch, zero_leaf)
-        (g,) = torch.autograd.grad(loss, leaf[0], create_graph=True)
+        loss, delta, _ = self.leaf_loss(batch)
+        (g,) = torch.autograd.grad(loss, delta, create_graph=True)
         per_sample = g * g.shape[0]  # ∇ₑℓᵢ of a mean-reduced loss
         return loss + LAMBDA * per_sample.square().flatten(1).sum(1).mean()
 
@@ -96,19 +89,12 @@ class HandDataPenaltyFD(bt.HandFGM):
 
     def training_step(self, batch, batch_idx):
         params = [p for p in self.parameters() if p.requires_grad]
-        leaf: list[Tensor] = []
-
-        def zero_leaf(module, args, out):
-            leaf.append(torch.zeros_like(out, requires_grad=True))
-            leaf.append(out.detach())
-            return out + leaf[0]
-
-        loss = self._loss_with(batch, zero_leaf)
-        found = torch.autograd.grad(loss, [leaf[0], *params], allow_unused=True)  # frees the graph
-        g_e = found[0] * leaf[0].shape[0]  # ∇ₑℓᵢ of a mean-reduced loss
+        loss, delta, e = self.leaf_loss(batch)
+        found = torch.autograd.grad(loss, [delta, *params], allow_unused=True)  # frees the graph
+        g_e = found[0] * delta.shape[0]  # ∇ₑℓᵢ of a mean-reduced loss
         g_p = [torch.zeros_like(p) if g is None else g for p, g in zip(params, found[1:], strict=True)]
         phi, d = finite_difference_direction(g_e)
-        h = input_step_from_statistics(input_step_statistics(leaf[1], d)[None], default_step("input", g_e.dtype))
+        h = input_step_from_statistics(input_step_statistics(e, d)[None], default_step("input", g_e.dtype))
         moved = self._loss_with(batch, lambda module, args, out: out + h * d)
         k = LAMBDA / h  # ∇θ mean φ ≈ (∇θL(e + h·d) − ∇θL(e)) / h
         linear = sum((p * (g * (1 - k))).sum() for p, g in zip(params, g_p, strict=True))

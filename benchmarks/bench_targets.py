@@ -128,17 +128,22 @@ class HandFGM(TokenClassifier):
         finally:
             handle.remove()
 
-    def clean_and_perturbation(self, batch: dict, keep_graph: bool = True) -> tuple[Tensor, Tensor]:
-        """The clean loss (with its graph if ``keep_graph``) and r = ε·g/‖g‖ per sequence, masked."""
-        mask = batch["attention_mask"].unsqueeze(-1).float()
+    def leaf_loss(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss with a zero leaf δ added to the embedding output e, δ, and e (detached)."""
         leaf: list[Tensor] = []
 
         def zero_leaf(module, args, out):
-            leaf.append(torch.zeros_like(out, requires_grad=True))
+            leaf.extend([torch.zeros_like(out, requires_grad=True), out.detach()])
             return out + leaf[0]
 
-        clean = self._loss_with(batch, zero_leaf)
-        (g,) = torch.autograd.grad(clean, leaf[0], retain_graph=keep_graph)
+        loss = self._loss_with(batch, zero_leaf)
+        return loss, leaf[0], leaf[1]
+
+    def clean_and_perturbation(self, batch: dict, keep_graph: bool = True) -> tuple[Tensor, Tensor]:
+        """The clean loss (with its graph if ``keep_graph``) and r = ε·g/‖g‖ per sequence, masked."""
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        clean, delta, _ = self.leaf_loss(batch)
+        (g,) = torch.autograd.grad(clean, delta, retain_graph=keep_graph)
         return clean, EPS * _per_seq_unit(g * mask)
 
     def training_step(self, batch, batch_idx):

@@ -89,25 +89,19 @@ class MethodChoice:
                 if trial is batch:
                     raise
 
-    def decide_method(self, ctx: Any, build: Callable[[], Tensor], inputs: list[Tensor]) -> tuple[str, Tensor | None]:
-        """For ``"auto"`` still undecided: build the double-backward penalty and try differentiating it.
-
-        Returns the method and, where it is ``"double_backward"``, the penalty that was built (to be used).
-        """
-        value, works = None, None
+    def decide_method(self, ctx: Any, build: Callable[[], Tensor], inputs: list[Tensor]) -> None:
+        """For ``"auto"`` still undecided: build the double-backward penalty, try differentiating it, and fix the
+        method where every rank agrees (left undecided where the penalty had no graph to try)."""
         try:
-            value = build()
-            works = supports_double_backward(value, inputs)
+            works = supports_double_backward(build(), inputs)
         except NoDoubleBackwardError:
             works = False
         method, settled = agreed_method(works, lambda t: ctx.reduce(t, "max"), inputs[0].device if inputs else None)
         if method == "finite_difference":  # any rank without a double backward: all ranks difference
             self.resolve_method(method, "this model has no double backward (SDPA attention, torch.compile or a "
                                 "custom autograd Function); two ordinary passes instead")
-            return method, None
-        if settled:
+        elif settled:
             self.resolve_method(method, "the model has a double backward")
-        return method, value
 
     def unsupported_when_sharded(self) -> str | None:
         """Under FSDP2 a penalty with a ``method`` runs by finite differences; its double backward cannot."""
