@@ -59,6 +59,8 @@ from lightning_gp.manual import penalized_loss
 
 VOCAB, D, HEADS, LAYERS, CLASSES = 1000, 128, 4, 2, 2
 B, T = 64, 64
+#: "encoder": ``nn.TransformerEncoder``; "gpt2": Hugging Face's ``GPT2Model`` from a local config (no download)
+ARCH = "encoder"
 EPS = 1.0
 K = 3
 WEIGHT = 0.5
@@ -73,15 +75,26 @@ class TokenClassifier(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, D, padding_idx=0)
-        self.pos = nn.Parameter(torch.randn(T, D) * 0.02)
-        layer = nn.TransformerEncoderLayer(D, HEADS, dim_feedforward=4 * D, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
+        if ARCH == "gpt2":  # its token embedding is ``embed`` too (the same module under two names)
+            from transformers import GPT2Config, GPT2Model
+
+            config = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=D, n_layer=LAYERS, n_head=HEADS,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            self.gpt = GPT2Model(config)
+            self.embed = self.gpt.wte
+        else:
+            self.embed = nn.Embedding(VOCAB, D, padding_idx=0)
+            self.pos = nn.Parameter(torch.randn(T, D) * 0.02)
+            layer = nn.TransformerEncoderLayer(D, HEADS, dim_feedforward=4 * D, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
         self.head = nn.Linear(D, CLASSES)
 
     def logits(self, batch: dict) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        h = self.encoder(self.embed(ids) + self.pos[: ids.shape[1]], src_key_padding_mask=mask == 0)
+        if ARCH == "gpt2":
+            h = self.gpt(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            h = self.encoder(self.embed(ids) + self.pos[: ids.shape[1]], src_key_padding_mask=mask == 0)
         m = mask.unsqueeze(-1).to(h.dtype)
         return self.head((h * m).sum(1) / m.sum(1))
 
@@ -95,8 +108,10 @@ class TokenClassifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def make_batch(b: int = B, seed: int = 0) -> dict[str, Tensor]:
-    """Zipf-distributed token ids in 1..VOCAB−1 (0 is padding), lengths uniform in [T/2, T]."""
+def make_batch(b: int | None = None, seed: int = 0) -> dict[str, Tensor]:
+    """``b`` (default :data:`B`) sequences of Zipf-distributed token ids in 1..VOCAB−1 (0 is padding), lengths
+    uniform in [T/2, T]."""
+    b = B if b is None else b
     gen = torch.Generator().manual_seed(seed)
     zipf = 1.0 / torch.arange(1, VOCAB, dtype=torch.float64)
     ids = torch.multinomial(zipf, b * T, replacement=True, generator=gen).view(b, T) + 1
@@ -233,7 +248,12 @@ HAND = {"FGM, callback": "FGM, hand-written", "FreeLB K=3, callback": "FreeLB K=
 
 def fit_chunk(name: str, batch: dict, steps: int) -> list[float]:
     """Per-step times of one short fit of configuration ``name``: fresh Trainer and model (same init)."""
-    cls, factory = CONFIGS[name]
+    return fit_steps(*CONFIGS[name], batch, steps)
+
+
+def fit_steps(cls: type[L.LightningModule], factory: Callable[[], Callback] | None, batch: dict,
+              steps: int) -> list[float]:
+    """Per-step times of one short fit of ``cls()`` with ``factory()``'s callback: fresh Trainer and model."""
     torch.manual_seed(0)
     module = cls()
     timer = StepTimer(torch.device("cpu"))

@@ -37,12 +37,15 @@ class FusedRecording:
     ``on_exception``.
     """
 
-    def __init__(self, module: torch.nn.Module, inputs: Tensor, owner: str, tap: LinearTap | None = None,
-                 target: nn.Module | None = None, mask: Tensor | None = None,
+    def __init__(self, module: torch.nn.Module, inputs: Tensor | None, batch: int, owner: str,
+                 tap: LinearTap | None = None, target: nn.Module | None = None, mask: Tensor | None = None,
                  batch_tensors: list[Tensor] | None = None) -> None:
-        self.inputs = inputs
-        # With a target, ∇ is read off a zero δ added to the target's output (its `.grad` after backward)
-        self.floating = target is None and inputs.is_floating_point()
+        self.inputs, self.batch = inputs, batch
+        self.device = next((t.device for t in batch_tensors or []), torch.device("cpu")) if inputs is None \
+            else inputs.device
+        # With a target, ∇ is read off a zero δ added to the target's output (its `.grad` after backward), and the
+        # batch's input (``inputs`` may be None) is not needed
+        self.floating = target is None and inputs is not None and inputs.is_floating_point()
         self._target = contextlib.ExitStack()
         self.output = None
         if self.floating and (not inputs.is_leaf or inputs.requires_grad):
@@ -59,10 +62,10 @@ class FusedRecording:
             tap.remove()
             tap = None
         self.tap = (tap or LinearTap(layers, owner)) if layers is not None else None
-        self.recorder = GradNormRecorder(module, inputs.shape[0], batch_tensors) if layers is None else None
+        self.recorder = GradNormRecorder(module, batch, batch_tensors) if layers is None else None
         self.restricted = layers is not None or self.recorder.restrict_to_closed_forms()
         try:
-            self.tap.start(inputs.shape[0]) if self.tap is not None else self.recorder.start()
+            self.tap.start(batch) if self.tap is not None else self.recorder.start()
         except ValueError as err:
             raise ValueError(
                 f"{owner}(mode='fused') measures the training forward itself, where per-sample gradients must "
@@ -96,7 +99,7 @@ class FusedRecording:
         per-sample norms (on the reduced values where it can, one kernel less per step).
         """
         try:
-            batch = self.inputs.shape[0]
+            batch = self.batch
             if self.floating:
                 if self.inputs.grad is None:
                     raise RuntimeError(
@@ -119,7 +122,7 @@ class FusedRecording:
                 grad = grad.reshape(batch, -1)
                 input_norms = torch.linalg.vector_norm(grad, dim=1, dtype=accumulation_dtype(grad.dtype))
             else:  # token ids: no input gradient, as in mode="recompute"
-                input_norms = torch.full((batch,), math.nan, device=self.inputs.device)
+                input_norms = torch.full((batch,), math.nan, device=self.device)
             if self.tap is not None:
                 self.tap.stop()
                 names, layers = self.tap.layer_norms()

@@ -208,9 +208,14 @@ class GradientNormMonitor(Monitor):
             return
         self._armed = False
         self._close()
-        inputs = resolve_input(batch, self.input_key, type(self).__name__, computed=True)[0]
+        owner = type(self).__name__
         mask = self.site.mask(batch) if self.site.module is not None else None
-        self._recording = FusedRecording(self._module, inputs, type(self).__name__, self._linear_tap,
+        if self.site.module is not None:  # ∇ w.r.t. the target's output: the batch's input is only counted
+            inputs, n = None, batch_size(batch, self.input_key, mask, owner)
+        else:
+            inputs = resolve_input(batch, self.input_key, owner, computed=True)[0]
+            n = int(inputs.shape[0])
+        self._recording = FusedRecording(self._module, inputs, n, owner, self._linear_tap,
                                          target=self.site.module, mask=mask,
                                          batch_tensors=[t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)])
         self._linear_tap = self._recording.tap
@@ -220,7 +225,7 @@ class GradientNormMonitor(Monitor):
         if self._recording is None:
             return
         recording, self._recording = self._recording, None
-        batch = recording.inputs.shape[0]
+        batch = recording.batch
         factor = per_sample_factor(batch, trainer.accumulate_grad_batches, loss_scale(trainer), self.loss_reduction)
         # One (B, 2 + L) matrix [‖∇ₓℓᵢ‖, ‖∇θℓᵢ‖, per-layer norms] / factor: reduced in one metric update.
         self._columns.append((*recording.finish(type(self).__name__, self.per_layer), factor))

@@ -129,10 +129,10 @@ def test_callbacks_benchmark_alternates_the_two_sides_and_reports_per_round_rati
     assert len(lit) == len(hand) == len(calls) == 3
 
 
-def _tiny_token_classifier(monkeypatch) -> None:
+def _tiny_token_classifier(monkeypatch, arch: str = "encoder") -> None:
     import benchmarks.bench_targets as bt
 
-    for name, value in {"LAYERS": 1, "D": 32, "HEADS": 2, "T": 16}.items():
+    for name, value in {"LAYERS": 1, "D": 32, "HEADS": 2, "T": 16, "ARCH": arch}.items():
         monkeypatch.setattr(bt, name, value)  # put back after the test (the benchmark sets them per process)
 
 
@@ -141,16 +141,17 @@ def _tiny_token_classifier(monkeypatch) -> None:
                                  "data penalty, finite difference, callback", "data penalty, auto, callback",
                                  "parameter penalty, finite difference, callback",
                                  "data penalty, double backward, callback"])
-def test_memory_benchmark_s_hand_written_twins_train_as_the_callbacks_do(row, monkeypatch):
+@pytest.mark.parametrize("arch", ["encoder", "gpt2"])
+def test_memory_benchmark_s_hand_written_twins_train_as_the_callbacks_do(row, arch, monkeypatch):
     """The memory table compares like with like: in float64, two steps of each callback and of its hand-written twin
-    give the same parameters."""
+    give the same parameters, on both models (GPT-2: Hugging Face's, from a local config)."""
     import lightning as L
 
     import benchmarks.bench_targets as bt
     from benchmarks.bench_callbacks import RepeatedBatch
     from benchmarks.bench_memory import CELLS, ROWS, attention_for
 
-    _tiny_token_classifier(monkeypatch)
+    _tiny_token_classifier(monkeypatch, arch)
     batch = bt.make_batch(b=8)
     params = []
     for name in (row, ROWS[row]):

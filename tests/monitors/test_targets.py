@@ -83,6 +83,19 @@ def test_input_norms_on_the_embedding_output(how):
     assert abs(float(dropped.mean()) - float(ref.mean())) > 1e-2 * float(ref.mean())
 
 
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_a_target_needs_no_input_key(mode):
+    """With a target the batch's input is only counted (∇ is taken w.r.t. the target's output): a dict batch whose
+    keys are none of the default input names is measured without `input_key`, in both modes."""
+    ids, labels, mask = data()
+    batches = [dict(input_ids=ids[i], labels=labels[i], attention_mask=mask[i]) for i in range(B)]
+    model = Tok()
+    monitor = GradientNormMonitor(every_n_steps=1, target="embed", histograms=False, mode=mode)
+    pl.Trainer(max_steps=1, callbacks=[monitor], **QUIET).fit(model, DataLoader(batches, batch_size=B))
+    ref = reference_norms(model, ids, labels, mask)
+    assert monitor.last_logged["grad_norm/input_mean"] == pytest.approx(float(ref.mean()), rel=1e-5)
+
+
 def test_a_loss_fn_without_forward_fn_refuses_a_batch_with_a_mask():
     """`module(input)` would drop the attention mask: the monitor says so and names both fixes."""
     ids, labels, mask = data()
