@@ -6,6 +6,7 @@ from sizes that may coincide (T == B).
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from typing import TYPE_CHECKING
@@ -37,20 +38,33 @@ def unbatched_units(recorder: GradNormRecorder, values: Tensor, x: Tensor | None
     batch = values.shape[0]
     if batch < 2:
         return set(), False
-    checked = [(name, use, i, out) for name, us in recorder.uses.items() if own_params(recorder.modules[name])
+    checked = [(name, i, out) for name, us in recorder.uses.items() if own_params(recorder.modules[name])
                for use in us for i, out in zip(use.out_index, use.outputs, strict=True)]
-    tensors = ([x] if x is not None else []) + [out for *_, out in checked]
-    if not tensors:
+    if not checked and x is None:
         return set(), False
-    probe = torch.autograd.grad(values[-1], tensors, retain_graph=True, allow_unused=True)
-    coupled = x is not None and _spills(probe[0], 0, batch)
-    bad = set()
-    for (name, _use, i, _), g in zip(checked, probe[1 if x is not None else 0:], strict=True):
+    # Judged in tensor hooks as each gradient passes, not returned by autograd (which would keep every layer's
+    # output gradient to the end of the backward); the targets only make the backward reach the layers.
+    spills: dict[int, bool] = {}
+    handles = []
+    for k, (name, i, out) in enumerate(checked):
         module = recorder.modules[name]
         dim = 0 if (i == 1 and isinstance(module, nn.MultiheadAttention)) else batch_dim(module)
-        if g is not None and _spills(g, dim, batch):
-            bad.add(name)
-    return bad, coupled
+        handles.append(out.register_hook(functools.partial(_judge, spills, k, dim, batch)))
+    try:
+        targets = ([x] if x is not None else []) + recorder.source_outputs()
+        probe = torch.autograd.grad(values[-1], targets, retain_graph=True, allow_unused=True) if targets else ()
+        missing = [out for k, (*_, out) in enumerate(checked) if k not in spills]
+        if missing:  # outputs off the way back to the sources (a layer fed by a parameter), or unused
+            torch.autograd.grad(values[-1], missing, retain_graph=True, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    coupled = x is not None and probe[0] is not None and _spills(probe[0], 0, batch)
+    return {checked[k][0] for k, bad in spills.items() if bad}, coupled
+
+
+def _judge(spills: dict[int, bool], k: int, dim: int, batch: int, g: Tensor) -> None:
+    spills[k] = _spills(g, dim, batch)
 
 
 def _spills(g: Tensor, dim: int, batch: int) -> bool:

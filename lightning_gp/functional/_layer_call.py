@@ -36,6 +36,17 @@ class LayerCall:
         self.versions = tensor_versions((args, kwargs))
         self.unbatched = False  # a call whose inputs are provably not the batch's (see GradNormRecorder)
 
+    def release(self) -> None:
+        """Drop the records (inputs, outputs, gradients) once this call's norms are computed: they hold activations
+        that autograd would otherwise free during the backward."""
+        self.args, self.kwargs, self.output, self.outputs = (), {}, None, []
+        self.grads, self.versions = {}, []
+
+    @property
+    def received(self) -> bool:
+        """Whether every output that requires grad got its gradient."""
+        return len(self.grads) == len(self.out_index)
+
     def store(self, i: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             self.grads[i] = grad.detach()

@@ -9,8 +9,9 @@ by :mod:`~lightning_gp.functional._param_units`. Design notes: ``docs/design/fus
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +20,10 @@ from torch import Tensor, nn
 
 from lightning_gp.functional._layer_call import LayerCall, check_versions, layer_label, tensor_versions
 from lightning_gp.functional._layers import BATCH_NORM_LAYERS
-from lightning_gp.functional._norm_rules import linear_squared_norms
+from lightning_gp.functional._norm_rules import linear_squared_norms, rule
 from lightning_gp.functional._param_units import closed_form_modules, layer_norms, own_params
 from lightning_gp.functional._sharded import layer_type
-from lightning_gp.functional._torch_private import tensor_version, tree_map
+from lightning_gp.functional._torch_private import tensor_version, tree_flatten, tree_map
 from lightning_gp.functional.gradients import accumulation_dtype, upcast
 
 
@@ -110,7 +111,65 @@ class GradNormRecorder(_HookSet):
         #: the modules hooked, by name (default: all of ``model.named_modules()``)
         self.modules = dict(model.named_modules()) if modules is None else dict(modules)
         self.uses: dict[str, list[LayerCall]] = {name: [] for name in self.modules}
+        #: (batch, skip, upcast_records) while norms are computed during the backward (:meth:`compute_eagerly`)
+        self._eager: tuple[int, frozenset[int], bool] | None = None
+        self._eligible: dict[str, Callable[..., Tensor]] | None = None
+        #: norms computed during the backward, by layer label
+        self.eager_norms: dict[str, Tensor] = {}
+        self._paused = False
         super().__init__()
+
+    def compute_eagerly(self, batch: int, skip: frozenset[int] = frozenset(), *, upcast_records: bool = False) -> None:
+        """Compute each layer's norms in the backward, as soon as its output gradients have all arrived, and drop
+        its records then (the closed-form layers whose parameters no other module holds), instead of keeping
+        every layer's inputs and output gradients until :meth:`layer_squared_norms`. Opacus' ghost clipping
+        keeps its memory this way. Call before the backward; the records must not be read after it (the
+        probe of :func:`~lightning_gp.functional._exact_route.unbatched_units` does: not with it)."""
+        self._eager, self._eligible, self.eager_norms = (batch, skip, upcast_records), None, {}
+
+    def _eligible_layers(self) -> dict[str, Callable[..., Tensor]]:
+        """The layers measured during the backward: those that ran, with a closed-form rule for all their
+        trainable parameters, none of them shared with another module or in ``skip``, and no child holding
+        parameters (whose norms an ancestor may have to measure). Decided at the first gradient: by then the
+        forward, and so every call, is recorded."""
+        _, skip, _ = self._eager  # type: ignore[misc]
+        holders: dict[int, int] = {}
+        for mod in self.model.modules():
+            for p in mod.parameters(recurse=False):
+                holders[id(p)] = holders.get(id(p), 0) + 1
+        eligible = {}
+        for name, mod in self.modules.items():
+            params = own_params(mod)
+            if (not params or not self.uses.get(name) or any(u.unbatched for u in self.uses[name])
+                    or any(holders.get(id(p), 0) > 1 or id(p) in skip for p in params.values())
+                    or any(own_params(m) for n, m in mod.named_modules() if n)):
+                continue
+            closed = rule(mod, set(params))
+            if closed is not None:
+                eligible[name] = closed
+        return eligible
+
+    def _finish_eagerly(self, name: str) -> None:
+        """The norms of layer ``name`` once all its calls' gradients are in; its records dropped."""
+        if self._eligible is None:
+            self._eligible = self._eligible_layers()
+        if name not in self._eligible or not all(u.received for u in self.uses[name]):
+            return
+        closed = self._eligible.pop(name)
+        batch, _, upcast_records = self._eager  # type: ignore[misc]
+        mod, uses = self.modules[name], self.uses[name]
+        if batch > 1 and any(g.ndim and g.shape[0] == 1 for u in uses for g in u.grads.values()):
+            return  # a lookup broadcast over the batch: measured with the module that broadcasts it
+        try:
+            check_versions({name: uses})
+            if upcast_records:
+                _upcast(uses)
+            sq = closed(layer_label(name), mod, uses, batch, set(own_params(mod)))
+        except Exception:  # deferred, not lost: layer_squared_norms measures it again and raises its error
+            return
+        self.eager_norms[layer_label(name)] = sq
+        for use in uses:
+            use.release()
 
     def start(self) -> GradNormRecorder:
         """Clear earlier records and hook every module; returns ``self``. Raises ValueError on train-mode BatchNorm."""
@@ -122,6 +181,7 @@ class GradNormRecorder(_HookSet):
                 )
         self.stop()
         self.uses = {name: [] for name in self.modules}
+        self._eager, self._eligible, self.eager_norms = None, None, {}
         self._hook_modules([(mod, self._hook(name)) for name, mod in self.modules.items()], with_kwargs=True)
         return self
 
@@ -145,13 +205,25 @@ class GradNormRecorder(_HookSet):
             use = LayerCall(args, kwargs, output)
             use.unbatched = expanded is None and not self._ids_from_batch(mod, args)
             for i, out in zip(use.out_index, use.outputs, strict=True):
-                self._hook_tensor(out, use.store(i))
+                self._hook_tensor(out, self._store(name, use, i))
             if self.input_grads:
                 for i, arg in enumerate(args):
                     if isinstance(arg, Tensor) and arg.requires_grad:
                         self._hook_tensor(arg, use.store_input(i))
             self.uses[name].append(use)
             return output if expanded is not None else None
+
+        return hook
+
+    def _store(self, name: str, use: LayerCall, i: int) -> Callable[[Tensor], None]:
+        store = use.store(i)
+
+        def hook(grad: Tensor) -> None:
+            if self._paused:
+                return
+            store(grad)
+            if self._eager is not None:
+                self._finish_eagerly(name)
 
         return hook
 
@@ -173,6 +245,28 @@ class GradNormRecorder(_HookSet):
         """Every recorded module output that requires grad, once each."""
         seen: set[int] = set()
         return [o for us in self.uses.values() for u in us for o in u.outputs if not (id(o) in seen or seen.add(id(o)))]
+
+    def source_outputs(self) -> list[Tensor]:
+        """The recorded outputs of the calls fed by no tensor that requires grad (the first layers, the
+        embeddings), once each: a backward to them passes every layer whose input descends from them."""
+        seen: set[int] = set()
+        return [o for us in self.uses.values() for u in us
+                if not any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten((u.args, u.kwargs))[0])
+                for o in u.outputs if not (id(o) in seen or seen.add(id(o)))]
+
+    def unreached(self) -> list[Tensor]:
+        """The recorded outputs whose gradient did not arrive (of the layers not measured in the backward)."""
+        return [o for name, us in self.uses.items() if layer_label(name) not in self.eager_norms for u in us
+                for i, o in zip(u.out_index, u.outputs, strict=True) if i not in u.grads]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Store no gradient while inside (another backward through the recorded graph: a probe)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def calls(self, name: str) -> list[LayerCall]:
         """The recorded calls of the module ``name`` (empty when it did not run)."""
@@ -214,13 +308,30 @@ class GradNormRecorder(_HookSet):
         (the parameters whose ``id`` is in ``skip`` left out). ``upcast_records``: half-precision records are
         brought to float32 first (the squares of scaled float16 gradients overflow)."""
         check_versions(self.uses)  # before any input is replaced by a float32 copy below
+        # measured in the backward, unless a later call moved their parameters to the exact route (``skip``)
+        done = {name: self.eager_norms[layer_label(name)] for name, mod in self.modules.items()
+                if layer_label(name) in self.eager_norms and not any(id(p) in skip for p in own_params(mod).values())}
+        if self._eager is not None:
+            settings, self._eager, self._eligible = self._eager, None, None
+            if done and settings != (batch, frozenset(skip), upcast_records):
+                raise RuntimeError(f"GradNormRecorder: layer_squared_norms{(batch, skip, upcast_records)} after "
+                                   f"compute_eagerly{settings}: the layers measured in the backward used those.")
+        rest = {name: mod for name, mod in self.modules.items() if name not in done}
+        uses = {name: us for name, us in self.uses.items() if name in rest}
         if upcast_records:
-            for uses in self.uses.values():
-                for use in uses:
-                    use.grads = {i: upcast(g) for i, g in use.grads.items()}
-                    use.args, use.kwargs = tree_map(upcast, (use.args, use.kwargs))
-                    use.versions = tensor_versions((use.args, use.kwargs))
-        return layer_norms(self.modules, self.uses, batch, skip)
+            for us in uses.values():
+                _upcast(us)
+        out = {**layer_norms(rest, uses, batch, skip), **{layer_label(n): sq for n, sq in done.items()}}
+        order = {layer_label(n): i for i, n in enumerate(self.modules)}
+        return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _upcast(uses: list[LayerCall]) -> None:
+    """Half-precision records to float32 (the squares of scaled float16 gradients overflow)."""
+    for use in uses:
+        use.grads = {i: upcast(g) for i, g in use.grads.items()}
+        use.args, use.kwargs = tree_map(upcast, (use.args, use.kwargs))
+        use.versions = tensor_versions((use.args, use.kwargs))
 
 
 @dataclass

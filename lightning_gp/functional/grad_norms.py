@@ -128,20 +128,36 @@ def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict 
             )
         if modules is not None and recorder.not_run():
             return None
-        # Asking for the layer outputs makes the backward reach every layer; the gradients themselves
-        # come from the recorder's tensor hooks, which stay right when a later op (ReLU(inplace=True))
-        # overwrites an output in place.
-        targets = [x] if floating else []
         key = (tuple(inputs.shape), inputs.dtype, floating, tuple(recorder.modules))
         known = STRUCTURES.setdefault(model, {})
-        structure = known.get(key)  # (units for the exact route, does the input mix samples?)
-        keep = structure is None or bool(structure[0]) or structure[1]  # the graph, for the probe or the route
-        grads = torch.autograd.grad(values.sum(), targets + recorder.outputs(), allow_unused=True, retain_graph=keep)
-    if structure is None:  # once per model and input shape: the probe costs about half a backward
-        # after the recorder's hooks are gone: they would store the probe's gradients as the step's
-        unbatched, coupled = unbatched_units(recorder, values, x if floating else None)
-        structure = known[key] = (set(unbatched), coupled)
-    exact_units, coupled = structure
+        structure = known.get(key)  # (units for the exact route, does the input mix samples?, all outputs?)
+        first = structure is None
+        if first:  # once per model and input shape, before the step's backward: about half a backward
+            with recorder.paused():  # the probe's gradients are not the step's
+                unbatched, coupled = unbatched_units(recorder, values, x if floating else None)
+            structure = known[key] = (set(unbatched), coupled, False)
+        exact_units, coupled, every_output = structure
+        # the graph, for the exact route (also on the first call, where a layer torch.func cannot replay may join
+        # it: measuring again would draw new dropout masks)
+        keep = first or bool(exact_units) or coupled
+        # Each layer is measured in the backward as soon as its gradients are in, and its records dropped then.
+        # The gradients come from the recorder's tensor hooks, which stay right when a later op
+        # (ReLU(inplace=True)) overwrites an output in place. The backward's targets only make it reach every
+        # layer: x and the outputs of the layers fed by no differentiable input, from which every other layer
+        # lies on the way back where that holds (checked below), else every layer output: what autograd returns
+        # for its targets lives to the end of the backward, so few targets keep the memory down.
+        recorder.compute_eagerly(batch, frozenset(unit_params(recorder, exact_units)))
+        targets = ([x] if floating else []) + (recorder.outputs() if every_output else recorder.source_outputs())
+        grads = torch.autograd.grad(values.sum(), targets, allow_unused=True, retain_graph=keep)
+        unreached, retry = recorder.unreached(), False  # layers off the way back to the sources, or unused
+        if unreached and not every_output:
+            known[key] = (exact_units, coupled, True)  # from now on every layer output is a target
+            if keep:
+                torch.autograd.grad(values.sum(), unreached, allow_unused=True, retain_graph=True)
+            else:
+                retry = True  # the graph is gone
+    if retry:
+        return _measure(model, inputs, loss_fn, modules, input_norms, forward)
     while True:  # units the closed forms and torch.func cannot take join the exact route (and are remembered)
         skip = unit_params(recorder, exact_units)
         try:

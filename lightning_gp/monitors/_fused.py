@@ -65,7 +65,10 @@ class FusedRecording:
         self.recorder = GradNormRecorder(module, batch, batch_tensors) if layers is None else None
         self.restricted = layers is not None or self.recorder.restrict_to_closed_forms()
         try:
-            self.tap.start(batch) if self.tap is not None else self.recorder.start()
+            if self.tap is not None:
+                self.tap.start(batch)
+            else:  # each layer measured in the backward as its gradients arrive, its records dropped then
+                self.recorder.start().compute_eagerly(batch, upcast_records=True)
         except ValueError as err:
             raise ValueError(
                 f"{owner}(mode='fused') measures the training forward itself, where per-sample gradients must "

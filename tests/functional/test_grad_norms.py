@@ -320,3 +320,60 @@ def test_per_sample_norms_of_a_scalar_loss_equal_those_of_per_sample_values():
                                       wrt=torch.zeros(7, 4, requires_grad=True))
     with pytest.raises(ValueError, match=r"`reduction` must be one of \['mean', 'sum'\], got 'avg'"):
         per_sample_grad_norms_of_loss(model, lambda: F.cross_entropy(model(x), y), 7, reduction="avg")
+
+
+class FedByAParameter(nn.Module):
+    """A layer whose input is a parameter (a learned query), off the way back from the loss to the batch's input
+    and to the first layers: a backward to those alone never reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(4, 6))
+        self.q_proj = nn.Linear(6, 6)
+        self.embed = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (B, T, 5)
+        h = self.embed(x)  # (B, T, 6)
+        q = self.q_proj(self.query)  # (4, 6): shared by the samples
+        attn = torch.softmax(h @ q.T, dim=-1) @ q  # (B, T, 6)
+        return self.head((h + attn).mean(1))
+
+
+@pytest.mark.parametrize("input_norms", [True, False])
+def test_a_layer_off_the_way_back_to_the_input_is_measured_on_every_call(input_norms):
+    """The backward targets x and the first layers' outputs: a layer fed by a parameter is not on the way back to
+    them. Its norms are right on the first call (a second backward reaches it) and on the next ones (every layer
+    output a target from then on)."""
+    torch.manual_seed(0)
+    model = FedByAParameter().double()
+    x = torch.randn(5, 7, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    _, want, _ = reference(model, x, y)
+    for _ in range(3):
+        _, got = per_sample_grad_norms(model, x, ce(y), input_norms=input_norms)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+def test_the_recorder_measures_layers_in_the_backward_and_drops_their_records():
+    """With compute_eagerly, each eligible layer's norms are taken as its gradients arrive and its activations are
+    let go then; the norms equal those taken after the backward from the kept records."""
+    torch.manual_seed(0)
+    model = Block().double().eval()
+    x = torch.randn(4, 6, 16, dtype=torch.float64)
+    results = []
+    for eager in (False, True):
+        rec = GradNormRecorder(model, 4).start()
+        if eager:
+            rec.compute_eagerly(4)
+        model(x).sum().backward()
+        rec.stop()
+        if eager:  # the Linear and LayerNorm layers; not the attention (its out_proj is a child with parameters)
+            assert {"mlp.0", "mlp.2", "ln1", "ln2", "head"} <= set(rec.eager_norms)
+            assert "attn" not in rec.eager_norms
+            assert rec.calls("mlp.0")[0].args == () and rec.calls("mlp.0")[0].grads == {}
+        results.append(rec.layer_squared_norms(4))
+        model.zero_grad()
+    assert list(results[0]) == list(results[1])  # the same layers, in the model's order
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-12, atol=0)
