@@ -1,4 +1,5 @@
-"""Lightning callbacks that add gradient penalties or adversarial examples to an unchanged LightningModule.
+"""Lightning callbacks that add gradient penalties or adversarial examples to an unchanged LightningModule, and
+measure its robust accuracy (:class:`RobustAccuracy`).
 
 Each is a thin adapter over `lightning_gp.functional`. How the loss is changed (a wrapper around
 ``training_step``, DDP-safe) and how several callbacks compose: ``docs/design/loss-changing-callbacks.md``.
@@ -9,6 +10,7 @@ from lightning_gp.callbacks.adversarial import AdversarialTraining
 from lightning_gp.callbacks.data_penalty import DataGradientPenalty
 from lightning_gp.callbacks.flooding import Flooding
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
+from lightning_gp.callbacks.robust_accuracy import RobustAccuracy
 from lightning_gp.callbacks.sam import SharpnessAwareMinimization
 from lightning_gp.callbacks.spectral_penalty import SpectralNormPenalty
 from lightning_gp.callbacks.vat import VirtualAdversarialTraining
@@ -18,6 +20,7 @@ __all__ = [
     "DataGradientPenalty",
     "Flooding",
     "ParameterGradientPenalty",
+    "RobustAccuracy",
     "SharpnessAwareMinimization",
     "SpectralNormPenalty",
     "VirtualAdversarialTraining",

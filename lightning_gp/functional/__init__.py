@@ -33,6 +33,7 @@ from lightning_gp.functional.penalties import (
     parameter_gradient_penalty,
     parameter_gradient_penalty_fd,
 )
+from lightning_gp.functional.robust import robust_accuracy
 from lightning_gp.functional.sharpness import hessian_max_eigenvalue, hessian_trace, sam_perturbation
 from lightning_gp.functional.spectral import spectral_norm, spectral_norm_penalty
 
@@ -68,6 +69,7 @@ __all__ = [
     "pgd",
     "r1_penalty",
     "r2_penalty",
+    "robust_accuracy",
     "sam_perturbation",
     "spectral_norm",
     "spectral_norm_penalty",

@@ -1,0 +1,136 @@
+"""RobustAccuracy in a Trainer: what it logs, the samples it attacks, checkpoints by it, training untouched, DDP."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gp import RobustAccuracy
+from lightning_gp.functional.robust import robust_outcomes
+from tests.ddp import run_ddp_script
+
+pytest.importorskip("torchattacks")
+
+QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+             deterministic=True)
+ATTACKS = ["pgd-20", "apgd-ce"]
+
+
+class Net(pl.LightningModule):
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+def data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 8, generator=g)
+    y = (x[:, :4].argmax(1) + (x[:, 4] > 0.9).long()) % 4
+    return TensorDataset(x, y)
+
+
+def loaders(batch_size=16):
+    return DataLoader(data(), batch_size=batch_size, shuffle=True), DataLoader(data(48, seed=1), batch_size=batch_size)
+
+
+def fit(callbacks, epochs=4, seed=0, **kwargs):
+    pl.seed_everything(seed, verbose=False)
+    model = Net(dropout=0.2)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, **QUIET | {"enable_checkpointing": False} | kwargs)
+    trainer.fit(model, *loaders())
+    return trainer, model
+
+
+def test_it_logs_every_n_epochs_what_the_functional_computes_on_the_first_n_samples():
+    cb = RobustAccuracy(0.1, attacks=ATTACKS, n_samples=40, every_n_epochs=2)
+    trainer, model = fit([cb])
+    assert [h["epoch"] for h in cb.history] == [1, 3]
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("robust/")}
+    assert set(logged) == {"robust/clean_accuracy", "robust/accuracy", "robust/accuracy/pgd-20",
+                           "robust/accuracy/apgd-ce"}
+    x, y = data(48, seed=1).tensors
+    out = robust_outcomes(model, x[:40], y[:40], 0.1, attacks=ATTACKS)  # the same samples, seed and attacks
+    assert logged["robust/clean_accuracy"] == pytest.approx(float(out.clean.float().mean()))
+    assert logged["robust/accuracy"] == pytest.approx(float(out.robust.float().mean()))
+    assert logged["robust/accuracy/pgd-20"] == pytest.approx(float(out.after["pgd-20"].float().mean()))
+    assert logged["robust/accuracy"] < logged["robust/clean_accuracy"]  # the attacks did something
+    result = pl.Trainer(callbacks=[cb], **QUIET).validate(model, loaders()[1], verbose=False)[0]
+    assert result["robust/accuracy"] == pytest.approx(logged["robust/accuracy"])
+
+
+def test_training_with_the_evaluation_is_bit_identical_to_training_without_it():
+    """Eval mode, the RNG (dropout masks, shuffling), BatchNorm statistics, .grad: all as if it never ran."""
+    _, with_cb = fit([RobustAccuracy(0.1, attacks=ATTACKS, n_samples=32)])
+    _, without = fit([])
+    for (k, a), b in zip(with_cb.state_dict().items(), without.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_model_checkpoint_keeps_the_best_robust_epoch(tmp_path):
+    cb = RobustAccuracy(0.15, attacks=ATTACKS, n_samples=48)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="robust/accuracy", mode="max", filename="{epoch}")
+    fit([cb, ckpt], epochs=5, enable_checkpointing=True)
+    best = max(cb.history, key=lambda h: h["robust/accuracy"])  # the first best, as ModelCheckpoint keeps it
+    assert float(ckpt.best_model_score) == pytest.approx(best["robust/accuracy"])
+    assert ckpt.best_model_path.endswith(f"epoch={best['epoch']}.ckpt")
+    state = torch.load(ckpt.best_model_path, weights_only=False)
+    assert any("RobustAccuracy" in k for k in state["callbacks"])  # its history is checkpointed
+
+
+def test_a_loader_without_labels_and_a_missing_validation_loader_are_refused():
+    class NoLabels(Net):
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    cb = RobustAccuracy(0.1, attacks=ATTACKS)
+    unlabeled = DataLoader(data().tensors[0], batch_size=16)
+    with pytest.raises(ValueError, match=r"needs integer class labels.*Pass `target_key=`"):
+        pl.Trainer(max_epochs=1, callbacks=[cb], **QUIET).fit(NoLabels(), loaders()[0], unlabeled)
+    with pytest.raises(ValueError, match=r"must lie inside `bounds` = \(0.0, 0.5\)"):
+        pl.Trainer(max_epochs=1, callbacks=[RobustAccuracy(0.1, attacks=ATTACKS, bounds=(0.0, 0.5))],
+                   **QUIET).fit(Net(), *loaders())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(eps=-0.1), r"`eps` must be a finite number > 0, got -0.1"),
+    (dict(eps=0.1, attacks=["squares"]), r"unknown attack 'squares'.*Did you mean 'square'"),
+    (dict(eps=0.1, n_samples=0), r"n_samples"),
+    (dict(eps=0.1, every_n_epochs=0), r"every_n_epochs"),
+    (dict(eps=0.1, bounds=None), r"`bounds=None`"),
+])
+def test_bad_arguments_are_refused_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        RobustAccuracy(**kwargs)
+
+
+@pytest.mark.ddp
+def test_ddp_equals_one_process_on_the_same_samples(tmp_path):
+    """Each rank attacks every other sample; the summed counts equal one process attacking all of them."""
+    res = run_ddp_script("robust_ddp.py", tmp_path / "robust_ddp.pt")
+    model = Net()
+    model.load_state_dict(res["state"])
+    x, y = data(48, seed=1).tensors
+    out = robust_outcomes(model, x[:41], y[:41], 0.1, attacks=ATTACKS)
+    assert res["metrics"]["robust/clean_accuracy"] == pytest.approx(float(out.clean.float().mean()))
+    assert res["metrics"]["robust/accuracy"] == pytest.approx(float(out.robust.float().mean()))
+    assert res["metrics"]["robust/accuracy/pgd-20"] == pytest.approx(float(out.after["pgd-20"].float().mean()))
