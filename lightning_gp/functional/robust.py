@@ -171,7 +171,7 @@ def _attack(name: str, model: nn.Module, eps: float, norm: RobustNorm, seed: int
         "fab-t": lambda: ta.FAB(model, norm=ta_norm, eps=eps, steps=FAB_STEPS, n_restarts=1, seed=seed,
                                 multi_targeted=True, n_classes=targets),
         "square": lambda: ta.Square(model, norm=ta_norm, eps=eps, n_queries=SQUARE_QUERIES, n_restarts=1,
-                                    seed=seed, p_init=0.8, loss="margin", resc_schedule=True),
+                                    seed=seed, p_init=0.8, loss="margin", resc_schedule=False),
     }[name]()
     return attack
 
