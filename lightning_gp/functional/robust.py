@@ -83,6 +83,8 @@ def check_bounds(bounds: tuple[float, float] | None, owner: str | None = None) -
 
 
 def check_inputs_in_bounds(x: Tensor, bounds: tuple[float, float], name: str = "inputs") -> None:
+    if x.numel() == 0:
+        return
     lo, hi = torch.stack(torch.aminmax(x.detach().float())).tolist()
     if lo < bounds[0] - 1e-6 or hi > bounds[1] + 1e-6:
         raise ValueError(f"`{name}` must lie inside `bounds` = {bounds}, got values in [{lo:g}, {hi:g}]. Pass the "

@@ -874,7 +874,7 @@ def test_public_api_is_covered():
         "r2_penalty",
         "spectral_norm", "spectral_norm_penalty", "wgan_gradient_penalty", "wgan_gradient_penalty_fd",
         "sam_perturbation", "hessian_max_eigenvalue", "hessian_trace", "noise_scale", "two_batch_noise_scale",
-        "per_sample_grad_norms_of_loss",
+        "per_sample_grad_norms_of_loss", "robust_accuracy",
     }
     # Classes and helpers tested elsewhere: result tuples, the recorder and the chain check (test_grad_norms.py,
     # test_mlp_inequality.py), and linear_squared_norms / per_sample_grad_norms_by_layer (grad_norms.py).
@@ -1192,3 +1192,22 @@ def test_every_tensor_argument_refuses_integer_tensors_by_name(dtype):
             arg = "grad"
         with pytest.raises(TypeError, match=rf"`{arg}` must be floating point.*{dtype}"):
             call(bad)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(n=st.integers(0, 6), classes=st.integers(1, 5), eps=st.sampled_from([0.05, 0.0, -1.0, NAN, INF, 3]),
+       attacks=st.sampled_from([["pgd-20"], ["apgd-ce"], ["pgd-20", "apgd-ce"], "fast", ["pgd20"], []]),
+       lo=st.sampled_from([0.0, -1.0, 0.5]), seed=st.integers(0, 2**16))
+def test_robust_accuracy_gives_robust_below_clean_or_a_clear_error(n, classes, eps, attacks, lo, seed):
+    """Hostile settings: a boolean per sample, never robust where misclassified, or an error naming the argument."""
+    pytest.importorskip("torchattacks")
+    torch.manual_seed(seed)
+    model = nn.Linear(4, classes)
+    x, y = torch.rand(n, 4), torch.randint(0, max(classes, 1), (n,))
+    try:
+        robust = LF.robust_accuracy(model, x, y, eps, attacks=attacks, bounds=(lo, 1.0))
+    except ValueError as err:
+        assert re.search(r"`eps`|`attacks`|`bounds`|`x`|classes|'apgd-t'", str(err)), err
+        return
+    assert robust.dtype == torch.bool and robust.shape == (n,)
+    assert not bool((robust & (model(x).argmax(1) != y)).any())
