@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--sizes", nargs="+", choices=["tiny", "mid"], default=["tiny", "mid"])
     parser.add_argument("--repeats", type=int, default=1, help="processes a cell (the median is kept)")
     parser.add_argument("--time", action="store_true", help="also time every cell, in this process")
+    parser.add_argument("--time-only", action="store_true", help="time every cell, measure no memory")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds (with --time)")
     parser.add_argument("--steps", type=int, default=3, help="kept steps a fit (with --time)")
     parser.add_argument("--warmup", type=int, default=1, help="steps dropped a fit (with --time)")
@@ -350,10 +351,14 @@ def main(argv: list[str] | None = None) -> str:
     if args.cell is not None:  # one cell, in this process
         print(json.dumps({"peak_mib": run_cell(args.cell, args.size, args.model)}))
         return ""
-    peaks = measure(args.sizes, args.repeats, args.model)
     times = ({s: measure_time(s, args.model, args.rounds, args.steps, args.warmup) for s in args.sizes}
-             if args.time else None)
-    text = table(peaks, times)
+             if args.time or args.time_only else None)
+    if args.time_only:
+        text = "\n".join(f"{s}: plain step {statistics.median(t['plain']) * 1e3:.0f} ms; " + "; ".join(
+            f"{row} {_time_ratio(t, row, ref)}" for row, ref in ROWS.items()) for s, t in times.items())  # type: ignore[union-attr]
+        print(text)
+        return text
+    text = table(measure(args.sizes, args.repeats, args.model), times)
     print(text)
     return text
 

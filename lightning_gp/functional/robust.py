@@ -14,7 +14,6 @@ afterwards every submodule's mode, every flag, every ``.grad`` and the global ra
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -116,23 +115,36 @@ class _UnitBox(nn.Module):
 @contextlib.contextmanager
 def evaluation_state(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode, float32, outside autocast, parameters not requiring grad, the global RNG forked;
-    every submodule's mode, every flag and ``.grad`` put back exactly after (a float32 copy where the model is not
-    float32 already, so the weights are never cast in place)."""
+    every submodule's mode, every flag, every ``.grad`` and every dtype put back exactly after. A half-precision
+    model is cast to float32 in place and back (exact: float32 holds every bfloat16 and float16 value), which keeps
+    its parameters the same objects (an optimizer's references stay valid) and copies nothing."""
     params = list(model.parameters())
     modes = [(m, m.training) for m in model.modules()]
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    floating = [t.dtype for t in [*params, *model.buffers()] if t.is_floating_point()]
-    target = copy.deepcopy(model).float() if any(d != torch.float32 for d in floating) else model
+    dtypes = [(m, kind, name, t.dtype) for m in model.modules()
+              for kind, tensors in (("p", m._parameters), ("b", m._buffers))
+              for name, t in tensors.items() if t is not None and t.is_floating_point()]
+    cast = any(dtype != torch.float32 for *_, dtype in dtypes)
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     try:
+        for p in params:
+            p.grad = None  # kept aside, untouched by the casts
+        if cast:
+            model.float()
         with torch.random.fork_rng(devices=devices), torch.autocast("cpu", enabled=False), (
                 torch.autocast("cuda", enabled=False) if devices else contextlib.nullcontext()):
-            target.eval()
-            for p in target.parameters():
+            model.eval()
+            for p in params:
                 p.requires_grad_(False)
-            yield target
+            yield model
     finally:
+        if cast:
+            for m, kind, name, dtype in dtypes:
+                if kind == "p":
+                    m._parameters[name].data = m._parameters[name].data.to(dtype)
+                else:
+                    m._buffers[name] = m._buffers[name].to(dtype)
         for m, mode in modes:
             m.train(mode)
         for p, flag, grad in zip(params, flags, grads, strict=True):

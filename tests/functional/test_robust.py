@@ -7,6 +7,8 @@ j ≠ yᵢ, min over the box-clipped ball of (w_y − w_j)·(x + δ) + (b_y − 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -77,7 +79,7 @@ def test_the_standard_suite_is_never_above_clean_and_monotone_in_eps():
         assert bool((out.robust <= out.clean).all())
         assert list(out.after) == list(SUITES["standard"])
         steps = [out.after[a] for a in SUITES["standard"]]
-        assert all(bool((b <= a).all()) for a, b in zip(steps, steps[1:], strict=False))  # cumulative
+        assert all(bool((b <= a).all()) for a, b in itertools.pairwise(steps))  # cumulative
         assert torch.equal(steps[-1], out.robust)
         assert torch.equal(out.robust, exact_linf_robust(model, x, y, eps))
         accuracies.append(float(out.robust.float().mean()))
@@ -142,8 +144,11 @@ def test_a_half_precision_model_is_attacked_in_float32_and_not_cast():
     with torch.no_grad():
         half.weight.copy_(model.weight)
         half.bias.copy_(model.bias)
+    weight, bias = half.weight, half.bias.clone()
+    before = half.weight.detach().clone()
     robust_accuracy(half, x, y, 0.05, attacks=["pgd-20"])
-    assert half.weight.dtype == torch.bfloat16
+    assert half.weight is weight and half.weight.dtype == torch.bfloat16  # the same objects, back in bfloat16
+    assert torch.equal(half.weight, before) and torch.equal(half.bias, bias)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
