@@ -117,6 +117,7 @@ class GradNormRecorder(_HookSet):
         #: norms computed during the backward, by layer label
         self.eager_norms: dict[str, Tensor] = {}
         self._paused = False
+        self._droppable: set[str] = set()  # layers whose outputs are not kept (keep_outputs_of_sources_only)
         super().__init__()
 
     def compute_eagerly(self, batch: int, skip: frozenset[int] = frozenset(), *, upcast_records: bool = False) -> None:
@@ -127,27 +128,30 @@ class GradNormRecorder(_HookSet):
         probe of :func:`~lightning_gp.functional._exact_route.unbatched_units` does: not with it)."""
         self._eager, self._eligible, self.eager_norms = (batch, skip, upcast_records), None, {}
 
-    def _eligible_layers(self) -> dict[str, Callable[..., Tensor]]:
-        """The layers measured during the backward: those that ran, with a closed-form rule for all their
-        trainable parameters, none of them shared with another module or in ``skip``, and no child holding
-        parameters (whose norms an ancestor may have to measure). Decided at the first gradient: by then the
-        forward, and so every call, is recorded."""
-        _, skip, _ = self._eager  # type: ignore[misc]
+    def _candidates(self, skip: frozenset[int]) -> dict[str, Callable[..., Tensor]]:
+        """The layers with a closed-form rule for all their trainable parameters, none of them shared with another
+        module or in ``skip``, and no child holding parameters (whose norms an ancestor may have to measure)."""
         holders: dict[int, int] = {}
         for mod in self.model.modules():
             for p in mod.parameters(recurse=False):
                 holders[id(p)] = holders.get(id(p), 0) + 1
-        eligible = {}
+        out = {}
         for name, mod in self.modules.items():
             params = own_params(mod)
-            if (not params or not self.uses.get(name) or any(u.unbatched for u in self.uses[name])
-                    or any(holders.get(id(p), 0) > 1 or id(p) in skip for p in params.values())
+            if (not params or any(holders.get(id(p), 0) > 1 or id(p) in skip for p in params.values())
                     or any(own_params(m) for n, m in mod.named_modules() if n)):
                 continue
             closed = rule(mod, set(params))
             if closed is not None:
-                eligible[name] = closed
-        return eligible
+                out[name] = closed
+        return out
+
+    def _eligible_layers(self) -> dict[str, Callable[..., Tensor]]:
+        """The layers measured during the backward: the :meth:`_candidates` that ran, on the batch's samples.
+        Decided at the first gradient: by then the forward, and so every call, is recorded."""
+        _, skip, _ = self._eager  # type: ignore[misc]
+        return {name: closed for name, closed in self._candidates(skip).items()
+                if self.uses.get(name) and not any(u.unbatched for u in self.uses[name])}
 
     def _finish_eagerly(self, name: str) -> None:
         """The norms of layer ``name`` once all its calls' gradients are in; its records dropped."""
@@ -206,6 +210,9 @@ class GradNormRecorder(_HookSet):
             use.unbatched = expanded is None and not self._ids_from_batch(mod, args)
             for i, out in zip(use.out_index, use.outputs, strict=True):
                 self._hook_tensor(out, self._store(name, use, i))
+            if name in self._droppable and any(isinstance(t, Tensor) and t.requires_grad
+                                               for t in tree_flatten((args, kwargs))[0]):
+                use.output, use.outputs = None, [None] * len(use.outputs)  # type: ignore[list-item]
             if self.input_grads:
                 for i, arg in enumerate(args):
                     if isinstance(arg, Tensor) and arg.requires_grad:
@@ -254,10 +261,20 @@ class GradNormRecorder(_HookSet):
                 if not any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten((u.args, u.kwargs))[0])
                 for o in u.outputs if not (id(o) in seen or seen.add(id(o)))]
 
-    def unreached(self) -> list[Tensor]:
-        """The recorded outputs whose gradient did not arrive (of the layers not measured in the backward)."""
+    def unreached(self) -> list[Tensor | None]:
+        """The recorded outputs whose gradient did not arrive (of the layers not measured in the backward); None
+        for one :meth:`drop_outputs` let go of."""
         return [o for name, us in self.uses.items() if layer_label(name) not in self.eager_norms for u in us
                 for i, o in zip(u.out_index, u.outputs, strict=True) if i not in u.grads]
+
+    def keep_outputs_of_sources_only(self, skip: frozenset[int] = frozenset()) -> None:
+        """Before the forward: of the layers that can be measured in the backward (:meth:`compute_eagerly`), keep
+        no reference to an output, but those of the calls fed by no tensor that requires grad (the backward's
+        targets). Their gradients still arrive through the tensor hooks; an output no later op saves (a
+        projection whose attention copies it, a layer before a residual sum) is then freed in the forward, as
+        without the recorder. For a call whose records nothing reads after the backward (no probe, no exact
+        route, no second backward to unreached outputs)."""
+        self._droppable = set(self._candidates(skip))
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

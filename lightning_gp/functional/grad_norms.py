@@ -118,7 +118,12 @@ def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict 
     floating = inputs.is_floating_point() and input_norms
     x = inputs.detach().requires_grad_(True) if floating else inputs
     recorder = GradNormRecorder(model, batch, modules=modules)
+    key = (tuple(inputs.shape), inputs.dtype, floating, tuple(recorder.modules))
+    known = STRUCTURES.setdefault(model, {})
     with recorder:
+        structure = known.get(key)  # (units for the exact route, does the input mix samples?, all outputs?)
+        if structure is not None and not (structure[0] or structure[1] or structure[2]):
+            recorder.keep_outputs_of_sources_only()  # nothing will read the other outputs: free them in the forward
         with torch.enable_grad():
             values = check_per_sample(loss_fn(forward(x)), batch, "loss_fn(outputs)")
         if not values.requires_grad:
@@ -128,9 +133,6 @@ def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict 
             )
         if modules is not None and recorder.not_run():
             return None
-        key = (tuple(inputs.shape), inputs.dtype, floating, tuple(recorder.modules))
-        known = STRUCTURES.setdefault(model, {})
-        structure = known.get(key)  # (units for the exact route, does the input mix samples?, all outputs?)
         first = structure is None
         if first:  # once per model and input shape, before the step's backward: about half a backward
             with recorder.paused():  # the probe's gradients are not the step's
@@ -152,7 +154,7 @@ def _measure(model: nn.Module, inputs: Tensor, loss_fn: Callable, modules: dict 
         unreached, retry = recorder.unreached(), False  # layers off the way back to the sources, or unused
         if unreached and not every_output:
             known[key] = (exact_units, coupled, True)  # from now on every layer output is a target
-            if keep:
+            if keep:  # nothing was dropped: every unreached output is at hand
                 torch.autograd.grad(values.sum(), unreached, allow_unused=True, retain_graph=True)
             else:
                 retry = True  # the graph is gone

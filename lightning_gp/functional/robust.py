@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -44,11 +45,13 @@ class RobustOutcome:
         clean: True where the clean sample is classified correctly.
         robust: True where it is, and survives every attack.
         after: ``{attack: robust after it}``, cumulative in the order run (AutoAttack's printout).
+        seconds: ``{attack: wall-clock seconds it took}``.
     """
 
     clean: Tensor
     robust: Tensor
     after: dict[str, Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_attacks(attacks: str | Sequence[str], owner: str | None = None) -> tuple[str, ...]:
@@ -246,8 +249,9 @@ def robust_outcomes(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm:
         unit = _UnitBox(target, lo, hi, shape).eval()
         u = ((x - lo) / (hi - lo)).reshape(len(x), *_UnitBox.image_shape(shape))
         radius = eps / (hi - lo)
-        after = {}
+        after, seconds = {}, {}
         for name in names:
+            began = time.perf_counter()
             run = _attack(name, unit, radius, norm, seed, n_classes, owner)
             index = robust.nonzero().flatten()
             for start in range(0, len(index), chunk):
@@ -259,7 +263,8 @@ def robust_outcomes(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm:
                 if progress is not None:
                     progress(len(part))
             after[name] = robust.clone()
-    return RobustOutcome(clean, robust, after)
+            seconds[name] = time.perf_counter() - began
+    return RobustOutcome(clean, robust, after, seconds)
 
 
 def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: RobustNorm = "linf",

@@ -377,3 +377,24 @@ def test_the_recorder_measures_layers_in_the_backward_and_drops_their_records():
     assert list(results[0]) == list(results[1])  # the same layers, in the model's order
     for k in results[0]:
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-12, atol=0)
+
+
+def test_a_known_structure_keeps_no_layer_output_but_the_sources():
+    """On a call whose structure is known, the recorder keeps no reference to the outputs of the layers measured in
+    the backward (but the first layers', the backward's targets), so outputs no later op saves are freed in the
+    forward; the norms are the same."""
+    torch.manual_seed(0)
+    model = Block().double().eval()
+    x = torch.randn(4, 6, 16, dtype=torch.float64)
+    rec = GradNormRecorder(model, 4).start()
+    rec.keep_outputs_of_sources_only()
+    rec.compute_eagerly(4)
+    values = model(x).sum(1)
+    assert rec.calls("ln1")[0].outputs[0] is not None  # fed by x, which does not require grad: a source
+    assert rec.calls("mlp.0")[0].outputs == [None] and rec.calls("head")[0].output is None
+    torch.autograd.grad(values.sum(), rec.source_outputs())
+    rec.stop()
+    got = rec.layer_squared_norms(4)
+    want = per_sample_grad_norms_by_layer(model, x, lambda out: out.sum(1)).layer_squared_norms
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=0)

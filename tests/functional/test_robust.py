@@ -81,6 +81,7 @@ def test_the_standard_suite_is_never_above_clean_and_monotone_in_eps():
         steps = [out.after[a] for a in SUITES["standard"]]
         assert all(bool((b <= a).all()) for a, b in itertools.pairwise(steps))  # cumulative
         assert torch.equal(steps[-1], out.robust)
+        assert list(out.seconds) == list(SUITES["standard"]) and 0 < sum(out.seconds.values()) < 600
         assert torch.equal(out.robust, exact_linf_robust(model, x, y, eps))
         accuracies.append(float(out.robust.float().mean()))
     assert accuracies == sorted(accuracies, reverse=True)
