@@ -52,11 +52,16 @@ class RobustAccuracy(Callback):
     summed. Not under FSDP2 (refused in ``setup``).
 
     Args:
-        eps: the threat model's radius (l∞ 8/255, not 0.031; l2 0.5). norm: "linf" or "l2".
+        eps: the threat model's radius (l∞ 8/255, not 0.031; l2 0.5).
+        norm: "linf" or "l2".
         attacks: "standard", "fast" (APGD-CE, APGD-T) or a list of "apgd-ce", "apgd-t", "fab-t", "square", "pgd-20".
-        n_samples: how many validation samples. every_n_epochs: how often (in validation epochs).
-        batch_size: attack this many samples at a time (all at once when None). seed: seeds every attack.
-        bounds: the box the inputs live in. input_key, target_key: where a batch holds inputs and labels.
+        n_samples: how many validation samples.
+        every_n_epochs: how often, in validation epochs.
+        batch_size: attack this many samples at a time (all at once when None).
+        seed: seeds every attack.
+        bounds: the box the inputs live in.
+        input_key: where a batch holds its inputs (default: a tuple's first entry, or the keys x/input/inputs).
+        target_key: where it holds the labels (default: a tuple's second entry, or y/label(s)/target(s)).
         logits_fn: ``(module, x) → logits`` where ``module(x)`` does not return them.
 
     Raises:

@@ -274,7 +274,8 @@ def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm:
 
     Args:
         model: maps inputs to (B, classes) logits; attacked in eval mode and float32, put back as found.
-        x, y: the samples (inside ``bounds``) and their integer labels.
+        x: the samples, inside ``bounds``.
+        y: their integer labels.
         eps: the threat model's radius (l∞: 8/255 for CIFAR-10, not 0.031; l2: 0.5).
         norm: "linf" or "l2".
         attacks: "standard" (APGD-CE, APGD-T, FAB-T, Square), "fast" (the two APGD), or a list of
