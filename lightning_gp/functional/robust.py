@@ -126,8 +126,8 @@ def evaluation_state(model: nn.Module) -> Iterator[nn.Module]:
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     dtypes = [(m, kind, name, t.dtype) for m in model.modules()
-              for kind, tensors in (("p", m._parameters), ("b", m._buffers))
-              for name, t in tensors.items() if t is not None and t.is_floating_point()]
+              for kind, tensors in (("p", m.named_parameters(recurse=False)), ("b", m.named_buffers(recurse=False)))
+              for name, t in tensors if t.is_floating_point()]
     cast = any(dtype != torch.float32 for *_, dtype in dtypes)
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     try:
@@ -144,10 +144,11 @@ def evaluation_state(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         if cast:
             for m, kind, name, dtype in dtypes:
+                t = getattr(m, name)
                 if kind == "p":
-                    m._parameters[name].data = m._parameters[name].data.to(dtype)
+                    t.data = t.data.to(dtype)  # the same Parameter object, its values exact
                 else:
-                    m._buffers[name] = m._buffers[name].to(dtype)
+                    setattr(m, name, t.to(dtype))
         for m, mode in modes:
             m.train(mode)
         for p, flag, grad in zip(params, flags, grads, strict=True):
