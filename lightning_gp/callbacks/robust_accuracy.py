@@ -8,11 +8,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_gp._lightning.log_writer import log_settings
 from lightning_gp._lightning.setup_checks import check_strategy
 from lightning_gp.functional._checks import check_callable, check_positive_int
 from lightning_gp.functional.robust import (
@@ -80,7 +80,7 @@ class RobustAccuracy(Callback):
                  target_key: str | int | None = None,
                  logits_fn: Callable[[nn.Module, Tensor], Tensor] | None = None) -> None:
         owner = type(self).__name__
-        self.attacks = resolve_attacks(attacks, owner)
+        self.attacks = list(resolve_attacks(attacks, owner))
         if not isinstance(eps, (int, float)) or not eps > 0 or eps != eps or eps == float("inf"):
             raise ValueError(f"{owner}: `eps` must be a finite number > 0, got {eps!r}. Pass the radius of the threat "
                              f"model, e.g. 8/255 (l∞) or 0.5 (l2).")
@@ -123,14 +123,7 @@ class RobustAccuracy(Callback):
             from lightning_gp.functional.robust import _torchattacks
 
             _torchattacks(type(self).__name__)
-        self._log_hyperparams(trainer)
-
-    @rank_zero_only
-    def _log_hyperparams(self, trainer: pl.Trainer) -> None:
-        params = {f"{PREFIX}/eps": self.eps, f"{PREFIX}/norm": self.norm, f"{PREFIX}/attacks": ",".join(self.attacks),
-                  f"{PREFIX}/n_samples": self.n_samples, f"{PREFIX}/seed": self.seed}
-        for logger in trainer.loggers:
-            logger.log_hyperparams(params)
+        log_settings(trainer, self)  # ε, the norm, the attacks ...: under lightning_gp/RobustAccuracy in every logger
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

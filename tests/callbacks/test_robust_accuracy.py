@@ -134,3 +134,21 @@ def test_ddp_equals_one_process_on_the_same_samples(tmp_path):
     assert res["metrics"]["robust/clean_accuracy"] == pytest.approx(float(out.clean.float().mean()))
     assert res["metrics"]["robust/accuracy"] == pytest.approx(float(out.robust.float().mean()))
     assert res["metrics"]["robust/accuracy/pgd-20"] == pytest.approx(float(out.after["pgd-20"].float().mean()))
+
+
+def test_the_threat_model_reaches_the_wandb_run_config_and_the_metrics_its_history(tmp_path):
+    """A real offline W&B run, read back from its files: ε, the norm and the attacks in the config, the accuracies
+    in the history."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from tests._lightning.test_wandb_reader import read_run
+
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="robust")
+    cb = RobustAccuracy(0.1, attacks=ATTACKS, n_samples=24)
+    fit([cb], epochs=1, logger=logger)
+    logger.experiment.finish()
+    run = read_run(tmp_path)
+    settings = run.config["lightning_gp/RobustAccuracy"]
+    assert settings["eps"] == 0.1 and settings["norm"] == "linf" and settings["attacks"] == repr(ATTACKS)
+    logged = [row for row in run.history if "robust/accuracy" in row]
+    assert len(logged) == 1 and logged[0]["robust/accuracy"] == pytest.approx(cb.history[0]["robust/accuracy"])
