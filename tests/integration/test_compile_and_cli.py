@@ -192,3 +192,30 @@ def test_inductor_with_a_warm_cache_trains_both_finite_difference_penalties():
             module = run(Compiled(), [callback], steps=3)
             assert callback.resolved_method == "finite_difference"
             assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_the_docs_yaml_config_builds_its_callbacks(tmp_path):
+    """The LightningCLI config of docs/callbacks.md, as printed there, gives the callbacks it names."""
+    import re
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_gp import AdversarialTraining, RobustAccuracy
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "callbacks.md").read_text()
+    (config,) = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    path = tmp_path / "config.yaml"
+    path.write_text(config)
+
+    class Model(Net):
+        def __init__(self):
+            super().__init__(mlp())
+
+    cli = LightningCLI(Model, run=False, save_config_callback=None,
+                       args=["--config", str(path), "--trainer.logger=false"])
+    callbacks = {type(cb): cb for cb in cli.trainer.callbacks}
+    assert callbacks[AdversarialTraining].norm == "linf" and callbacks[AdversarialTraining].steps == 10
+    assert callbacks[RobustAccuracy].attacks == ["apgd-ce", "apgd-t"] and callbacks[RobustAccuracy].every_n_epochs == 5
+    assert callbacks[ModelCheckpoint].monitor == "robust/accuracy"
