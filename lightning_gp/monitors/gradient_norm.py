@@ -134,6 +134,7 @@ class GradientNormMonitor(Monitor):
         self._module: pl.LightningModule | None = None
         #: per micro-batch: (B, 2 + L) norms of the recorded gradients, layer names, per-sample factor
         self._columns: list[tuple[Tensor, list[str], float]] = []
+        self._batch_checked = False  # the first batch's input is resolved at once, not at the first measured step
 
     @override
     def unsupported_when_sharded(self) -> str | None:
@@ -175,6 +176,9 @@ class GradientNormMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if not self._batch_checked:
+            self._check_input(batch)
+            self._batch_checked = True
         if self._pending is not None and logger_step(trainer) != self._pending_step:
             self._flush(trainer)  # the due step never reached the optimizer: log what we have
         if self.mode == "fused":
@@ -341,6 +345,20 @@ class GradientNormMonitor(Monitor):
                 self._of_forward(pl_module, batch)
         layers = {k: v.sqrt() for k, v in norms.layer_squared_norms.items()} if self.per_layer else {}
         return self._reduce(norms.input_norms, norms.param_norms, layers)
+
+    def _check_input(self, batch: Any) -> None:
+        """On the first batch: find the input as the measurement will (a wrong or missing ``input_key`` fails at
+        step 0, not at the first measured step, which may be the 50th)."""
+        if self.site.module is not None:  # ∇ w.r.t. a target's output: the input is only counted
+            return
+        owner = type(self).__name__
+        if self.mode == "fused":
+            resolve_input(batch, self.input_key, owner, computed=True)
+        elif self.pass_.of_step:
+            self._floating(resolve_input(batch, self.input_key, owner)[0])
+        elif self.forward_fn is None:
+            x = resolve_input(batch, self.input_key, owner, computed=True)[0]
+            check_implicit_forward(batch, x, owner)
 
     def _floating(self, x: Tensor) -> None:
         if not x.is_floating_point():

@@ -202,3 +202,36 @@ def test_gradient_norm_monitor_measures_the_step_and_refuses_float_targets_for_i
     fit(module, [monitor], regression_loader(), steps=1)
     assert monitor.last_logged["grad_norm/input_max"] > 0
     assert abs(monitor.last_logged["grad_norm/input_max"] - float(g.norm(dim=1).max())) < 1e-5
+
+
+class _Steps(pl.Callback):
+    def __init__(self):
+        self.started = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started += 1
+
+
+class _DictNet(pl.LightningModule):
+    """A dict batch whose input key is none of the defaults (x, input, inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.lin(batch["features"]), batch["label"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_a_batch_without_a_findable_input_is_refused_at_the_first_step_not_the_first_measured_one(mode):
+    data = [{"features": torch.randn(4), "label": torch.tensor(i % 3)} for i in range(32)]
+    steps = _Steps()
+    monitor = GradientNormMonitor(every_n_steps=5, mode=mode, histograms=False)
+    with pytest.raises(ValueError, match=r"cannot tell which entry of the batch is the input.*Pass `input_key="):
+        pl.Trainer(max_steps=6, callbacks=[steps, monitor], logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False).fit(_DictNet(), DataLoader(data, 4))
+    assert steps.started == 1  # refused on the first batch, four steps before the first measurement
