@@ -33,8 +33,12 @@ class LayerCall:
         self.outputs = [flat[i] for i in self.out_index]
         self.grads: dict[int, Tensor] = {}
         self.input_grads: dict[int, Tensor] = {}
-        self.versions = tensor_versions((args, kwargs))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        self.versions = [tensor_version(t) for t in inputs]  # tensor_versions((args, kwargs)), flattened once
         self.unbatched = False  # a call whose inputs are provably not the batch's (see GradNormRecorder)
+        #: fed by no tensor that requires grad (a first layer, an embedding): a backward to its outputs passes
+        #: every layer whose input descends from them
+        self.source = not any(t.requires_grad for t in inputs)
 
     def release(self) -> None:
         """Drop the records (inputs, outputs, gradients) once this call's norms are computed: they hold activations

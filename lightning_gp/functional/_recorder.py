@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from lightning_gp.functional._layer_call import LayerCall, check_versions, layer_label, tensor_versions
 from lightning_gp.functional._layers import BATCH_NORM_LAYERS
 from lightning_gp.functional._norm_rules import linear_squared_norms, rule
-from lightning_gp.functional._param_units import closed_form_modules, layer_norms, own_params
+from lightning_gp.functional._param_units import _broadcast, closed_form_modules, layer_norms, own_params
 from lightning_gp.functional._sharded import layer_type
-from lightning_gp.functional._torch_private import tensor_version, tree_flatten, tree_map
+from lightning_gp.functional._torch_private import tensor_version, tree_map
 from lightning_gp.functional.gradients import accumulation_dtype, upcast
 
 
@@ -124,8 +124,8 @@ class GradNormRecorder(_HookSet):
         """Compute each layer's norms in the backward, as soon as its output gradients have all arrived, and drop
         its records then (the closed-form layers whose parameters no other module holds), instead of keeping
         every layer's inputs and output gradients until :meth:`layer_squared_norms`. Opacus' ghost clipping
-        keeps its memory this way. Call before the backward; the records must not be read after it (the
-        probe of :func:`~lightning_gp.functional._exact_route.unbatched_units` does: not with it)."""
+        keeps its memory this way. Call before the backward; the records of those layers are gone after it (a
+        probe that reads them runs before it, :meth:`paused`)."""
         self._eager, self._eligible, self.eager_norms = (batch, skip, upcast_records), None, {}
 
     def _candidates(self, skip: frozenset[int]) -> dict[str, Callable[..., Tensor]]:
@@ -162,7 +162,7 @@ class GradNormRecorder(_HookSet):
         closed = self._eligible.pop(name)
         batch, _, upcast_records = self._eager  # type: ignore[misc]
         mod, uses = self.modules[name], self.uses[name]
-        if batch > 1 and any(g.ndim and g.shape[0] == 1 for u in uses for g in u.grads.values()):
+        if _broadcast(mod, uses, batch):
             return  # a lookup broadcast over the batch: measured with the module that broadcasts it
         try:
             check_versions({name: uses})
@@ -210,8 +210,7 @@ class GradNormRecorder(_HookSet):
             use.unbatched = expanded is None and not self._ids_from_batch(mod, args)
             for i, out in zip(use.out_index, use.outputs, strict=True):
                 self._hook_tensor(out, self._store(name, use, i))
-            if name in self._droppable and any(isinstance(t, Tensor) and t.requires_grad
-                                               for t in tree_flatten((args, kwargs))[0]):
+            if name in self._droppable and not use.source:
                 use.output, use.outputs = None, [None] * len(use.outputs)  # type: ignore[list-item]
             if self.input_grads:
                 for i, arg in enumerate(args):
@@ -257,24 +256,23 @@ class GradNormRecorder(_HookSet):
         """The recorded outputs of the calls fed by no tensor that requires grad (the first layers, the
         embeddings), once each: a backward to them passes every layer whose input descends from them."""
         seen: set[int] = set()
-        return [o for us in self.uses.values() for u in us
-                if not any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten((u.args, u.kwargs))[0])
+        return [o for us in self.uses.values() for u in us if u.source
                 for o in u.outputs if not (id(o) in seen or seen.add(id(o)))]
 
     def unreached(self) -> list[Tensor | None]:
         """The recorded outputs whose gradient did not arrive (of the layers not measured in the backward); None
-        for one :meth:`drop_outputs` let go of."""
+        for one :meth:`keep_outputs_of_sources_only` let go of."""
         return [o for name, us in self.uses.items() if layer_label(name) not in self.eager_norms for u in us
                 for i, o in zip(u.out_index, u.outputs, strict=True) if i not in u.grads]
 
-    def keep_outputs_of_sources_only(self, skip: frozenset[int] = frozenset()) -> None:
+    def keep_outputs_of_sources_only(self) -> None:
         """Before the forward: of the layers that can be measured in the backward (:meth:`compute_eagerly`), keep
         no reference to an output, but those of the calls fed by no tensor that requires grad (the backward's
         targets). Their gradients still arrive through the tensor hooks; an output no later op saves (a
         projection whose attention copies it, a layer before a residual sum) is then freed in the forward, as
         without the recorder. For a call whose records nothing reads after the backward (no probe, no exact
         route, no second backward to unreached outputs)."""
-        self._droppable = set(self._candidates(skip))
+        self._droppable = set(self._candidates(frozenset()))
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
