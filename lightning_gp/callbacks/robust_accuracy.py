@@ -14,8 +14,10 @@ from typing_extensions import override
 
 from lightning_gp._lightning.log_writer import log_settings
 from lightning_gp._lightning.setup_checks import check_strategy
-from lightning_gp.functional._checks import check_callable, check_positive_int
+from lightning_gp.functional._checks import check_callable, check_choice, check_number, check_positive_int
 from lightning_gp.functional.robust import (
+    EPS_HINT,
+    NORMS,
     RobustNorm,
     check_bounds,
     resolve_attacks,
@@ -81,12 +83,8 @@ class RobustAccuracy(Callback):
                  logits_fn: Callable[[nn.Module, Tensor], Tensor] | None = None) -> None:
         owner = type(self).__name__
         self.attacks = list(resolve_attacks(attacks, owner))
-        if not isinstance(eps, (int, float)) or not eps > 0 or eps != eps or eps == float("inf"):
-            raise ValueError(f"{owner}: `eps` must be a finite number > 0, got {eps!r}. Pass the radius of the threat "
-                             f"model, e.g. 8/255 (l∞) or 0.5 (l2).")
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"{owner}: `norm` must be 'linf' or 'l2', got {norm!r}.")
-        self.eps, self.norm = float(eps), norm
+        self.eps = check_number(eps, "eps", owner, strict=True, fix=EPS_HINT)
+        self.norm = check_choice(norm, "norm", NORMS, owner)
         self.n_samples = check_positive_int(n_samples, "n_samples", owner)
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs", owner)
         if batch_size is not None:

@@ -29,6 +29,9 @@ from lightning_gp.functional._checks import check_batched, check_choice, check_c
 from lightning_gp.functional.adversarial import pgd
 
 RobustNorm = Literal["linf", "l2"]
+NORMS = ("linf", "l2")
+#: what an ε error adds
+EPS_HINT = "Pass the radius of the threat model, e.g. 8/255 (l∞) or 0.5 (l2)."
 #: every attack by name, in the order AutoAttack runs them, then the others
 ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "pgd-20")
 #: the named suites: AutoAttack's standard version, and its two APGD attacks alone
@@ -218,8 +221,8 @@ def robust_outcomes(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm:
     ``progress(n)`` is called after each chunk of each attack with the number of samples it attacked.
     """
     names = resolve_attacks(attacks, owner)
-    eps = check_finite(eps, "eps", strict=True, hint="Pass the radius of the threat model, e.g. 8/255 (l∞).")
-    check_choice(norm, "norm", ("linf", "l2"), owner)
+    eps = check_finite(eps, "eps", strict=True, hint=EPS_HINT)
+    check_choice(norm, "norm", NORMS, owner)
     lo, hi = check_bounds(bounds, owner)
     x = check_batched(x, "x").detach()
     y = check_tensor(y, "y").detach()

@@ -112,7 +112,7 @@ def test_a_loader_without_labels_and_a_missing_validation_loader_are_refused():
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(eps=-0.1), r"`eps` must be a finite number > 0, got -0.1"),
+    (dict(eps=-0.1), r"RobustAccuracy\(eps=-0.1\): `eps` must be a positive number, got -0.1"),
     (dict(eps=0.1, attacks=["squares"]), r"unknown attack 'squares'.*Did you mean 'square'"),
     (dict(eps=0.1, n_samples=0), r"n_samples"),
     (dict(eps=0.1, every_n_epochs=0), r"every_n_epochs"),
