@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_gp._lightning.log_writer import log_settings
+from lightning_gp._lightning.progress import validation_progress
 from lightning_gp._lightning.setup_checks import check_strategy
 from lightning_gp.functional._checks import check_callable, check_choice, check_number, check_positive_int
 from lightning_gp.functional.robust import (
@@ -138,15 +139,15 @@ class RobustAccuracy(Callback):
         """Attack this rank's share of the samples and return the accuracies over all ranks' samples."""
         x, y = self._shard(self._collect(trainer), trainer)
         device = pl_module.device
-        bar = self._progress_bar(trainer, len(y))
+        # in Lightning's own validation bar where it shows one (its count becomes the attacked samples)
+        task = validation_progress(trainer, f"{type(self).__name__} ({', '.join(self.attacks)})",
+                                   len(y) * len(self.attacks))
         try:
             outcome = robust_outcomes(_Logits(pl_module, self.logits_fn), x.to(device), y.to(device), self.eps,
                                       norm=self.norm, attacks=self.attacks, seed=self.seed, bounds=self.bounds,
-                                      batch_size=self.batch_size, owner=type(self).__name__,
-                                      progress=bar.update if bar is not None else None)
+                                      batch_size=self.batch_size, owner=type(self).__name__, progress=task.update)
         finally:
-            if bar is not None:
-                bar.close()
+            task.close()
         counts = torch.stack([outcome.clean.sum(), outcome.robust.sum(),
                               *[outcome.after[a].sum() for a in self.attacks],
                               torch.tensor(len(y), device=device)]).float()
@@ -156,14 +157,6 @@ class RobustAccuracy(Callback):
         out = {f"{PREFIX}/clean_accuracy": counts[0] / n, f"{PREFIX}/accuracy": counts[1] / n}
         out.update({f"{PREFIX}/accuracy/{a}": c / n for a, c in zip(self.attacks, counts[2:-1], strict=True)})
         return out
-
-    def _progress_bar(self, trainer: pl.Trainer, n: int):
-        if trainer.progress_bar_callback is None or not trainer.is_global_zero:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=n * len(self.attacks), desc=f"{type(self).__name__} ({', '.join(self.attacks)})",
-                    leave=False, unit="sample")
 
     def _collect(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
         """The first ``n_samples`` (inputs, labels) of the first validation dataloader's dataset, in order (the

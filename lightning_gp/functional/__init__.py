@@ -33,7 +33,7 @@ from lightning_gp.functional.penalties import (
     parameter_gradient_penalty,
     parameter_gradient_penalty_fd,
 )
-from lightning_gp.functional.robust import robust_accuracy
+from lightning_gp.functional.robust import RobustOutcome, robust_accuracy, robust_outcomes
 from lightning_gp.functional.sharpness import hessian_max_eigenvalue, hessian_trace, sam_perturbation
 from lightning_gp.functional.spectral import spectral_norm, spectral_norm_penalty
 
@@ -43,6 +43,7 @@ __all__ = [
     "NoiseScale",
     "PenaltyGradient",
     "PerSampleGradNorms",
+    "RobustOutcome",
     "chain_layers",
     "data_gradient_penalty",
     "data_gradient_penalty_fd",
@@ -70,6 +71,7 @@ __all__ = [
     "r1_penalty",
     "r2_penalty",
     "robust_accuracy",
+    "robust_outcomes",
     "sam_perturbation",
     "spectral_norm",
     "spectral_norm_penalty",

@@ -215,10 +215,32 @@ def robust_outcomes(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm:
                     bounds: tuple[float, float] | None = (0.0, 1.0), batch_size: int | None = None,
                     progress: Callable[[int], object] | None = None,
                     owner: str = "robust_accuracy") -> RobustOutcome:
-    """:func:`robust_accuracy` with the clean outcomes and the outcome after each attack (:class:`RobustOutcome`).
+    """:func:`robust_accuracy` with the clean outcomes, the outcome after each attack and each attack's time.
 
-    ``batch_size`` splits the samples into chunks attacked one after the other (all at once when None);
-    ``progress(n)`` is called after each chunk of each attack with the number of samples it attacked.
+    Args:
+        model: maps inputs to (B, classes) logits; attacked in eval mode and float32, put back as found.
+        x: the samples, inside ``bounds``.
+        y: their integer labels.
+        eps: the threat model's radius.
+        norm: "linf" or "l2".
+        attacks: a suite ("standard", "fast") or a list of ``ATTACKS``, run in that order.
+        seed: seeds every attack.
+        bounds: the box the inputs live in.
+        batch_size: attack the samples in chunks of this many, one after the other (all at once when None).
+        progress: called with the number of samples each attack settles: at its start those broken before
+            (not attacked again), then after each chunk its size; the calls add up to ``len(x) × len(attacks)``.
+        owner: the name error messages start with.
+
+    Raises:
+        ValueError: as :func:`robust_accuracy`.
+
+    Example:
+
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+        >>> out = robust_outcomes(model, x, y, eps=0.05, attacks=["pgd-20"])
+        >>> bool((out.robust <= out.clean).all()), list(out.after)
+        (True, ['pgd-20'])
     """
     names = resolve_attacks(attacks, owner)
     eps = check_finite(eps, "eps", strict=True, hint=EPS_HINT)
@@ -258,6 +280,8 @@ def robust_outcomes(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm:
             began = time.perf_counter()
             run = _attack(name, unit, radius, norm, seed, n_classes, owner)
             index = robust.nonzero().flatten()
+            if progress is not None and len(index) < len(y):
+                progress(len(y) - len(index))  # broken before: settled for this attack without a run
             for start in range(0, len(index), chunk):
                 part = index[start:start + chunk]
                 adv = _into_ball(run(u[part], y[part]).detach(), u[part], radius, norm)

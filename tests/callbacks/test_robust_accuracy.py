@@ -152,3 +152,56 @@ def test_the_threat_model_reaches_the_wandb_run_config_and_the_metrics_its_histo
     assert settings["eps"] == 0.1 and settings["norm"] == "linf" and settings["attacks"] == repr(ATTACKS)
     logged = [row for row in run.history if "robust/accuracy" in row]
     assert len(logged) == 1 and logged[0]["robust/accuracy"] == pytest.approx(cb.history[0]["robust/accuracy"])
+
+
+class _BarReader(pl.Callback):
+    """Reads the progress bar right after RobustAccuracy's evaluation, before Lightning closes it."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, pl.callbacks.TQDMProgressBar):
+            self.seen = (bar.val_progress_bar.desc, bar.val_progress_bar.n, bar.val_progress_bar.total)
+        else:
+            task = bar.progress.tasks[bar.val_progress_bar_id]
+            self.seen = (task.description, task.completed, task.total)
+
+
+@pytest.mark.parametrize("kind", ["tqdm", "rich"])
+@pytest.mark.parametrize("fn", ["fit", "validate"])
+def test_progress_is_counted_in_lightnings_own_validation_bar(kind, fn):
+    """The validation bar Lightning shows counts the attacked samples, one pass per attack, to its end."""
+    if kind == "rich":
+        pytest.importorskip("rich")
+    bar = pl.callbacks.TQDMProgressBar() if kind == "tqdm" else pl.callbacks.RichProgressBar()
+    reader = _BarReader()
+    cb = RobustAccuracy(0.1, attacks=ATTACKS, n_samples=40)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb, reader, bar], **QUIET | {"enable_progress_bar": True,
+                                                                             "enable_checkpointing": False})
+    train, val = loaders()
+    model = Net()
+    trainer.fit(model, train, val) if fn == "fit" else trainer.validate(model, val, verbose=False)
+    desc, done, total = reader.seen
+    assert "RobustAccuracy (pgd-20, apgd-ce)" in desc
+    assert done == total == 40 * len(ATTACKS)  # samples broken by PGD-20 count as settled for APGD-CE
+
+
+def test_progress_gets_its_own_bar_beside_another_kind_of_progress_bar(capsys):
+    class Dots(pl.callbacks.ProgressBar):  # a user's own bar: nothing of it to take over
+        def __init__(self):
+            super().__init__()
+            self._enabled = True
+
+        def disable(self):
+            self._enabled = False
+
+        @property
+        def is_enabled(self):
+            return self._enabled
+
+    cb = RobustAccuracy(0.1, attacks=ATTACKS, n_samples=40)
+    trainer = pl.Trainer(callbacks=[cb, Dots()], **QUIET | {"enable_progress_bar": True})
+    trainer.validate(Net(), loaders()[1], verbose=False)
+    assert "RobustAccuracy (pgd-20, apgd-ce)" in capsys.readouterr().err
+    assert cb.history  # and it still measured

@@ -874,12 +874,12 @@ def test_public_api_is_covered():
         "r2_penalty",
         "spectral_norm", "spectral_norm_penalty", "wgan_gradient_penalty", "wgan_gradient_penalty_fd",
         "sam_perturbation", "hessian_max_eigenvalue", "hessian_trace", "noise_scale", "two_batch_noise_scale",
-        "per_sample_grad_norms_of_loss", "robust_accuracy",
+        "per_sample_grad_norms_of_loss", "robust_accuracy", "robust_outcomes",
     }
     # Classes and helpers tested elsewhere: result tuples, the recorder and the chain check (test_grad_norms.py,
     # test_mlp_inequality.py), and linear_squared_norms / per_sample_grad_norms_by_layer (grad_norms.py).
     elsewhere = {"GradNormRecorder", "MLPInequality", "NoiseScale", "PenaltyGradient", "PerSampleGradNorms",
-                 "linear_squared_norms", "per_sample_grad_norms_by_layer"}
+                 "RobustOutcome", "linear_squared_norms", "per_sample_grad_norms_by_layer"}
     assert covered | elsewhere == set(LF.__all__)
 
 
@@ -1211,3 +1211,11 @@ def test_robust_accuracy_gives_robust_below_clean_or_a_clear_error(n, classes, e
         return
     assert robust.dtype == torch.bool and robust.shape == (n,)
     assert not bool((robust & (model(x).argmax(1) != y)).any())
+    # the outcomes behind it: the same per-sample answer; robust after each attack only shrinks, clean on top
+    out = LF.robust_outcomes(model, x, y, eps, attacks=attacks, bounds=(lo, 1.0))
+    assert torch.equal(out.robust, robust) and torch.equal(out.clean, model(x).argmax(1) == y)
+    previous = out.clean
+    for after in out.after.values():
+        assert not bool((after & ~previous).any())
+        previous = after
+    assert torch.equal(previous, out.robust) and set(out.seconds) == set(out.after)
