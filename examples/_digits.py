@@ -44,11 +44,12 @@ def digits_tensors(
 
 
 class SplitLoaders:
-    """The loaders of a data module holding ``train_set``/``test_set``: shuffled training batches of
-    ``batch_size``, the test set (``eval_batch_size``) for validation and test."""
+    """The loaders of a data module holding ``train_set``/``test_set`` (and maybe ``val_set``): shuffled training
+    batches of ``batch_size``; for validation the ``val_set`` where there is one, else the test set."""
 
     train_set: Any
     test_set: Any
+    val_set: Any = None
     batch_size: int
     eval_batch_size: int
 
@@ -56,24 +57,28 @@ class SplitLoaders:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
+        held_out = self.val_set if self.val_set is not None else self.test_set
+        return DataLoader(held_out, batch_size=self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=self.eval_batch_size)
 
 
 class DigitsDataModule(SplitLoaders, L.LightningDataModule):
-    """The digits split as ``(x, y)`` batches: shuffled training batches, the test set for val/test.
+    """The digits split as ``(x, y)`` batches: shuffled training batches, a validation split, the test set.
 
     Args:
         batch_size: training batch size.
         eval_batch_size: batch size of validation and test loaders (the whole test set by default).
-        test_size: fraction of the 1797 digits held out.
-        split_seed: seed of the stratified split (kept fixed so test accuracies are comparable).
+        test_size: fraction of the 1797 digits held out for testing.
+        split_seed: seed of the stratified splits (kept fixed so test accuracies are comparable).
+        val_size: fraction of the training digits held out for validation (stratified), so that a checkpoint
+            can be chosen without looking at the test set; 0 validates on the test set.
     """
 
     def __init__(
-        self, batch_size: int = 64, eval_batch_size: int = 512, test_size: float = 0.25, split_seed: int = 0
+        self, batch_size: int = 64, eval_batch_size: int = 512, test_size: float = 0.25, split_seed: int = 0,
+        val_size: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -81,12 +86,18 @@ class DigitsDataModule(SplitLoaders, L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.test_size = test_size
         self.split_seed = split_seed
+        self.val_size = val_size
         self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             x_tr, y_tr, x_te, y_te = digits_tensors(test_size=self.test_size, split_seed=self.split_seed)
+            if self.val_size > 0:
+                x_tr, x_va, y_tr, y_va = train_test_split(x_tr, y_tr, test_size=self.val_size,
+                                                          random_state=self.split_seed, stratify=y_tr)
+                self.val_set = TensorDataset(x_va, y_va)
             self.train_set, self.test_set = TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te)
 
 

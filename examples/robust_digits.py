@@ -1,26 +1,34 @@
-"""Adversarial robustness on scikit-learn's digits: one MLP, four ways to train it, one callback each.
+"""Adversarial robustness on scikit-learn's digits, measured the way papers report it.
 
-The same LightningModule (a plain ``training_step`` returning the mean cross-entropy) is trained
+One ordinary LightningModule (an MLP whose ``training_step`` returns the mean cross-entropy) is trained five ways,
+one callback each:
 
 - ``plain``: no callback;
 - ``data_penalty``: ``DataGradientPenalty(λ)`` adds λ·mean‖∇ₓℓᵢ‖² (double backpropagation);
-- ``fgsm``: ``AdversarialTraining(ε, norm="linf", random_start=True, clamp=(0, 1))``, FGSM with a random
-  start (Wong et al., "Fast is better than free"), trained on the adversarial batch only;
-- ``param_penalty``: ``ParameterGradientPenalty(μ)`` adds μ·‖∇θL‖² (implicit gradient regularization;
-  not a robustness method, here for comparison; μ = 0.1, since IGR's γ/4 = 2.5e-4 at Adam's learning
-  rate changes nothing visible),
+- ``fgsm``: ``AdversarialTraining(ε, steps=1, random_start=True)``, FGSM with a random start (Wong et al., "Fast is
+  better than free"), trained on the adversarial batch only;
+- ``pgd``: ``AdversarialTraining(ε, steps=10, step_size=ε/4, random_start=True)``, PGD adversarial training
+  (Madry et al.);
+- ``param_penalty``: ``ParameterGradientPenalty(μ)`` adds μ·‖∇θL‖² (not a robustness method; here for contrast).
 
-then every model is attacked with PGD-20 (l∞, ε = 0.1, step 2.5ε/20, random start, inputs clamped to
-[0, 1]) on the held-out digits. The script prints a Markdown table (mean ± standard deviation over the
-seeds, and the change against ``plain`` paired by seed), writes it to ``<out_dir>/results.md``, and saves a
-bar chart to ``<out_dir>/robust_digits.png``, also logged to W&B as ``wandb.Image``.
+Every run also carries ``RobustAccuracy`` on a validation split carved from the training digits (APGD-CE every
+epoch), ``ModelCheckpoint(monitor="robust/accuracy", mode="max")`` and a plain ``ModelCheckpoint()`` for the last
+weights. The best-robust checkpoint and the last one are then tested on the 450 held-out digits: clean accuracy,
+PGD-20 accuracy and AutoAttack accuracy (l∞, ε = 0.1, inputs in [0, 1]). The default runs AutoAttack's two APGD
+attacks ("fast"); ``--full`` runs its standard version (APGD-CE, APGD-T, FAB-T, Square) and reports how many
+samples FAB-T and Square still broke.
 
-Run from the repository root (or ``python examples/robust_digits.py ...`` with the package installed);
-a jsonargparse CLI, the parser behind LightningCLI; W&B offline by default, so no account is needed::
+The script prints Markdown tables (mean ± standard deviation over the seeds), writes them to
+``<out_dir>/results.md``, and saves two charts: ``robust_digits.png`` (accuracies on the best-robust checkpoint)
+and ``robust_curve.png`` (robust validation accuracy per epoch, where catastrophic overfitting would show), both
+also logged to W&B as ``wandb.Image`` beside a ``wandb.Table`` of every run.
 
-    python -m examples.robust_digits                       # one seed: about 70 s of CPU time
-    python -m examples.robust_digits --seeds '[0, 1, 2]'   # the spread over three seeds
-    python -m examples.robust_digits --epochs 5 --logger none --variants '[plain, fgsm]'
+Run from the repository root (or ``python examples/robust_digits.py ...`` with the package installed); a
+jsonargparse CLI, the parser behind LightningCLI; W&B offline by default, so no account is needed::
+
+    python -m examples.robust_digits                    # 3 seeds, AutoAttack "fast": about 3 min on one core
+    python -m examples.robust_digits --full true        # AutoAttack's standard version: about 9 min
+    python -m examples.robust_digits --seeds '[0]' --epochs 10 --logger none --variants '[plain, fgsm]'
     python -m examples.robust_digits --print_config > robust.yaml   # then: --config robust.yaml
 """
 
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -36,37 +45,35 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_gp import AdversarialTraining, DataGradientPenalty, ParameterGradientPenalty
-from lightning_gp.functional import pgd
+from lightning_gp import AdversarialTraining, DataGradientPenalty, ParameterGradientPenalty, RobustAccuracy
+from lightning_gp.functional import robust_outcomes
 
 try:
     from examples._digits import N_CLASSES, N_FEATURES, DigitsDataModule, log_summary, make_logger
 except ImportError:  # run as a file: python examples/robust_digits.py (lightning_gp installed)
     from _digits import N_CLASSES, N_FEATURES, DigitsDataModule, log_summary, make_logger  # type: ignore[no-redef]
 
-Variant = Literal["plain", "data_penalty", "fgsm", "param_penalty"]
-VARIANTS: tuple[Variant, ...] = ("plain", "data_penalty", "fgsm", "param_penalty")
+Variant = Literal["plain", "data_penalty", "fgsm", "pgd", "param_penalty"]
+VARIANTS: tuple[Variant, ...] = ("plain", "data_penalty", "fgsm", "pgd", "param_penalty")
 LABELS = {
     "plain": "plain",
     "data_penalty": "data penalty",
-    "fgsm": "FGSM adv. training",
+    "fgsm": "FGSM-RS training",
+    "pgd": "PGD-10 training",
     "param_penalty": "parameter penalty",
 }
+CHECKPOINTS = ("best", "last")
 PROJECT = "lightning-gp-robust-digits"
 
 
 class DigitsMLP(L.LightningModule):
-    """An ordinary classifier: nothing in it knows about penalties or attacks.
+    """An ordinary classifier: nothing in it knows about penalties, attacks or robust evaluation."""
 
-    The test loop measures clean accuracy and PGD accuracy; PGD needs input gradients, so the Trainer is
-    built with ``inference_mode=False`` and ``test_step`` re-enables autograd around the attack.
-    """
-
-    def __init__(self, hidden: int = 256, lr: float = 1e-3, epsilon: float = 0.1, pgd_steps: int = 20) -> None:
+    def __init__(self, hidden: int = 256, lr: float = 1e-3) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -75,8 +82,6 @@ class DigitsMLP(L.LightningModule):
             nn.Linear(hidden, N_CLASSES),
         )
         self.val_acc = MulticlassAccuracy(N_CLASSES, average="micro")
-        self.test_clean = MulticlassAccuracy(N_CLASSES, average="micro")
-        self.test_robust = MulticlassAccuracy(N_CLASSES, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -92,81 +97,113 @@ class DigitsMLP(L.LightningModule):
         self.val_acc(self(x), y)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        eps, steps = self.hparams.epsilon, self.hparams.pgd_steps
-        with torch.enable_grad():
-            x_adv = pgd(
-                lambda inp: F.cross_entropy(self(inp), y, reduction="none"),
-                x, epsilon=eps, norm="linf", steps=steps, step_size=2.5 * eps / steps,
-                random_start=True, clamp=(0.0, 1.0),
-            )
-        with torch.no_grad():
-            self.test_clean(self(x), y)
-            self.test_robust(self(x_adv), y)
-        self.log("test/clean_acc", self.test_clean)
-        self.log(f"test/pgd{steps}_acc", self.test_robust)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
 def make_callbacks(variant: Variant, data_weight: float, param_weight: float, train_epsilon: float) -> list[Callback]:
-    """The only thing that differs between the four runs."""
+    """The only thing that differs between the runs."""
     if variant == "data_penalty":
         return [DataGradientPenalty(data_weight, power=2)]
     if variant == "fgsm":
         return [AdversarialTraining(train_epsilon, norm="linf", steps=1, random_start=True, clamp=(0.0, 1.0))]
+    if variant == "pgd":
+        return [AdversarialTraining(train_epsilon, norm="linf", steps=10, step_size=train_epsilon / 4,
+                                    random_start=True, clamp=(0.0, 1.0))]
     if variant == "param_penalty":
         return [ParameterGradientPenalty(param_weight)]
     return []
 
 
-def summarize(
-    results: list[dict], variants: list[Variant], seeds: list[int], *, steps: int = 20, epsilon: float = 0.1
-) -> tuple[str, dict]:
-    """Markdown table (mean ± sd over seeds; Δ paired by seed against plain) and the per-variant stats."""
+def evaluate_checkpoint(model: nn.Module, x: Tensor, y: Tensor, epsilon: float, attacks: str | list[str]) -> dict:
+    """Clean, PGD-20 and AutoAttack accuracy (fractions) of ``model`` on ``(x, y)``, through the same code path
+    as ``RobustAccuracy``; ``after_apgd`` is the AutoAttack accuracy after its APGD attacks alone."""
+    pgd20 = robust_outcomes(model, x, y, epsilon, attacks=["pgd-20"])
+    aa = robust_outcomes(model, x, y, epsilon, attacks=attacks)
+    apgd = [a for a in aa.after if a.startswith("apgd")]
+    after_apgd = aa.after[apgd[-1]] if apgd else aa.robust
+    frac = lambda t: float(t.float().mean())  # noqa: E731
+    return {"clean": frac(aa.clean), "pgd20": frac(pgd20.robust), "autoattack": frac(aa.robust),
+            "after_apgd": frac(after_apgd), "broken_after_apgd": int((after_apgd & ~aa.robust).sum()),
+            "seconds": sum(aa.seconds.values())}
+
+
+def train_one(variant: Variant, seed: int, args: dict, datamodule: DigitsDataModule, out: Path,
+              group: str) -> dict:
+    """Fit one run with robust validation and best-robust checkpointing; test both checkpoints."""
+    L.seed_everything(seed, workers=True)
+    model = DigitsMLP(hidden=args["hidden"], lr=args["lr"])
+    name = f"{variant}-seed{seed}"
+    ckpt_dir = out / "checkpoints" / name
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # a rerun starts clean, not with last-v1.ckpt beside last.ckpt
+    robust_val = RobustAccuracy(args["epsilon"], norm="linf", attacks=args["val_attacks"],
+                                n_samples=args["val_samples"], seed=seed)
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}", monitor="robust/accuracy", mode="max")
+    # the last weights from a second checkpoint without a monitor: since Lightning 2.6, `save_last=True` only
+    # writes last.ckpt when a new best is saved, so it would hold the best weights, not the last ones
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last-{epoch}")
+    trainer = L.Trainer(
+        max_epochs=args["epochs"], accelerator=args["accelerator"], devices=1,
+        callbacks=[*make_callbacks(variant, args["data_weight"], args["param_weight"], args["train_epsilon"]),
+                   robust_val, best, last],
+        logger=make_logger(args["logger"], out, name, group, PROJECT, variant),
+        deterministic=True, num_sanity_val_steps=0, log_every_n_steps=10, enable_model_summary=False,
+        enable_progress_bar=args["progress_bar"], default_root_dir=str(out),
+    )
+    print(f"\n=== {LABELS[variant]}, seed {seed} ===", flush=True)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    x, y = datamodule.test_set.tensors
+    if args["test_samples"] is not None:
+        x, y = x[: args["test_samples"]], y[: args["test_samples"]]
+    result = {"variant": variant, "seed": seed, "fit_seconds": seconds, "n_test": len(y),
+              "curve": [(h["epoch"] + 1, h["robust/accuracy"]) for h in robust_val.history]}
+    for which, path in (("best", best.best_model_path), ("last", last.best_model_path)):
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["state_dict"])
+        measured = evaluate_checkpoint(model, x, y, args["epsilon"], args["attacks"])
+        result[which] = {"epoch": ckpt["epoch"] + 1, **measured}
+    return result
+
+
+def summarize(results: list[dict], variants: list[Variant], seeds: list[int], *, epsilon: float,
+              suite: str) -> tuple[str, dict]:
+    """Markdown tables (mean ± sd over seeds), one per checkpoint, and the per-variant, per-checkpoint stats."""
 
     def spread(values: list[float]) -> tuple[float, float]:
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
-    by = {(r["variant"], r["seed"]): r for r in results}
-    stats: dict[str, dict] = {}
-    lines = [
-        f"Digits MLP, test set of 450; PGD-{steps} l∞ ε = {epsilon}. "
-        + (f"Mean ± sd over seeds {seeds} (Δ: paired by seed)." if len(seeds) > 1 else f"Seed {seeds[0]}."),
-        "",
-        f"| training | clean acc % | PGD-{steps} acc % | Δ clean vs plain | Δ PGD-{steps} vs plain | fit s |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
     sd = len(seeds) > 1  # one seed has no spread to show
     fmt = lambda p: f"{p[0]:.1f} ± {p[1]:.1f}" if sd else f"{p[0]:.1f}"  # noqa: E731
-    signed = lambda p: (f"{p[0]:+.1f} ± {p[1]:.1f}" if sd else f"{p[0]:+.1f}") if p else ""  # noqa: E731
-    for v in variants:
-        clean = [100 * by[(v, s)]["clean"] for s in seeds]
-        robust = [100 * by[(v, s)]["robust"] for s in seeds]
-        secs = [by[(v, s)]["seconds"] for s in seeds]
-        row = {"clean": spread(clean), "robust": spread(robust), "seconds": statistics.fmean(secs)}
-        if "plain" in variants and v != "plain":
-            base_clean = [100 * by[("plain", s)]["clean"] for s in seeds]
-            base_robust = [100 * by[("plain", s)]["robust"] for s in seeds]
-            row["d_clean"] = spread([a - b for a, b in zip(clean, base_clean, strict=True)])
-            row["d_robust"] = spread([a - b for a, b in zip(robust, base_robust, strict=True)])
-        stats[v] = row
-        lines.append(
-            f"| {LABELS[v]} | {fmt(row['clean'])} | {fmt(row['robust'])} | {signed(row.get('d_clean'))} "
-            f"| {signed(row.get('d_robust'))} | {row['seconds']:.1f} |"
-        )
-    if len(seeds) > 1:
-        lines += ["", f"Per seed (clean / PGD-{steps} %):", "", "| training | " + " | ".join(f"seed {s}" for s in seeds)
-                  + " |", "|---|" + "---:|" * len(seeds)]
+    by = {(r["variant"], r["seed"]): r for r in results}
+    stats: dict[str, dict] = {}
+    seeds_text = f"mean ± sd over seeds {seeds}" if sd else f"seed {seeds[0]}"
+    lines = [f"Digits MLP, {results[0]['n_test']} held-out test digits; l∞ ε = {epsilon}; "
+             f"AutoAttack = {suite}; {seeds_text}."]
+    for which in CHECKPOINTS:
+        title = "best robust-validation checkpoint" if which == "best" else "last checkpoint"
+        lines += ["", f"**{title.capitalize()}**", "",
+                  "| training | clean % | PGD-20 % | AutoAttack % | epoch | fit s |", "|---|---:|---:|---:|---:|---:|"]
         for v in variants:
-            cells = [f"{100 * by[(v, s)]['clean']:.1f} / {100 * by[(v, s)]['robust']:.1f}" for s in seeds]
-            lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
+            runs = [by[(v, s)] for s in seeds]
+            row = {key: spread([100 * r[which][key] for r in runs]) for key in ("clean", "pgd20", "autoattack")}
+            row["epoch"] = spread([r[which]["epoch"] for r in runs])
+            row["broken_after_apgd"] = sum(r[which]["broken_after_apgd"] for r in runs)
+            stats.setdefault(v, {})[which] = row
+            epochs = "/".join(str(r[which]["epoch"]) for r in runs)
+            fit = statistics.fmean(r["fit_seconds"] for r in runs)
+            lines.append(f"| {LABELS[v]} | {fmt(row['clean'])} | {fmt(row['pgd20'])} | {fmt(row['autoattack'])} "
+                         f"| {epochs} | {fit:.0f} |")
+    broken = sum(stats[v][w]["broken_after_apgd"] for v in variants for w in CHECKPOINTS)
+    if suite == "standard":
+        lines += ["", f"FAB-T and Square broke {broken} sample(s) that APGD-CE and APGD-T left robust, over all "
+                      f"{len(results) * 2} evaluations."]
     return "\n".join(lines), stats
 
 
-def bar_chart(stats: dict, path: Path, title: str, attack: str = "PGD-20 (l∞, ε=0.1)") -> Path:
+def bar_chart(stats: dict, path: Path, title: str) -> Path:
+    """Clean, PGD-20 and AutoAttack accuracy on the best-robust checkpoint, one group of bars per training."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; also safe inside tests and on servers
@@ -174,18 +211,47 @@ def bar_chart(stats: dict, path: Path, title: str, attack: str = "PGD-20 (l∞, 
 
     names = list(stats)
     pos = range(len(names))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for offset, key, label in ((-0.2, "clean", "clean"), (0.2, "robust", attack)):
-        means = [stats[n][key][0] for n in names]
-        errs = [stats[n][key][1] for n in names]
-        bars = ax.bar([p + offset for p in pos], means, 0.4, yerr=errs if any(errs) else None, capsize=3,
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    for offset, key, label in ((-0.27, "clean", "clean"), (0.0, "pgd20", "PGD-20"), (0.27, "autoattack",
+                                                                                     "AutoAttack")):
+        means = [stats[n]["best"][key][0] for n in names]
+        errs = [stats[n]["best"][key][1] for n in names]
+        bars = ax.bar([p + offset for p in pos], means, 0.27, yerr=errs if any(errs) else None, capsize=3,
                       label=label)
         ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
     ax.set_xticks(list(pos), [LABELS[n] for n in names])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 118)
-    ax.set_title(title)
-    ax.legend(loc="upper center", ncol=2, frameon=False)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper center", ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curve_chart(results: list[dict], variants: list[Variant], path: Path, title: str) -> Path:
+    """Robust validation accuracy per epoch: the mean over seeds, shaded from the lowest seed to the highest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    for v in variants:
+        curves = [dict(r["curve"]) for r in results if r["variant"] == v]
+        epochs = sorted(set.intersection(*(set(c) for c in curves)))
+        values = [[100 * c[e] for c in curves] for e in epochs]
+        (line,) = ax.plot(epochs, [statistics.fmean(vs) for vs in values], label=LABELS[v])
+        if len(curves) > 1:
+            ax.fill_between(epochs, [min(vs) for vs in values], [max(vs) for vs in values], alpha=0.18,
+                            color=line.get_color(), linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("robust validation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -193,14 +259,19 @@ def bar_chart(stats: dict, path: Path, title: str, attack: str = "PGD-20 (l∞, 
 
 
 def main(
-    epochs: int = 50,
+    epochs: int = 30,
     seeds: list[int] | None = None,
     variants: list[Variant] | None = None,
+    full: bool = False,
     hidden: int = 256,
     lr: float = 1e-3,
     batch_size: int = 64,
     epsilon: float = 0.1,
-    pgd_steps: int = 20,
+    attacks: str | list[str] | None = None,
+    val_attacks: str | list[str] = "apgd-ce",
+    val_size: float = 0.15,
+    val_samples: int = 1000,
+    test_samples: int | None = None,
     data_weight: float = 1.0,
     param_weight: float = 0.1,
     train_epsilon: float = 0.1,
@@ -210,92 +281,83 @@ def main(
     accelerator: str = "cpu",
     threads: int | None = 1,
 ) -> dict:
-    """Train the MLP once per variant and seed, attack it with PGD, print and save the comparison.
+    """Train the MLP once per variant and seed, choose checkpoints by robust validation, test them, report.
 
     Args:
-        epochs: training epochs of every run (1347 training digits, ``batch_size`` per step).
-        seeds: one run per variant and seed (default [0]); ``L.seed_everything(seed)`` before each, so a variant's
-            runs start from the same initial weights and batch order as plain training with that seed.
-        variants: which trainings to run (default: all four; ``plain`` is needed for the Δ columns).
+        epochs: training epochs of every run.
+        seeds: one run per variant and seed (default [0, 1, 2]); ``L.seed_everything(seed)`` before each, so a
+            variant's runs start from the same weights and batch order as plain training with that seed.
+        variants: which trainings to run (default: all five).
+        full: test with AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square) instead of "fast".
         hidden: width of the two hidden layers.
         lr: Adam learning rate.
         batch_size: training batch size.
-        epsilon: l∞ radius of the PGD evaluation attack.
-        pgd_steps: PGD iterations of the evaluation attack (step 2.5·ε/steps, random start).
+        epsilon: l∞ radius of the evaluation (validation and test).
+        attacks: the test attacks after PGD-20: "standard", "fast" or a list (default: by ``full``).
+        val_attacks: the attacks of ``RobustAccuracy`` on the validation split every epoch.
+        val_size: fraction of the training digits held out for validation (and checkpoint choice).
+        val_samples: ``RobustAccuracy(n_samples=...)``: how many validation digits it attacks.
+        test_samples: test on the first this many held-out digits (all 450 when None).
         data_weight: λ of ``DataGradientPenalty`` (λ·mean‖∇ₓℓᵢ‖²).
         param_weight: μ of ``ParameterGradientPenalty`` (μ·‖∇θL‖²).
-        train_epsilon: l∞ radius of FGSM adversarial training (random start, step 1.25·ε).
-        logger: ``wandb`` (offline: files under ``out_dir``, sync later with ``wandb sync``), ``csv`` or
-            ``none``.
-        out_dir: where the table, the chart and the logs go.
+        train_epsilon: l∞ radius of FGSM and PGD adversarial training.
+        logger: ``wandb`` (offline: files under ``out_dir``, sync later with ``wandb sync``), ``csv`` or ``none``.
+        out_dir: where the tables, the charts, the checkpoints and the logs go.
         progress_bar: show Lightning's progress bar.
         accelerator: passed to the Trainer ("cpu" is fastest for this tiny model).
-        threads: ``torch.set_num_threads``; None leaves PyTorch's default. The matrices are too small to
-            gain from intra-op parallelism, and on a busy machine extra threads only spin (10× slower
-            measured with 2 threads on 2 shared cores).
+        threads: ``torch.set_num_threads``; None leaves PyTorch's default (the matrices are too small to gain
+            from intra-op parallelism).
 
     Returns:
-        ``{"results": [...per run...], "stats": {...per variant...}, "table": str, "chart": path}``.
+        ``{"results": [...per run...], "stats": {...per variant...}, "table": str, "charts": [paths]}``.
     """
-    seeds = [0] if seeds is None else list(seeds)
+    seeds = [0, 1, 2] if seeds is None else list(seeds)
+    variants = list(VARIANTS) if variants is None else list(variants)
+    attacks = ("standard" if full else "fast") if attacks is None else attacks
+    suite = attacks if isinstance(attacks, str) else "+".join(attacks)
     if threads is not None:
         torch.set_num_threads(threads)
-    variants = list(VARIANTS) if variants is None else list(variants)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if logger == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     group = f"robust-digits-{time.strftime('%Y%m%d-%H%M%S')}"
-    datamodule = DigitsDataModule(batch_size=batch_size)
+    datamodule = DigitsDataModule(batch_size=batch_size, val_size=val_size)
+    datamodule.setup("fit")
+    args = dict(epochs=epochs, hidden=hidden, lr=lr, epsilon=epsilon, attacks=attacks, val_attacks=val_attacks,
+                val_samples=val_samples, test_samples=test_samples, data_weight=data_weight,
+                param_weight=param_weight, train_epsilon=train_epsilon, logger=logger, progress_bar=progress_bar,
+                accelerator=accelerator)
+    began = time.perf_counter()
     results = []
     for seed in seeds:
         for variant in variants:
-            L.seed_everything(seed, workers=True)
-            model = DigitsMLP(hidden=hidden, lr=lr, epsilon=epsilon, pgd_steps=pgd_steps)
-            run_logger = make_logger(logger, out, f"{variant}-seed{seed}", group, PROJECT, variant)
-            trainer = L.Trainer(
-                max_epochs=epochs,
-                accelerator=accelerator,
-                devices=1,
-                callbacks=make_callbacks(variant, data_weight, param_weight, train_epsilon),
-                logger=run_logger,
-                deterministic=True,
-                inference_mode=False,  # the test loop runs PGD, which needs input gradients
-                check_val_every_n_epoch=max(1, min(10, epochs)),
-                num_sanity_val_steps=0,
-                log_every_n_steps=10,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                enable_progress_bar=progress_bar,
-                default_root_dir=str(out),
-            )
-            print(f"\n=== {LABELS[variant]}, seed {seed} ===", flush=True)
-            start = time.perf_counter()
-            trainer.fit(model, datamodule=datamodule)
-            seconds = time.perf_counter() - start
-            (metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
-            results.append({
-                "variant": variant, "seed": seed, "seconds": seconds,
-                "clean": float(metrics["test/clean_acc"]), "robust": float(metrics[f"test/pgd{pgd_steps}_acc"]),
-            })
+            results.append(train_one(variant, seed, args, datamodule, out, group))
             if logger == "wandb":
                 import wandb
 
                 wandb.finish()  # else the next WandbLogger would attach to this run
 
-    table, stats = summarize(results, variants, seeds, steps=pgd_steps, epsilon=epsilon)
+    table, stats = summarize(results, variants, seeds, epsilon=epsilon, suite=suite)
     print("\n" + table, flush=True)
     (out / "results.md").write_text(table + "\n")
-    title = f"Digits MLP, {epochs} epochs, {len(seeds)} seed(s): clean vs PGD-{pgd_steps} accuracy"
-    chart = bar_chart(stats, out / "robust_digits.png", title, f"PGD-{pgd_steps} (l∞, ε={epsilon})")
-    print(f"\nwrote {out / 'results.md'} and {chart}", flush=True)
+    n = f"{len(seeds)} seed(s)"
+    charts = [
+        bar_chart(stats, out / "robust_digits.png",
+                  f"Digits MLP, best robust-validation checkpoint, {n}: l∞ ε = {epsilon}, AutoAttack = {suite}"),
+        curve_chart(results, variants, out / "robust_curve.png",
+                    f"Robust validation accuracy per epoch ({val_attacks}, l∞ ε = {epsilon}), {n}"),
+    ]
+    print(f"\nwrote {out / 'results.md'}, {charts[0]} and {charts[1]} in {time.perf_counter() - began:.0f} s",
+          flush=True)
     if logger == "wandb":
-        columns = ["training", "seed", "clean_acc", "pgd_acc", "fit_seconds"]
-        rows = [[r["variant"], r["seed"], r["clean"], r["robust"], r["seconds"]] for r in results]
-        log_summary(PROJECT, group, out, {"accuracy_chart": chart}, (columns, rows))
-    if any(not math.isfinite(r["clean"]) for r in results):
+        columns = ["training", "seed", "checkpoint", "epoch", "clean_acc", "pgd20_acc", "autoattack_acc"]
+        rows = [[r["variant"], r["seed"], w, r[w]["epoch"], r[w]["clean"], r[w]["pgd20"], r[w]["autoattack"]]
+                for r in results for w in CHECKPOINTS]
+        log_summary(PROJECT, group, out, {"accuracy_chart": charts[0], "robust_curve": charts[1]}, (columns, rows))
+    if any(not math.isfinite(r[w]["clean"]) for r in results for w in CHECKPOINTS):
         raise FloatingPointError("a run ended with a non-finite accuracy")
-    return {"results": results, "stats": stats, "table": table, "chart": str(chart)}
+    return {"results": results, "stats": stats, "table": table, "charts": [str(c) for c in charts]}
 
 
 def cli(args: list[str] | None = None) -> dict:

@@ -34,43 +34,72 @@ def test_datamodule_serves_the_split():
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 64) and y.shape == (32,)
     assert sum(b[0].shape[0] for b in dm.test_dataloader()) == 450
+    assert sum(b[0].shape[0] for b in dm.val_dataloader()) == 450  # no validation split: the test set
 
 
-def test_summary_pairs_the_differences_by_seed():
-    acc = {  # (clean, robust) per (variant, seed)
-        ("plain", 0): (0.97, 0.40), ("plain", 1): (0.98, 0.44),
-        ("fgsm", 0): (0.96, 0.80), ("fgsm", 1): (0.99, 0.86),
-    }
-    results = [{"variant": v, "seed": s, "clean": c, "robust": r, "seconds": 1.0} for (v, s), (c, r) in acc.items()]
-    table, stats = summarize(results, ["plain", "fgsm"], [0, 1])
-    d_robust = [100 * (acc["fgsm", s][1] - acc["plain", s][1]) for s in (0, 1)]  # 40 and 42 points
-    assert stats["fgsm"]["d_robust"] == pytest.approx((statistics.fmean(d_robust), statistics.stdev(d_robust)))
-    assert stats["fgsm"]["d_clean"][0] == pytest.approx(0.0, abs=1e-9)
-    assert stats["plain"]["robust"] == pytest.approx((42.0, statistics.stdev([40.0, 44.0])))
-    assert "| FGSM adv. training | 97.5 ± 2.1 | 83.0 ± 4.2 | +0.0 ± 1.4 | +41.0 ± 1.4 |" in table
-    assert "| plain | 97.0 / 40.0 | 98.0 / 44.0 |" in table  # the per-seed table
+def test_validation_split_is_carved_from_the_training_digits():
+    dm = DigitsDataModule(val_size=0.15)
+    dm.setup("fit")
+    x_tr, _, x_te, _ = digits_tensors()
+    train, val = dm.train_set.tensors, dm.val_set.tensors
+    assert len(train[0]) + len(val[0]) == len(x_tr) and len(val[0]) == 203
+    assert torch.equal(dm.test_set.tensors[0], x_te)  # the test set is untouched
+    rows = lambda t: {tuple(r.tolist()) for r in t}  # noqa: E731
+    assert rows(val[0]) <= rows(x_tr) and torch.equal(next(iter(dm.val_dataloader()))[0], val[0])
+    assert set(val[1].tolist()) == set(range(10))  # stratified: every class is validated
+
+
+def _run(variant: str, seed: int, best: tuple, last: tuple) -> dict:
+    keys = ("clean", "pgd20", "autoattack")
+    return {"variant": variant, "seed": seed, "fit_seconds": 1.0, "n_test": 450, "curve": [(1, 0.5)],
+            "best": {"epoch": 3, **dict(zip(keys, best, strict=True)), "broken_after_apgd": 0},
+            "last": {"epoch": 5, **dict(zip(keys, last, strict=True)), "broken_after_apgd": 1}}
+
+
+def test_summary_gives_mean_and_sd_per_checkpoint():
+    results = [_run("plain", 0, (0.97, 0.40, 0.30), (0.98, 0.30, 0.20)),
+               _run("plain", 1, (0.95, 0.44, 0.34), (0.98, 0.32, 0.22)),
+               _run("fgsm", 0, (0.96, 0.80, 0.78), (0.96, 0.70, 0.68)),
+               _run("fgsm", 1, (0.98, 0.86, 0.82), (0.96, 0.72, 0.70))]
+    table, stats = summarize(results, ["plain", "fgsm"], [0, 1], epsilon=0.1, suite="standard")
+    assert stats["plain"]["best"]["autoattack"] == pytest.approx((32.0, statistics.stdev([30.0, 34.0])))
+    assert stats["fgsm"]["last"]["pgd20"] == pytest.approx((71.0, statistics.stdev([70.0, 72.0])))
+    assert "| FGSM-RS training | 97.0 ± 1.4 | 83.0 ± 4.2 | 80.0 ± 2.8 | 3/3 | 1 |" in table
+    assert "| plain | 98.0 ± 0.0 | 31.0 ± 1.4 | 21.0 ± 1.4 | 5/5 | 1 |" in table
+    assert "FAB-T and Square broke 4 sample(s)" in table  # the last checkpoints' one each
+    one, _ = summarize(results[:1], ["plain"], [0], epsilon=0.1, suite="fast")
+    assert "±" not in one and "FAB-T" not in one  # one seed: no spread; no FAB-T or Square were run
 
 
 def test_cli_runs_every_variant_end_to_end(tmp_path: Path, capsys):
+    pytest.importorskip("torchattacks")
     out_dir = tmp_path / "out"
     result = cli([
-        "--epochs", "1", "--pgd_steps", "2", "--hidden", "32", "--batch_size", "64", "--lr", "0.01",
+        "--epochs", "3", "--seeds", "[0]", "--hidden", "32", "--lr", "0.01", "--attacks", "[apgd-ce]",
+        "--val_attacks", "[pgd-20]", "--val_samples", "60", "--test_samples", "60",
         "--out_dir", str(out_dir), "--progress_bar", "false",
     ])
     printed = capsys.readouterr().out
     assert [r["variant"] for r in result["results"]] == list(VARIANTS)
     for r in result["results"]:
-        assert 0.0 <= r["robust"] <= 1.0 and 0.0 <= r["clean"] <= 1.0
-        # One epoch already learns something: far above the 10 % of chance.
-        assert r["clean"] > 0.3
+        assert [e for e, _ in r["curve"]] == [1, 2, 3]  # robust validation every epoch
+        values = [v for _, v in r["curve"]]
+        # the best checkpoint is the first epoch of highest robust validation accuracy; the last is the last
+        assert r["best"]["epoch"] == 1 + values.index(max(values)) and r["last"]["epoch"] == 3
+        for which in ("best", "last"):
+            m = r[which]
+            assert 0.0 <= m["autoattack"] <= m["pgd20"] + 0.2 and m["autoattack"] <= m["clean"] <= 1.0
+            assert m["clean"] > 0.3  # far above the 10 % of chance
     table = (out_dir / "results.md").read_text()
-    assert table.strip() in printed
-    assert "| PGD-2 acc % |" in table  # the attack that was run, not a hard-coded label
-    for label in ("| plain |", "| data penalty |", "| FGSM adv. training |", "| parameter penalty |"):
-        assert label in table
-    png = out_dir / "robust_digits.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    # W&B offline (the default): one run per training plus the summary run, which holds the chart.
+    assert table.strip() in printed and "AutoAttack = apgd-ce" in table and "60 held-out test digits" in table
+    for label in ("| plain |", "| data penalty |", "| FGSM-RS training |", "| PGD-10 training |",
+                  "| parameter penalty |"):
+        assert table.count(label) == 2  # best and last
+    for name in ("robust_digits.png", "robust_curve.png"):
+        png = out_dir / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # W&B offline (the default): one run per training plus the summary run, which holds both charts.
     runs = sorted((out_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == len(VARIANTS) + 1
-    assert list((out_dir / "wandb").glob("offline-run-*/files/media/images/accuracy_chart*.png"))
+    for key in ("accuracy_chart", "robust_curve"):
+        assert list((out_dir / "wandb").glob(f"offline-run-*/files/media/images/{key}*.png"))
