@@ -177,3 +177,16 @@ def test_memory_benchmark_measures_a_cell_in_its_process_and_prints_the_table():
     peaks = {"tiny": {"plain": 10.0, **{r: 12.0 for r in ROWS}, **{h: 10.0 for h in ROWS.values()}}}
     text = table(peaks)
     assert "| FreeLB K=3 | 12.0 ÷ 10.0 = **1.20** |" in text and "| plain step | 10.0 |" in text
+
+
+def test_robust_cost_benchmark_prints_both_suites_as_fractions_of_an_epoch():
+    pytest.importorskip("torchattacks")
+    from benchmarks.bench_robust_cost import main as robust_cost
+
+    text = robust_cost(["--train-size", "256", "--samples", "40", "--warmup-epochs", "1", "--suites", "fast",
+                        "--threads", "1"])
+    row = next(line for line in text.splitlines() if line.startswith("| fast |"))
+    robust, seconds, per_epoch, at_five = (c.strip() for c in row.strip("|").split("|")[1:])
+    assert 0 <= float(robust.rstrip("%")) <= 100 and float(seconds.rstrip(" s")) > 0
+    # the last column is the evaluation over 5 epochs of training: a fifth of the one before it
+    assert abs(float(at_five.rstrip("%")) / 100 - float(per_epoch) / 5) < 0.01
