@@ -49,6 +49,13 @@ class RobustOutcome:
         robust: True where it is, and survives every attack.
         after: ``{attack: robust after it}``, cumulative in the order run (AutoAttack's printout).
         seconds: ``{attack: wall-clock seconds it took}``.
+
+    Example:
+
+        >>> model = torch.nn.Linear(4, 3)
+        >>> out = robust_outcomes(model, torch.rand(6, 4), torch.randint(0, 3, (6,)), 0.05, attacks=["pgd-20"])
+        >>> isinstance(out, RobustOutcome), out.robust.shape, sorted(out.seconds)
+        (True, torch.Size([6]), ['pgd-20'])
     """
 
     clean: Tensor
