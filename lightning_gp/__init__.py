@@ -15,9 +15,11 @@ layers). Design notes: ``docs/design/``.
 
 from lightning_gp import functional, manual
 from lightning_gp.callbacks import (
+    TRADES,
     AdversarialTraining,
     DataGradientPenalty,
     Flooding,
+    GradAlign,
     ParameterGradientPenalty,
     RobustAccuracy,
     SharpnessAwareMinimization,
@@ -39,10 +41,12 @@ from lightning_gp.monitors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "TRADES",
     "AdversarialTraining",
     "CostMonitor",
     "DataGradientPenalty",
     "Flooding",
+    "GradAlign",
     "GradientNoiseScale",
     "GradientNormMonitor",
     "MLPInequalityMonitor",

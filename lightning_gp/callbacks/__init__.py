@@ -9,16 +9,20 @@ Modules with manual optimization use `lightning_gp.manual.penalized_loss` instea
 from lightning_gp.callbacks.adversarial import AdversarialTraining
 from lightning_gp.callbacks.data_penalty import DataGradientPenalty
 from lightning_gp.callbacks.flooding import Flooding
+from lightning_gp.callbacks.grad_align import GradAlign
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
 from lightning_gp.callbacks.robust_accuracy import RobustAccuracy
 from lightning_gp.callbacks.sam import SharpnessAwareMinimization
 from lightning_gp.callbacks.spectral_penalty import SpectralNormPenalty
+from lightning_gp.callbacks.trades import TRADES
 from lightning_gp.callbacks.vat import VirtualAdversarialTraining
 
 __all__ = [
+    "TRADES",
     "AdversarialTraining",
     "DataGradientPenalty",
     "Flooding",
+    "GradAlign",
     "ParameterGradientPenalty",
     "RobustAccuracy",
     "SharpnessAwareMinimization",

@@ -10,17 +10,13 @@ from torch import Tensor
 
 from lightning_gp._lightning.setup_checks import check_forward
 from lightning_gp.callbacks._base import PenaltyCallback
+from lightning_gp.callbacks._logits import LogitsFn, batch_logits
 from lightning_gp.functional._checks import check_callable, check_number, check_positive_int
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
-from lightning_gp.step._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
+from lightning_gp.step._batch import InputKey
 from lightning_gp.step._chain import ORDER, StepContext, extra_pass
 from lightning_gp.step._objective import Objective
 from lightning_gp.step._site import Probe, Site, SiteCallback, Target
-
-#: What ``pl_module(...)`` is called on when the perturbation sits on a layer: a token model's ids first.
-MODEL_INPUT_KEYS = ("input_ids", *DEFAULT_KEYS)
-#: ``logits_fn(pl_module, batch)`` → logits (B, C).
-LogitsFn = Callable[[Any, Any], Tensor]
 
 
 class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
@@ -95,21 +91,7 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""
         with extra_pass(ctx.module):
-            if self.logits_fn is not None:
-                logits = self.logits_fn(ctx.module, batch)
-            elif probe.module is None:
-                logits = ctx.module(value_at(batch, probe.path))
-            else:
-                logits = ctx.module(resolve_input(batch, self.input_key, type(self).__name__, computed=True,
-                                                    default_keys=MODEL_INPUT_KEYS, whole_batch=True)[0])
-        logits = getattr(logits, "logits", logits)  # Hugging Face model outputs
-        if not isinstance(logits, Tensor) or logits.ndim != 2:
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(
-                f"{type(self).__name__} needs (B, C) logits; `{type(ctx.module).__name__}` gave {shape}. Pass "
-                f"`logits_fn=lambda module, batch: ...` returning the logits of the batch."
-            )
-        return logits
+            return batch_logits(ctx.module, probe, batch, self.logits_fn, self.input_key, type(self).__name__)
 
     def unsupported_when_sharded(self) -> str | None:
         return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples

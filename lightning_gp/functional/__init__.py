@@ -13,6 +13,7 @@ from lightning_gp.functional.gan import (
     wgan_gradient_penalty,
     wgan_gradient_penalty_fd,
 )
+from lightning_gp.functional.grad_align import grad_align_penalty
 from lightning_gp.functional.grad_norms import (
     GradNormRecorder,
     PerSampleGradNorms,
@@ -36,6 +37,7 @@ from lightning_gp.functional.penalties import (
 from lightning_gp.functional.robust import RobustOutcome, robust_accuracy, robust_outcomes
 from lightning_gp.functional.sharpness import hessian_max_eigenvalue, hessian_trace, sam_perturbation
 from lightning_gp.functional.spectral import spectral_norm, spectral_norm_penalty
+from lightning_gp.functional.trades import trades_adversarial, trades_kl, trades_loss
 
 __all__ = [
     "GradNormRecorder",
@@ -49,6 +51,7 @@ __all__ = [
     "data_gradient_penalty_fd",
     "difference_penalty",
     "fgsm",
+    "grad_align_penalty",
     "gradient_norm_penalty",
     "hessian_max_eigenvalue",
     "hessian_trace",
@@ -75,6 +78,9 @@ __all__ = [
     "sam_perturbation",
     "spectral_norm",
     "spectral_norm_penalty",
+    "trades_adversarial",
+    "trades_kl",
+    "trades_loss",
     "two_batch_noise_scale",
     "wgan_gradient_penalty",
     "wgan_gradient_penalty_fd",

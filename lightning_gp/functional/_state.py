@@ -62,3 +62,16 @@ class _OwnBuffers(BufferSnapshot):
 
     def __init__(self, module: nn.Module) -> None:
         self.saved = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]
+
+
+@contextlib.contextmanager
+def module_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """``module`` in train (``training=True``) or eval mode for the block; every submodule's own mode put back
+    after (a user's frozen BatchNorm stays in eval mode, where ``module.train()`` would flip it)."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(training)
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode

@@ -32,6 +32,7 @@ from lightning_gp.step.interception import muted_logging
 #: Where each penalty callback sits in the chain, outermost first (:func:`run_chain` sorts by it). A member's number
 #: also seeds its random generator (``PenaltyCallback.generator``), so the numbers stay what they are.
 ORDER: dict[str, int] = {
+    "GradAlign": -2,  # its gradients are of the clean batch's loss, outside adversarial training's batch
     "Flooding": -1,  # it floods the loss the user's step returned, before any other term is added
     "AdversarialTraining": 0,  # the passes inside it see the adversarial batch
     "DataGradientPenalty": 1,
@@ -39,6 +40,7 @@ ORDER: dict[str, int] = {
     "SpectralNormPenalty": 3,
     "VirtualAdversarialTraining": 4,
     "SharpnessAwareMinimization": 5,  # it perturbs θ for the loss of the pass it wraps (the adversarial one)
+    "TRADES": 6,  # its KL is added to the clean loss the user's step returned
 }
 #: The place of a member the table does not list: inside all of them.
 DEFAULT_ORDER = 10

@@ -23,8 +23,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gp.callbacks import (
+    TRADES,
     AdversarialTraining,
     DataGradientPenalty,
+    GradAlign,
     ParameterGradientPenalty,
     VirtualAdversarialTraining,
 )
@@ -303,6 +305,48 @@ def ref_vat(eps: float, weight: float, *, xi: float = 1e-6, iterations: int = 1,
     return objective
 
 
+TRADES_ORDER = 6  # TRADES's place in the chain: part of its documented generator seed
+
+
+def ref_trades(eps: float, beta: float, steps: int):
+    """TRADES on a layer's output: δ from 0.001·N(0, I), l∞ sign steps of ε/4 on KL(f ‖ f(·+δ)) (a sum, as the
+    authors' KLDivLoss), projected; then CE + β·KL_sum/B with the clean logits not detached."""
+    def objective(P: Parts, t: int, m: int) -> torch.Tensor:
+        gen = seeded_generator("cpu", torch.initial_seed(), 0, t, m, TRADES_ORDER)
+        with torch.no_grad():
+            clean = P.logits()
+            shape = P.pre().shape
+        delta = 1e-3 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            kl_sum = F.kl_div(F.log_softmax(P.logits(delta), 1), F.softmax(clean, 1), reduction="sum")
+            (g,) = torch.autograd.grad(kl_sum, delta)
+            delta = (delta.detach() + eps / 4 * g.sign()).clamp(-eps, eps)
+        adv = P.logits(delta)
+        robust = F.kl_div(F.log_softmax(adv, 1), F.softmax(P.logits(), 1), reduction="sum") / len(P.labels)
+        return P.loss() + beta * robust
+    return objective
+
+
+GRAD_ALIGN_ORDER = -2  # GradAlign's place in the chain: part of its documented generator seed
+
+
+def ref_grad_align(weight: float, eps: float):
+    """GradAlign on a layer's output: the loss's gradient at δ = 0 (detached) and at δ = η ~ U[−ε, ε] (masked, with
+    its graph); weight·(1 − mean cos) over the samples whose two gradients are nonzero."""
+    def objective(P: Parts, t: int, m: int) -> torch.Tensor:
+        zero = P.zeros()
+        (g1,) = torch.autograd.grad(P.loss(zero), zero)
+        gen = seeded_generator("cpu", torch.initial_seed(), 0, t, m, GRAD_ALIGN_ORDER)
+        eta = P.masked(torch.empty(zero.shape, dtype=torch.float64).uniform_(-eps, eps, generator=gen))
+        eta.requires_grad_(True)
+        (g2,) = torch.autograd.grad(P.loss(eta), eta, create_graph=True)
+        used = (g1.flatten(1).norm(dim=1) != 0) & (g2.flatten(1).norm(dim=1) != 0)
+        cos = F.cosine_similarity(g1.flatten(1)[used], g2.flatten(1)[used], dim=1, eps=0.0)
+        return P.loss() + weight * (1 - cos.mean())
+    return objective
+
+
 def ref_data_penalty(weight: float):
     def objective(P: Parts, t: int, m: int) -> torch.Tensor:
         d0 = P.zeros()
@@ -345,6 +389,10 @@ def cases(problem: Problem) -> dict[str, tuple[Callable, Callable]]:
         "vat_power2": (lambda: [VirtualAdversarialTraining(1.0, xi=1e-3, power_iterations=2, target=tgt,
                                                            logits_fn=lf)],
                        lambda mod: ref_vat(1.0, 1.0, xi=1e-3, iterations=2)),
+        "trades": (lambda: [TRADES(0.5, 2.0, steps=3, bounds=None, target=tgt, logits_fn=lf)],
+                   lambda mod: ref_trades(0.5, 2.0, 3)),
+        "grad_align": (lambda: [GradAlign(0.5, 0.3, target=tgt, method="double_backward")],
+                       lambda mod: ref_grad_align(0.5, 0.3)),
         "data_double_backward": (lambda: [DataGradientPenalty(0.05, target=tgt)], lambda mod: ref_data_penalty(0.05)),
         "data_finite_difference": (lambda: [DataGradientPenalty(0.05, target=tgt, method="finite_difference")],
                                    lambda mod: ref_data_fd(0.05, lambda: list(mod.parameters()))),
@@ -454,7 +502,9 @@ def test_finite_difference_target_inside_compiled_submodule():
     lambda: [AdversarialTraining(0.5, steps=2, average_steps=True, random_start=True, target="emb")],
     lambda: [VirtualAdversarialTraining(1.0, target="emb", logits_fn=TOKEN_PROBLEM.logits_fn)],
     lambda: [DataGradientPenalty(0.05, target="emb", method="finite_difference")],
-], ids=["fgm", "freelb_random_start", "vat", "data_fd"])
+    lambda: [TRADES(0.5, steps=2, bounds=None, target="emb", logits_fn=TOKEN_PROBLEM.logits_fn)],
+    lambda: [GradAlign(0.5, 0.3, target="emb")],
+], ids=["fgm", "freelb_random_start", "vat", "data_fd", "trades", "grad_align"])
 def test_bf16_mixed(callbacks):
     module = TOKEN_PROBLEM.make(torch.float32)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -472,7 +522,9 @@ def test_bf16_mixed(callbacks):
     lambda: [VirtualAdversarialTraining(1.0, target="emb", logits_fn=TOKEN_PROBLEM.logits_fn)],
     lambda: [AdversarialTraining(0.5, target="emb"), ParameterGradientPenalty(0.1),
              DataGradientPenalty(0.05, target="emb", method="finite_difference")],
-], ids=["pgd_random_start", "fgsm_linf_random_start", "vat", "composed"])
+    lambda: [TRADES(0.5, steps=2, bounds=None, target="emb", logits_fn=TOKEN_PROBLEM.logits_fn)],
+    lambda: [GradAlign(0.5, 0.3, target="emb"), AdversarialTraining(0.3, norm="linf", target="emb")],
+], ids=["pgd_random_start", "fgsm_linf_random_start", "vat", "composed", "trades", "fgsm_grad_align"])
 def test_checkpoint_resume_is_bit_identical(callbacks, tmp_path):
     """2 epochs of 2 steps straight == 1 epoch, save, resume to 2 epochs: parameters bit-identical.
 
@@ -500,7 +552,8 @@ def test_checkpoint_resume_is_bit_identical(callbacks, tmp_path):
         assert torch.equal(resumed.state_dict()[key], value), key
     assert not torch.equal(straight.emb.weight, TOKEN_PROBLEM.make(torch.float64).emb.weight)
     # the draws matter: another seed trains differently (so bit-identity is not vacuous)
-    if any(getattr(c, "random_start", False) or isinstance(c, VirtualAdversarialTraining) for c in callbacks()):
+    if any(getattr(c, "random_start", False) or isinstance(c, (VirtualAdversarialTraining, TRADES, GradAlign))
+           for c in callbacks()):
         torch.manual_seed(1)
         other = TOKEN_PROBLEM.make(torch.float64)
         trainer(2).fit(other, loader())

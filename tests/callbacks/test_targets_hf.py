@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gp.callbacks import AdversarialTraining, DataGradientPenalty, VirtualAdversarialTraining
+from lightning_gp.callbacks import (
+    TRADES,
+    AdversarialTraining,
+    DataGradientPenalty,
+    GradAlign,
+    VirtualAdversarialTraining,
+)
 from tests.callbacks.test_targets import (
     CLASSES,
     LR,
@@ -28,7 +34,9 @@ from tests.callbacks.test_targets import (
     ref_data_penalty,
     ref_fgm,
     ref_freelb,
+    ref_grad_align,
     ref_pgd,
+    ref_trades,
     ref_vat,
     reference,
     token_data,
@@ -115,6 +123,8 @@ def bert_cases(module: nn.Module):
         "freelb3": ([AdversarialTraining(0.5, steps=3, average_steps=True, target=TARGET)], ref_freelb(0.5, 3)),
         "vat": ([VirtualAdversarialTraining(1.0, xi=1e-3, weight=2.0, target=TARGET, logits_fn=lf)],
                 ref_vat(1.0, 2.0, xi=1e-3)),
+        "trades": ([TRADES(0.5, 2.0, steps=3, bounds=None, target=TARGET, logits_fn=lf)], ref_trades(0.5, 2.0, 3)),
+        "grad_align": ([GradAlign(0.5, 0.3, target=TARGET, method="double_backward")], ref_grad_align(0.5, 0.3)),
         "data_double_backward": ([DataGradientPenalty(0.05, target=TARGET)], ref_data_penalty(0.05)),
         "data_finite_difference": ([DataGradientPenalty(0.05, target=TARGET, method="finite_difference")],
                                    ref_data_fd(0.05, lambda: list(module.parameters()))),

@@ -10,8 +10,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gp import CostMonitor, SharpnessMonitor
 from lightning_gp.callbacks import (
+    TRADES,
     AdversarialTraining,
     DataGradientPenalty,
+    GradAlign,
     ParameterGradientPenalty,
     SharpnessAwareMinimization,
     SpectralNormPenalty,
@@ -39,9 +41,14 @@ CONFIGS = {
                                                    method="double_backward")],
     # its collective (the time shares averaged over the ranks) runs on every rank; the passes are one process's
     "cost_monitor": lambda: [DataGradientPenalty(0.5, method="double_backward"), CostMonitor(every_n_steps=1)],
+    "trades": lambda: [TRADES(0.3, 2.0, steps=3, bounds=None, logits_fn=lambda module, batch: module.net(batch[0]))],
+    "fgsm_grad_align": lambda: [AdversarialTraining(0.3, norm="linf"), GradAlign(0.5, 0.3)],
 }
 #: Configurations whose DDP result is, by design, not the one-process one (each rank uses its own gradient).
 LOCAL = ("parameter_local", "sam_local")
+#: Configurations with a random draw by each rank's generator (the one-process run draws another): equal to one
+#: process up to what that draw changes (TRADES's start 0.001·N(0, I), GradAlign's η ~ U[−ε, ε]).
+DRAWN = {"trades": "adversarial/trades_kl", "fgsm_grad_align": "penalty/grad_align"}
 
 
 def data() -> TensorDataset:
@@ -154,8 +161,14 @@ def test_ddp_matches_one_process(tmp_path):
     # RunSeed: rank 0's seed on both ranks, though the ranks' processes were seeded 100 and 101
     assert ddp.pop("run_seed").tolist() == [[100, 100], [100, 101]]
     assert set(ddp) == set(CONFIGS)
+    for name in DRAWN:
+        trainer, model = fit(name, batch_size=2 * PER_RANK_BATCH, devices=1)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(ddp[name]["params"][key], value, atol=2e-2, rtol=0, msg=f"{name} {key}")
+        assert not torch.equal(ddp[name]["params"]["net.0.weight"], Net().net[0].weight)
+        assert float(ddp[name]["metrics"][DRAWN[name]]) > 0
     for name in CONFIGS:
-        if name in LOCAL:
+        if name in LOCAL or name in DRAWN:
             continue
         trainer, model = fit(name, batch_size=2 * PER_RANK_BATCH, devices=1)
         for key, value in model.state_dict().items():

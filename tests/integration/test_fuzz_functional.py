@@ -874,7 +874,8 @@ def test_public_api_is_covered():
         "r2_penalty",
         "spectral_norm", "spectral_norm_penalty", "wgan_gradient_penalty", "wgan_gradient_penalty_fd",
         "sam_perturbation", "hessian_max_eigenvalue", "hessian_trace", "noise_scale", "two_batch_noise_scale",
-        "per_sample_grad_norms_of_loss", "robust_accuracy", "robust_outcomes",
+        "per_sample_grad_norms_of_loss", "robust_accuracy", "robust_outcomes", "trades_adversarial", "trades_kl",
+        "trades_loss", "grad_align_penalty",
     }
     # Classes and helpers tested elsewhere: result tuples, the recorder and the chain check (test_grad_norms.py,
     # test_mlp_inequality.py), and linear_squared_norms / per_sample_grad_norms_by_layer (grad_norms.py).
@@ -1219,3 +1220,74 @@ def test_robust_accuracy_gives_robust_below_clean_or_a_clear_error(n, classes, e
         assert not bool((after & ~previous).any())
         previous = after
     assert torch.equal(previous, out.robust) and set(out.seconds) == set(out.after)
+
+
+# --- the robust-training baselines (TRADES, GradAlign) ---------------------------------------------------------
+
+
+def _classifier() -> nn.Module:
+    """4 features → 3 classes, float64 (a one-output model would make every cross-entropy 0)."""
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(n=st.integers(1, 6), eps=st.sampled_from([0.1, 0.0, -0.1, NAN, INF]), steps=st.sampled_from([1, 3, 0, -2]),
+       norm=st.sampled_from(["linf", "l2", "l1"]), bounds=st.sampled_from([(0.0, 1.0), None, (1.0, 0.0)]),
+       seed=st.integers(0, 2**16))
+def test_trades_adversarial_stays_in_the_ball_and_box_or_names_the_argument(n, eps, steps, norm, bounds, seed):
+    """x' within ε of x (in the norm) and inside the box, more KL than x itself; or an error naming the argument."""
+    torch.manual_seed(seed)
+    model = _classifier().eval()
+    x = torch.rand(n, 4, dtype=torch.float64)
+    try:
+        x_adv = LF.trades_adversarial(model, x, eps, norm=norm, steps=steps, bounds=bounds)
+    except (ValueError, TypeError) as err:
+        assert re.search(r"`eps`|`steps`|`norm`|clamp|bounds", str(err)), err
+        return
+    dist = (x_adv - x).abs().flatten(1).amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
+    assert bool((dist <= eps + 1e-12).all())
+    if bounds is not None:
+        assert float(x_adv.min()) >= bounds[0] and float(x_adv.max()) <= bounds[1]
+    assert float(LF.trades_kl(model(x), model(x_adv))) >= 0
+
+
+@FEW
+@given(b=st.integers(1, 5), c=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_trades_kl_is_the_batch_mean_of_the_categorical_kl(b, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    p, q = torch.randn(b, c, generator=g, dtype=torch.float64), torch.randn(b, c, generator=g, dtype=torch.float64)
+    want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
+                                             torch.distributions.Categorical(logits=q)).mean()
+    torch.testing.assert_close(LF.trades_kl(p, q), want, atol=1e-12, rtol=0)
+    assert float(LF.trades_kl(p, p)) == 0.0
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(n=st.integers(1, 6), eps=st.sampled_from([0.05, 0.0, -1.0, NAN]), beta=st.sampled_from([6.0, 0.0, -1.0]),
+       mode=st.sampled_from(["eval", "train", "test"]), seed=st.integers(0, 2**16))
+def test_trades_loss_is_the_clean_loss_plus_a_nonnegative_kl_or_names_the_argument(n, eps, beta, mode, seed):
+    torch.manual_seed(seed)
+    model = _classifier()
+    x, y = torch.rand(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+    try:
+        loss = LF.trades_loss(model, x, y, eps, beta, steps=2, attack_mode=mode)
+    except (ValueError, TypeError) as err:
+        assert re.search(r"`eps`|`beta`|`attack_mode`", str(err)), err
+        return
+    assert float(loss) >= float(F.cross_entropy(model(x), y)) - 1e-12 and model.training
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(n=st.integers(1, 6), eps=st.sampled_from([0.1, 0.0, -0.1, NAN]), seed=st.integers(0, 2**16))
+def test_grad_align_penalty_lies_in_zero_two_or_names_eps(n, eps, seed):
+    torch.manual_seed(seed)
+    model = _classifier()
+    x, y = torch.rand(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+    try:
+        penalty = LF.grad_align_penalty(lambda u: F.cross_entropy(model(u), y), x, eps)
+    except (ValueError, TypeError) as err:
+        assert "`eps`" in str(err), err
+        return
+    assert -1e-12 <= float(penalty) <= 2 + 1e-12
+    if eps == 0:  # η = 0: the two gradients are the same (or both zero: nothing misaligned)
+        assert abs(float(penalty)) < 1e-12

@@ -1,0 +1,69 @@
+"""The robust-training baselines as their papers' authors wrote their training steps, for the tests to compare with.
+
+Written from the papers and the authors' published steps (yaodongyu/TRADES ``trades_loss``), in their style: a
+``KLDivLoss``-style sum over the batch divided by B, the clean logits recomputed for the KL's target, the model in
+eval mode while x' is found. Nothing here calls lightning_gp. The random start comes from a generator the caller
+passes (the authors draw from the global stream; the callbacks from their documented per-step generator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def trades_x_adv(model: nn.Module, x: Tensor, eps: float, step_size: float, steps: int, gen: torch.Generator,
+                 logits_of: Callable[[Tensor], Tensor] | None = None, bounds: tuple[float, float] | None = (0.0, 1.0)
+                 ) -> Tensor:
+    """TRADES' l∞ inner maximisation, the model in eval mode (the caller's ``model.eval()``)."""
+    logits_of = logits_of or model
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = F.kl_div(F.log_softmax(logits_of(x_adv), dim=1), F.softmax(logits_of(x), dim=1),
+                               reduction="sum")
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        if bounds is not None:
+            x_adv = torch.clamp(x_adv, *bounds)
+    return x_adv if bounds is None else torch.clamp(x_adv, *bounds)
+
+
+def trades_step_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, beta: float, step_size: float, steps: int,
+                     gen: torch.Generator) -> Tensor:
+    """The authors' ``trades_loss``: eval-mode x', then CE(model(x)) + β·KL_sum(model(x') ‖ model(x))/B in train mode,
+    the passes in their order (x, x', x)."""
+    model.eval()
+    x_adv = trades_x_adv(model, x, eps, step_size, steps, gen)
+    model.train()
+    logits = model(x)
+    loss_natural = F.cross_entropy(logits, y)
+    loss_robust = (1.0 / len(x)) * F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1),
+                                            reduction="sum")
+    return loss_natural + beta * loss_robust
+
+
+def grad_align_fgsm_step_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, lam: float,
+                              gen: torch.Generator) -> Tensor:
+    """The authors' FGSM + GradAlign step (``--attack fgsm --attack_init zero``): the FGSM gradient at x (detached),
+    δ = ε·sign(g) clipped into [0, 1]; the loss at x + δ; the gradient at x + η, η ~ U[−ε, ε] unclipped, with its
+    graph; λ·(1 − mean cos) over the samples whose two gradients are nonzero."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    loss = F.cross_entropy(model(torch.clamp(x + delta, 0, 1)), y)
+    grad = torch.autograd.grad(loss, delta)[0].detach()
+    delta = torch.clamp(eps * torch.sign(grad), -eps, eps)
+    delta = torch.clamp(x + delta, 0, 1) - x
+    loss = F.cross_entropy(model(x + delta.detach()), y)
+    noise = torch.zeros_like(x).uniform_(-eps, eps, generator=gen).requires_grad_(True)
+    grad2 = torch.autograd.grad(F.cross_entropy(model(x + noise), y), noise, create_graph=True)[0]
+    nnz = (grad.flatten(1).norm(dim=1) != 0) & (grad2.flatten(1).norm(dim=1) != 0)
+    g1, g2 = grad[nnz], grad2[nnz]
+    g1 = g1 / g1.flatten(1).norm(dim=1).reshape(-1, *([1] * (g1.ndim - 1)))
+    g2 = g2 / g2.flatten(1).norm(dim=1).reshape(-1, *([1] * (g2.ndim - 1)))
+    cos = (g1 * g2).flatten(1).sum(1)
+    return loss + lam * (1.0 - cos.mean())
