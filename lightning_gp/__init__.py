@@ -15,6 +15,7 @@ layers). Design notes: ``docs/design/``.
 
 from lightning_gp import functional, manual
 from lightning_gp.callbacks import (
+    MART,
     TRADES,
     AdversarialTraining,
     DataGradientPenalty,
@@ -41,6 +42,7 @@ from lightning_gp.monitors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MART",
     "TRADES",
     "AdversarialTraining",
     "CostMonitor",

@@ -67,3 +67,32 @@ def grad_align_fgsm_step_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float
     g2 = g2 / g2.flatten(1).norm(dim=1).reshape(-1, *([1] * (g2.ndim - 1)))
     cos = (g1 * g2).flatten(1).sum(1)
     return loss + lam * (1.0 - cos.mean())
+
+
+def mart_step_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, beta: float, step_size: float, steps: int,
+                   gen: torch.Generator) -> Tensor:
+    """The authors' ``mart_loss``: eval-mode CE-PGD from x + 0.001·N(0, I); then in train mode the logits of x and of
+    x' (in that order); the boosted CE of x' (CE + NLL of log(1.0001 − p' + 1e-12) at the most probable wrong class)
+    plus β·(1/B)·Σ KL(p ‖ p')·(1.0000001 − p_y), KL with log(p' + 1e-12)."""
+    model.eval()
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_ce = F.cross_entropy(model(x_adv), y)
+        grad = torch.autograd.grad(loss_ce, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+    model.train()
+    x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    logits = model(x)
+    logits_adv = model(x_adv)
+    adv_probs = F.softmax(logits_adv, dim=1)
+    tmp1 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(tmp1[:, -1] == y, tmp1[:, -2], tmp1[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    nat_probs = F.softmax(logits, dim=1)
+    true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
+    kl = (nat_probs * (torch.log(nat_probs) - torch.log(adv_probs + 1e-12))).sum(dim=1)
+    loss_robust = (1.0 / len(x)) * torch.sum(kl * (1.0000001 - true_probs))
+    return loss_adv + float(beta) * loss_robust

@@ -10,6 +10,7 @@ from lightning_gp.callbacks.adversarial import AdversarialTraining
 from lightning_gp.callbacks.data_penalty import DataGradientPenalty
 from lightning_gp.callbacks.flooding import Flooding
 from lightning_gp.callbacks.grad_align import GradAlign
+from lightning_gp.callbacks.mart import MART
 from lightning_gp.callbacks.parameter_penalty import ParameterGradientPenalty
 from lightning_gp.callbacks.robust_accuracy import RobustAccuracy
 from lightning_gp.callbacks.sam import SharpnessAwareMinimization
@@ -18,6 +19,7 @@ from lightning_gp.callbacks.trades import TRADES
 from lightning_gp.callbacks.vat import VirtualAdversarialTraining
 
 __all__ = [
+    "MART",
     "TRADES",
     "AdversarialTraining",
     "DataGradientPenalty",

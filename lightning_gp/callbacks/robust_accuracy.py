@@ -24,11 +24,10 @@ from lightning_gp.functional.robust import (
     resolve_attacks,
     robust_outcomes,
 )
-from lightning_gp.step._batch import InputKey, resolve_input
+from lightning_gp.step._batch import InputKey, class_labels, resolve_input
 
 PREFIX = "robust"
 #: where a batch's labels are found when ``target_key`` is None: a tuple's second entry, or one of these keys
-TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 
 
 class _Logits(nn.Module):
@@ -179,7 +178,7 @@ class RobustAccuracy(Callback):
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False):  # tensors the attacks can use
             for batch in plain:
                 x = resolve_input(batch, self.input_key, owner)[0]
-                y = self._labels(batch, owner)
+                y = class_labels(batch, self.target_key, owner, "each validation batch")
                 xs.append(x.detach().cpu())
                 ys.append(y.detach().cpu())
                 got += len(y)
@@ -189,22 +188,6 @@ class RobustAccuracy(Callback):
             raise ValueError(f"{owner}: the first validation dataloader yielded no samples.")
         self._samples = (torch.cat(xs)[: self.n_samples], torch.cat(ys)[: self.n_samples])
         return self._samples
-
-    def _labels(self, batch: Any, owner: str) -> Tensor:
-        if self.target_key is not None:
-            found = batch[self.target_key]
-        elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
-            found = batch[1]
-        elif isinstance(batch, dict):
-            key = next((k for k in TARGET_KEYS if k in batch), None)
-            found = batch[key] if key is not None else None
-        else:
-            found = None
-        if not isinstance(found, Tensor) or found.is_floating_point() or found.ndim != 1:
-            raise ValueError(f"{owner} needs integer class labels in each validation batch: a tuple's second entry "
-                             f"or one of the keys {list(TARGET_KEYS)}; this loader yields no such labels (got "
-                             f"{type(found).__name__}). Pass `target_key=` to say where they are.")
-        return found
 
     @staticmethod
     def _shard(samples: tuple[Tensor, Tensor], trainer: pl.Trainer) -> tuple[Tensor, Tensor]:

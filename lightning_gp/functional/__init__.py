@@ -24,6 +24,7 @@ from lightning_gp.functional.grad_norms import (
 )
 from lightning_gp.functional.gradients import input_gradient, per_sample_norm, per_sample_squared_norm
 from lightning_gp.functional.layer_output import output_gradient, per_sample_output_gradient_norms, perturbed_output
+from lightning_gp.functional.mart import mart_adversarial, mart_loss, mart_terms
 from lightning_gp.functional.mlp_inequality import MLPInequality, chain_layers, mlp_inequality
 from lightning_gp.functional.noise_scale import NoiseScale, noise_scale, two_batch_noise_scale
 from lightning_gp.functional.penalties import (
@@ -58,6 +59,9 @@ __all__ = [
     "input_gradient",
     "interpolate",
     "linear_squared_norms",
+    "mart_adversarial",
+    "mart_loss",
+    "mart_terms",
     "mlp_inequality",
     "noise_scale",
     "output_gradient",

@@ -93,6 +93,27 @@ def trades_adversarial(
     """
     owner = "trades_adversarial"
     x = check_batched(x, "x").detach()
+    with torch.enable_grad():
+        clean = (logits_fn(x) if clean_logits is None else clean_logits).detach()
+    return gaussian_start_ascent(lambda u: kl_divergence(clean, logits_fn(u)), x, eps, norm=norm, steps=steps,
+                                 step_size=step_size, bounds=bounds, generator=generator, owner=owner)
+
+
+def gaussian_start_ascent(
+    loss_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    eps: float,
+    *,
+    norm: Norm = "linf",
+    steps: int = 10,
+    step_size: float | None = None,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    owner: str = "gaussian_start_ascent",
+) -> Tensor:
+    """The inner maximisation TRADES and MART share: from x + 0.001·N(0, I), ``steps`` ascent steps of ``loss_fn``
+    (sign steps projected and clipped for l∞; the authors' l2 steps), clipped to ``bounds`` at the end."""
+    x = check_batched(x, "x").detach()
     eps = check_number(eps, "eps", owner)
     norm = check_choice(norm, "norm", NORMS, owner)
     steps = check_positive_int(steps, "steps", owner)
@@ -100,12 +121,11 @@ def trades_adversarial(
         step_size, "step_size", owner)
     bounds = check_clamp(bounds)
     with torch.enable_grad():
-        clean = (logits_fn(x) if clean_logits is None else clean_logits).detach()
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = x + START_STD * noise
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(kl_divergence(clean, logits_fn(x_adv)), x_adv, allow_unused=True)
+            (grad,) = torch.autograd.grad(loss_fn(x_adv), x_adv, allow_unused=True)
             if grad is None:
                 raise ValueError(f"{owner}: the logits do not depend on the input (no autograd path).")
             if norm == "linf":

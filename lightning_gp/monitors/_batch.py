@@ -12,10 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp.step._batch import describe
-
-#: Dict keys tried, in order, for the targets of the default loss.
-TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+from lightning_gp.step._batch import TARGET_KEYS, describe
 
 
 def select_target(batch: Any) -> Tensor:

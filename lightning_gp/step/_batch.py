@@ -184,3 +184,30 @@ def first_samples(batch: Any, k: int) -> Any | None:
     if not sizes or sizes[0] <= k:
         return None
     return slice_batch(batch, sizes[0], slice(0, k))
+
+
+#: Dict keys tried, in order, for a batch's class labels (a tuple batch's are its second entry).
+TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+
+def find_labels(batch: Any, target_key: Any = None) -> Any:
+    """The labels of ``batch``: ``batch[target_key]``, a tuple's second entry, or a dict's first :data:`TARGET_KEYS`
+    entry; None where there is none (the caller says what it needed)."""
+    if target_key is not None:
+        return batch[target_key]
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        key = next((k for k in TARGET_KEYS if k in batch), None)
+        return batch[key] if key is not None else None
+    return None
+
+
+def class_labels(batch: Any, target_key: Any, owner: str, where: str = "each batch") -> Tensor:
+    """:func:`find_labels`, required to be a (B,) integer tensor, or a clear error naming ``target_key`` as the fix."""
+    found = find_labels(batch, target_key)
+    if not isinstance(found, Tensor) or found.is_floating_point() or found.ndim != 1:
+        raise ValueError(f"{owner} needs integer class labels in {where}: a tuple's second entry or one of the keys "
+                         f"{list(TARGET_KEYS)}; this loader yields no such labels (got {type(found).__name__}). Pass "
+                         f"`target_key=` to say where they are.")
+    return found

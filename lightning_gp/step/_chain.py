@@ -41,6 +41,7 @@ ORDER: dict[str, int] = {
     "VirtualAdversarialTraining": 4,
     "SharpnessAwareMinimization": 5,  # it perturbs θ for the loss of the pass it wraps (the adversarial one)
     "TRADES": 6,  # its KL is added to the clean loss the user's step returned
+    "MART": 7,  # it reads the logits of the user's own step (its clean pass) and replaces its loss
 }
 #: The place of a member the table does not list: inside all of them.
 DEFAULT_ORDER = 10

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gp import CostMonitor, SharpnessMonitor
 from lightning_gp.callbacks import (
+    MART,
     TRADES,
     AdversarialTraining,
     DataGradientPenalty,
@@ -43,12 +44,13 @@ CONFIGS = {
     "cost_monitor": lambda: [DataGradientPenalty(0.5, method="double_backward"), CostMonitor(every_n_steps=1)],
     "trades": lambda: [TRADES(0.3, 2.0, steps=3, bounds=None, logits_fn=lambda module, batch: module.net(batch[0]))],
     "fgsm_grad_align": lambda: [AdversarialTraining(0.3, norm="linf"), GradAlign(0.5, 0.3)],
+    "mart": lambda: [MART(0.3, 2.0, steps=3, bounds=None, logits_fn=lambda module, batch: module.net(batch[0]))],
 }
 #: Configurations whose DDP result is, by design, not the one-process one (each rank uses its own gradient).
 LOCAL = ("parameter_local", "sam_local")
 #: Configurations with a random draw by each rank's generator (the one-process run draws another): equal to one
 #: process up to what that draw changes (TRADES's start 0.001·N(0, I), GradAlign's η ~ U[−ε, ε]).
-DRAWN = {"trades": "adversarial/trades_kl", "fgsm_grad_align": "penalty/grad_align"}
+DRAWN = {"trades": "adversarial/trades_kl", "fgsm_grad_align": "penalty/grad_align", "mart": "adversarial/mart_kl"}
 
 
 def data() -> TensorDataset:

@@ -875,7 +875,7 @@ def test_public_api_is_covered():
         "spectral_norm", "spectral_norm_penalty", "wgan_gradient_penalty", "wgan_gradient_penalty_fd",
         "sam_perturbation", "hessian_max_eigenvalue", "hessian_trace", "noise_scale", "two_batch_noise_scale",
         "per_sample_grad_norms_of_loss", "robust_accuracy", "robust_outcomes", "trades_adversarial", "trades_kl",
-        "trades_loss", "grad_align_penalty",
+        "trades_loss", "grad_align_penalty", "mart_adversarial", "mart_loss", "mart_terms",
     }
     # Classes and helpers tested elsewhere: result tuples, the recorder and the chain check (test_grad_norms.py,
     # test_mlp_inequality.py), and linear_squared_norms / per_sample_grad_norms_by_layer (grad_norms.py).
@@ -1291,3 +1291,26 @@ def test_grad_align_penalty_lies_in_zero_two_or_names_eps(n, eps, seed):
     assert -1e-12 <= float(penalty) <= 2 + 1e-12
     if eps == 0:  # η = 0: the two gradients are the same (or both zero: nothing misaligned)
         assert abs(float(penalty)) < 1e-12
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(n=st.integers(1, 6), eps=st.sampled_from([0.05, 0.0, -1.0, NAN]), beta=st.sampled_from([6.0, 0.0, -1.0]),
+       mode=st.sampled_from(["eval", "train", "test"]), seed=st.integers(0, 2**16))
+def test_mart_loss_is_its_two_terms_or_names_the_argument(n, eps, beta, mode, seed):
+    """The boosted CE of x' is above its CE (the margin term is positive), the weighted KL nonnegative; the loss is the
+    sum; bad settings name the argument."""
+    torch.manual_seed(seed)
+    model = _classifier()
+    x, y = torch.rand(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        loss = LF.mart_loss(model, x, y, eps, beta, steps=2, attack_mode=mode, generator=gen)
+    except (ValueError, TypeError) as err:
+        assert re.search(r"`eps`|`beta`|`attack_mode`", str(err)), err
+        return
+    x_adv = LF.mart_adversarial(model.eval(), x, y, eps, steps=2, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    boosted, kl = LF.mart_terms(model(x), model(x_adv), y)
+    assert float(boosted) > float(F.cross_entropy(model(x_adv), y)) and float(kl) >= -1e-9
+    torch.testing.assert_close(loss, boosted + beta * kl, atol=1e-12, rtol=0)
+    assert float(LF.mart_terms(model(x), model(x), y)[1]) < 1e-9  # x' = x: no KL
