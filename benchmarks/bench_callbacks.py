@@ -50,8 +50,12 @@ from torch import nn
 
 from benchmarks.harness import Row, devices, format_table, ratio_stats, sync
 from lightning_gp.callbacks import (
+    MART,
+    TRADES,
     AdversarialTraining,
+    AdversarialWeightPerturbation,
     DataGradientPenalty,
+    GradAlign,
     ParameterGradientPenalty,
     SharpnessAwareMinimization,
     SpectralNormPenalty,
@@ -62,12 +66,15 @@ from lightning_gp.functional import (
     fgsm,
     parameter_gradient_penalty,
     parameter_gradient_penalty_fd,
+    pgd,
     spectral_norm_penalty,
 )
+from tests import robust_loops  # the authors' steps the tests compare the baselines with
 
 WEIGHT = 0.1
 EPSILON = 0.1
 RHO = 0.05
+EPS_LINF, BETA, GAMMA = 8 / 255, 6.0, 5e-3
 TARGET = 1.05
 BATCH = 256
 #: The clock the steps are timed with: wall time (default), or with ``--clock cpu`` the process's CPU time, which a
@@ -79,8 +86,8 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
 
-#: name → factory of the callback (None: plain Lightning step).
-CALLBACKS: dict[str, Callable[[], Callback] | None] = {
+#: name → factory of the callback, or of a list of callbacks (None: plain Lightning step).
+CALLBACKS: dict[str, Callable[[], Callback | list[Callback]] | None] = {
     "plain": None,
     "data penalty, double backward": lambda: DataGradientPenalty(WEIGHT),
     "data penalty, finite difference": lambda: DataGradientPenalty(WEIGHT, method="finite_difference"),
@@ -91,6 +98,16 @@ CALLBACKS: dict[str, Callable[[], Callback] | None] = {
     "SAM (ρ = 0.05)": lambda: SharpnessAwareMinimization(RHO),
     # the same without the step's finiteness check, which the hand-written reference does not make
     "SAM, check_finite=False": lambda: SharpnessAwareMinimization(RHO, check_finite=False),
+    # the robust-training baselines, against their authors' steps (l∞, ε = 8/255, 10 inner steps of ε/4)
+    "PGD-10 (l∞)": lambda: AdversarialTraining(EPS_LINF, norm="linf", steps=10, step_size=EPS_LINF / 4,
+                                               clamp=(0.0, 1.0)),
+    "PGD-10 + AWP": lambda: [AdversarialTraining(EPS_LINF, norm="linf", steps=10, step_size=EPS_LINF / 4,
+                                                 clamp=(0.0, 1.0)), AdversarialWeightPerturbation(GAMMA)],
+    "TRADES": lambda: TRADES(EPS_LINF, BETA),
+    "TRADES + AWP": lambda: [TRADES(EPS_LINF, BETA), AdversarialWeightPerturbation(GAMMA)],
+    "MART": lambda: MART(EPS_LINF, BETA),
+    "FGSM + GradAlign": lambda: [AdversarialTraining(EPS_LINF, norm="linf", clamp=(0.0, 1.0)),
+                                 GradAlign(0.2, EPS_LINF, method="double_backward")],
 }
 
 
@@ -168,8 +185,85 @@ def hand_written_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
                 p.data = o
         update()
 
-    return dict(zip(CALLBACKS, (plain, data_db, data_fd, param_db, param_fd, spectral, adversarial, sam, sam),
-                    strict=True))
+    def pgd10():
+        x_adv = pgd_x_adv()
+        F.cross_entropy(model(x_adv), y).backward()
+        update()
+
+    def pgd_x_adv():
+        return pgd(lambda u: F.cross_entropy(model(u), y), x, epsilon=EPS_LINF, norm="linf", steps=10,
+                   step_size=EPS_LINF / 4, random_start=False, clamp=(0.0, 1.0))
+
+    awp = AuthorsAWP(model)
+    gen = torch.Generator(x.device).manual_seed(0)
+
+    def pgd10_awp():
+        x_adv = pgd_x_adv()
+        diff = awp.calc(lambda m: F.cross_entropy(m(x_adv), y))
+        awp.add(diff, GAMMA)
+        F.cross_entropy(model(x_adv), y).backward()
+        update()
+        awp.add(diff, -GAMMA)
+
+    def trades():
+        robust_loops.trades_step_loss(model, x, y, EPS_LINF, BETA, EPS_LINF / 4, 10, gen).backward()
+        update()
+
+    def trades_awp():
+        model.eval()
+        x_adv = robust_loops.trades_x_adv(model, x, EPS_LINF, EPS_LINF / 4, 10, gen)
+        model.train()
+
+        def objective(m):
+            return F.cross_entropy(m(x), y) + BETA * F.kl_div(F.log_softmax(m(x_adv), 1), F.softmax(m(x), 1),
+                                                                reduction="batchmean")
+        diff = awp.calc(objective)
+        awp.add(diff, GAMMA)
+        objective(model).backward()
+        update()
+        awp.add(diff, -GAMMA)
+
+    def mart():
+        robust_loops.mart_step_loss(model, x, y, EPS_LINF, BETA, EPS_LINF / 4, 10, gen).backward()
+        update()
+
+    def fgsm_grad_align():
+        robust_loops.grad_align_fgsm_step_loss(model, x, y, EPS_LINF, 0.2, gen).backward()
+        update()
+
+    return dict(zip(CALLBACKS, (plain, data_db, data_fd, param_db, param_fd, spectral, adversarial, sam, sam, pgd10,
+                                pgd10_awp, trades, trades_awp, mart, fgsm_grad_align), strict=True))
+
+
+class AuthorsAWP:
+    """csdongxian/AWP's ``AdvWeightPerturb``: a persistent proxy copy loaded with the model's state each step, one SGD
+    step (lr 0.01) of −objective on it, per weight of dimension > 1 the ‖W‖-scaled difference."""
+
+    def __init__(self, model: nn.Module) -> None:
+        import copy
+
+        self.model, self.proxy = model, copy.deepcopy(model)
+        self.proxy_opt = torch.optim.SGD(self.proxy.parameters(), lr=0.01)
+
+    def calc(self, objective: Callable[[nn.Module], torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.proxy.load_state_dict(self.model.state_dict())
+        self.proxy.train()
+        loss = -objective(self.proxy)
+        self.proxy_opt.zero_grad()
+        loss.backward()
+        self.proxy_opt.step()
+        diff = {}
+        for (name, old), (_, new) in zip(self.model.state_dict().items(), self.proxy.state_dict().items(),
+                                         strict=True):
+            if old.ndim > 1 and "weight" in name:
+                diff[name] = old.norm() / ((new - old).norm() + 1e-20) * (new - old)
+        return diff
+
+    def add(self, diff: dict[str, torch.Tensor], coeff: float) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in diff:
+                    param.add_(coeff * diff[name])
 
 
 class BenchModule(L.LightningModule):
@@ -179,9 +273,12 @@ class BenchModule(L.LightningModule):
         super().__init__()
         self.net = mlp()
 
+    def forward(self, x):  # the logits TRADES and MART ask for (MART reads those of the step's own call)
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
@@ -250,7 +347,8 @@ def lightning_chunk(name: str, device: torch.device, batch: tuple, steps: int,
     timer = StepTimer(device)
     hand = HandBetweenSteps(hand_step, device) if hand_step is not None else None
     factory = CALLBACKS.get(name)
-    callbacks = [timer] + ([hand] if hand is not None else []) + ([factory()] if factory is not None else [])
+    made = factory() if factory is not None else []
+    callbacks = [timer] + ([hand] if hand is not None else []) + (made if isinstance(made, list) else [made])
     module = DIAGNOSTICS.get(name, BenchModule)()
     trainer = L.Trainer(
         accelerator=device.type, devices=1, max_steps=steps, callbacks=callbacks, logger=False,
@@ -281,7 +379,7 @@ def measure(device: torch.device, rounds: int, steps: int, warmup: int,
     taken within a round (`ratio_stats`), never between times measured minutes apart.
     """
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, 64, generator=gen).to(device)
+    x = torch.rand(BATCH, 64, generator=gen).to(device)  # in [0, 1]: the box of the l∞ baselines
     y = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
     torch.manual_seed(0)
     model = mlp().to(device)

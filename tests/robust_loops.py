@@ -96,3 +96,29 @@ def mart_step_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, beta: flo
     kl = (nat_probs * (torch.log(nat_probs) - torch.log(adv_probs + 1e-12))).sum(dim=1)
     loss_robust = (1.0 / len(x)) * torch.sum(kl * (1.0000001 - true_probs))
     return loss_adv + float(beta) * loss_robust
+
+
+def awp_diff(model: nn.Module, objective: Callable[[nn.Module], Tensor], proxy_lr: float = 0.01) -> dict[str, Tensor]:
+    """The authors' ``calc_awp``: a proxy copy of the model takes one SGD step on −objective; per weight of dimension
+    > 1, diff = ‖W‖/(‖W_proxy − W‖ + 1e-20)·(W_proxy − W)."""
+    import copy
+
+    proxy = copy.deepcopy(model)
+    proxy.train()
+    proxy_opt = torch.optim.SGD(proxy.parameters(), lr=proxy_lr)
+    loss = -objective(proxy)
+    proxy_opt.zero_grad()
+    loss.backward()
+    proxy_opt.step()
+    diff = {}
+    for (name, old), (_, new) in zip(model.state_dict().items(), proxy.state_dict().items(), strict=True):
+        if old.ndim > 1 and "weight" in name:
+            diff[name] = old.norm() / ((new - old).norm() + 1e-20) * (new - old)
+    return diff
+
+
+def add_into_weights(model: nn.Module, diff: dict[str, Tensor], coeff: float) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in diff:
+                param.add_(coeff * diff[name])

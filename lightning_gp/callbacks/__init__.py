@@ -7,6 +7,7 @@ Modules with manual optimization use `lightning_gp.manual.penalized_loss` instea
 """
 
 from lightning_gp.callbacks.adversarial import AdversarialTraining
+from lightning_gp.callbacks.awp import AdversarialWeightPerturbation
 from lightning_gp.callbacks.data_penalty import DataGradientPenalty
 from lightning_gp.callbacks.flooding import Flooding
 from lightning_gp.callbacks.grad_align import GradAlign
@@ -22,6 +23,7 @@ __all__ = [
     "MART",
     "TRADES",
     "AdversarialTraining",
+    "AdversarialWeightPerturbation",
     "DataGradientPenalty",
     "Flooding",
     "GradAlign",

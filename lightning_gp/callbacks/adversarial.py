@@ -159,6 +159,9 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         if x.requires_grad:  # keep the input's own graph (it was computed upstream): x + a detached step
             x_adv = x + (x_adv - x.detach())
         adv_batch = replace_input(batch, probe.path, x_adv)
+        # the loss about to be trained on, at the current weights: AWP moves the weights against it first
+        ctx.adversarial_objective(lambda: ctx.extra_loss(adv_batch) if a == 1 else
+                                  (1 - a) * ctx.extra_loss(batch) + a * ctx.extra_loss(adv_batch))
         if a < 1:
             objective = inner(batch)  # primary: clean
             adv_loss = ctx.extra_loss(adv_batch)

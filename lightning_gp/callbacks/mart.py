@@ -121,6 +121,14 @@ class MART(PenaltyCallback):
         probe = self.site.probe(ctx.module, batch)
         y = class_labels(batch, self.target_key, owner)
         x_adv = self._adversarial(ctx, probe, batch, y)  # before any train-mode pass, as the authors find it
+        beta = self.active_weight(ctx)
+
+        def mart_objective() -> Tensor:  # MART's loss at the current weights: AWP moves the weights against it
+            boosted, kl = mart_terms(self._logits(ctx, probe, batch),
+                                     self._logits(ctx, probe, replace_input(batch, probe.path, x_adv)), y)
+            return boosted + beta * kl
+
+        ctx.adversarial_objective(mart_objective)
         with _module_outputs(ctx.module, enabled=self.logits_fn is None) as seen:
             objective = inner(batch)  # the user's step: the authors' clean pass
         clean = _the_logits(seen, len(y))
@@ -135,7 +143,7 @@ class MART(PenaltyCallback):
         self.check_and_log(ctx, "adversarial/mart_kl", kl, batch_size=len(y))
         self.applied += 1
         # MART's loss in place of the step's: the step's own loss cancels exactly (its value, and its gradient)
-        return objective.add(boosted + self.active_weight(ctx) * kl - objective.loss_in_objective)
+        return objective.add(boosted + beta * kl - objective.loss_in_objective)
 
     def _adversarial(self, ctx: StepContext, probe: Probe, batch: Any, y: Tensor) -> Tensor:
         def ce(u: Tensor) -> Tensor:

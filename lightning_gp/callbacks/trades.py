@@ -123,6 +123,9 @@ class TRADES(SiteCallback, PenaltyCallback):
         probe = self.site.probe(ctx.module, batch)
         # x' first, from the running statistics the step starts with (the authors find it before any train-mode pass)
         on_adversarial = self._adversarial(ctx, probe, batch)
+        # TRADES's loss at the current weights: AWP moves the weights against it before the training passes
+        ctx.adversarial_objective(lambda: ctx.extra_loss(batch) + beta * trades_kl(
+            self._logits(ctx, probe, batch), on_adversarial(lambda b: self._logits(ctx, probe, b))))
         objective = inner(batch)  # the clean loss: the user's step (the authors' first pass, on x)
         # the KL's passes count like the authors' (BatchNorm statistics updated, the step's dropout stream), but
         # do not log: x' first, then x for the KL's target

@@ -5,6 +5,7 @@ are thin adapters over it, so every function here can be used in a plain PyTorch
 """
 
 from lightning_gp.functional.adversarial import fgsm, pgd
+from lightning_gp.functional.awp import awp_parameters, awp_perturbation
 from lightning_gp.functional.gan import (
     difference_penalty,
     interpolate,
@@ -47,6 +48,8 @@ __all__ = [
     "PenaltyGradient",
     "PerSampleGradNorms",
     "RobustOutcome",
+    "awp_parameters",
+    "awp_perturbation",
     "chain_layers",
     "data_gradient_penalty",
     "data_gradient_penalty_fd",

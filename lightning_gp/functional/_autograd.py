@@ -228,9 +228,11 @@ class Displacement:
     """
 
     def __init__(self, params: Sequence[Tensor], directions: Sequence[Tensor], alpha: float, *,
-                 owner: nn.Module | None = None) -> None:
+                 owner: nn.Module | None = None, withdrawable: bool = False) -> None:
         self.sharding = active_sharding()
         self.params = list(params)
+        # d kept for `withdraw` only where asked (SAM lets d go once θ has moved)
+        self.directions, self.alpha = (list(directions) if withdrawable else None), alpha
         self.swapped = owner is not None and self.sharding is None and sole_owners(self.params, owner)
         if self.swapped:
             with torch.no_grad():
@@ -245,7 +247,8 @@ class Displacement:
             self._forget_copies()
             return
         self.datas = [local(p.data) for p in self.params]  # a sharded parameter moves in its own shard
-        self.saved = [d.clone() for d in self.datas]
+        # a withdrawable displacement is taken back by subtraction: no copy of θ
+        self.saved = [] if withdrawable else [d.clone() for d in self.datas]
         try:
             with torch.no_grad():
                 foreach_add_(self.datas, [local(d).to(p.dtype) for p, d in zip(params, directions, strict=True)],
@@ -255,9 +258,27 @@ class Displacement:
             self.restore()
             raise
 
-    def restore(self) -> None:
-        """θ put back bit for bit (its own storage, or from the copy, not by subtraction); a no-op once done."""
+    def withdraw(self) -> None:
+        """Subtract α·d from the parameters as they are now (in place): AWP's order, where the optimizer stepped at
+        θ + α·d in between, so θ' − α·d is wanted, not θ. The copy of θ is let go. A no-op once done."""
         if self.saved is None:
+            return
+        if self.swapped or self.directions is None:
+            raise RuntimeError("Displacement.withdraw needs `withdrawable=True` and no `owner` (a move in place).")
+        with torch.no_grad():
+            moved = [local(p.data) for p in self.params]
+            foreach_add_(moved, [local(d).to(p.dtype) for p, d in zip(self.params, self.directions, strict=True)],
+                         -self.alpha)
+        self.saved = None
+        self._forget_copies()
+
+    def restore(self) -> None:
+        """θ put back bit for bit (its own storage, or from the copy, not by subtraction); a no-op once done. A
+        withdrawable displacement is withdrawn (:meth:`withdraw`)."""
+        if self.saved is None:
+            return
+        if self.directions is not None:
+            self.withdraw()
             return
         if self.swapped:
             for p, s in zip(self.params, self.saved, strict=True):

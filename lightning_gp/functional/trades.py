@@ -21,6 +21,7 @@ from lightning_gp.functional._checks import check_batched, check_choice, check_c
 from lightning_gp.functional._state import module_mode
 from lightning_gp.functional.adversarial import NORMS, Norm, ascent_direction, pgd_step, project
 from lightning_gp.functional.gradients import per_sample_norm
+from lightning_gp.functional.robust import check_inputs_in_bounds
 from lightning_gp.functional.vat import kl_divergence
 
 __all__ = ["START_STD", "AttackMode", "default_trades_step_size", "trades_adversarial", "trades_kl", "trades_loss"]
@@ -120,6 +121,8 @@ def gaussian_start_ascent(
     alpha = default_trades_step_size(eps, steps, norm) if step_size is None else check_number(
         step_size, "step_size", owner)
     bounds = check_clamp(bounds)
+    if bounds is not None:  # clipping x' into a box x is not in would move it far outside the ε-ball
+        check_inputs_in_bounds(x, bounds, "x")
     with torch.enable_grad():
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = x + START_STD * noise

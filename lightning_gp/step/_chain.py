@@ -32,6 +32,7 @@ from lightning_gp.step.interception import muted_logging
 #: Where each penalty callback sits in the chain, outermost first (:func:`run_chain` sorts by it). A member's number
 #: also seeds its random generator (``PenaltyCallback.generator``), so the numbers stay what they are.
 ORDER: dict[str, int] = {
+    "AdversarialWeightPerturbation": -3,  # it moves θ when the adversarial callback inside it has its objective ready
     "GradAlign": -2,  # its gradients are of the clean batch's loss, outside adversarial training's batch
     "Flooding": -1,  # it floods the loss the user's step returned, before any other term is added
     "AdversarialTraining": 0,  # the passes inside it see the adversarial batch
@@ -74,6 +75,9 @@ class StepContext:
         self.lightning_backward = lightning_backward
         self.values = values  # the step's record for the finiteness check (None: check each value at once)
         self.members: list[ChainMember] = []  # the chain, outermost first (set by run_chain)
+        # members that move the weights against an adversarial objective once it is ready (AWP); see
+        # `adversarial_objective`
+        self.weight_perturbers: list[Callable[[Callable[[], Tensor]], None]] = []
         self.autocast_hint = fabric_autocast_dtype(module)  # Fabric's autocast lives inside the forward only
         self.step_fn = step_fn
         self.rest_args = args[1:]
@@ -85,6 +89,13 @@ class StepContext:
         # for where the strategy can shard (none given: a manual or Fabric loop), not on every DDP step.
         fsdp = fsdp_modules(module) if strategy is None or isinstance(strategy, ModelParallelStrategy) else []
         self.sharding = Sharding(fsdp, module) if fsdp else None
+
+    def adversarial_objective(self, objective: Callable[[], Tensor]) -> None:
+        """An adversarial callback has found its adversarial examples and is about to train on them: ``objective()``
+        computes its loss at the current weights (on extra passes). The members that perturb the weights against it
+        (AWP) move them now, so the training passes that follow run at the moved weights."""
+        for perturb in list(self.weight_perturbers):
+            perturb(objective)
 
     def trainable_parameters(self) -> list[Tensor]:
         """The parameters that require grad: under FSDP2 the shards (whatever the forward registered since)."""

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gp.callbacks import (
     TRADES,
     AdversarialTraining,
+    AdversarialWeightPerturbation,
     DataGradientPenalty,
     GradAlign,
     ParameterGradientPenalty,
@@ -308,10 +309,11 @@ def ref_vat(eps: float, weight: float, *, xi: float = 1e-6, iterations: int = 1,
 TRADES_ORDER = 6  # TRADES's place in the chain: part of its documented generator seed
 
 
-def ref_trades(eps: float, beta: float, steps: int):
+def ref_trades(eps: float, beta: float, steps: int, return_parts: bool = False):
     """TRADES on a layer's output: δ from 0.001·N(0, I), l∞ sign steps of ε/4 on KL(f ‖ f(·+δ)) (a sum, as the
-    authors' KLDivLoss), projected; then CE + β·KL_sum/B with the clean logits not detached."""
-    def objective(P: Parts, t: int, m: int) -> torch.Tensor:
+    authors' KLDivLoss), projected; then CE + β·KL_sum/B with the clean logits not detached. ``return_parts``: the
+    loss as a function of the current weights, δ fixed (for AWP)."""
+    def objective(P: Parts, t: int, m: int):
         gen = seeded_generator("cpu", torch.initial_seed(), 0, t, m, TRADES_ORDER)
         with torch.no_grad():
             clean = P.logits()
@@ -322,9 +324,34 @@ def ref_trades(eps: float, beta: float, steps: int):
             kl_sum = F.kl_div(F.log_softmax(P.logits(delta), 1), F.softmax(clean, 1), reduction="sum")
             (g,) = torch.autograd.grad(kl_sum, delta)
             delta = (delta.detach() + eps / 4 * g.sign()).clamp(-eps, eps)
-        adv = P.logits(delta)
-        robust = F.kl_div(F.log_softmax(adv, 1), F.softmax(P.logits(), 1), reduction="sum") / len(P.labels)
-        return P.loss() + beta * robust
+        def loss_at() -> torch.Tensor:
+            adv = P.logits(delta)
+            robust = F.kl_div(F.log_softmax(adv, 1), F.softmax(P.logits(), 1), reduction="sum") / len(P.labels)
+            return P.loss() + beta * robust
+        return loss_at if return_parts else loss_at()
+    return objective
+
+
+def ref_trades_awp(eps: float, beta: float, steps: int, gamma: float, module: nn.Module):
+    """TRADES on a layer's output with AWP: δ found at W; d = ∇ of TRADES's loss at W over the weights of dimension
+    > 1; W + γ‖W‖d/‖d‖ per weight for the step's gradient; W back (plain SGD: stepping at W + v and subtracting v
+    after is the same as stepping at W with the gradient from W + v)."""
+    inner = ref_trades(eps, beta, steps, return_parts=True)
+    params = list(module.parameters())
+    weights = [p for n, p in module.named_parameters() if "weight" in n and p.ndim > 1]
+
+    def objective(P: Parts, t: int, m: int) -> list[torch.Tensor]:
+        loss_at = inner(P, t, m)
+        d = torch.autograd.grad(loss_at(), weights)
+        moves = [gamma * w.norm() / (g.norm() + 1e-20) * g for w, g in zip(weights, d, strict=True)]
+        with torch.no_grad():
+            for w, v in zip(weights, moves, strict=True):
+                w += v
+        grads = grad_list(loss_at(), params)
+        with torch.no_grad():
+            for w, v in zip(weights, moves, strict=True):
+                w -= v
+        return grads
     return objective
 
 
@@ -391,6 +418,9 @@ def cases(problem: Problem) -> dict[str, tuple[Callable, Callable]]:
                        lambda mod: ref_vat(1.0, 1.0, xi=1e-3, iterations=2)),
         "trades": (lambda: [TRADES(0.5, 2.0, steps=3, bounds=None, target=tgt, logits_fn=lf)],
                    lambda mod: ref_trades(0.5, 2.0, 3)),
+        "trades_awp": (lambda: [TRADES(0.5, 2.0, steps=3, bounds=None, target=tgt, logits_fn=lf),
+                                AdversarialWeightPerturbation(0.02)],
+                       lambda mod: ref_trades_awp(0.5, 2.0, 3, 0.02, mod)),
         "grad_align": (lambda: [GradAlign(0.5, 0.3, target=tgt, method="double_backward")],
                        lambda mod: ref_grad_align(0.5, 0.3)),
         "data_double_backward": (lambda: [DataGradientPenalty(0.05, target=tgt)], lambda mod: ref_data_penalty(0.05)),

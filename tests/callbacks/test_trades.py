@@ -148,3 +148,12 @@ def test_refused_beside_adversarial_training():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         TRADES(**kwargs)
+
+
+def test_inputs_outside_the_bounds_are_refused_with_the_fix():
+    """Normalized images are not in [0, 1]: clipping x' into a box x is not in would be silently wrong."""
+    x, y = data().tensors
+    model = BNNet()
+    trainer = pl.Trainer(max_steps=1, precision="64-true", callbacks=[TRADES(0.1, steps=1)], **QUIET)
+    with pytest.raises(ValueError, match=r"`x` must lie inside `bounds` = \(0.0, 1.0\).*Pass the range"):
+        trainer.fit(model, DataLoader(TensorDataset(x * 4 - 2, y), batch_size=BATCH))

@@ -129,6 +129,17 @@ def test_callbacks_benchmark_alternates_the_two_sides_and_reports_per_round_rati
     assert len(lit) == len(hand) == len(calls) == 3
 
 
+def test_callbacks_benchmark_runs_the_robust_baselines_against_their_authors_steps(monkeypatch):
+    from benchmarks import bench_callbacks
+
+    monkeypatch.setenv("LGP_BENCH_DEVICES", "cpu")
+    names = ["PGD-10 + AWP", "TRADES + AWP", "MART", "FGSM + GradAlign"]
+    text = bench_callbacks.main(["--quick", "--rounds", "1", "--steps", "1", "--threads", "1", "--only", *names])
+    comparison = text.split("Lightning steps ÷ plain Lightning step")[0]
+    rows = {line.split("|")[1].strip() for line in comparison.splitlines() if line.startswith("| ")}
+    assert set(names) <= rows
+
+
 def _tiny_token_classifier(monkeypatch, arch: str = "encoder") -> None:
     import benchmarks.bench_targets as bt
 

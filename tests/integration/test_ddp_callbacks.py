@@ -13,6 +13,7 @@ from lightning_gp.callbacks import (
     MART,
     TRADES,
     AdversarialTraining,
+    AdversarialWeightPerturbation,
     DataGradientPenalty,
     GradAlign,
     ParameterGradientPenalty,
@@ -42,6 +43,8 @@ CONFIGS = {
                                                    method="double_backward")],
     # its collective (the time shares averaged over the ranks) runs on every rank; the passes are one process's
     "cost_monitor": lambda: [DataGradientPenalty(0.5, method="double_backward"), CostMonitor(every_n_steps=1)],
+    # d averaged over the ranks: the whole batch's, as one process (and the authors' DataParallel)
+    "pgd_awp": lambda: [AdversarialTraining(0.1, norm="linf", steps=2), AdversarialWeightPerturbation(0.05)],
     "trades": lambda: [TRADES(0.3, 2.0, steps=3, bounds=None, logits_fn=lambda module, batch: module.net(batch[0]))],
     "fgsm_grad_align": lambda: [AdversarialTraining(0.3, norm="linf"), GradAlign(0.5, 0.3)],
     "mart": lambda: [MART(0.3, 2.0, steps=3, bounds=None, logits_fn=lambda module, batch: module.net(batch[0]))],

@@ -875,7 +875,8 @@ def test_public_api_is_covered():
         "spectral_norm", "spectral_norm_penalty", "wgan_gradient_penalty", "wgan_gradient_penalty_fd",
         "sam_perturbation", "hessian_max_eigenvalue", "hessian_trace", "noise_scale", "two_batch_noise_scale",
         "per_sample_grad_norms_of_loss", "robust_accuracy", "robust_outcomes", "trades_adversarial", "trades_kl",
-        "trades_loss", "grad_align_penalty", "mart_adversarial", "mart_loss", "mart_terms",
+        "trades_loss", "grad_align_penalty", "mart_adversarial", "mart_loss", "mart_terms", "awp_parameters",
+        "awp_perturbation",
     }
     # Classes and helpers tested elsewhere: result tuples, the recorder and the chain check (test_grad_norms.py,
     # test_mlp_inequality.py), and linear_squared_norms / per_sample_grad_norms_by_layer (grad_norms.py).
@@ -1314,3 +1315,37 @@ def test_mart_loss_is_its_two_terms_or_names_the_argument(n, eps, beta, mode, se
     assert float(boosted) > float(F.cross_entropy(model(x_adv), y)) and float(kl) >= -1e-9
     torch.testing.assert_close(loss, boosted + beta * kl, atol=1e-12, rtol=0)
     assert float(LF.mart_terms(model(x), model(x), y)[1]) < 1e-9  # x' = x: no KL
+
+
+@FEW
+@given(shapes=st.lists(st.sampled_from([(3, 4), (5,), (2, 2, 3), (1, 1)]), min_size=1, max_size=4),
+       gamma=st.sampled_from([0.0, 5e-3, 1.0, -1.0, NAN]), zero=st.booleans(), seed=st.integers(0, 2**16))
+def test_awp_perturbation_has_norm_gamma_times_the_weight_along_the_gradient(shapes, gamma, zero, seed):
+    """‖v_l‖ = γ‖W_l‖ along g_l for each tensor; a zero gradient gives no move (never NaN); a bad γ names `gamma`."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    grads = [torch.zeros(s, dtype=torch.float64) if zero else torch.randn(s, generator=g, dtype=torch.float64)
+             for s in shapes]
+    try:
+        moves = LF.awp_perturbation(params, grads, gamma)
+    except (ValueError, TypeError) as err:
+        assert "`gamma`" in str(err), err
+        return
+    for p, d, v in zip(params, grads, moves, strict=True):
+        assert v.shape == p.shape and bool(torch.isfinite(v).all())
+        want = 0.0 if zero else gamma * float(p.norm())
+        assert math.isclose(float(v.norm()), want, rel_tol=1e-9, abs_tol=1e-12)
+        if not zero and gamma > 0:
+            assert float(F.cosine_similarity(v.flatten(), d.flatten(), dim=0)) > 1 - 1e-12
+
+
+def test_awp_parameters_are_the_authors_weights_or_the_choice():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    named = list(net.named_parameters())
+    assert [n for n, p in named if any(p is q for q in LF.awp_parameters(named))] == ["0.weight", "3.weight"]
+    assert len(LF.awp_parameters(named, "all")) == len(named)
+    assert LF.awp_parameters(named, lambda n, p: n.startswith("3.")) == [net[3].weight, net[3].bias]
+    net[3].weight.requires_grad_(False)  # frozen: not moved
+    assert LF.awp_parameters(net.named_parameters()) == [net[0].weight]
+    with pytest.raises(ValueError, match="`params`"):
+        LF.awp_parameters(named, "biases")
