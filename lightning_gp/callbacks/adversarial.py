@@ -113,14 +113,18 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             return self.step_size
         return default_step_size(self.epsilon, self.steps, self.random_start)
 
-    def attack(self, ctx: StepContext, batch: Any, x: Tensor, path: tuple) -> tuple[Tensor, Tensor | None]:
-        """The adversarial input, and the clean loss if the attack happened to compute it (batch input)."""
+    def attack(self, ctx: StepContext, batch: Any, x: Tensor, path: tuple,
+               origin: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The adversarial input, and the clean loss if the attack happened to compute it (batch input); the clean
+        input gradient goes to ``ctx.clean_input_gradients`` under ``id(origin)`` (the batch's own input tensor)."""
         clean: list[Tensor] = []
 
         def loss_fn(inputs: Tensor) -> Tensor:
             loss = ctx.extra_loss(replace_input(batch, path, inputs))
             if not clean and not self.random_start and torch.equal(inputs, x):
                 clean.append(loss.detach())
+                if origin is not None and inputs.requires_grad:  # ∇ at the clean input: GradAlign's first gradient
+                    inputs.register_hook(lambda g: ctx.clean_input_gradients.__setitem__(id(origin), g.detach()))
             return loss
 
         generator = self.step_generator(ctx) if self.random_start else None
@@ -155,7 +159,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
     def _apply_on_input(self, ctx: StepContext, probe: Probe, inner: Callable[[Any], Objective]) -> tuple:
         """A batch input: FGSM/PGD of :mod:`lightning_gp.functional` (equal to torchattacks), then train."""
         a, batch, x = self.adversarial_weight, probe.batch, probe.x
-        x_adv, clean_loss = self.attack(ctx, batch, x.detach(), probe.path)
+        x_adv, clean_loss = self.attack(ctx, batch, x.detach(), probe.path, origin=x)
         if x.requires_grad:  # keep the input's own graph (it was computed upstream): x + a detached step
             x_adv = x + (x_adv - x.detach())
         adv_batch = replace_input(batch, probe.path, x_adv)

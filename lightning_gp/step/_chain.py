@@ -78,6 +78,9 @@ class StepContext:
         # members that move the weights against an adversarial objective once it is ready (AWP); see
         # `adversarial_objective`
         self.weight_perturbers: list[Callable[[Callable[[], Tensor]], None]] = []
+        # ∇ of the user's loss w.r.t. a batch input tensor at the clean batch, by id of that tensor, where a member
+        # computed it anyway (FGSM from x): GradAlign's first gradient, not taken twice
+        self.clean_input_gradients: dict[int, Tensor] = {}
         self.autocast_hint = fabric_autocast_dtype(module)  # Fabric's autocast lives inside the forward only
         self.step_fn = step_fn
         self.rest_args = args[1:]

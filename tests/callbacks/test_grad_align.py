@@ -132,3 +132,19 @@ def test_identical_gradients_give_zero_and_opposite_ones_two():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         GradAlign(**kwargs)
+
+
+def test_the_fgsm_gradient_at_x_is_reused_as_the_first_gradient():
+    """FGSM from x has taken ∇ₓL at the clean input already, as the authors' step reuses it: one forward fewer."""
+    calls = []
+    model = Net()
+    model.net.register_forward_hook(lambda *_: calls.append(1))
+    pl.seed_everything(SEED, verbose=False)
+    pl.Trainer(max_steps=1, precision="64-true", callbacks=[GradAlign(0.5, EPS), fgsm()], **QUIET).fit(
+        model, DataLoader(data(), batch_size=BATCH))
+    # the FGSM pass at x, the trial of method="auto", the pass at x + η, the training pass at x + δ
+    assert len(calls) == 4
+    calls.clear()
+    pl.Trainer(max_steps=1, precision="64-true", callbacks=[GradAlign(0.5, EPS)], **QUIET).fit(
+        model, DataLoader(data(), batch_size=BATCH))
+    assert len(calls) == 4  # alone: the trial, its own pass at x, the pass at x + η, the training pass
