@@ -49,7 +49,16 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_gp import AdversarialTraining, DataGradientPenalty, ParameterGradientPenalty, RobustAccuracy
+from lightning_gp import (
+    MART,
+    TRADES,
+    AdversarialTraining,
+    AdversarialWeightPerturbation,
+    DataGradientPenalty,
+    GradAlign,
+    ParameterGradientPenalty,
+    RobustAccuracy,
+)
 from lightning_gp.functional import robust_outcomes
 
 try:
@@ -59,11 +68,16 @@ except ImportError:  # run as a file: python examples/robust_digits.py (lightnin
 
 Variant = Literal["plain", "data_penalty", "fgsm", "pgd", "param_penalty"]
 VARIANTS: tuple[Variant, ...] = ("plain", "data_penalty", "fgsm", "pgd", "param_penalty")
-LABELS = {
+LABELS = {  # every training the digits examples run (robust_leaderboard.py runs more of them)
     "plain": "plain",
     "data_penalty": "data penalty",
     "fgsm": "FGSM-RS training",
+    "fgsm_grad_align": "FGSM + GradAlign",
     "pgd": "PGD-10 training",
+    "pgd_awp": "PGD-10 + AWP",
+    "trades": "TRADES",
+    "trades_awp": "TRADES + AWP",
+    "mart": "MART",
     "param_penalty": "parameter penalty",
 }
 CHECKPOINTS = ("best", "last")
@@ -101,18 +115,27 @@ class DigitsMLP(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def make_callbacks(variant: Variant, data_weight: float, param_weight: float, train_epsilon: float) -> list[Callback]:
-    """The only thing that differs between the runs."""
-    if variant == "data_penalty":
-        return [DataGradientPenalty(data_weight, power=2)]
-    if variant == "fgsm":
-        return [AdversarialTraining(train_epsilon, norm="linf", steps=1, random_start=True, clamp=(0.0, 1.0))]
-    if variant == "pgd":
-        return [AdversarialTraining(train_epsilon, norm="linf", steps=10, step_size=train_epsilon / 4,
-                                    random_start=True, clamp=(0.0, 1.0))]
-    if variant == "param_penalty":
-        return [ParameterGradientPenalty(param_weight)]
-    return []
+def make_callbacks(variant: str, args: dict) -> list[Callback]:
+    """The only thing that differs between the runs (ε = ``train_epsilon``, l∞, inputs in [0, 1]; the baselines with
+    their authors' settings: 10 inner steps of ε/4, β = 6, AWP's γ = 5e-3, GradAlign beside FGSM from x)."""
+    eps = args["train_epsilon"]
+    pgd10 = lambda: AdversarialTraining(eps, norm="linf", steps=10, step_size=eps / 4, random_start=True,  # noqa: E731
+                                        clamp=(0.0, 1.0))
+    factories = {
+        "plain": list,
+        "data_penalty": lambda: [DataGradientPenalty(args["data_weight"], power=2)],
+        "fgsm": lambda: [AdversarialTraining(eps, norm="linf", steps=1, random_start=True, clamp=(0.0, 1.0))],
+        "fgsm_grad_align": lambda: [AdversarialTraining(eps, norm="linf", clamp=(0.0, 1.0)),
+                                    GradAlign(args.get("grad_align_weight", 0.2), eps)],
+        "pgd": lambda: [pgd10()],
+        "pgd_awp": lambda: [pgd10(), AdversarialWeightPerturbation(args.get("awp_gamma", 5e-3))],
+        "trades": lambda: [TRADES(eps, args.get("beta", 6.0))],
+        "trades_awp": lambda: [TRADES(eps, args.get("beta", 6.0)),
+                               AdversarialWeightPerturbation(args.get("awp_gamma", 5e-3))],
+        "mart": lambda: [MART(eps, args.get("beta", 6.0))],
+        "param_penalty": lambda: [ParameterGradientPenalty(args["param_weight"])],
+    }
+    return factories[variant]()
 
 
 def evaluate_checkpoint(model: nn.Module, x: Tensor, y: Tensor, epsilon: float, attacks: str | list[str]) -> dict:
@@ -128,8 +151,8 @@ def evaluate_checkpoint(model: nn.Module, x: Tensor, y: Tensor, epsilon: float, 
             "seconds": sum(aa.seconds.values())}
 
 
-def train_one(variant: Variant, seed: int, args: dict, datamodule: DigitsDataModule, out: Path,
-              group: str) -> dict:
+def train_one(variant: str, seed: int, args: dict, datamodule: DigitsDataModule, out: Path, group: str,
+              checkpoints: tuple[str, ...] = CHECKPOINTS, project: str = PROJECT) -> dict:
     """Fit one run with robust validation and best-robust checkpointing; test both checkpoints."""
     L.seed_everything(seed, workers=True)
     model = DigitsMLP(hidden=args["hidden"], lr=args["lr"])
@@ -144,9 +167,8 @@ def train_one(variant: Variant, seed: int, args: dict, datamodule: DigitsDataMod
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last-{epoch}")
     trainer = L.Trainer(
         max_epochs=args["epochs"], accelerator=args["accelerator"], devices=1,
-        callbacks=[*make_callbacks(variant, args["data_weight"], args["param_weight"], args["train_epsilon"]),
-                   robust_val, best, last],
-        logger=make_logger(args["logger"], out, name, group, PROJECT, variant),
+        callbacks=[*make_callbacks(variant, args), robust_val, best, last],
+        logger=make_logger(args["logger"], out, name, group, project, variant),
         deterministic=True, num_sanity_val_steps=0, log_every_n_steps=10, enable_model_summary=False,
         enable_progress_bar=args["progress_bar"], default_root_dir=str(out),
     )
@@ -159,7 +181,8 @@ def train_one(variant: Variant, seed: int, args: dict, datamodule: DigitsDataMod
         x, y = x[: args["test_samples"]], y[: args["test_samples"]]
     result = {"variant": variant, "seed": seed, "fit_seconds": seconds, "n_test": len(y),
               "curve": [(h["epoch"] + 1, h["robust/accuracy"]) for h in robust_val.history]}
-    for which, path in (("best", best.best_model_path), ("last", last.best_model_path)):
+    paths = {"best": best.best_model_path, "last": last.best_model_path}
+    for which, path in ((w, paths[w]) for w in checkpoints):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["state_dict"])
         measured = evaluate_checkpoint(model, x, y, args["epsilon"], args["attacks"])
@@ -167,8 +190,8 @@ def train_one(variant: Variant, seed: int, args: dict, datamodule: DigitsDataMod
     return result
 
 
-def summarize(results: list[dict], variants: list[Variant], seeds: list[int], *, epsilon: float,
-              suite: str) -> tuple[str, dict]:
+def summarize(results: list[dict], variants: list[str], seeds: list[int], *, epsilon: float,
+              suite: str, checkpoints: tuple[str, ...] = CHECKPOINTS) -> tuple[str, dict]:
     """Markdown tables (mean ± sd over seeds), one per checkpoint, and the per-variant, per-checkpoint stats."""
 
     def spread(values: list[float]) -> tuple[float, float]:
@@ -181,7 +204,7 @@ def summarize(results: list[dict], variants: list[Variant], seeds: list[int], *,
     seeds_text = f"mean ± sd over seeds {seeds}" if sd else f"seed {seeds[0]}"
     lines = [f"Digits MLP, {results[0]['n_test']} held-out test digits; l∞ ε = {epsilon}; "
              f"AutoAttack = {suite}; {seeds_text}."]
-    for which in CHECKPOINTS:
+    for which in checkpoints:
         title = "best robust-validation checkpoint" if which == "best" else "last checkpoint"
         lines += ["", f"**{title.capitalize()}**", "",
                   "| training | clean % | PGD-20 % | AutoAttack % | epoch | fit s |", "|---|---:|---:|---:|---:|---:|"]
@@ -195,10 +218,10 @@ def summarize(results: list[dict], variants: list[Variant], seeds: list[int], *,
             fit = statistics.fmean(r["fit_seconds"] for r in runs)
             lines.append(f"| {LABELS[v]} | {fmt(row['clean'])} | {fmt(row['pgd20'])} | {fmt(row['autoattack'])} "
                          f"| {epochs} | {fit:.0f} |")
-    broken = sum(stats[v][w]["broken_after_apgd"] for v in variants for w in CHECKPOINTS)
+    broken = sum(stats[v][w]["broken_after_apgd"] for v in variants for w in checkpoints)
     if suite == "standard":
         lines += ["", f"FAB-T and Square broke {broken} sample(s) that APGD-CE and APGD-T left robust, over all "
-                      f"{len(results) * 2} evaluations."]
+                      f"{len(results) * len(checkpoints)} evaluations."]
     return "\n".join(lines), stats
 
 
@@ -211,7 +234,7 @@ def bar_chart(stats: dict, path: Path, title: str) -> Path:
 
     names = list(stats)
     pos = range(len(names))
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    fig, ax = plt.subplots(figsize=(max(8.5, 1.3 * len(names)), 4.2))
     for offset, key, label in ((-0.27, "clean", "clean"), (0.0, "pgd20", "PGD-20"), (0.27, "autoattack",
                                                                                      "AutoAttack")):
         means = [stats[n]["best"][key][0] for n in names]
@@ -219,7 +242,7 @@ def bar_chart(stats: dict, path: Path, title: str) -> Path:
         bars = ax.bar([p + offset for p in pos], means, 0.27, yerr=errs if any(errs) else None, capsize=3,
                       label=label)
         ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
-    ax.set_xticks(list(pos), [LABELS[n] for n in names])
+    ax.set_xticks(list(pos), [LABELS[n] for n in names], fontsize=8 if len(names) > 6 else None)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 118)
     ax.set_title(title, fontsize=10)
@@ -230,7 +253,7 @@ def bar_chart(stats: dict, path: Path, title: str) -> Path:
     return path
 
 
-def curve_chart(results: list[dict], variants: list[Variant], path: Path, title: str) -> Path:
+def curve_chart(results: list[dict], variants: list[str], path: Path, title: str) -> Path:
     """Robust validation accuracy per epoch: the mean over seeds, shaded from the lowest seed to the highest."""
     import matplotlib
 
