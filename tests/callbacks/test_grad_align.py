@@ -148,3 +148,23 @@ def test_the_fgsm_gradient_at_x_is_reused_as_the_first_gradient():
     pl.Trainer(max_steps=1, precision="64-true", callbacks=[GradAlign(0.5, EPS)], **QUIET).fit(
         model, DataLoader(data(), batch_size=BATCH))
     assert len(calls) == 4  # alone: the trial, its own pass at x, the pass at x + η, the training pass
+
+
+def test_gradient_accumulation_equals_the_authors_step_per_micro_batch():
+    """accumulate_grad_batches=2: each half-batch is the authors' step on it (its own η), the losses halved."""
+    model = Net()
+    pl.seed_everything(SEED, verbose=False)
+    pl.Trainer(max_steps=STEPS // 2, precision="64-true", accumulate_grad_batches=2,
+               callbacks=[GradAlign(0.5, EPS), fgsm()], **QUIET).fit(model, DataLoader(data(), batch_size=BATCH // 2))
+    want = Net()
+    opt = want.configure_optimizers()
+    x_all, y_all = data().tensors
+    half = BATCH // 2
+    for t in range(STEPS // 2):
+        opt.zero_grad()
+        for m in range(2):
+            i = (2 * t + m) * half
+            gen = seeded_generator("cpu", SEED, 0, t, m, ORDER["GradAlign"])
+            (grad_align_fgsm_step_loss(want.net, x_all[i:i + half], y_all[i:i + half], EPS, 0.5, gen) / 2).backward()
+        opt.step()
+    assert max_diff(model, want) < 1e-9
