@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_gp._lightning.setup_checks import check_forward
+from lightning_gp.functional._checks import check_callable
 from lightning_gp.step._batch import DEFAULT_KEYS, InputKey, resolve_input, value_at
 from lightning_gp.step._site import Probe
 
@@ -39,3 +41,13 @@ def batch_logits(module: nn.Module, probe: Probe, batch: Any, logits_fn: LogitsF
             f"`logits_fn=lambda module, batch: ...` returning the logits of the batch."
         )
     return logits
+
+
+def check_logits_source(module: Any, logits_fn: LogitsFn | None, owner: str) -> None:
+    """``logits_fn`` is a callable, or (given a ``module``, at setup) the module defines ``forward``: else a clear error
+    that names the fix."""
+    if logits_fn is not None:
+        check_callable(logits_fn, "logits_fn", "callable (pl_module, batch) -> logits", owner)
+    elif module is not None:
+        check_forward(module, owner, "Define `forward` returning the logits, or pass "
+                                     "`logits_fn=lambda module, batch: ...`.")

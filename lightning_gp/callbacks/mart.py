@@ -10,15 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gp._lightning.setup_checks import check_forward
-from lightning_gp.callbacks._base import PenaltyCallback
-from lightning_gp.callbacks._logits import LogitsFn, batch_logits
-from lightning_gp.functional._checks import check_callable, check_choice, check_clamp, check_number, check_positive_int
+from lightning_gp.callbacks._inner_max import InnerMaxCallback
+from lightning_gp.callbacks._logits import LogitsFn
 from lightning_gp.functional._state import module_mode
-from lightning_gp.functional.adversarial import NORMS, Norm
+from lightning_gp.functional.adversarial import Norm
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.mart import mart_terms
-from lightning_gp.functional.trades import ATTACK_MODES, AttackMode, gaussian_start_ascent
+from lightning_gp.functional.trades import AttackMode, gaussian_start_ascent
 from lightning_gp.step._batch import InputKey, class_labels, replace_input
 from lightning_gp.step._chain import ORDER, StepContext, extra_pass
 from lightning_gp.step._objective import Objective
@@ -29,7 +27,7 @@ from lightning_gp.step.interception import muted_logging
 EXCLUSIVE = ("AdversarialTraining", "TRADES")
 
 
-class MART(PenaltyCallback):
+class MART(InnerMaxCallback):
     r"""Trains on MART's loss instead of the one ``training_step`` returns (Wang et al. 2020).
 
     The loss: the boosted cross-entropy of x' (CE plus −log(1.0001 − p'ₖ), k the most probable wrong class at x'),
@@ -67,7 +65,9 @@ class MART(PenaltyCallback):
     """
 
     order = ORDER["MART"]  # its place in the chain: _chain.ORDER
-    needs_loss_graph = False
+    exclusive = EXCLUSIVE
+    what_it_does = "replaces the loss with its own on x and x'"
+    what_they_do = "changes the same loss or batch"
 
     def __init__(
         self,
@@ -84,37 +84,10 @@ class MART(PenaltyCallback):
         attack_mode: AttackMode = "eval",
         check_finite: bool = True,
     ) -> None:
-        owner = type(self).__name__
-        super().__init__(beta, check_finite=check_finite)
-        self.beta = self.weight
-        self.eps = check_number(eps, "eps", owner)
-        self.norm = check_choice(norm, "norm", NORMS, owner)
-        self.steps = check_positive_int(steps, "steps", owner)
-        self.step_size = None if step_size is None else check_number(step_size, "step_size", owner)
-        self.bounds = check_clamp(bounds)
-        if logits_fn is not None:
-            check_callable(logits_fn, "logits_fn", "callable (pl_module, batch) -> logits", owner)
-        self.attack_mode = check_choice(attack_mode, "attack_mode", ATTACK_MODES, owner)
-        self.input_key, self.target_key, self.logits_fn = input_key, target_key, logits_fn
-        self.site = Site(None, input_key, None, owner)
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        others = [type(cb).__name__ for cb in trainer.callbacks if type(cb).__name__ in EXCLUSIVE]
-        if others:
-            raise ValueError(f"{type(self).__name__} replaces the loss with its own on x and x', and {others[0]} "
-                             f"changes the same loss or batch: use one of the two.")
-        if self.logits_fn is None:
-            check_forward(pl_module, type(self).__name__,
-                          "Define `forward` returning the logits, or pass `logits_fn=lambda module, batch: ...`.")
-
-    def unsupported_when_sharded(self) -> str | None:
-        return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
-
-    def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
-        return batch_logits(ctx.module, probe, batch, self.logits_fn, self.input_key, type(self).__name__)
+        super().__init__(eps, beta, norm=norm, steps=steps, step_size=step_size, bounds=bounds, logits_fn=logits_fn,
+                         attack_mode=attack_mode, check_finite=check_finite)
+        self.input_key, self.target_key = input_key, target_key
+        self.site = Site(None, input_key, None, type(self).__name__)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
         owner = type(self).__name__

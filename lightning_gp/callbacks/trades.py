@@ -8,14 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._lightning.setup_checks import check_forward
-from lightning_gp.callbacks._base import PenaltyCallback
-from lightning_gp.callbacks._logits import LogitsFn, batch_logits
-from lightning_gp.functional._checks import check_callable, check_choice, check_clamp, check_number, check_positive_int
+from lightning_gp.callbacks._inner_max import InnerMaxCallback
+from lightning_gp.callbacks._logits import LogitsFn
 from lightning_gp.functional._state import module_mode
-from lightning_gp.functional.adversarial import NORMS, Norm
+from lightning_gp.functional.adversarial import Norm
 from lightning_gp.functional.layer_output import forward_pass
-from lightning_gp.functional.trades import ATTACK_MODES, AttackMode, trades_adversarial, trades_kl
+from lightning_gp.functional.trades import AttackMode, trades_adversarial, trades_kl
 from lightning_gp.step._batch import InputKey, replace_input
 from lightning_gp.step._chain import ORDER, StepContext, extra_pass
 from lightning_gp.step._objective import Objective
@@ -26,7 +24,7 @@ from lightning_gp.step.interception import muted_logging
 REPLACES_BATCH = ("AdversarialTraining", "MART")
 
 
-class TRADES(SiteCallback, PenaltyCallback):
+class TRADES(SiteCallback, InnerMaxCallback):
     r"""Adds ``β·(1/B)·Σᵢ KL(f(xᵢ) ‖ f(x'ᵢ))`` to the clean loss ``training_step`` returns (Zhang et al. 2019).
 
     x' maximises the KL in the ε-ball by ``steps`` signed-gradient steps from x + 0.001·N(0, I), clipped to
@@ -64,6 +62,9 @@ class TRADES(SiteCallback, PenaltyCallback):
 
     order = ORDER["TRADES"]  # its place in the chain: _chain.ORDER
     log_name = "adversarial/trades_kl"
+    exclusive = REPLACES_BATCH
+    what_it_does = "adds its KL to the clean loss"
+    what_they_do = "trains on another batch, so the loss would no longer be clean"
 
     def __init__(
         self,
@@ -81,40 +82,13 @@ class TRADES(SiteCallback, PenaltyCallback):
         mask_key: str | None = None,
         check_finite: bool = True,
     ) -> None:
-        owner = type(self).__name__
-        super().__init__(beta, check_finite=check_finite)
-        self.beta = self.weight
-        self.eps = check_number(eps, "eps", owner)
-        self.norm = check_choice(norm, "norm", NORMS, owner)
-        self.steps = check_positive_int(steps, "steps", owner)
-        self.step_size = None if step_size is None else check_number(step_size, "step_size", owner)
-        self.bounds = check_clamp(bounds)
+        super().__init__(eps, beta, norm=norm, steps=steps, step_size=step_size, bounds=bounds, logits_fn=logits_fn,
+                         attack_mode=attack_mode, check_finite=check_finite)
         if target is not None and bounds is not None:
-            raise ValueError(f"{owner}: `bounds={bounds!r}` is the box of a batch input; a layer's output "
-                             f"(`target={target!r}`) has none. Pass `bounds=None`.")
-        if logits_fn is not None:
-            check_callable(logits_fn, "logits_fn", "callable (pl_module, batch) -> logits", owner)
-        self.attack_mode = check_choice(attack_mode, "attack_mode", ATTACK_MODES, owner)
-        self.input_key, self.target, self.mask_key, self.logits_fn = input_key, target, mask_key, logits_fn
-        self.site = Site(target, input_key, mask_key, owner)
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        others = [type(cb).__name__ for cb in trainer.callbacks if type(cb).__name__ in REPLACES_BATCH]
-        if others:
-            raise ValueError(f"{type(self).__name__} adds its KL to the clean loss, and {others[0]} trains on another "
-                             f"batch, so the loss would no longer be clean: use one of the two.")
-        if self.logits_fn is None:
-            check_forward(pl_module, type(self).__name__,
-                          "Define `forward` returning the logits, or pass `logits_fn=lambda module, batch: ...`.")
-
-    def unsupported_when_sharded(self) -> str | None:
-        return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
-
-    def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
-        return batch_logits(ctx.module, probe, batch, self.logits_fn, self.input_key, type(self).__name__)
+            raise ValueError(f"{type(self).__name__}: `bounds={bounds!r}` is the box of a batch input; a layer's "
+                             f"output (`target={target!r}`) has none. Pass `bounds=None`.")
+        self.input_key, self.target, self.mask_key = input_key, target, mask_key
+        self.site = Site(target, input_key, mask_key, type(self).__name__)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
         beta = self.active_weight(ctx)

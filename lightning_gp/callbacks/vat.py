@@ -8,10 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gp._lightning.setup_checks import check_forward
 from lightning_gp.callbacks._base import PenaltyCallback
-from lightning_gp.callbacks._logits import LogitsFn, batch_logits
-from lightning_gp.functional._checks import check_callable, check_number, check_positive_int
+from lightning_gp.callbacks._logits import LogitsFn, batch_logits, check_logits_source
+from lightning_gp.functional._checks import check_number, check_positive_int
 from lightning_gp.functional.vat import kl_divergence, virtual_adversarial_direction
 from lightning_gp.step._batch import InputKey
 from lightning_gp.step._chain import ORDER, StepContext, extra_pass
@@ -77,16 +76,14 @@ class VirtualAdversarialTraining(SiteCallback, PenaltyCallback):
         self.epsilon = check_number(epsilon, "epsilon", type(self).__name__, strict=True)
         self.xi = None if xi is None else check_number(xi, "xi", type(self).__name__, strict=True)
         self.power_iterations = check_positive_int(power_iterations, "power_iterations", type(self).__name__)
-        if logits_fn is not None:
-            check_callable(logits_fn, "logits_fn", "callable (pl_module, batch) -> logits", type(self).__name__)
+        check_logits_source(None, logits_fn, type(self).__name__)
         self.input_key, self.target, self.mask_key, self.logits_fn = input_key, target, mask_key, logits_fn
         self.site = Site(target, input_key, mask_key, type(self).__name__)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.logits_fn is None and stage == "fit":
-            check_forward(pl_module, type(self).__name__,
-                          "Define `forward` returning the logits, or pass `logits_fn=lambda module, batch: ...`.")
+        if stage == "fit":
+            check_logits_source(pl_module, self.logits_fn, type(self).__name__)
 
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         """The logits of ``batch`` (an extra pass: no logging, BatchNorm statistics left alone)."""
