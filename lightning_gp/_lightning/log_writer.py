@@ -116,14 +116,57 @@ def define_summaries(trainer: pl.Trainer, summaries: Mapping[str, str]) -> None:
 def log_settings(trainer: pl.Trainer, owner: Any) -> None:
     """Put ``owner``'s constructor settings into every logger's hyperparameters, under ``lightning_gp/<its key>``
     (W&B's run config, TensorBoard's hparams, CSV's ``hparams.yaml``), so runs can be filtered and grouped by
-    penalty weight, ε or method. Values other than numbers, strings, booleans and None are written as ``repr``."""
+    penalty weight, ε or method. The key is :func:`config_key`, the values :func:`config_value`: both the same in two
+    identical runs."""
     if not trainer.loggers:
         return
-    settings = {name: value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
-                for name, value in init_arguments(owner).items()}
-    key = getattr(owner, "state_key", type(owner).__qualname__)
+    settings = {name: config_value(value) for name, value in init_arguments(owner).items()}
     for logger in trainer.loggers:
-        logger.log_hyperparams({f"lightning_gp/{key}": settings})
+        logger.log_hyperparams({f"lightning_gp/{config_key(trainer, owner)}": settings})
+
+
+def config_key(trainer: pl.Trainer, owner: Any) -> str:
+    """``owner``'s class name, with a short disambiguator where the Trainer holds two of its class: what tells them
+    apart (``target=...``, ``power=1``), or else its position among them.
+
+    Example:
+
+        >>> class Dummy:
+        ...     callbacks = []
+        >>> config_key(Dummy(), object())
+        'object'
+    """
+    name = type(owner).__qualname__
+    same = [cb for cb in getattr(trainer, "callbacks", []) if type(cb) is type(owner)]
+    if len(same) <= 1:
+        return name
+    fields = owner.state_key_fields() if hasattr(owner, "state_key_fields") else {}
+    tag = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={config_value(v)}" for k, v in fields.items())
+    return f"{name}[{tag or same.index(owner)}]"
+
+
+def config_value(value: Any) -> Any:
+    """A value a run config can group by: numbers, strings, booleans and None as they are; a list of them as a list;
+    a module by its class; a function by its qualified name (never its address, which changes every run); other
+    objects by ``repr``, or by their class where the ``repr`` holds an address.
+
+    Example:
+
+        >>> config_value((0.0, 1.0)), config_value(torch.nn.Linear(2, 2)), config_value(math.sqrt)
+        ([0.0, 1.0], 'Linear', 'math.sqrt')
+    """
+    simple = (int, float, str, bool, type(None))
+    if isinstance(value, simple):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, simple) for v in value):
+        return list(value)
+    if isinstance(value, torch.nn.Module):
+        return type(value).__qualname__
+    if callable(value) and hasattr(value, "__qualname__"):
+        module = getattr(value, "__module__", None)
+        return f"{module}.{value.__qualname__}" if module else value.__qualname__
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text
 
 
 def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int) -> None:

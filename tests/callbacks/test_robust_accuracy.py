@@ -149,7 +149,7 @@ def test_the_threat_model_reaches_the_wandb_run_config_and_the_metrics_its_histo
     logger.experiment.finish()
     run = read_run(tmp_path)
     settings = run.config["lightning_gp/RobustAccuracy"]
-    assert settings["eps"] == 0.1 and settings["norm"] == "linf" and settings["attacks"] == repr(ATTACKS)
+    assert settings["eps"] == 0.1 and settings["norm"] == "linf" and settings["attacks"] == ATTACKS
     logged = [row for row in run.history if "robust/accuracy" in row]
     assert len(logged) == 1 and logged[0]["robust/accuracy"] == pytest.approx(cb.history[0]["robust/accuracy"])
 
