@@ -6,27 +6,32 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.functional import fgsm, pgd
 from lightning_gp.functional._checks import check_bool, check_choice, check_clamp, check_number, check_positive_int
-from lightning_gp.functional.adversarial import NORMS, Norm, default_step_size, pgd_step, random_start
+from lightning_gp.functional.adversarial import NORMS, Norm, Radius, default_step_size, pgd_step, random_start
+from lightning_gp.functional.gradients import per_sample_norm
 from lightning_gp.functional.layer_output import expand_mask
 from lightning_gp.step._batch import InputKey, replace_input
 from lightning_gp.step._chain import ORDER, StepContext
 from lightning_gp.step._objective import Objective
 from lightning_gp.step._site import Probe, Site, SiteCallback, Target
 
+#: After how many steps a flat adversarial loss is warned about (once), and from which ε (as a share of the
+#: perturbed tensor's median per-sample norm) on.
+STALL_STEPS, LARGE_SHARE = 100, 0.05
+
 
 class AdversarialTraining(SiteCallback, PenaltyCallback):
     r"""Trains on ``(1 − a)·L(x) + a·L(x_adv)``, x_adv an FGSM (``steps=1``) or PGD attack on the module's loss.
 
-    The attack differentiates the returned loss w.r.t. the input only (no parameter ``.grad``, no DDP hook), so
-    the loss's reduction does not matter. ``norm="l2"`` steps along gᵢ/‖gᵢ‖ (to first order, the penalty
-    ε‖∇ₓℓ‖), ``norm="linf"`` by sign (torchattacks' FGSM/PGD). Logs ``adversarial/loss`` (and
-    ``adversarial/clean_loss``). With ``target`` δ is added to a layer's output (FGM/PGD on embeddings, Miyato
-    et al. 2017), per sample, padding never perturbed. Design: ``docs/design/loss-changing-callbacks.md``.
+    ``norm="l2"`` steps along gᵢ/‖gᵢ‖, ``norm="linf"`` by sign (torchattacks' FGSM/PGD). Logs ``adversarial/loss``
+    (and ``adversarial/clean_loss``). With ``target`` δ is added to a layer's output (FGM/PGD on embeddings), per
+    sample, padding never perturbed. Warns once where ε looks too large to learn. Design:
+    ``docs/design/loss-changing-callbacks.md``.
 
     Args:
         epsilon: radius ε ≥ 0 of the perturbation ball.
@@ -41,6 +46,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         input_key: which part of the batch is the input (see `DataGradientPenalty`).
         target: perturb this layer's output (dotted path or module) instead of the batch input.
         mask_key: a (B, T) mask of real positions (default ``"attention_mask"`` of a dict batch).
+        eps_relative: ε and ``step_size`` as shares of each sample's own norm (l2 or l∞, real positions only).
         check_finite: see `DataGradientPenalty`.
 
     Raises:
@@ -74,6 +80,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         input_key: InputKey = None,
         target: Target = None,
         mask_key: str | None = None,
+        eps_relative: bool = False,
         check_finite: bool = True,
     ) -> None:
         super().__init__(1.0, check_finite=check_finite)
@@ -103,8 +110,12 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
                              f"has no valid range. Drop `clamp`.")
         self.adversarial_weight = a
         self.average_steps = check_bool(average_steps, "average_steps", owner)
+        self.eps_relative = check_bool(eps_relative, "eps_relative", owner)
         self.input_key, self.target, self.mask_key = input_key, target, mask_key
         self.site = Site(target, input_key, mask_key, owner)
+        self._losses: list[float] = []  # the adversarial loss of the first STALL_STEPS steps (`_watch_learning`)
+        self._median_norm: float | None = None
+        self._stall_checked = False
 
     @property
     def resolved_step_size(self) -> float:
@@ -145,12 +156,13 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         if a == 0:
             return inner(batch)
         probe = self.site.probe(ctx.module, batch)
-        if probe.module is not None or self.average_steps:
+        if probe.module is not None or self.average_steps or self.eps_relative:
             result, adv_loss, clean_loss = self._apply_in_delta(ctx, probe, inner)
         else:
             result, adv_loss, clean_loss = self._apply_on_input(ctx, probe, inner)
         n = probe.base.shape[0]
         self.record(ctx, "adversarial/loss", adv_loss, n)
+        self._watch_learning(probe, adv_loss)
         if clean_loss is not None:
             self.record(ctx, "adversarial/clean_loss", clean_loss, n)
         self.applied += 1
@@ -182,14 +194,19 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         end); the first pass is the primary one when its loss is trained on (FreeLB, or a clean first pass
         with ``adversarial_weight < 1``), so a hand-written loop's pass count is matched.
         """
-        a, k, alpha = self.adversarial_weight, self.steps, self.resolved_step_size
+        a, k = self.adversarial_weight, self.steps
         generator = self.step_generator(ctx) if self.random_start else None
+        radius: list = [self.epsilon, self.resolved_step_size]  # ε and α: numbers, or (B,) with eps_relative
 
         def start(like: Tensor) -> Tensor:
+            if self.eps_relative:  # each sample's own norm, at the clean pass, sets its ε and α
+                real = probe.masked(like.detach())
+                norms = per_sample_norm(real) if self.norm == "l2" else real.abs().flatten(1).amax(1)
+                radius[:] = [self.epsilon * norms, self.resolved_step_size * norms]
             if not self.random_start:
                 return like.detach().new_zeros(like.shape).requires_grad_(True)
             mask = None if probe.mask is None else expand_mask(probe.mask, like)
-            return random_start(like.detach(), self.epsilon, self.norm, mask=mask,
+            return random_start(like.detach(), radius[0], self.norm, mask=mask,
                                 generator=generator).requires_grad_(True)
 
         primary_first = self.average_steps or (a < 1 and not self.random_start)
@@ -210,7 +227,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
                                           allow_unused=True)
             if grad is None:
                 raise ValueError(self._no_path())
-            delta = self._step(probe, delta.detach(), grad, alpha)
+            delta = self._step(probe, delta.detach(), grad, *radius)
             if t < k - 1:
                 loss, delta = probe.run(ctx.extra_loss, delta.requires_grad_(True))
                 losses.append(loss)
@@ -227,9 +244,45 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         adv_loss, _ = probe.run(ctx.extra_loss, delta)
         return first.add(a * (adv_loss - first.loss_in_objective)), adv_loss, clean_loss
 
-    def _step(self, probe: Probe, delta: Tensor, grad: Tensor, alpha: float) -> Tensor:
+    def _watch_learning(self, probe: Probe, adv_loss: Tensor) -> None:
+        """Warn once when, over the first :data:`STALL_STEPS` steps, the adversarial loss has flattened out early
+        while ε is large against the tensor it perturbs: such an ε replaces the input, the loss settles at chance
+        and the model learns nothing (a host read a step until then)."""
+        if self._stall_checked:
+            return
+        if self._median_norm is None:  # the scale ε is measured against, at the first step
+            real = probe.masked(probe.base.detach())
+            norms = per_sample_norm(real) if self.norm == "l2" else real.abs().flatten(1).amax(1)
+            self._median_norm = float(norms.float().median())
+            if not self.eps_relative and self.epsilon > self._median_norm > 0:  # larger than the sample itself
+                self._stall_checked = True
+                rank_zero_warn(self._scale_advice(f"ε = {self.epsilon:g} is larger than the perturbed tensor's median "
+                                                  f"per-sample norm ({self._median_norm:.3g})"))
+                return
+        self._losses.append(float(adv_loss.detach()))
+        if len(self._losses) < STALL_STEPS:
+            return
+        self._stall_checked = True
+        quarter = STALL_STEPS // 4
+        early = sum(self._losses[quarter:2 * quarter]) / quarter
+        late = sum(self._losses[2 * quarter:]) / (STALL_STEPS - 2 * quarter)
+        share = self.epsilon if self.eps_relative else self.epsilon / max(self._median_norm, 1e-12)
+        if late >= 0.97 * early and share >= LARGE_SHARE:
+            what = "of each sample's norm" if self.eps_relative else (
+                f"absolute radius, {100 * share:.0f} % of the perturbed tensor's median per-sample norm "
+                f"({self._median_norm:.3g})")
+            rank_zero_warn(self._scale_advice(
+                f"the adversarial loss has stopped falling since step {quarter} ({early:.4g} → {late:.4g} by step "
+                f"{STALL_STEPS}), so training may not be learning. ε = {self.epsilon:g} is an {what}"))
+
+    def _scale_advice(self, finding: str) -> str:
+        return (f"{type(self).__name__}: {finding}: a radius of the order of the tensor's own norm replaces the "
+                f"input, and the model learns nothing. Try `eps_relative=True` with ε = 0.01–0.05, or a smaller ε "
+                f"(docs/callbacks.md: 'Scale ε to the embeddings').")
+
+    def _step(self, probe: Probe, delta: Tensor, grad: Tensor, epsilon: Radius, alpha: Radius) -> Tensor:
         """One ascent step on δ, projected onto the ε-ball and, for a batch input, into ``clamp``."""
-        common = dict(epsilon=self.epsilon, step_size=alpha, norm=self.norm)
+        common = dict(epsilon=epsilon, step_size=alpha, norm=self.norm)
         if self.clamp is not None and probe.x is not None:  # a batch input: clamp x + δ into its range
             x = probe.x.detach()
             return pgd_step(x + delta, grad, origin=x, clamp=self.clamp, **common) - x

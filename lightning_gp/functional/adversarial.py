@@ -59,11 +59,20 @@ def ascent_direction(grad: Tensor, norm: Norm) -> Tensor:
     return grad / _expand(torch.where(n > 0, n, torch.ones_like(n)), grad)
 
 
-def project(delta: Tensor, epsilon: float, norm: Norm) -> Tensor:
-    """``delta`` projected onto the ε-ball of ``norm``, per sample (over all non-batch dims)."""
+#: A radius or a step length: one number, or one per sample (a (B,) tensor: ``AdversarialTraining(eps_relative=True)``).
+Radius = float | Tensor
+
+
+def project(delta: Tensor, epsilon: Radius, norm: Norm) -> Tensor:
+    """``delta`` projected onto the ε-ball of ``norm``, per sample (over all non-batch dims); ε a number or (B,)."""
     if norm == "linf":
+        if isinstance(epsilon, Tensor):
+            radius = _expand(epsilon.to(delta.dtype), delta)
+            return torch.minimum(torch.maximum(delta, -radius), radius)
         return delta.clamp(-epsilon, epsilon)
     n = per_sample_norm(delta)
+    if isinstance(epsilon, Tensor):
+        epsilon = epsilon.to(n.dtype)
     factor = torch.where(n > epsilon, epsilon / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
     return delta * _expand(factor, delta)
 
@@ -83,7 +92,7 @@ def default_step_size(epsilon: float, steps: int, random_start: bool) -> float:
     return 2.5 * epsilon / steps
 
 
-def pgd_step(point: Tensor, grad: Tensor, *, epsilon: float, step_size: float, norm: Norm,
+def pgd_step(point: Tensor, grad: Tensor, *, epsilon: Radius, step_size: Radius, norm: Norm,
              origin: Tensor | None = None, clamp: tuple[float, float] | None = None) -> Tensor:
     """One projected ascent step: ``point`` + α·(g/‖g‖ or sign g), projected onto the ε-ball around ``origin``
     (0 when None: ``point`` is then the perturbation δ itself), then into ``clamp``.
@@ -97,15 +106,21 @@ def pgd_step(point: Tensor, grad: Tensor, *, epsilon: float, step_size: float, n
         >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), epsilon=1.0, step_size=2.0, norm="l2")
         tensor([[0.6000, 0.8000]])
     """
+    if isinstance(step_size, Tensor):  # one length per sample
+        step_size = _expand(step_size.to(point.dtype), point)
     moved = point + step_size * ascent_direction(grad, norm)
     out = project(moved, epsilon, norm) if origin is None else origin + project(moved - origin, epsilon, norm)
     return out if clamp is None else out.clamp(*clamp)
 
 
-def random_start(x: Tensor, epsilon: float, norm: Norm, *, mask: Tensor | None = None,
+def random_start(x: Tensor, epsilon: Radius, norm: Norm, *, mask: Tensor | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
     """A uniform random point of the ε-ball around 0, shaped like ``x``; zero where ``mask`` (broadcast to
-    ``x``) is 0. ``generator`` makes it a function of the generator's seed. The l∞ draw is torchattacks'."""
+    ``x``) is 0. ``generator`` makes it a function of the generator's seed. The l∞ draw is torchattacks'. ε a number
+    or one radius per sample, (B,)."""
+    if isinstance(epsilon, Tensor):  # per sample: the unit ball's draw, scaled
+        unit = random_start(x, 1.0, norm, mask=mask, generator=generator)
+        return unit * _expand(epsilon.to(x.dtype), x)
     if norm == "linf":
         delta = torch.empty_like(x).uniform_(-epsilon, epsilon, generator=generator)
         return delta if mask is None else delta * mask

@@ -260,6 +260,19 @@ def ref_fgm(eps: float, a: float):
     return objective
 
 
+def ref_fgm_relative(eps: float, a: float):
+    """FGM with ε relative to each sample's norm of the target output over its real positions: ε‖zᵢ‖·gᵢ/‖gᵢ‖."""
+    def objective(P: Parts, t: int, m: int) -> torch.Tensor:
+        d0 = P.zeros()
+        clean = P.loss(d0)
+        (g,) = torch.autograd.grad(clean, d0, retain_graph=True)
+        with torch.no_grad():
+            norms = sample_norm(P.masked(P.pre()))
+        adv = P.loss(eps * norms * unit(g))
+        return adv if a == 1 else (1 - a) * clean + a * adv
+    return objective
+
+
 def ref_pgd(eps: float, k: int):
     def objective(P: Parts, t: int, m: int) -> torch.Tensor:
         delta = P.zeros()
@@ -409,6 +422,8 @@ def cases(problem: Problem) -> dict[str, tuple[Callable, Callable]]:
                      lambda mod: ref_fgm(0.5, 0.5)),
         "fgm_full": (lambda: [AdversarialTraining(0.5, target=tgt)], lambda mod: ref_fgm(0.5, 1.0)),
         "pgd3": (lambda: [AdversarialTraining(0.5, steps=3, target=tgt)], lambda mod: ref_pgd(0.5, 3)),
+        "fgm_relative": (lambda: [AdversarialTraining(0.05, adversarial_weight=0.5, target=tgt, eps_relative=True)],
+                         lambda mod: ref_fgm_relative(0.05, 0.5)),
         "freelb3": (lambda: [AdversarialTraining(0.5, steps=3, average_steps=True, target=tgt)],
                     lambda mod: ref_freelb(0.5, 3)),
         "vat": (lambda: [VirtualAdversarialTraining(1.0, xi=1e-3, weight=2.0, target=tgt, logits_fn=lf)],
