@@ -113,8 +113,13 @@ def plot(series: dict[str, dict[int, dict[str, float]]], path: Path, title: str)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
-    for ax, (key, label, log) in zip(axes, PANELS, strict=True):
+    # two panels a row: each readable at a documentation page's width (a row of four shrinks the labels to ~5 px)
+    rows = -(-len(PANELS) // 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.9 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(PANELS):]:
+        ax.set_visible(False)
+    for ax, (key, label, log) in zip(axes, PANELS, strict=False):
         for variant, rows in series.items():
             steps = sorted(s for s, r in rows.items() if key in r)
             ax.plot([s + 1 for s in steps], [rows[s][key] for s in steps], label=LABELS[variant], lw=1.4)
