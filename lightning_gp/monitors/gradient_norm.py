@@ -66,7 +66,7 @@ class GradientNormMonitor(Monitor):
         media_every_n_steps: the media at most every this many steps (default: 10 × ``every_n_steps``).
         loss_fn: ``(outputs, batch) -> (B,)`` per-sample losses of ``forward_fn``'s outputs (default cross-entropy).
         forward_fn: ``(module, batch) -> outputs``, the model as ``training_step`` calls it.
-        per_layer: also log the per-layer per-sample norms.
+        per_layer: also log each layer's mean per-sample norm, one key a layer (off: hundreds on a real model).
         mode: ``"recompute"`` (a separate eval-mode pass) or ``"fused"`` (the step's own backward).
         loss_reduction: ``"mean"`` or ``"sum"``, how ``training_step`` reduces the ℓᵢ (checked once).
         target: take ‖∇ℓᵢ‖ w.r.t. this layer's output (dotted path or module), e.g. a token model's embeddings.
@@ -94,7 +94,7 @@ class GradientNormMonitor(Monitor):
         input_key: InputKey = None,
         histograms: bool = True,
         loss_fn: PerSampleLoss | None = None,
-        per_layer: bool = True,
+        per_layer: bool = False,
         mode: Mode = "recompute",
         loss_reduction: Reduction = "mean",
         target: Target = None,

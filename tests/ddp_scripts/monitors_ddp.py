@@ -38,11 +38,11 @@ torch.set_num_threads(1)
 pl.seed_everything(0)
 model = Classifier()
 initial = {k: v.clone() for k, v in model.state_dict().items()}
-monitors = [GradientNormMonitor(every_n_steps=2, media_every_n_steps=2),
+monitors = [GradientNormMonitor(per_layer=True, every_n_steps=2, media_every_n_steps=2),
             MLPInequalityMonitor(every_n_steps=2, max_samples=4, media_every_n_steps=2),
             SpectralNormMonitor(every_n_steps=2),
             # fused mode at other steps (every 3rd: logger step 2), so its keys do not collide in the logs
-            GradientNormMonitor(every_n_steps=3, histograms=False, mode="fused"),
+            GradientNormMonitor(per_layer=True, every_n_steps=3, histograms=False, mode="fused"),
             GradientNoiseScale(every_n_steps=4, ema=0.9)]
 wandb_logger = WandbLogger(offline=True, save_dir=str(root), project="monitors-ddp")
 trainer = pl.Trainer(

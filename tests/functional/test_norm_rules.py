@@ -328,7 +328,7 @@ def test_fused_monitor_uses_the_rules(kind, monkeypatch):
     else:
         module, x = TokenModel(), torch.randint(0, 9, (8, 5))
     y = torch.randint(0, 3, (8,))
-    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    fused, snap = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused"), Batches(0)
     trainer(None, callbacks=[fused, snap], max_steps=1).fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
     model = snap.model.eval()
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -362,7 +362,7 @@ def test_fused_half_precision_records_are_measured_in_float32(precision):
     def run(precision):
         torch.manual_seed(0)
         x, y = torch.randint(0, 9, (8, 5)), torch.randint(0, 3, (8,))
-        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
+        monitor = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused")
         trainer(None, callbacks=[monitor], max_steps=1, precision=precision).fit(
             AttentionTokens(), DataLoader(TensorDataset(x, y), batch_size=8))
         return {k: v for k, v in monitor.last_logged.items() if "/layer/" in k or "param_per_sample" in k}
@@ -403,7 +403,7 @@ def test_fused_tied_linear_weights_match_torch_func():
     from tests.monitors.support import loader, reference_norms
 
     torch.manual_seed(0)
-    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    fused, snap = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused"), Batches(0)
     trainer(None, callbacks=[fused, snap], max_steps=1).fit(TiedMLP(), loader())
     (x, y), = snap.batches
     ref = reference_norms(snap.model, x, y)  # torch.func sees the tied weight once, as net.2.weight

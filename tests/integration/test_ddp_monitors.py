@@ -28,9 +28,10 @@ def test_two_ranks_log_what_one_process_logs_on_the_combined_batch(tmp_path):
 
     model = Classifier()
     model.load_state_dict(ddp["initial"])
-    monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=8),
+    monitors = [GradientNormMonitor(per_layer=True, every_n_steps=2),
+                MLPInequalityMonitor(every_n_steps=2, max_samples=8),
                 SpectralNormMonitor(every_n_steps=2),
-                GradientNormMonitor(every_n_steps=3, histograms=False, mode="fused"),
+                GradientNormMonitor(per_layer=True, every_n_steps=3, histograms=False, mode="fused"),
                 GradientNoiseScale(every_n_steps=4, ema=0.9)]
     trainer(tmp_path / "one", callbacks=monitors, logger=CSVLogger(tmp_path / "one"), max_steps=4).fit(
         model, loader(n=32, batch_size=8)

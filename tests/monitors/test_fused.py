@@ -31,14 +31,15 @@ class Batches(pl.Callback):
 
 
 def _fused(**kwargs):
-    return GradientNormMonitor(every_n_steps=2, histograms=False, mode="fused", **kwargs)
+    return GradientNormMonitor(every_n_steps=2, histograms=False, mode="fused", **{"per_layer": True, **kwargs})
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_fused_values_equal_recompute_and_torch_func(tmp_path, accumulate):
     # The recompute monitor and an MLPInequalityMonitor run forward passes in on_train_batch_start *after*
     # the fused monitor's hook: the fused recording must cover the training step's forward only.
-    fused, recompute, snap = _fused(), GradientNormMonitor(every_n_steps=2, histograms=False), Batches(3)
+    recompute = GradientNormMonitor(per_layer=True, every_n_steps=2, histograms=False)
+    fused, snap = _fused(), Batches(3)
     extra = MLPInequalityMonitor(every_n_steps=2, max_samples=4)
     trainer(tmp_path, callbacks=[fused, recompute, extra, snap], max_steps=4,
             accumulate_grad_batches=accumulate).fit(Classifier(), loader())
@@ -68,7 +69,7 @@ class SumLoss(Classifier):
 def test_summed_loss():
     def run(module, **kwargs):
         torch.manual_seed(0)
-        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused", **kwargs)
+        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused", **{"per_layer": True, **kwargs})
         trainer(None, callbacks=[monitor], max_steps=1).fit(module, loader())
         return monitor.last_logged
 
@@ -92,7 +93,7 @@ def test_fused_monitor_never_changes_training(tmp_path):
     torch.manual_seed(0)
     base = Classifier(dropout=0.3)  # the fused monitor measures the training forward, dropout drawn once
     plain = _fit(tmp_path / "a", [], copy.deepcopy(base), accumulate_grad_batches=2)
-    monitor = GradientNormMonitor(every_n_steps=1, mode="fused")
+    monitor = GradientNormMonitor(per_layer=True, every_n_steps=1, mode="fused")
     monitored = _fit(tmp_path / "b", [monitor], copy.deepcopy(base), accumulate_grad_batches=2)
     assert monitor.last_logged_step == 3 and monitor.last_logged["grad_norm/input_mean"] > 0
     for (name, a), b in zip(plain.state_dict().items(), monitored.state_dict().values(), strict=True):
@@ -119,7 +120,7 @@ def _hooks(model):
 def test_nothing_is_left_behind_when_a_step_raises(tmp_path, raise_at_call):
     model, inputs = Classifier(raise_at_call=raise_at_call), Inputs()
     with pytest.raises(RuntimeError, match="boom"):
-        _fit(tmp_path, [inputs, GradientNormMonitor(every_n_steps=1, mode="fused")], model)
+        _fit(tmp_path, [inputs, GradientNormMonitor(per_layer=True, every_n_steps=1, mode="fused")], model)
     assert len(inputs.inputs) == raise_at_call
     assert _hooks(model) == 0 and "training_step" not in model.__dict__
     assert all(not x.requires_grad and x.grad is None for x in inputs.inputs)
@@ -128,7 +129,7 @@ def test_nothing_is_left_behind_when_a_step_raises(tmp_path, raise_at_call):
 
 def test_nothing_is_left_behind_after_fit(tmp_path):
     model, inputs = Classifier(), Inputs()
-    _fit(tmp_path, [inputs, GradientNormMonitor(every_n_steps=1, mode="fused")], model, max_steps=2)
+    _fit(tmp_path, [inputs, GradientNormMonitor(per_layer=True, every_n_steps=1, mode="fused")], model, max_steps=2)
     assert _hooks(model) == 0 and "training_step" not in model.__dict__
     assert all(not x.requires_grad and x.grad is None for x in inputs.inputs)
 
@@ -136,7 +137,7 @@ def test_nothing_is_left_behind_after_fit(tmp_path):
 def test_16_mixed_values_are_unscaled():
     def run(**kwargs):
         torch.manual_seed(0)
-        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
+        monitor = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused")
         trainer(None, callbacks=[monitor], max_steps=1, **kwargs).fit(Classifier(), loader())
         return monitor.last_logged
 
@@ -206,7 +207,7 @@ class SharedWeight(Classifier):
 
 
 def test_layers_without_ghost_norm():
-    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    fused, snap = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused"), Batches(0)
     trainer(None, callbacks=[fused, snap], max_steps=1).fit(LayerNormNet(), loader())
     (x, y), = snap.batches
     ref = reference_norms(snap.model, x, y)
@@ -217,8 +218,8 @@ def test_layers_without_ghost_norm():
 
 
 def test_unused_layer_has_norm_zero():
-    fused = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
-    recompute = GradientNormMonitor(every_n_steps=1, histograms=False)
+    fused = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused")
+    recompute = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False)
     trainer(None, callbacks=[fused, recompute], max_steps=1).fit(Spare(), loader())
     assert fused.last_logged.pop("grad_norm/layer/spare") == 0
     # the default mode replays the unused layer's parameters through the module's forward: they sit in "_root"
@@ -249,7 +250,7 @@ class SharedAndSequence(Classifier):
 def test_fused_handles_shared_linear_layers_and_sequences():
     torch.manual_seed(0)
     module, snap = SharedAndSequence(), Batches(1)
-    fused = GradientNormMonitor(every_n_steps=2, histograms=False, mode="fused")
+    fused = GradientNormMonitor(per_layer=True, every_n_steps=2, histograms=False, mode="fused")
     trainer(None, callbacks=[fused, snap], max_steps=2).fit(module, loader())
     (x, y), = snap.batches
     ref = reference_norms(snap.model, x, y)  # torch.func vmap(grad): exact per-sample gradients
@@ -269,7 +270,7 @@ class PositionsFirst(Classifier):
 
 
 def test_fused_rejects_a_layer_without_the_batch_first():
-    fused = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused")
+    fused = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused")
     with pytest.raises(RuntimeError, match=r"layer 'net.2' ran on an input of shape \(2, 8, 8\)"):
         trainer(None, callbacks=[fused], max_steps=1).fit(PositionsFirst(), loader())
 
@@ -277,7 +278,7 @@ def test_fused_rejects_a_layer_without_the_batch_first():
 def test_fused_keeps_float64_precision():
     torch.manual_seed(0)
     module, snap = Classifier(), Batches(1)
-    fused = GradientNormMonitor(every_n_steps=2, histograms=False, mode="fused")
+    fused = GradientNormMonitor(per_layer=True, every_n_steps=2, histograms=False, mode="fused")
     trainer(None, callbacks=[fused, snap], max_steps=2, precision="64-true").fit(module, loader())
     (x, y), = snap.batches
     assert x.dtype == torch.float64
@@ -298,7 +299,7 @@ def _expected(ref):
 def test_micro_batches_of_different_sizes():
     # 12 samples in batches of 8: the one optimizer step accumulates micro-batches of 8 and 4 samples, whose
     # recorded gradients carry different factors (1/(B·k) with B = 8 and 4)
-    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    fused, snap = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused"), Batches(0)
     trainer(None, callbacks=[fused, snap], max_steps=1, accumulate_grad_batches=2).fit(Classifier(), loader(n=12))
     x, y = torch.cat([b[0] for b in snap.batches]), torch.cat([b[1] for b in snap.batches])
     assert len(x) == 12
@@ -317,7 +318,7 @@ class Frozen(Classifier):
 
 
 def test_frozen_weight_or_bias():
-    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    fused, snap = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused"), Batches(0)
     trainer(None, callbacks=[fused, snap], max_steps=1).fit(Frozen(), loader())
     (x, y), = snap.batches
     ref = reference_norms(snap.model, x, y)  # all parameters: the frozen ones' norms are taken out below
@@ -349,7 +350,7 @@ class HookCount(pl.Callback):
 @pytest.mark.parametrize("every", [1, 2])
 def test_layer_hooks_are_on_only_over_consecutive_monitored_steps(every):
     model, count = Classifier(), HookCount()
-    _fit(None, [GradientNormMonitor(every_n_steps=every, mode="fused"), count], model, max_steps=5)
+    _fit(None, [GradientNormMonitor(per_layer=True, every_n_steps=every, mode="fused"), count], model, max_steps=5)
     on = [3 if (step + 1) % every == 0 else 0 for step in range(5)]  # the three Linear layers tapped
     assert count.counts == on
     assert _hooks(model) == 0
@@ -397,7 +398,7 @@ class CopiesItself(Classifier):
 
 
 def test_a_deep_copy_of_a_tapped_layer_is_not_recorded_and_computes_as_linear():
-    fused, snap = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused"), Batches(0)
+    fused, snap = GradientNormMonitor(per_layer=True, every_n_steps=1, histograms=False, mode="fused"), Batches(0)
     module = CopiesItself()
     trainer(None, callbacks=[fused, snap], max_steps=1).fit(module, loader())
     (x, y), = snap.batches
@@ -413,7 +414,7 @@ def test_a_deep_copy_of_a_tapped_layer_is_not_recorded_and_computes_as_linear():
 def test_fused_without_per_layer_norms():
     def run(**kwargs):
         torch.manual_seed(0)
-        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused", **kwargs)
+        monitor = GradientNormMonitor(every_n_steps=1, histograms=False, mode="fused", **{"per_layer": True, **kwargs})
         trainer(None, callbacks=[monitor], max_steps=1).fit(Classifier(), loader())
         return monitor.last_logged
 

@@ -31,7 +31,7 @@ class Snapshot(pl.Callback):
 
 
 def test_logged_values_equal_torch_func_per_sample_norms(tmp_path):
-    monitor, snap = GradientNormMonitor(every_n_steps=2), Snapshot(3)
+    monitor, snap = GradientNormMonitor(per_layer=True, every_n_steps=2), Snapshot(3)
     trainer(tmp_path, callbacks=[monitor, snap], logger=CSVLogger(tmp_path), max_steps=4).fit(Classifier(), loader())
     rows = [r for r in read_csv(tmp_path / "lightning_logs/version_0/metrics.csv") if "grad_norm/input_mean" in r]
     assert [r["step"] for r in rows] == [1.0, 3.0]  # the 2nd and 4th optimizer steps only

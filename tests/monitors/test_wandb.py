@@ -23,7 +23,7 @@ def logged(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("wandb")
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors")
     csv_logger = CSVLogger(tmp_path)
-    monitors = [GradientNormMonitor(every_n_steps=2, media_every_n_steps=2),
+    monitors = [GradientNormMonitor(per_layer=True, every_n_steps=2, media_every_n_steps=2),
                 MLPInequalityMonitor(every_n_steps=2, max_samples=4, media_every_n_steps=2),
                 SpectralNormMonitor(every_n_steps=2)]
     trainer(tmp_path, callbacks=monitors, logger=[wandb_logger, csv_logger], max_steps=4).fit(Classifier(), loader())
@@ -66,7 +66,8 @@ def test_a_logger_prefix_reaches_scalars_media_and_summaries(tmp_path):
     from lightning_gp import DataGradientPenalty
 
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors", prefix="exp")
-    monitors = [GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=4)]
+    monitors = [GradientNormMonitor(per_layer=True, every_n_steps=2),
+                MLPInequalityMonitor(every_n_steps=2, max_samples=4)]
     trainer(tmp_path, callbacks=[*monitors, DataGradientPenalty(0.1)], logger=[wandb_logger],
             max_steps=4).fit(Classifier(), loader())
     wandb_logger.experiment.finish()
@@ -118,7 +119,7 @@ def test_wandb_gets_histograms_table_scatter_and_image(logged):
 
 def test_fused_monitor_histograms_are_the_per_sample_norms(tmp_path):
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="fused")
-    fused = GradientNormMonitor(every_n_steps=2, mode="fused")
+    fused = GradientNormMonitor(per_layer=True, every_n_steps=2, mode="fused")
     trainer(tmp_path, callbacks=[fused], logger=[wandb_logger], max_steps=2).fit(Classifier(), loader())
     wandb_logger.experiment.finish()
     run = read_run(tmp_path)
@@ -134,7 +135,8 @@ def test_media_have_their_own_cadence_and_the_run_stays_small_measured_every_ste
     history records a step (measured 2.5 kB; over 2000 steps 2.6 kB; the whole .wandb file, with W&B's own summary
     record after each history row, 5.7 kB); the media land on steps 0, 10, 20, ..."""
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="monitors")
-    monitors = [GradientNormMonitor(every_n_steps=1), MLPInequalityMonitor(every_n_steps=1, max_samples=4),
+    monitors = [GradientNormMonitor(per_layer=True, every_n_steps=1),
+                MLPInequalityMonitor(every_n_steps=1, max_samples=4),
                 SpectralNormMonitor(every_n_steps=1)]
     trainer(tmp_path, callbacks=monitors, logger=[wandb_logger], max_steps=200).fit(
         Classifier(), loader(n=64))
