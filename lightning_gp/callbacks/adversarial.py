@@ -31,7 +31,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
     ``norm="l2"`` steps along gᵢ/‖gᵢ‖, ``norm="linf"`` by sign (torchattacks' FGSM/PGD). Logs ``adversarial/loss``
     (and ``adversarial/clean_loss``). With ``target`` δ is added to a layer's output (FGM/PGD on embeddings), per
     sample, padding never perturbed. Warns once where ε looks too large to learn. Design:
-    ``docs/design/loss-changing-callbacks.md``.
+    [Changing the loss](../design/loss-changing-callbacks.md).
 
     Args:
         epsilon: radius ε ≥ 0 of the perturbation ball.

@@ -32,7 +32,7 @@ class DataGradientPenalty(MethodChoice, SiteCallback, PenaltyCallback):
     r"""Adds ``weight · mean_i φ(‖∇ₓℓᵢ‖)`` to the loss, φ(n) = (n − center)^power (or max(0, ·) one-sided).
 
     ``power=1`` is ε‖∇ₓℓ‖ (first-order FGSM training), ``power=2`` double backpropagation (Drucker & LeCun).
-    Logs ``penalty/data_gradient`` (mean φ, unweighted). Design: ``docs/design/loss-reduction.md``.
+    Logs ``penalty/data_gradient`` (mean φ, unweighted). [Design](../design/loss-reduction.md).
 
     Args:
         weight: λ ≥ 0.

@@ -31,7 +31,8 @@ class ParameterGradientPenalty(MethodChoice, PenaltyCallback):
 
     With ``weight = γ/4`` for the SGD learning rate γ it cancels the leading discretisation error of
     gradient descent (implicit gradient regularization, Barrett & Dherin). Logs ``penalty/parameter_gradient``
-    (‖∇θL‖², before the weight). Design: ``docs/design/finite-differences.md``, ``docs/design/ddp.md``.
+    (‖∇θL‖², before the weight). Design: [Finite differences](../design/finite-differences.md),
+    [DDP scopes](../design/ddp.md).
 
     Args:
         weight: w ≥ 0.

@@ -31,7 +31,7 @@ class SharpnessAwareMinimization(PenaltyCallback):
     The clean pass gives g, a second pass at θ + ε (dropout masks replayed, BatchNorm statistics left alone) the
     gradient, through Lightning's backward; θ is back bit for bit by the module's ``on_after_backward`` (θ + ε in new
     storage where a parameter fills its own alone, else in place). Each accumulated micro-batch takes its own ε; under
-    AMP ε comes from the unscaled gradient. Logs ``sharpness/sam_gap``, L(θ + ε) − L(θ). Guide: ``docs/sharpness.md``.
+    AMP ε comes from the unscaled gradient. Logs ``sharpness/sam_gap``. [Guide](../sharpness.md).
 
     Args:
         rho: the radius ρ ≥ 0 (0.05 is SAM's usual value; ASAM takes larger ones, 0.5 to 2).

@@ -79,7 +79,7 @@ def per_sample_grad_norms_by_layer(
         inputs: batch of shape (B, ...); need not require grad (a detached copy is differentiated).
         loss_fn: maps the model's output to per-sample values fᵢ of shape (B,) (or (B, 1)).
         input_norms: also ‖∇ₓfᵢ‖ (float inputs); False skips the input gradient, whose cost through a first
-            convolution is a sizeable part of a step (``docs/benchmarks.md``), and gives NaN input norms.
+            convolution is a sizeable part of a step ([Benchmarks](../benchmarks.md)), and gives NaN input norms.
 
     Example:
 

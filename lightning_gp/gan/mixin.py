@@ -42,7 +42,7 @@ class WGANGPMixin:
 
     Set ``self.generator`` and ``self.critic``, define ``sample_latent(self, n)``. Each batch is one critic
     step on `real_samples`, every ``n_critic``-th also a generator step: critic loss E[D(x̃)] − E[D(x)] + λ·R,
-    generator loss −E[D(G(z))]. Steps, randomness and resume: ``docs/gan.md``.
+    generator loss −E[D(G(z))]. Steps, randomness and resume: [WGAN-GP](../gan.md).
 
     Args:
         *args: passed on to the next class of the MRO (the LightningModule).

@@ -29,7 +29,7 @@ class CostMonitor(Monitor):
     ``time_fraction`` (of the step's wall time, averaged over DDP ranks), ``<name>`` a callback's class name or
     ``step`` (``training_step``, Lightning's backward and the optimizer). At the end of ``fit`` a table of the
     means goes to the console and to W&B. Off unless added: the timed step runs its hooks through wrappers and its
-    layers through counting hooks (a small cost on that step only). How it counts: ``docs/monitors.md``.
+    layers through counting hooks (a small cost on that step only). How it counts: [Monitors](../monitors.md).
 
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.

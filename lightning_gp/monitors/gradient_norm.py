@@ -57,7 +57,7 @@ class GradientNormMonitor(Monitor):
     after DDP averaging and AMP unscaling, before clipping), every ``every_n_steps``-th optimizer step, with
     ``<key>_epoch`` aggregates in ``callback_metrics``. ℓᵢ is sample i's share of the loss of ``training_step``,
     re-run in eval mode on the step's batch (masks included), or ``loss_fn`` of ``forward_fn``'s outputs. Modes,
-    costs, Hugging Face recipes: ``docs/monitors.md``.
+    costs, Hugging Face recipes: [Monitors](../monitors.md).
 
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.

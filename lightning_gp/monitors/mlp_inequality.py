@@ -37,7 +37,7 @@ class MLPInequalityMonitor(Monitor):
     For a chain of Linear layers and elementwise activations (an ``nn.Sequential`` of the module; Dherin et al.
     2021) lhs/rhs lies in [0, 1]; x and f are the chain's input and sample i's loss as ``training_step`` runs them.
     Logged over each rank's first ``max_samples`` samples, reduced across ranks (``mlp_inequality/ratio_mean``,
-    ``ratio_max``, ``lhs_mean``, ``rhs_mean``, per-layer terms), in eval mode. Keys, rules: ``docs/monitors.md``.
+    ``ratio_max``, ``lhs_mean``, ``rhs_mean``, per-layer terms), in eval mode. Keys, rules: [Monitors](../monitors.md).
 
     Args:
         every_n_steps: measure on every k-th optimizer step; None follows ``Trainer(log_every_n_steps)``.

@@ -37,7 +37,7 @@ class GradientNoiseScale(GradientNormMonitor):
     ``grad_sq`` and their ``*_ema`` (tr Σ and |G|² smoothed apart, bias-corrected, then divided, as the paper
     advises: one batch's |G|² can be negative). Under DDP also the paper's two-batch estimate from a rank's gradient
     (read by a communication hook before the all-reduce) and the mean one: ``noise_scale/two_batch/*``. Training is
-    unchanged bit for bit. Notes: ``docs/monitors.md``.
+    unchanged bit for bit. Notes: [Monitors](../monitors.md).
 
     Args:
         every_n_steps: measure on every k-th optimizer step.

@@ -91,3 +91,13 @@ def test_the_check_finds_each_kind_of_problem():
     found = docstring_problems([(f"lightning_gp.{f.__name__}", f) for f in functions])
     assert found == {"lightning_gp.undocumented": "no docstring", "lightning_gp.essay": f"{MAX_LINES + 1} lines",
                      "lightning_gp.no_example": "no runnable example (doctests run them: `--doctest-modules`)"}
+
+
+def test_public_docstrings_link_the_pages_they_name():
+    """A page named in a public docstring is a link in the API reference (``[Monitors](../monitors.md)``), not a
+    plain path the reader must copy."""
+    import re
+
+    plain = {name: found for name, obj in public_objects()
+             if (found := re.findall(r"(?<![(/])docs/[\w/.-]+\.md", inspect.getdoc(obj) or ""))}
+    assert not plain, plain
