@@ -234,15 +234,16 @@ def bar_chart(stats: dict, path: Path, title: str) -> Path:
 
     names = list(stats)
     pos = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(8.5, 1.3 * len(names)), 4.2))
+    many = len(names) > 6  # labels turned, so the figure keeps a page's width and stays readable
+    fig, ax = plt.subplots(figsize=(9.5, 4.8) if many else (8.5, 4.2))
     for offset, key, label in ((-0.27, "clean", "clean"), (0.0, "pgd20", "PGD-20"), (0.27, "autoattack",
                                                                                      "AutoAttack")):
         means = [stats[n]["best"][key][0] for n in names]
         errs = [stats[n]["best"][key][1] for n in names]
         bars = ax.bar([p + offset for p in pos], means, 0.27, yerr=errs if any(errs) else None, capsize=3,
                       label=label)
-        ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
-    ax.set_xticks(list(pos), [LABELS[n] for n in names], fontsize=8 if len(names) > 6 else None)
+        ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=7 if many else 8)
+    ax.set_xticks(list(pos), [LABELS[n] for n in names], rotation=25 if many else 0, ha="right" if many else "center")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 118)
     ax.set_title(title, fontsize=10)
