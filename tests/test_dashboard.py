@@ -30,7 +30,8 @@ pytest.importorskip("wandb_workspaces")
 RUNS = {
     "all": lambda: [DataGradientPenalty(0.1), DataGradientPenalty(0.1, power=1), ParameterGradientPenalty(0.01),
                     SpectralNormPenalty(0.01), AdversarialTraining(0.05), VirtualAdversarialTraining(0.5),
-                    GradientNormMonitor(every_n_steps=2), MLPInequalityMonitor(every_n_steps=2, max_samples=4),
+                    GradientNormMonitor(every_n_steps=2, per_layer=True),
+                    MLPInequalityMonitor(every_n_steps=2, max_samples=4),
                     SpectralNormMonitor(every_n_steps=2), SharpnessMonitor(every_n_steps=2, iterations=5, trace=True)],
     "flooding": lambda: [Flooding(5.0)],
     "sam": lambda: [SharpnessAwareMinimization(0.05)],

@@ -83,7 +83,7 @@ class GradientNormMonitor(Monitor):
         >>> monitor = GradientNormMonitor(every_n_steps=50)  # then: Trainer(callbacks=[monitor])
         >>> values, _ = monitor.measure(BoringModel(), torch.randn(8, 32))  # what it logs, here outside a Trainer
         >>> sorted(values)  # doctest: +NORMALIZE_WHITESPACE
-        ['grad_norm/input_max', 'grad_norm/input_mean', 'grad_norm/layer/layer', 'grad_norm/param_per_sample_max',
+        ['grad_norm/input_max', 'grad_norm/input_mean', 'grad_norm/param_per_sample_max',
          'grad_norm/param_per_sample_mean']
     """
 
