@@ -118,6 +118,11 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         self._stall_checked = False
 
     @property
+    def announces_objective(self) -> bool:
+        """Whether the step tells the weight perturbers (AWP) its objective: on the batch input's FGSM/PGD path."""
+        return self.target is None and not self.average_steps and not self.eps_relative
+
+    @property
     def resolved_step_size(self) -> float:
         """The step length used: ``step_size``, or its default for ``steps`` and ``random_start``."""
         if self.step_size is not None:

@@ -39,7 +39,7 @@ class AdversarialWeightPerturbation(PenaltyCallback):
         check_finite: check each step's loss, gap and gradients before the update.
 
     Raises:
-        ValueError: a bad argument; no adversarial callback beside it, or SAM beside it (at setup).
+        ValueError: a bad argument; at setup: no adversarial callback whose objective it can read, or SAM.
 
     Example:
 
@@ -71,6 +71,12 @@ class AdversarialWeightPerturbation(PenaltyCallback):
         if not any(n in ADVERSARIAL for n in names):
             raise ValueError(f"{type(self).__name__} moves the weights against an adversarial objective: add one of "
                              f"{list(ADVERSARIAL)} beside it (it perturbs against that callback's loss).")
+        if not any(type(cb).__name__ in ADVERSARIAL and getattr(cb, "announces_objective", True)
+                   for cb in trainer.callbacks):
+            raise ValueError(f"{type(self).__name__} perturbs against the adversarial callback's objective, which "
+                             f"AdversarialTraining announces on the batch input only: not with `target=`, FreeLB "
+                             f"(`average_steps=True`) or `eps_relative=True`. Use TRADES(target=...) on a layer, or "
+                             f"AdversarialTraining on the input.")
         if "SharpnessAwareMinimization" in names:
             raise ValueError(f"{type(self).__name__} and SharpnessAwareMinimization both perturb the weights, and put "
                              f"them back at different times (after and before the optimizer step): use one of them.")

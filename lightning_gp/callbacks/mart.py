@@ -91,7 +91,12 @@ class MART(InnerMaxCallback):
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
         owner = type(self).__name__
-        probe = self.site.probe(ctx.module, batch)
+        try:
+            probe = self.site.probe(ctx.module, batch)
+        except TypeError as err:  # token ids: MART perturbs the input itself, and has no `target=`
+            raise TypeError(f"{owner} perturbs the batch input, which is not floating point here (token ids?). For a "
+                            f"token model, perturb its embeddings with TRADES(target=...) or "
+                            f"AdversarialTraining(target=...). ({err})") from err
         y = class_labels(batch, self.target_key, owner)
         x_adv = self._adversarial(ctx, probe, batch, y)  # before any train-mode pass, as the authors find it
         beta = self.active_weight(ctx)

@@ -224,3 +224,12 @@ def test_bf16_mixed_trains_with_finite_values():
     trainer.fit(model, DataLoader(TensorDataset(x.float(), y), batch_size=BATCH))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert not torch.equal(model.net[0].weight, before)
+
+
+@pytest.mark.parametrize("beside", [
+    lambda: AdversarialTraining(EPS, steps=2, average_steps=True),
+    lambda: AdversarialTraining(EPS, eps_relative=True),
+], ids=["freelb", "eps_relative"])
+def test_refused_at_setup_beside_an_adversarial_training_that_does_not_announce_its_objective(beside):
+    with pytest.raises(ValueError, match="announces on the batch input only"):
+        fit([beside(), AdversarialWeightPerturbation(GAMMA)])

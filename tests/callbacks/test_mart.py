@@ -171,3 +171,23 @@ def test_checkpoint_resume_is_bit_identical(name, tmp_path):
     second.fit(resumed, loader(), ckpt_path=tmp_path / "half.ckpt")
     for key, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_token_ids_are_refused_with_the_callbacks_that_take_a_layer():
+    class Tokens(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids).mean(1))
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = [(torch.randint(0, 10, (5,)), torch.tensor(1)) for _ in range(8)]
+    with pytest.raises(TypeError, match=r"MART perturbs the batch input.*TRADES\(target=\.\.\.\)"):
+        pl.Trainer(max_steps=1, callbacks=[MART(0.1)], **QUIET).fit(Tokens(), DataLoader(data, batch_size=4))
