@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from torch import Tensor
@@ -9,9 +10,10 @@ from torch import Tensor
 from lightning_gp.callbacks._base import PenaltyCallback
 from lightning_gp.callbacks._logits import LogitsFn, batch_logits, check_logits_source
 from lightning_gp.functional._checks import check_choice, check_clamp, check_number, check_positive_int
+from lightning_gp.functional._state import module_mode
 from lightning_gp.functional.adversarial import NORMS, Norm
 from lightning_gp.functional.trades import ATTACK_MODES, AttackMode
-from lightning_gp.step._chain import StepContext
+from lightning_gp.step._chain import StepContext, extra_pass
 from lightning_gp.step._site import Probe
 
 
@@ -50,6 +52,13 @@ class InnerMaxCallback(PenaltyCallback):
 
     def unsupported_when_sharded(self) -> str | None:
         return None  # input-space passes: every rank runs the whole (all-gathered) model on its own samples
+
+    def _attack_pass(self, ctx: StepContext) -> contextlib.AbstractContextManager[None]:
+        """Where x' is found: the module in ``attack_mode``, no trace left on it (no log, its state put back)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(extra_pass(ctx.module))
+        stack.enter_context(module_mode(ctx.module, self.attack_mode == "train"))
+        return stack
 
     def _logits(self, ctx: StepContext, probe: Probe, batch: Any) -> Tensor:
         return batch_logits(ctx.module, probe, batch, self.logits_fn, getattr(self, "input_key", None),

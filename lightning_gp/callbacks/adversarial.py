@@ -139,8 +139,9 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             loss = ctx.extra_loss(replace_input(batch, path, inputs))
             if not clean and not self.random_start and torch.equal(inputs, x):
                 clean.append(loss.detach())
-                if origin is not None and inputs.requires_grad:  # ∇ at the clean input: GradAlign's first gradient
-                    inputs.register_hook(lambda g: ctx.clean_input_gradients.__setitem__(id(origin), g.detach()))
+                wanted = ctx.clean_input_gradients
+                if wanted is not None and origin is not None and inputs.requires_grad:  # GradAlign's first gradient
+                    inputs.register_hook(lambda g: wanted.__setitem__(id(origin), g.detach()))
             return loss
 
         generator = self.step_generator(ctx) if self.random_start else None
@@ -205,8 +206,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
 
         def start(like: Tensor) -> Tensor:
             if self.eps_relative:  # each sample's own norm, at the clean pass, sets its ε and α
-                real = probe.masked(like.detach())
-                norms = per_sample_norm(real) if self.norm == "l2" else real.abs().flatten(1).amax(1)
+                norms = self._sample_norms(probe, like)
                 radius[:] = [self.epsilon * norms, self.resolved_step_size * norms]
             if not self.random_start:
                 return like.detach().new_zeros(like.shape).requires_grad_(True)
@@ -256,9 +256,7 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
         if self._stall_checked:
             return
         if self._median_norm is None:  # the scale ε is measured against, at the first step
-            real = probe.masked(probe.base.detach())
-            norms = per_sample_norm(real) if self.norm == "l2" else real.abs().flatten(1).amax(1)
-            self._median_norm = float(norms.float().median())
+            self._median_norm = float(self._sample_norms(probe, probe.base).float().median())
             if not self.eps_relative and self.epsilon > self._median_norm > 0:  # larger than the sample itself
                 self._stall_checked = True
                 rank_zero_warn(self._scale_advice(f"ε = {self.epsilon:g} is larger than the perturbed tensor's median "
@@ -279,6 +277,11 @@ class AdversarialTraining(SiteCallback, PenaltyCallback):
             rank_zero_warn(self._scale_advice(
                 f"the adversarial loss has stopped falling since step {quarter} ({early:.4g} → {late:.4g} by step "
                 f"{STALL_STEPS}), so training may not be learning. ε = {self.epsilon:g} is an {what}"))
+
+    def _sample_norms(self, probe: Probe, t: Tensor) -> Tensor:
+        """Each sample's norm of the perturbed tensor ``t`` in the attack's norm, over its real positions: (B,)."""
+        real = probe.masked(t.detach())
+        return per_sample_norm(real) if self.norm == "l2" else real.abs().flatten(1).amax(1)
 
     def _scale_advice(self, finding: str) -> str:
         return (f"{type(self).__name__}: {finding}: a radius of the order of the tensor's own norm replaces the "

@@ -89,10 +89,11 @@ class GradAlign(MethodChoice, SiteCallback, PenaltyCallback):
         return MethodChoice.unsupported_when_sharded(self)
 
     def apply(self, ctx: StepContext, batch: Any, inner: Callable[[Any], Objective]) -> Objective:
-        objective = inner(batch)
         weight = self.active_weight(ctx)
         if weight == 0:
-            return objective
+            return inner(batch)
+        ctx.clean_input_gradients = {}  # FGSM from x inside records ∇ₓL at x there (the first gradient, taken once)
+        objective = inner(batch)
         probe = self.site.probe(ctx.module, batch)
         g1 = self._first_gradient(ctx, probe)
         eta = probe.masked(uniform_noise(probe.base.detach(), self.eps, self.step_generator(ctx)))
@@ -100,7 +101,7 @@ class GradAlign(MethodChoice, SiteCallback, PenaltyCallback):
         if method == "double_backward":
             loss, leaf = probe.run(ctx.extra_loss, eta.clone().requires_grad_(True))
             g2 = self.site.input_gradient(autograd_grad(loss, leaf, create_graph=True, allow_unused=True)[0])
-            penalty = self._penalty(g1, g2)
+            penalty = misalignment(g1, g2)
             objective = objective.add(weight * penalty)
         else:
             penalty, term = self._difference(ctx, probe, g1, eta)
@@ -112,16 +113,12 @@ class GradAlign(MethodChoice, SiteCallback, PenaltyCallback):
     def _first_gradient(self, ctx: StepContext, probe: Probe) -> Tensor:
         """∇ₓL at the clean input (or target output), detached: the one FGSM from x took already (as the authors reuse
         it), else an extra pass and its backward to the input only."""
-        if probe.module is None and probe.mask is None:
+        if probe.module is None and probe.mask is None and ctx.clean_input_gradients is not None:
             taken = ctx.clean_input_gradients.get(id(probe.x))
             if taken is not None:
                 return taken
         loss, leaf = probe.run(ctx.extra_loss)
         return self.site.input_gradient(autograd_grad(loss, leaf, allow_unused=True)[0]).detach()
-
-    @staticmethod
-    def _penalty(g1: Tensor, g2: Tensor) -> Tensor:
-        return misalignment(g1, g2)
 
     def _difference(self, ctx: StepContext, probe: Probe, g1: Tensor, eta: Tensor) -> tuple[Tensor, Tensor]:
         """(the penalty, a term of value 0 whose parameter gradient is ≈ the penalty's): with v = ∂P/∂g₂ held fixed,
@@ -132,7 +129,7 @@ class GradAlign(MethodChoice, SiteCallback, PenaltyCallback):
         pairs = leaf_gradients(loss)
         g2 = self.site.input_gradient(next((g for v, g in pairs if v is leaf), None)).detach().requires_grad_(True)
         with torch.enable_grad():
-            penalty = self._penalty(g1, g2)
+            penalty = misalignment(g1, g2)
             (v,) = torch.autograd.grad(penalty, g2)
         base = linearised(loss, [(p, g) for p, g in pairs if p is not leaf])
         x = probe.masked(probe.base.detach())
@@ -146,4 +143,4 @@ class GradAlign(MethodChoice, SiteCallback, PenaltyCallback):
         probe = self.site.probe(ctx.module, batch)
         loss, leaf = probe.run(lambda b: ctx.extra_loss(b, "fork"))
         g = autograd_grad(loss, leaf, create_graph=True, allow_unused=True)[0]
-        return self._penalty(self.site.input_gradient(g).detach(), self.site.input_gradient(g))
+        return misalignment(self.site.input_gradient(g).detach(), self.site.input_gradient(g))

@@ -12,13 +12,12 @@ from torch import Tensor, nn
 
 from lightning_gp.callbacks._inner_max import InnerMaxCallback
 from lightning_gp.callbacks._logits import LogitsFn
-from lightning_gp.functional._state import module_mode
 from lightning_gp.functional.adversarial import Norm
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.mart import mart_terms
 from lightning_gp.functional.trades import AttackMode, gaussian_start_ascent
 from lightning_gp.step._batch import InputKey, class_labels, replace_input
-from lightning_gp.step._chain import ORDER, StepContext, extra_pass
+from lightning_gp.step._chain import ORDER, StepContext
 from lightning_gp.step._objective import Objective
 from lightning_gp.step._site import Probe, Site
 from lightning_gp.step.interception import muted_logging
@@ -127,7 +126,7 @@ class MART(InnerMaxCallback):
         def ce(u: Tensor) -> Tensor:
             return torch.nn.functional.cross_entropy(self._logits(ctx, probe, replace_input(batch, probe.path, u)), y)
 
-        with extra_pass(ctx.module), module_mode(ctx.module, self.attack_mode == "train"):
+        with self._attack_pass(ctx):
             return gaussian_start_ascent(ce, probe.x.detach(), self.eps, norm=self.norm, steps=self.steps,
                                          step_size=self.step_size, bounds=self.bounds,
                                          generator=self.step_generator(ctx), owner=type(self).__name__)

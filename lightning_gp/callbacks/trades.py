@@ -10,12 +10,11 @@ from torch import Tensor
 
 from lightning_gp.callbacks._inner_max import InnerMaxCallback
 from lightning_gp.callbacks._logits import LogitsFn
-from lightning_gp.functional._state import module_mode
 from lightning_gp.functional.adversarial import Norm
 from lightning_gp.functional.layer_output import forward_pass
 from lightning_gp.functional.trades import AttackMode, trades_adversarial, trades_kl
 from lightning_gp.step._batch import InputKey, replace_input
-from lightning_gp.step._chain import ORDER, StepContext, extra_pass
+from lightning_gp.step._chain import ORDER, StepContext
 from lightning_gp.step._objective import Objective
 from lightning_gp.step._site import Probe, Site, SiteCallback, Target
 from lightning_gp.step.interception import muted_logging
@@ -118,7 +117,7 @@ class TRADES(SiteCallback, InnerMaxCallback):
         it; returned as ``fn ↦ fn(the batch at x')``."""
         generator = self.step_generator(ctx)
         common = dict(norm=self.norm, steps=self.steps, step_size=self.step_size, generator=generator)
-        with extra_pass(ctx.module), module_mode(ctx.module, self.attack_mode == "train"):
+        with self._attack_pass(ctx):
             if probe.module is None:  # the batch input: x' itself, as the authors' loop holds it
                 x_adv = trades_adversarial(lambda u: self._logits(ctx, probe, replace_input(batch, probe.path, u)),
                                            probe.x.detach(), self.eps, bounds=self.bounds, **common)

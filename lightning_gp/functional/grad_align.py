@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_gp.functional._checks import check_batched, check_number
+from lightning_gp.functional.adversarial import _expand
 from lightning_gp.functional.gradients import per_sample_norm
 
 __all__ = ["grad_align_cosines", "grad_align_penalty", "misalignment", "uniform_noise"]
@@ -38,9 +39,8 @@ def grad_align_cosines(g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor]:
     """
     n1, n2 = per_sample_norm(g1), per_sample_norm(g2)
     used = (n1 != 0) & (n2 != 0)
-    shape = (-1, *([1] * (g1.ndim - 1)))
-    u1 = g1 / torch.where(used, n1, torch.ones_like(n1)).reshape(shape)
-    u2 = g2 / torch.where(used, n2, torch.ones_like(n2)).reshape(shape)
+    u1 = g1 / _expand(torch.where(used, n1, torch.ones_like(n1)), g1)
+    u2 = g2 / _expand(torch.where(used, n2, torch.ones_like(n2)), g2)
     cos = (u1 * u2).flatten(1).sum(1) * used
     return cos, used
 

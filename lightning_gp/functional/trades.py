@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_gp.functional._checks import check_batched, check_choice, check_clamp, check_number, check_positive_int
 from lightning_gp.functional._state import module_mode
-from lightning_gp.functional.adversarial import NORMS, Norm, ascent_direction, pgd_step, project
+from lightning_gp.functional.adversarial import NORMS, Norm, _expand, ascent_direction, pgd_step, project
 from lightning_gp.functional.gradients import per_sample_norm
 from lightning_gp.functional.robust import check_inputs_in_bounds
 from lightning_gp.functional.vat import kl_divergence
@@ -147,7 +147,7 @@ def _l2_step(delta: Tensor, grad: Tensor, x: Tensor, eps: float, alpha: float, b
     zero = per_sample_norm(grad) == 0
     if bool(zero.any()):
         noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
-        step = torch.where(zero.reshape(-1, *([1] * (grad.ndim - 1))), -noise, step)
+        step = torch.where(_expand(zero, grad), -noise, step)
     delta = delta + alpha * step
     if bounds is not None:
         delta = (x + delta).clamp(*bounds) - x

@@ -79,8 +79,9 @@ class StepContext:
         # `adversarial_objective`
         self.weight_perturbers: list[Callable[[Callable[[], Tensor]], None]] = []
         # ∇ of the user's loss w.r.t. a batch input tensor at the clean batch, by id of that tensor, where a member
-        # computed it anyway (FGSM from x): GradAlign's first gradient, not taken twice
-        self.clean_input_gradients: dict[int, Tensor] = {}
+        # computed it anyway (FGSM from x): GradAlign's first gradient, not taken twice. None unless a member asks
+        # for them (GradAlign sets a dict before its inner members run), so no step holds one it does not need
+        self.clean_input_gradients: dict[int, Tensor] | None = None
         self.autocast_hint = fabric_autocast_dtype(module)  # Fabric's autocast lives inside the forward only
         self.step_fn = step_fn
         self.rest_args = args[1:]
